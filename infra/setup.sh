@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Sets up everything nativelm needs on a fresh Debian machine with Python 3.11:
+#   system packages through apt (when root), a virtualenv in .venv, the package with its pinned
+#   dependencies (constraints.txt). Idempotent: a second run with nothing changed takes seconds.
+# Usage: bash infra/setup.sh [dev]     ("dev" adds the test tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="${1:-}"
+# git: DVC needs the project to be a git repository; openssh: the simulated edge boards are real sshd.
+apt_packages=(git openssh-server openssh-client)
+
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "setup: installing system packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: missing system packages: ${missing[*]} -- run this as root, or first: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+python="${PYTHON:-python3}"
+if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null; then
+  echo "setup: nativelm needs Python 3.11 ($python is $("$python" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating virtualenv .venv"
+  "$python" -m venv .venv
+fi
+
+spec=".[${extras}]"
+[ -n "$extras" ] || spec="."
+stamp=".venv/.nativelm-setup"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16) ${extras}"
+if [ -f "$stamp" ] && grep -qxF "$want" "$stamp" 2>/dev/null; then
+  echo "setup: .venv up to date"
+  exit 0
+fi
+echo "setup: installing nativelm${extras:+ with [$extras]} and pinned dependencies (first time: a few minutes)"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e "$spec"
+echo "$want" >> "$stamp"
+echo "setup: done (.venv/bin/nativelm)"

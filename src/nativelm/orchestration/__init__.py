@@ -1,0 +1,1 @@
+"""Glue between Prefect flows, DVC stages and MLflow runs (the flows in pipelines/ stay thin)."""

@@ -1,0 +1,78 @@
+"""Run DVC stages from Python: `dvc repro` skips a stage whose deps and params are unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from nativelm.errors import NativelmError
+
+_RAN = re.compile(r"Running stage '([^']+)'")
+
+
+@dataclass(frozen=True)
+class ReproResult:
+    """Which stages `dvc repro` actually ran (the others were up to date and skipped)."""
+
+    target: str
+    ran: tuple[str, ...]
+    output: str
+
+    @property
+    def skipped(self) -> bool:
+        return self.target not in self.ran
+
+
+def dvc_executable() -> str:
+    """The `dvc` of the running interpreter's environment (a bare `dvc` may be another install)."""
+    candidate = Path(sys.executable).parent / "dvc"
+    return str(candidate) if candidate.exists() else "dvc"
+
+
+def repro(target: str, project_dir: Path, env: dict[str, str] | None = None) -> ReproResult:
+    """`dvc repro TARGET` in `project_dir`; raise NativelmError with the tail of DVC's output on failure."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([dvc_executable(), "repro", target], cwd=project_dir, env=full_env,
+                          capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        tail = " | ".join(line for line in output.strip().splitlines()[-3:] if line.strip())
+        raise NativelmError(f"dvc repro {target} failed in {project_dir}: {tail}")
+    return ReproResult(target, tuple(_RAN.findall(output)), output)
+
+
+def lock_out_hash(project_dir: Path, stage: str, out_path: str) -> str | None:
+    """The md5 DVC recorded in dvc.lock for one output of a stage (the data hash of a run)."""
+    lock = project_dir / "dvc.lock"
+    if not lock.exists():
+        return None
+    import yaml
+
+    data = yaml.safe_load(lock.read_text()) or {}
+    for out in data.get("stages", {}).get(stage, {}).get("outs", []):
+        if out.get("path") == out_path:
+            return out.get("md5")
+    return None
+
+
+def read_metrics(project_dir: Path, path: str) -> dict[str, float]:
+    """Numeric values of a DVC metrics JSON file, flattened with '/' (empty if absent)."""
+    file = project_dir / path
+    if not file.exists():
+        return {}
+    flat: dict[str, float] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}/")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            flat[prefix.rstrip("/")] = float(node)
+
+    walk(json.loads(file.read_text()), "")
+    return flat

@@ -1,0 +1,185 @@
+"""MLflow runs for pipeline runs and stages.
+
+A Prefect flow opens one *parent* run per pipeline run and hands its id to the stages it starts
+(through DVC) in ``NATIVELM_PARENT_RUN_ID``; each stage then logs a *nested* run under it, so
+the MLflow UI shows one comparable row per pipeline run with the same metric names every time.
+A stage run from the shell without a parent is a top-level run of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nativelm.errors import NativelmError
+from nativelm.tracking.flatten import flatten, params_hash
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from nativelm.config import Params
+
+PARENT_ENV = "NATIVELM_PARENT_RUN_ID"
+URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+def _http_ok(url: str, timeout: float = 3.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 - http(s) only
+            return 200 <= reply.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def resolve_tracking_uri(params: Params) -> str | None:
+    """The MLflow server to log to: params, else $MLFLOW_TRACKING_URI, else the running local stack.
+
+    ``tracking.uri: off`` disables tracking; ``auto`` with no server anywhere returns None
+    (the stage still writes its DVC metrics file).
+    """
+    uri = params.tracking.uri
+    if uri == "off":
+        return None
+    if uri != "auto":
+        return uri
+    if os.environ.get(URI_ENV):
+        return os.environ[URI_ENV]
+    from nativelm.stack import is_running, mlflow_url
+
+    return mlflow_url(params) if is_running(params, "mlflow") else None
+
+
+def _check_reachable(uri: str) -> None:
+    if uri.startswith(("http://", "https://")) and not _http_ok(uri.rstrip("/") + "/health"):
+        raise NativelmError(f"MLflow tracking server {uri} does not answer (start it with `nativelm stack up`)")
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """Commit of the working tree, with '-dirty' when tracked files changed; 'unknown' outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+@dataclass
+class RunLogger:
+    """Logs to one MLflow run; with no client (tracking off) every call is a no-op."""
+
+    client: MlflowClient | None = None
+    run_id: str | None = None
+    uri: str | None = None
+    experiment_id: str | None = None
+    _step: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None and self.run_id is not None
+
+    def log_params(self, values: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        flat = flatten(dict(values))
+        items = [Param(k, v) for k, v in sorted(flat.items())]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        if not self.active:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in sorted(values.items())
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[start:start + 500])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in sorted(tags.items())])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created concurrently by another stage
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def base_tags(params: Params, kind: str) -> dict[str, str]:
+    """Tags every nativelm run carries, so runs can be filtered and traced back to code and params."""
+    return {
+        "nativelm.kind": kind,
+        "git_commit": git_commit(),
+        "params_hash": params_hash(params.model_dump(mode="json")),
+    }
+
+
+@contextlib.contextmanager
+def tracked_run(params: Params, name: str, kind: str, parent_run_id: str | None = None,
+                tags: Mapping[str, str] | None = None) -> Iterator[RunLogger]:
+    """Open an MLflow run (nested under `parent_run_id` if given) and close it FINISHED or FAILED."""
+    uri = resolve_tracking_uri(params)
+    if uri is None:
+        print(f"nativelm: MLflow tracking off for {name} (no server: `nativelm stack up` or set "
+              f"{URI_ENV}); results are in the DVC metrics files", file=sys.stderr)
+        yield RunLogger()
+        return
+    _check_reachable(uri)
+    client = _client(uri)
+    experiment_id = _experiment_id(client, params.tracking.experiment)
+    all_tags = {**base_tags(params, kind), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    logger = RunLogger(client, run.info.run_id, uri, experiment_id)
+    status = "FAILED"
+    try:
+        yield logger
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run.info.run_id, status=status)
+
+
+@contextlib.contextmanager
+def stage_run(params: Params, stage: str, section: Mapping[str, Any]) -> Iterator[RunLogger]:
+    """The MLflow run of one stage: nested under the pipeline run named in $NATIVELM_PARENT_RUN_ID."""
+    parent = os.environ.get(PARENT_ENV) or None
+    with tracked_run(params, stage, "stage", parent_run_id=parent, tags={"nativelm.stage": stage}) as run:
+        run.log_params({"seed": params.seed, **section})
+        yield run

@@ -1,0 +1,89 @@
+"""Shared fixtures: free loopback ports, a throwaway DVC project, a real local stack per session."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_corpus(folder: Path, n_docs: int = 12, seed: int = 0) -> Path:
+    """A small synthetic English-like corpus of distinct documents (fast to prepare)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("the king queen lord lady love night day sword crown heart world time death life "
+             "speak come go see make know hear fair good great noble sweet true old young").split()
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "."
+                 for _ in range(60)]
+        (folder / f"doc_{i:03d}.txt").write_text(f"Document {i}\n\n" + "\n".join(lines) + "\n")
+    return folder
+
+
+def git(cwd: Path, *args: str) -> str:
+    """Run git with a fixed identity (CI machines have none configured)."""
+    cmd = ["git", "-c", "user.name=nativelm-test", "-c", "user.email=test@nativelm.invalid", *args]
+    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def make_project(root: Path, overrides: dict | None = None) -> Path:
+    """A git + DVC repository holding the project's pipeline files and a local-corpus params.yaml."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    (root / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    (root / "pipelines").mkdir()
+    shutil.copy(REPO / "pipelines" / "prepare.py", root / "pipelines" / "prepare.py")
+    shutil.copytree(REPO / "src" / "nativelm" / "data", root / "src" / "nativelm" / "data",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    corpus = write_corpus(root / "corpus")
+    params["data"]["source"] = {"kind": "local", "paths": [str(corpus)], "members": "*.txt", "sha256": ""}
+    params["data"]["tokenizer"]["vocab_size"] = 512
+    params["stack"]["state_dir"] = str(root / ".nativelm")
+    for dotted, value in (overrides or {}).items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text(".nativelm/\n")
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "test project")
+    return root
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A real MLflow + Prefect stack on free ports for the whole session; stopped at the end."""
+    from nativelm import stack
+    from nativelm.config import Params
+    from nativelm.stack.params import StackParams
+
+    state = tmp_path_factory.mktemp("stack")
+    section = {"state_dir": str(state), "mlflow_port": free_port(), "prefect_port": free_port()}
+    params = Params(stack=StackParams(**section))
+    stack.up(params)
+    try:
+        yield {"params": params, "section": section, "env": stack.client_env(params)}
+    finally:
+        stack.down(params)
