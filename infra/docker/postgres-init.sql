@@ -1,0 +1,3 @@
+-- One database per service on the team stack's PostgreSQL.
+CREATE DATABASE mlflow;
+CREATE DATABASE prefect;

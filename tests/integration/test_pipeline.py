@@ -1,0 +1,106 @@
+"""The `prepare` stage under real DVC in a real git repo, and the Prefect flow on a real local stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import git, make_project
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "NATIVELM_"))}
+    proc = subprocess.run(cmd, cwd=cwd, env={**full_env, **(env or {})}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _set_param(project: Path, dotted: str, value: object) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    node = params
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_dvc_repro_prepare_skips_unchanged_and_reruns_on_param_change(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "proj", {"tracking.uri": "off"})
+    first = _run([str(BIN / "dvc"), "repro", "prepare"], project)
+    assert "Running stage 'prepare'" in first.stdout
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    assert (project / "data/prepared/tokenizer.json").exists()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["prepare"]["outs"][0]["path"] == "data/prepared"
+    metrics = json.loads((project / "metrics/prepare.json").read_text())
+    assert metrics and all(not isinstance(v, str) for v in metrics.values())
+
+    again = _run([str(BIN / "dvc"), "repro", "prepare"], project)
+    assert "Running stage" not in again.stdout and "didn't change" in again.stdout
+
+    _set_param(project, "data.tokenizer.vocab_size", 400)
+    third = _run([str(BIN / "dvc"), "repro", "prepare"], project)
+    assert "Running stage 'prepare'" in third.stdout
+    assert json.loads((project / "data/prepared/manifest.json").read_text()) != manifest
+
+    # the whole stage is reproducible from git + the DVC cache: remove outputs, check them out again
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "vocab 400")
+    digest = (project / "data/prepared/manifest.json").read_bytes()
+    subprocess.run(["rm", "-rf", str(project / "data/prepared")], check=True)
+    _run([str(BIN / "dvc"), "checkout"], project)
+    assert (project / "data/prepared/manifest.json").read_bytes() == digest
+
+
+def _flow_runs(api: str) -> list[dict]:
+    request = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def test_flow_runs_prepare_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path, local_stack: dict) -> None:
+    from mlflow import MlflowClient
+
+    section = local_stack["section"]
+    project = make_project(tmp_path / "proj", {f"stack.{k}": v for k, v in section.items()}
+                           | {"tracking.experiment": "flow-test"})
+    first = _run([str(BIN / "nativelm"), "run"], project)
+    assert "stage prepare: ran" in first.stdout
+    second = _run([str(BIN / "nativelm"), "run"], project)
+    assert "stage prepare: skipped" in second.stdout
+    _set_param(project, "data.split.salt", "other")
+    third = _run([str(BIN / "nativelm"), "run"], project)
+    assert "stage prepare: ran" in third.stdout
+
+    client = MlflowClient(tracking_uri=local_stack["env"]["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("flow-test")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if r.data.tags.get("nativelm.kind") == "pipeline"]
+    stages = [r for r in runs if r.data.tags.get("nativelm.kind") == "stage"]
+    assert len(parents) == 3 and len(stages) == 2  # the skipped run has no stage run of its own
+    assert [p.data.tags["stage.prepare"] for p in parents] == ["ran", "skipped", "ran"]
+    for stage in stages:
+        assert stage.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
+        assert stage.data.metrics["tokens_train"] > 0
+        assert stage.data.params["data.split.salt"] in {"nativelm", "other"}
+    for parent in parents:  # same metric names on every pipeline run, skipped or not
+        assert parent.data.metrics["prepare/tokens_train"] > 0
+        assert parent.data.tags["data_hash"] and parent.data.tags["prefect.flow_run_id"]
+        assert parent.info.status == "FINISHED"
+
+    flow_runs = {r["id"]: r for r in _flow_runs(local_stack["env"]["PREFECT_API_URL"])}
+    for parent in parents:
+        run = flow_runs[parent.data.tags["prefect.flow_run_id"]]
+        assert run["state_type"] == "COMPLETED"
