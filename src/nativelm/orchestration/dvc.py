@@ -37,6 +37,8 @@ def dvc_executable() -> str:
 def repro(target: str, project_dir: Path, env: dict[str, str] | None = None) -> ReproResult:
     """`dvc repro TARGET` in `project_dir`; raise NativelmError with the tail of DVC's output on failure."""
     full_env = {**os.environ, **(env or {})}
+    # the stage commands (`nativelm ...`) must resolve to this environment even when it is not activated
+    full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])
     proc = subprocess.run([dvc_executable(), "repro", target], cwd=project_dir, env=full_env,
                           capture_output=True, text=True)
     output = proc.stdout + proc.stderr
