@@ -1,0 +1,558 @@
+"""Generic background processes: start detached with a log and a pid file, check, wait, stop.
+
+Nothing here knows about MLflow or Prefect; the same code runs one sshd per simulated board.
+
+A process is started in its own session (so it is the leader of its own process group and a
+Ctrl-C in the terminal does not reach it), with stdout and stderr appended to
+``<state_dir>/<name>.log``. Its pid goes to ``<state_dir>/<name>.pid`` (the pid alone, so
+``kill $(cat name.pid)`` works) and ``<state_dir>/<name>.json`` records how it was started,
+including its *start identity* (boot id + start time on Linux), so that a pid recycled by the
+kernel for an unrelated program is never mistaken for ours, let alone signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from nativelm.errors import NativelmError
+from nativelm.fsutil import atomic_write_text
+
+LOG_TAIL_LINES = 15
+_LOG_ROTATE_BYTES = 8 << 20
+_HAVE_PROC = Path("/proc/self/stat").exists()
+_START_MARK = "--- nativelm "  # first line written to the log at each start
+_NOT_OURS = "unverifiable"  # start identity that never matches a live process
+
+# Children started by this interpreter: polling them reaps them, so a dead child is not kept
+# as a zombie (which would still answer os.kill(pid, 0)) and its exit code is known.
+_CHILDREN: dict[int, subprocess.Popen] = {}
+_EXIT_CODES: dict[int, int] = {}
+
+
+class ProcState(str, Enum):
+    """What a pid file says once checked against the live process table."""
+
+    RUNNING = "running"  # the recorded process is alive and is the one we started
+    STOPPED = "stopped"  # no pid file
+    DEAD = "dead"  # pid file present, but that process is gone (or the pid now belongs to another program)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """How a background process was started (the contents of ``<name>.json``)."""
+
+    pid: int
+    start_id: str | None  # None: the platform could not tell; the pid alone is trusted
+    argv: tuple[str, ...]
+    cwd: str | None
+    started_at: float  # epoch seconds
+    meta: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    """A checked pid file."""
+
+    name: str
+    state: ProcState
+    pid: int | None
+    record: ProcessRecord | None
+    log_path: Path
+    detail: str = ""  # one line: why it is dead, what is left of it
+    leftovers: tuple[int, ...] = ()  # live processes of its session after the leader died (ours)
+
+
+@dataclass(frozen=True)
+class ReadyResult:
+    """Outcome of waiting for one started process to answer over HTTP."""
+
+    name: str
+    ok: bool
+    reason: str  # "ready" | "exited" | "timeout"
+    seconds: float
+    url: str
+    exit_code: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# process table helpers
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, pgrp, session, starttime) from /proc/<pid>/stat, or None if there is no such process."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    try:
+        rest = data[data.rindex(b")") + 2 :].split()  # the command name may hold spaces and ')'
+        return rest[0].decode(), int(rest[2]), int(rest[3]), int(rest[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start_id(pid: int) -> str | None:
+    """A string that differs between two processes that had the same pid; None if pid is not alive."""
+    if _HAVE_PROC:
+        stat = _proc_stat(pid)
+        if stat is None:
+            return None
+        return f"linux:{_boot_id()}:{stat[3]}"
+    try:
+        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    started = out.stdout.strip()
+    return f"ps:{started}" if out.returncode == 0 and started else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` is a live process (zombies count as dead; our own dead children are reaped)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        code = child.poll()
+        if code is not None:
+            _CHILDREN.pop(pid, None)
+            _EXIT_CODES[pid] = code
+            return False
+    if _HAVE_PROC:
+        stat = _proc_stat(pid)
+        return stat is not None and stat[0] not in ("Z", "X", "x")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def exit_code(pid: int) -> int | None:
+    """Exit status of a child this interpreter started and saw die (negative: killed by that signal)."""
+    pid_alive(pid)
+    return _EXIT_CODES.get(pid)
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes whose session or process group is `sid` (the leader itself included if alive)."""
+    members: list[int] = []
+    if _HAVE_PROC:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            stat = _proc_stat(int(entry.name))
+            if stat and stat[0] not in ("Z", "X", "x") and sid in (stat[1], stat[2]):
+                members.append(int(entry.name))
+        return sorted(members)
+    try:
+        out = subprocess.run(["ps", "-A", "-o", "pid=,pgid=,stat="], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return members
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] == str(sid) and not parts[2].startswith("Z"):
+            members.append(int(parts[0]))
+    return sorted(members)
+
+
+def describe_pid(pid: int, width: int = 80) -> str:
+    """'pid 123: python -m http.server 8000' (the command line shortened), best effort."""
+    cmd = ""
+    with contextlib.suppress(OSError):
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    if not cmd and not _HAVE_PROC:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            cmd = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
+                                 timeout=10, check=False).stdout.strip()
+    if len(cmd) > width:
+        cmd = cmd[: width - 3] + "..."
+    return f"pid {pid}: {cmd}" if cmd else f"pid {pid}"
+
+
+# --------------------------------------------------------------------------------------------
+# ports and HTTP
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True if something already listens on host:port (checked by binding, as the server will)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise NativelmError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT leftovers
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+                raise NativelmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return False
+
+
+def port_owner(port: int) -> str | None:
+    """'pid 123: <command>' of the process listening on TCP `port` (Linux, own processes), else None."""
+    if not _HAVE_PROC:
+        return None
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(cols[9])
+    if not inodes:
+        return None
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in targets:
+                        return describe_pid(int(entry.name))
+    return None
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    """True if GET `url` answers 2xx within `timeout_s` (proxies from the environment are bypassed)."""
+    try:
+        with _DIRECT.open(url, timeout=timeout_s) as reply:  # noqa: S310 - http URLs we built
+            return 200 <= reply.status < 300
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# logs
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def tail_lines(path: Path, n: int = LOG_TAIL_LINES, width: int = 300) -> list[str]:
+    """The last `n` non-empty lines of a text file (ANSI colours removed, long lines cut); [] if none."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 64 * 1024))
+            data = handle.read()
+    except OSError:
+        return []
+    lines = [_ANSI.sub("", line).rstrip() for line in data.decode("utf-8", errors="replace").splitlines()]
+    lines = [line if len(line) <= width else line[: width - 3] + "..." for line in lines if line.strip()]
+    return lines[-n:]
+
+
+def format_tail(lines: Sequence[str], indent: str = "    | ") -> str:
+    """Log lines as an indented block (empty string for no lines)."""
+    return "\n".join(indent + line for line in lines)
+
+
+# --------------------------------------------------------------------------------------------
+# locking
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on `path` (created if missing), so two `up`/`down` never interleave."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise NativelmError(f"cannot create lock file {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+# --------------------------------------------------------------------------------------------
+# the managed process
+
+
+class BackgroundProcess:
+    """One named background process with its pid file, record and log in `state_dir`."""
+
+    def __init__(self, name: str, state_dir: Path | str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+            raise ValueError(f"invalid process name {name!r}")
+        self.name = name
+        self.state_dir = Path(state_dir)
+        self.pid_path = self.state_dir / f"{name}.pid"
+        self.record_path = self.state_dir / f"{name}.json"
+        self.log_path = self.state_dir / f"{name}.log"
+
+    def __repr__(self) -> str:
+        return f"BackgroundProcess({self.name!r}, {str(self.state_dir)!r})"
+
+    # ---- reading state
+
+    def record(self) -> ProcessRecord | None:
+        """The pid file and its record; None without a pid file. A missing record makes the pid unverifiable."""
+        try:
+            text = self.pid_path.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError:
+            text = ""
+        try:
+            pid = int(text)
+        except ValueError:
+            return ProcessRecord(pid=0, start_id=_NOT_OURS, argv=(), cwd=None, started_at=0.0)
+        try:
+            raw = json.loads(self.record_path.read_text())
+            if int(raw["pid"]) != pid:
+                raise ValueError("record is for another pid")
+            return ProcessRecord(pid=pid, start_id=raw.get("start_id"), argv=tuple(raw.get("argv", ())),
+                                 cwd=raw.get("cwd"), started_at=float(raw.get("started_at", 0.0)),
+                                 meta=dict(raw.get("meta", {})))
+        except (OSError, ValueError, KeyError, TypeError):
+            return ProcessRecord(pid=pid, start_id=_NOT_OURS, argv=(), cwd=None, started_at=0.0)
+
+    def status(self) -> ProcessStatus:
+        """Check the pid file against the process table: running, stopped or dead (and why)."""
+        rec = self.record()
+        if rec is None:
+            return ProcessStatus(self.name, ProcState.STOPPED, None, None, self.log_path)
+        if rec.pid <= 0:
+            return ProcessStatus(self.name, ProcState.DEAD, None, rec, self.log_path,
+                                 detail=f"pid file {self.pid_path} is unreadable")
+        if pid_alive(rec.pid):
+            if rec.start_id is None or process_start_id(rec.pid) == rec.start_id:
+                return ProcessStatus(self.name, ProcState.RUNNING, rec.pid, rec, self.log_path)
+            why = ("now belongs to another program" if rec.start_id != _NOT_OURS
+                   else f"is alive but cannot be verified as ours ({self.record_path} missing or bad)")
+            return ProcessStatus(self.name, ProcState.DEAD, rec.pid, rec, self.log_path,
+                                 detail=f"process {rec.pid} is gone (pid {rec.pid} {why}; left alone)")
+        code = exit_code(rec.pid)
+        detail = f"process {rec.pid} is gone" + (f" (exit code {code})" if code is not None else "")
+        leftovers: tuple[int, ...] = ()
+        if rec.start_id != _NOT_OURS:
+            # While any process still belongs to session `pid`, the kernel cannot hand that pid to
+            # a new process, so whatever is left of the session is ours.
+            leftovers = tuple(session_members(rec.pid))
+        if leftovers:
+            detail += (f"; {len(leftovers)} leftover process{'es' if len(leftovers) > 1 else ''} of it still "
+                       f"running (pid {', '.join(map(str, leftovers))})")
+        return ProcessStatus(self.name, ProcState.DEAD, rec.pid, rec, self.log_path, detail, leftovers)
+
+    def is_running(self) -> bool:
+        """True if the recorded process is alive and is the one we started."""
+        return self.status().state is ProcState.RUNNING
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> list[str]:
+        """The last lines of this process's log, from its latest start only."""
+        lines = tail_lines(self.log_path, 400)
+        starts = [i for i, line in enumerate(lines) if line.startswith(_START_MARK)]
+        if starts:
+            lines = lines[starts[-1] + 1 :]
+        return lines[-n:]
+
+    # ---- changing state
+
+    def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, inherit_env: bool = True,
+              cwd: Path | str | None = None, meta: Mapping[str, object] | None = None) -> ProcessRecord:
+        """Start `argv` detached (own session, stdin closed, output appended to the log); write the pid file.
+
+        `env` is added to a copy of this process's environment (or is the whole environment when
+        `inherit_env` is False). Raises NativelmError if it is already running or cannot be started.
+        """
+        current = self.status()
+        if current.state is ProcState.RUNNING:
+            raise NativelmError(f"{self.name} is already running (pid {current.pid}); stop it first")
+        argv = [str(a) for a in argv]
+        full_env = {**(os.environ if inherit_env else {}), **(env or {})}
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._rotate_log()
+            log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise NativelmError(f"cannot start {self.name}: cannot write {self.log_path}: {exc.strerror}") from None
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with log:
+            log.write(f"{_START_MARK}{stamp}: starting {self.name}: {' '.join(argv)}\n".encode())
+            log.flush()
+            try:
+                child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=cwd, env=full_env, start_new_session=True, close_fds=True)
+            except OSError as exc:
+                raise NativelmError(f"cannot start {self.name}: {argv[0]}: {exc.strerror or exc}") from None
+        _CHILDREN[child.pid] = child
+        _EXIT_CODES.pop(child.pid, None)
+        start_id = process_start_id(child.pid)
+        if start_id is None and _HAVE_PROC:
+            start_id = _NOT_OURS  # already exited and reaped: never match a later process with this pid
+        rec = ProcessRecord(pid=child.pid, start_id=start_id, argv=tuple(argv),
+                            cwd=None if cwd is None else str(cwd), started_at=time.time(), meta=dict(meta or {}))
+        atomic_write_text(self.record_path, json.dumps({
+            "pid": rec.pid, "start_id": rec.start_id, "argv": list(rec.argv), "cwd": rec.cwd,
+            "started_at": rec.started_at, "meta": rec.meta}, indent=2) + "\n")
+        atomic_write_text(self.pid_path, f"{rec.pid}\n")
+        return rec
+
+    def stop(self, timeout_s: float = 15.0) -> str:
+        """Stop it (SIGTERM to its whole process group, SIGKILL after `timeout_s`); see stop_processes."""
+        return stop_processes([self], timeout_s)[self.name]
+
+    def clear(self) -> None:
+        """Forget the process: remove the pid file and its record (the log stays)."""
+        for path in (self.pid_path, self.record_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _rotate_log(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.log_path.stat().st_size > _LOG_ROTATE_BYTES:
+                os.replace(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
+
+
+# --------------------------------------------------------------------------------------------
+# stopping and waiting, several processes at once
+
+
+def _signal_all(group: int, pids: Sequence[int], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, sig)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _remaining(leader: int, check_leader: bool) -> list[int]:
+    left = session_members(leader)
+    if check_leader and pid_alive(leader) and leader not in left:
+        left.append(leader)
+    return left
+
+
+def stop_processes(procs: Sequence[BackgroundProcess], timeout_s: float = 15.0) -> dict[str, str]:
+    """Stop several background processes in parallel; return name -> outcome.
+
+    Outcomes: "stopped" (exited after SIGTERM), "killed" (needed SIGKILL), "not running"
+    (no pid file), "stale" (pid file of a process already gone: removed). Only processes proven
+    ours are signalled: the recorded leader with a matching start identity and its process
+    group/session, or what is left of that session after the leader died.
+    Raises NativelmError if something survives SIGKILL.
+    """
+    outcomes: dict[str, str] = {}
+    targets: dict[str, tuple[BackgroundProcess, int, bool]] = {}
+    for proc in procs:
+        st = proc.status()
+        if st.state is ProcState.STOPPED:
+            outcomes[proc.name] = "not running"
+        elif st.state is ProcState.RUNNING or st.leftovers:
+            assert st.pid is not None
+            targets[proc.name] = (proc, st.pid, st.state is ProcState.RUNNING)
+            _signal_all(st.pid, st.leftovers, signal.SIGTERM)
+        else:
+            proc.clear()
+            outcomes[proc.name] = "stale"
+
+    def wait(deadline: float) -> dict[str, list[int]]:
+        while True:
+            left = {name: _remaining(leader, alive) for name, (_, leader, alive) in targets.items()}
+            left = {name: pids for name, pids in left.items() if pids}
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.1)
+
+    left = wait(time.monotonic() + timeout_s)
+    for name, pids in left.items():
+        _signal_all(targets[name][1], pids, signal.SIGKILL)
+    survivors = wait(time.monotonic() + 10.0) if left else {}
+    for name, (proc, _, _) in targets.items():
+        if name not in survivors:
+            proc.clear()
+            outcomes[name] = "killed" if name in left else "stopped"
+    if survivors:
+        what = "; ".join(f"{name}: {', '.join(describe_pid(p) for p in pids)}" for name, pids in survivors.items())
+        raise NativelmError(f"processes survived SIGKILL: {what}")
+    return {proc.name: outcomes[proc.name] for proc in procs}
+
+
+def wait_ready(targets: Sequence[tuple[BackgroundProcess, str]], timeout_s: float,
+               poll_s: float = 0.25) -> list[ReadyResult]:
+    """Wait, for all targets at once, until each process answers 2xx at its URL, dies, or time runs out."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    pending = {proc.name: (proc, url) for proc, url in targets}
+    results: dict[str, ReadyResult] = {}
+    while pending:
+        for name, (proc, url) in list(pending.items()):
+            st = proc.status()
+            elapsed = time.monotonic() - started
+            if st.state is not ProcState.RUNNING:
+                code = exit_code(st.pid) if st.pid else None
+                results[name] = ReadyResult(name, False, "exited", elapsed, url, code)
+            elif http_ok(url, timeout_s=max(0.5, min(2.0, deadline - time.monotonic()))):
+                results[name] = ReadyResult(name, True, "ready", elapsed, url)
+            elif time.monotonic() >= deadline:
+                results[name] = ReadyResult(name, False, "timeout", elapsed, url)
+            else:
+                continue
+            del pending[name]
+        if pending:
+            time.sleep(poll_s)
+    return [results[proc.name] for proc, _ in targets]
+
+
+def wait_http(proc: BackgroundProcess, url: str, timeout_s: float) -> float:
+    """Wait until `proc` answers at `url`; return the seconds it took. On death or timeout raise
+    NativelmError naming the log and quoting its last lines (the process is left as it is)."""
+    result = wait_ready([(proc, url)], timeout_s)[0]
+    if not result.ok:
+        raise NativelmError(failure_message(proc, result))
+    return result.seconds
+
+
+def failure_message(proc: BackgroundProcess, result: ReadyResult, note: str = "") -> str:
+    """One line saying what went wrong (plus `note`), then the last lines of the process's log, indented."""
+    if result.reason == "exited":
+        code = f" (exit code {result.exit_code})" if result.exit_code is not None else ""
+        head = f"{proc.name} exited during start{code}"
+    else:
+        head = f"{proc.name} did not answer at {result.url} within {result.seconds:.0f} s"
+    if note:
+        head += f" ({note})"
+    tail = proc.log_tail()
+    where = f"; log {proc.log_path}" + (", last lines:" if tail else " (no output)")
+    return head + where + ("\n" + format_tail(tail) if tail else "")
