@@ -20,6 +20,7 @@ BIN = Path(sys.executable).parent
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "NATIVELM_"))}
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"  # as with an activated virtualenv
     proc = subprocess.run(cmd, cwd=cwd, env={**full_env, **(env or {})}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
