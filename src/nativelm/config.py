@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 
 from nativelm.data.params import DataParams
 from nativelm.errors import ParamsError
+from nativelm.model.params import ModelParams
 from nativelm.paramsbase import StrictModel
 from nativelm.stack.params import StackParams
 from nativelm.tracking.params import TrackingParams
@@ -27,6 +28,7 @@ class Params(StrictModel):
 
     seed: int = Field(1234, ge=0, le=2**32 - 1)
     data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
     tracking: TrackingParams = TrackingParams()
     stack: StackParams = StackParams()
 
