@@ -42,6 +42,13 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
+# a model and a run small enough for a few seconds of CPU: the pipeline, not the learning, is tested
+TINY_TEST_MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64,
+                   "n_experts": 4, "expert_ffn": 32, "top_k": 2, "dense_ffn": 64, "window": 16}
+TINY_TEST_TRAIN = {"seq_len": 32, "batch_size": 4, "max_steps": 6, "warmup_steps": 2, "log_interval": 2,
+                   "eval_interval": 3, "eval_batches": 2, "checkpoint_interval": 3, "progress": False}
+
+
 def make_project(root: Path, overrides: dict | None = None) -> Path:
     """A git + DVC repository holding the project's pipeline files and a local-corpus params.yaml."""
     root.mkdir(parents=True, exist_ok=True)
@@ -49,15 +56,17 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
         shutil.copy(REPO / name, root / name)
     (root / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    (root / "pipelines").mkdir()
-    shutil.copy(REPO / "pipelines" / "prepare.py", root / "pipelines" / "prepare.py")
-    shutil.copytree(REPO / "src" / "nativelm" / "data", root / "src" / "nativelm" / "data",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("data", "model", "train"):  # the DVC stages' code dependencies
+        shutil.copytree(REPO / "src" / "nativelm" / package, root / "src" / "nativelm" / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     corpus = write_corpus(root / "corpus")
     params["data"]["source"] = {"kind": "local", "paths": [str(corpus)], "members": "*.txt", "sha256": ""}
     params["data"]["tokenizer"]["vocab_size"] = 512
     params["stack"]["state_dir"] = str(root / ".nativelm")
+    params["model"].update(TINY_TEST_MODEL)
+    params["train"].update(TINY_TEST_TRAIN)
     for dotted, value in (overrides or {}).items():
         node = params
         *parents, leaf = dotted.split(".")

@@ -7,6 +7,7 @@ Every NativelmError becomes one line on stderr and its exit code (2 for bad para
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +37,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         run.log_artifact(Path(params.data.out_dir) / "manifest.json")
     for key, value in result.stats.items():
         print(f"{key}: {value}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """token shards -> trained model + checkpoints + metrics (DVC stage `train`)."""
+    params = _params(args)
+    from nativelm.tracking.runs import stage_run
+    from nativelm.train.distributed import env_rank
+    from nativelm.train.stage import run_train
+
+    if env_rank() != 0:  # under torchrun only rank 0 talks to MLflow
+        run_train(params)
+        return 0
+    section = {"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")}
+    with stage_run(params, "train", section) as run:
+        result = run_train(params, run)
+    for key in ("val_loss", "val_perplexity", "unigram_entropy_val", "tokens_per_s", "wall_time_s"):
+        if key in result.metrics:
+            print(f"{key}: {result.metrics[key]:.4g}")
+    print(f"model: {result.model_file}")
     return 0
 
 
@@ -79,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is reachable.")
     p.set_defaults(handler=cmd_prepare)
 
+    p = sub.add_parser("train", parents=[common], help="token shards -> trained model (DVC stage `train`)",
+                       description="Train the sparse 1.58-bit model of params.yaml (model, train) on the token "
+                                   "shards of data.out_dir: periodic atomic checkpoints (a killed run resumes "
+                                   "exactly with train.resume: auto), metrics to MLflow, final metrics to "
+                                   "train.metrics_file, the model to train.model_file. Under `torchrun` it trains "
+                                   "with DDP.")
+    p.set_defaults(handler=cmd_train)
+
     p = sub.add_parser("stack", parents=[common], help="start/stop/show the local MLflow + Prefect servers",
                        description="Manage the local stack: an MLflow tracking server (SQLite, local artifacts) "
                                    "and a Prefect server, as background processes with logs and pid files under "
@@ -96,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `nativelm` command."""
+    # torch's busy-waiting OpenMP threads starve each other on small, shared CPUs (20x slower steps
+    # measured on 2 cores); must be set before torch is imported
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "params"):

@@ -19,6 +19,7 @@ from nativelm.model.params import ModelParams
 from nativelm.paramsbase import StrictModel
 from nativelm.stack.params import StackParams
 from nativelm.tracking.params import TrackingParams
+from nativelm.train.params import TrainParams
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -29,6 +30,7 @@ class Params(StrictModel):
     seed: int = Field(1234, ge=0, le=2**32 - 1)
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
     tracking: TrackingParams = TrackingParams()
     stack: StackParams = StackParams()
 

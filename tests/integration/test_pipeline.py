@@ -60,7 +60,7 @@ def test_dvc_repro_prepare_skips_unchanged_and_reruns_on_param_change(tmp_path: 
     git(project, "commit", "-qm", "another split")
     digest = (project / "data/prepared/manifest.json").read_bytes()
     subprocess.run(["rm", "-rf", str(project / "data/prepared")], check=True)
-    _run([str(BIN / "dvc"), "checkout"], project)
+    _run([str(BIN / "dvc"), "checkout", "prepare"], project)
     assert (project / "data/prepared/manifest.json").read_bytes() == digest
 
 
@@ -71,33 +71,41 @@ def _flow_runs(api: str) -> list[dict]:
         return json.loads(reply.read())
 
 
-def test_flow_runs_prepare_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path, local_stack: dict) -> None:
+def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path, local_stack: dict) -> None:
     from mlflow import MlflowClient
 
     section = local_stack["section"]
     project = make_project(tmp_path / "proj", {f"stack.{k}": v for k, v in section.items()}
                            | {"tracking.experiment": "flow-test"})
     first = _run([str(BIN / "nativelm"), "run"], project)
-    assert "stage prepare: ran" in first.stdout
+    assert "stage prepare: ran" in first.stdout and "stage train: ran" in first.stdout
+    assert (project / "models/model.pt").exists() and (project / "plots/train/loss.png").exists()
     second = _run([str(BIN / "nativelm"), "run"], project)
-    assert "stage prepare: skipped" in second.stdout
+    assert "stage prepare: skipped" in second.stdout and "stage train: skipped" in second.stdout
     _set_param(project, "data.split.salt", "other")
     third = _run([str(BIN / "nativelm"), "run"], project)
-    assert "stage prepare: ran" in third.stdout
+    assert "stage prepare: ran" in third.stdout and "stage train: ran" in third.stdout
 
     client = MlflowClient(tracking_uri=local_stack["env"]["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("flow-test")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if r.data.tags.get("nativelm.kind") == "pipeline"]
     stages = [r for r in runs if r.data.tags.get("nativelm.kind") == "stage"]
-    assert len(parents) == 3 and len(stages) == 2  # the skipped run has no stage run of its own
+    assert len(parents) == 3 and len(stages) == 4  # the skipped run has no stage runs of its own
     assert [p.data.tags["stage.prepare"] for p in parents] == ["ran", "skipped", "ran"]
+    assert [p.data.tags["stage.train"] for p in parents] == ["ran", "skipped", "ran"]
+    by_name = {name: [s for s in stages if s.data.tags["nativelm.stage"] == name] for name in ("prepare", "train")}
     for stage in stages:
         assert stage.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
+    for stage in by_name["prepare"]:
         assert stage.data.metrics["tokens_train"] > 0
         assert stage.data.params["data.split.salt"] in {"nativelm", "other"}
+    for stage in by_name["train"]:
+        assert stage.data.metrics["val/loss"] > 0 and "layer0/expert_load_cv" in stage.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(stage.info.run_id, "plots")}
+        assert {"plots/loss.png", "plots/expert_load.png"} <= artifacts
     for parent in parents:  # same metric names on every pipeline run, skipped or not
-        assert parent.data.metrics["prepare/tokens_train"] > 0
+        assert parent.data.metrics["prepare/tokens_train"] > 0 and parent.data.metrics["train/val_loss"] > 0
         assert parent.data.tags["data_hash"] and parent.data.tags["prefect.flow_run_id"]
         assert parent.info.status == "FINISHED"
 

@@ -38,6 +38,11 @@ class PipelineRun:
         self.run.set_tags({f"stage.{stage}": self.stages[stage]})
         return result
 
+    def summary(self) -> dict[str, object]:
+        """What the flow returns: stage outcomes, metrics, and where the MLflow run is."""
+        return {"stages": dict(self.stages), "metrics": dict(self.metrics),
+                "mlflow_run_id": self.run.run_id, "experiment_id": self.run.experiment_id}
+
     def tag_data_hash(self, stage: str, out_path: str) -> None:
         """Tag the run with the DVC hash of a stage output (which data the model came from)."""
         digest = lock_out_hash(self.project_dir, stage, out_path)

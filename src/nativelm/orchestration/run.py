@@ -12,8 +12,14 @@ from typing import Any
 from nativelm.config import Params
 from nativelm.errors import NativelmError
 
-FLOW_FILE = "pipelines/prepare.py"
-FLOW_NAME = "prepare"
+FLOW_FILE = "pipelines/retrain.py"
+FLOW_NAME = "retrain"
+# the figures the summary shows (all metrics are in MLflow)
+SUMMARY_METRICS = (
+    "prepare/documents_kept", "prepare/tokens_train", "prepare/tokens_val",
+    "train/val_loss", "train/val_perplexity", "train/unigram_entropy_val", "train/neuron_sparsity",
+    "train/expert_load_cv", "train/tokens_per_s", "train/wall_time_s",
+)
 
 
 def load_flow_module(project_dir: Path, relpath: str) -> ModuleType:
@@ -45,14 +51,16 @@ def summary_lines(params: Params, result: dict[str, Any], seconds: float) -> lis
     lines = [f"pipeline finished in {seconds:.1f} s"]
     for stage, state in result.get("stages", {}).items():
         lines.append(f"  stage {stage}: {state}")
-    for key in sorted(result.get("metrics", {})):
-        lines.append(f"  {key} = {result['metrics'][key]:g}")
+    metrics = result.get("metrics", {})
+    for key in SUMMARY_METRICS:
+        if key in metrics:
+            lines.append(f"  {key} = {metrics[key]:.6g}")
     if result.get("mlflow_run_id"):
         lines.append(f"  MLflow run: {stack.mlflow_url(params)}/#/experiments/{result['experiment_id']}"
                      f"/runs/{result['mlflow_run_id']}")
     lines.append(f"  MLflow UI:  {stack.mlflow_url(params)}")
     lines.append(f"  Prefect UI: {stack.prefect_ui_url(params)}")
-    lines.append(f"  outputs:    {params.data.out_dir}/ and {params.data.metrics_file}")
+    lines.append(f"  outputs:    {params.data.out_dir}/, {params.train.model_file}, metrics/, {params.train.plots_dir}/")
     return lines
 
 

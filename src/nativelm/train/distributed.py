@@ -1,0 +1,133 @@
+"""Distributed data parallel under `torchrun`: process group from the environment, rank-0 duties.
+
+`torchrun --nproc_per_node=N -m nativelm.cli train` sets RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT; `init_distributed` reads them and joins the group (NCCL on CUDA,
+gloo on CPU). Without them it returns a single-process context and nothing changes. Each rank
+draws its own batches (the sampler is seeded with (seed, rank)), gradients are averaged by
+DDP, and only rank 0 logs, writes checkpoints, the model file, metrics and plots.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nativelm.errors import NativelmError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment names a multi-process job (torchrun / torch.distributed.launch)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def env_rank() -> int:
+    """This process's global rank from the environment (0 outside torchrun), readable before any
+    process group exists: the CLI opens the MLflow run only where it is 0."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
+def init_distributed(device_type: str) -> DistContext:
+    """Join the process group described by the environment, or return a single-process context."""
+    if not launched_by_torchrun():
+        return DistContext()
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise NativelmError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices visible")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"backend": backend}
+        if device_type == "cuda":
+            kwargs["device_id"] = torch.device("cuda", local_rank)
+        dist.init_process_group(**kwargs)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world, backend=backend)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group (after a final barrier)."""
+    if ctx.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (in place; returned for convenience)."""
+    if ctx.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_mean(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks."""
+    if ctx.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= ctx.world_size
+    return values
+
+
+def gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (for checkpointing all samplers)."""
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(ctx: DistContext, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
+    """DDP around the model when distributed. Experts that receive no token in a batch get no
+    gradient, so unused parameters are expected (find_unused_parameters)."""
+    if not ctx.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -1,0 +1,308 @@
+"""The `train` stage: token shards -> trained model, checkpoints, metrics, plots.
+
+Reads ``params.data.out_dir`` (manifest, shards) and the ``model`` and ``train`` sections;
+writes (rank 0 only when distributed):
+
+- ``train.checkpoint_dir``: ``step_NNNNNNN.pt`` checkpoints + ``latest`` (resume state);
+- ``train.model_file``: the trained model (``load_trained_model`` reads it back);
+- ``train.metrics_file``: final metrics (a DVC metrics file);
+- ``train.plots_dir``: ``loss.png`` and ``expert_load.png``;
+
+and logs per-interval metrics, the effective settings and the PNGs to the given RunLogger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from nativelm.errors import NativelmError, ParamsError
+from nativelm.fsutil import atomic_write_text
+from nativelm.tracking.flatten import params_hash
+from nativelm.train.checkpoint import FILE_MODE
+from nativelm.train.params import ResolvedTrain
+
+if TYPE_CHECKING:
+    from nativelm.config import Params
+    from nativelm.model import ModelParams, NativeLM
+    from nativelm.tracking.runs import RunLogger
+
+MODEL_FORMAT = "nativelm-model"
+MODEL_FORMAT_VERSION = 1
+LOSS_PNG = "loss.png"
+EXPERT_LOAD_PNG = "expert_load.png"
+# settings that change what a run computes; the others (intervals, paths, progress ...) do not
+_TRAJECTORY_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps", "schedule",
+                      "decay_frac", "decay_shape", "min_lr_ratio", "optimizer", "beta1", "beta2", "eps",
+                      "weight_decay", "grad_clip")
+
+
+@dataclass
+class TrainResult:
+    """What `run_train` produced."""
+
+    metrics: dict[str, Any]  # the content of metrics_file
+    model_file: Path
+    metrics_file: Path
+    plots: list[Path]
+    checkpoint_dir: Path
+    steps: int
+    resumed_from: int | None
+    is_main: bool = True
+    model: Any = field(default=None, repr=False)  # the trained NativeLM (every rank)
+
+
+def effective_model_params(model: ModelParams, preset: str) -> ModelParams:
+    """The model section with the train preset's model shape applied.
+
+    ``tiny`` is the ModelParams defaults, so the section is used as written. For another preset
+    (``gpu``), every model field still at its default takes the preset's value and every field
+    changed in params.yaml keeps its value.
+    """
+    from pydantic import ValidationError
+
+    from nativelm.model import PRESETS, ModelParams
+
+    if preset not in PRESETS:
+        raise ParamsError(f"train.preset {preset!r} has no model preset (known: {', '.join(sorted(PRESETS))})")
+    defaults = ModelParams()
+    changed = {k: getattr(model, k) for k in ModelParams.model_fields if getattr(model, k) != getattr(defaults, k)}
+    try:
+        return ModelParams.model_validate({**PRESETS[preset], **changed})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ParamsError(f"model (with train.preset {preset}): {first['msg']}") from None
+
+
+def resolve_device(requested: str) -> torch.device:
+    """auto: CUDA when available, else CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise NativelmError("train.device is `cuda` but no CUDA device is available (use auto or cpu)")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def fingerprint(cfg: ResolvedTrain, model_params: ModelParams, seed: int, world_size: int,
+                vocab_size: int, manifest: dict[str, Any], precision: str) -> str:
+    """Hash of everything that shapes the trajectory: a checkpoint resumes only a run with the same one."""
+    shards = {k: v for k, v in manifest.get("sha256", {}).items() if k.startswith("train_") or k == "tokenizer.json"}
+    tree = {"train": {k: getattr(cfg, k) for k in _TRAJECTORY_FIELDS}, "model": model_params.model_dump(mode="json"),
+            "seed": seed, "world_size": world_size, "vocab_size": vocab_size, "data": shards, "precision": precision}
+    return params_hash(tree)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_model_file(path: Path, model: NativeLM, model_params: ModelParams, info: dict[str, Any]) -> Path:
+    """The trained model for export/evaluation: weights + model section + vocabulary size (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+            "model_params": model_params.model_dump(mode="json"), "vocab_size": int(model.vocab_size),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **info}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_trained_model(path: Path | str, map_location: str | torch.device = "cpu") -> tuple[NativeLM, dict[str, Any]]:
+    """Rebuild the NativeLM saved by the train stage; returns (model in eval mode, the file's other fields)."""
+    from nativelm.model import ModelParams, build_model
+
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise NativelmError(f"{path}: model file not found (run `nativelm train` first)") from None
+    except Exception as exc:  # noqa: BLE001
+        raise NativelmError(f"{path}: unreadable model file ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
+        raise NativelmError(f"{path}: not a nativelm model file")
+    params = ModelParams.model_validate(data["model_params"])
+    model = build_model(params, int(data["vocab_size"]))
+    model.load_state_dict(data["state_dict"])
+    if "weight_bits" in data:
+        from nativelm.model import set_weight_bits
+
+        set_weight_bits(model, float(data["weight_bits"]))
+    model.eval()
+    info = {k: v for k, v in data.items() if k != "state_dict"}
+    return model, info
+
+
+def _note(message: str) -> None:
+    print(f"train: {message}", file=sys.stderr, flush=True)
+
+
+def _summary(val_stats: list[dict[str, torch.Tensor]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-layer metrics of the final validation pass and their means over layers."""
+    from nativelm.model import layer_metrics
+
+    per_layer = layer_metrics(SimpleNamespace(stats=val_stats))
+    means: dict[str, float] = {}
+    for name in ("expert_load_cv", "router_entropy", "neuron_sparsity"):
+        values = [v for k, v in per_layer.items() if k.endswith(f"/{name}")]
+        if values:
+            means[name] = float(np.mean(values))
+    return per_layer, means
+
+
+def run_train(params: Params, logger: RunLogger | None = None, *, stop_after: int | None = None) -> TrainResult:
+    """Train the model of `params` on `params.data.out_dir`; see the module docstring for outputs.
+
+    `stop_after` ends the run after that many completed steps, as an interruption would (tests).
+    """
+    from nativelm.model import BitSchedule, build_model, model_metrics, set_weight_bits
+    from nativelm.model import layer_metrics as model_layer_metrics
+    from nativelm.train import distributed as dist
+    from nativelm.train.data import BatchSampler, load_token_data
+    from nativelm.train.loop import Trainer, resolve_precision, torch_threads
+    from nativelm.train.metrics import device_peak_flops, flops_per_token
+    from nativelm.train.optim import build_optimizer
+
+    started = time.perf_counter()
+    cfg = params.train.resolved()
+    model_params = effective_model_params(params.model, cfg.preset)
+    if cfg.seq_len > model_params.max_seq_len:
+        raise ParamsError(f"train.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_params.max_seq_len})")
+    device = resolve_device(cfg.device)
+    ctx = dist.init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank if ctx.enabled else device.index)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        precision = resolve_precision(cfg.precision, device)
+        with torch_threads(cfg.threads):
+            _seed_everything(params.seed)
+            data = load_token_data(params.data.out_dir)
+            model = build_model(model_params, data.vocab_size, seed=params.seed).to(device)
+            optimizer = build_optimizer(model, cfg, fused=True if device.type == "cuda" else None)
+            wrapped: torch.nn.Module = dist.wrap_ddp(model, ctx, device)
+            if cfg.compile:
+                wrapped = torch.compile(wrapped)
+            sampler = BatchSampler(data.train, cfg.batch_size, cfg.seq_len, seed=params.seed, rank=ctx.rank)
+            fp = fingerprint(cfg, model_params, params.seed, ctx.world_size, data.vocab_size, data.manifest,
+                             precision.name)
+            counts = {"total_params": model.num_params(), "active_params": model.active_params(),
+                      "non_embedding_params": model.num_params(non_embedding=True)}
+            if ctx.is_main:
+                _note(f"{model_params.n_layers} layers, d_model {model_params.d_model}, "
+                      f"{model_params.n_experts if model_params.ffn == 'moe' else 0} experts (top "
+                      f"{model_params.top_k}); {counts['total_params']:,} parameters, {counts['active_params']:,} "
+                      f"active non-embedding; {data.train_tokens:,} train tokens; device {device}, "
+                      f"{precision.name}, {ctx.world_size} process(es), {cfg.max_steps} steps of "
+                      f"{cfg.batch_size * cfg.grad_accum * ctx.world_size} x {cfg.seq_len} tokens")
+                if logger is not None:
+                    logger.log_params({"resolved": {"train": cfg.model_dump(mode="json"),
+                                                    "model": model_params.model_dump(mode="json")},
+                                       **counts, "world_size": ctx.world_size, "precision": precision.name,
+                                       "device": device.type, "vocab_size": data.vocab_size})
+                    logger.set_tags({"nativelm.train.fingerprint": fp, "nativelm.train.preset": cfg.preset})
+            schedule = BitSchedule.from_params(model_params)
+            trainer = Trainer(
+                model=wrapped, optimizer=optimizer, cfg=cfg, sampler=sampler, val_shards=data.val, device=device,
+                precision=precision, ctx=ctx, bits_at=schedule.bits_at, set_bits=set_weight_bits,
+                layer_metrics=model_layer_metrics, model_metrics=model_metrics, fingerprint=fp,
+                checkpoint_dir=Path(cfg.checkpoint_dir), sink=logger.log_metrics if logger is not None else None,
+                flops_per_token=flops_per_token(model, cfg.seq_len), peak_flops=device_peak_flops(device),
+                stop_after=stop_after)
+            result = trainer.run()
+            if not result.last_val:  # nothing left to train (resumed a finished run): validate once
+                result.last_val, result.val_stats = trainer.validate()
+            if not result.last_train:
+                result.last_train = next((h for h in reversed(trainer.state.history) if "train/loss" in h), {})
+            return _finish(params, cfg, ctx, model, model_params, data, trainer, result, counts, fp, logger,
+                           started)
+    finally:
+        dist.shutdown(ctx)
+
+
+def _finish(params: Params, cfg: ResolvedTrain, ctx: Any, model: NativeLM, model_params: ModelParams, data: Any,
+            trainer: Any, result: Any, counts: dict[str, int], fp: str, logger: RunLogger | None,
+            started: float) -> TrainResult:
+    """Rank 0: final metrics, model file, plots, artifacts (only once the run reached max_steps)."""
+    from nativelm.model import expert_load_matrix
+    from nativelm.train.data import unigram_entropies
+    from nativelm.train.metrics import mfu
+    from nativelm.train.plots import plot_expert_load, plot_loss_curve
+
+    state = trainer.state
+    finished = state.step >= cfg.max_steps
+    model_file, metrics_file, plots_dir = Path(cfg.model_file), Path(cfg.metrics_file), Path(cfg.plots_dir)
+    checkpoint_dir = Path(cfg.checkpoint_dir)
+    if not ctx.is_main:
+        return TrainResult({}, model_file, metrics_file, [], checkpoint_dir, state.step, state.resumed_from,
+                           is_main=False, model=model)
+    per_layer, means = _summary(result.val_stats)
+    unigram = unigram_entropies(data)
+    bits = float(model.bits)
+    metrics: dict[str, Any] = {
+        "train_loss": float(result.last_train.get("train/loss", float("nan"))),
+        "train_ce_loss": float(result.last_train.get("train/ce_loss", float("nan"))),
+        "val_loss": result.last_val["val/loss"],
+        "val_perplexity": result.last_val["val/perplexity"],
+        "tokens_per_s": state.tokens / state.train_time_s if state.train_time_s > 0 else 0.0,
+        "step_time_s": state.train_time_s / state.step if state.step else 0.0,
+        **means,
+        **counts,
+        **unigram,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "bits": bits,
+        "wall_time_s": time.perf_counter() - started,
+        "per_layer": per_layer,
+    }
+    value = mfu(metrics["tokens_per_s"], trainer.flops_per_token or 0.0, trainer.peak_flops, ctx.world_size)
+    if value is not None:
+        metrics["mfu"] = value
+    plots: list[Path] = []
+    if finished:
+        save_model_file(model_file, model, model_params, {
+            "step": state.step, "weight_bits": bits, "train_fingerprint": fp, "seed": params.seed,
+            "tokenizer_sha256": data.manifest.get("sha256", {}).get("tokenizer.json", ""),
+            "val_loss": metrics["val_loss"]})
+        reference = {"unigram x-entropy (val)": unigram["unigram_xent_val"]}
+        plots.append(plot_loss_curve(state.history, plots_dir / LOSS_PNG, reference,
+                                     title=f"{cfg.preset} preset: {counts['active_params']:,} active parameters"))
+        load = expert_load_matrix(SimpleNamespace(stats=result.val_stats)).numpy()
+        plots.append(plot_expert_load(load, plots_dir / EXPERT_LOAD_PNG))
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        if logger is not None:
+            logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                               step=state.step)
+            for path in plots:
+                logger.log_artifact(path, "plots")
+            logger.log_artifact(metrics_file)
+        _note(f"done: {state.step} steps, val loss {metrics['val_loss']:.4f} (unigram x-entropy "
+              f"{unigram['unigram_xent_val']:.4f}), {metrics['tokens_per_s']:,.0f} tokens/s; model in {model_file}")
+    return TrainResult(metrics, model_file, metrics_file, plots, checkpoint_dir, state.step, state.resumed_from,
+                       model=model)

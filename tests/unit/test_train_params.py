@@ -1,0 +1,66 @@
+"""TrainParams: presets fill null knobs, explicit values win, bad values are one clear error."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from nativelm.errors import ParamsError
+from nativelm.model import PRESETS, ModelParams
+from nativelm.train.params import PRESET_FIELDS, TRAIN_PRESETS, TrainParams
+from nativelm.train.stage import effective_model_params
+
+
+def test_every_field_is_described() -> None:
+    missing = [name for name, f in TrainParams.model_fields.items() if not f.description]
+    assert not missing
+
+
+def test_presets_fill_null_knobs_and_explicit_values_win() -> None:
+    tiny = TrainParams().resolved()
+    assert {k: getattr(tiny, k) for k in PRESET_FIELDS} == pytest.approx(TRAIN_PRESETS["tiny"])
+    gpu = TrainParams(preset="gpu", lr=1e-3).resolved()
+    assert gpu.batch_size == TRAIN_PRESETS["gpu"]["batch_size"] and gpu.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"warmup_steps": 500, "max_steps": 400}, "warmup_steps (500) must be smaller than max_steps"),
+        ({"warmup_steps": 350, "max_steps": 400}, "exceed max_steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"checkpoint_interval": 0}, "checkpoint_interval"),
+        ({"precision": "fp8"}, "precision"),
+        ({"lr": -1.0}, "lr"),
+        ({"precision": "fp16", "device": "cpu"}, "fp16 needs CUDA"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"lr": "0.003"}, "lr"),  # strict: a quoted number is not a number
+        ({"bacth_size": 8}, "bacth_size"),  # typo'd key
+    ],
+)
+def test_bad_values_are_rejected_with_the_field_named(values: dict, fragment: str) -> None:
+    with pytest.raises(ValidationError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        TrainParams.model_validate(values)
+
+
+def test_bad_train_section_is_one_params_error_line() -> None:
+    from nativelm.config import Params, parse_params
+
+    if "train" not in Params.model_fields:
+        pytest.skip("config.Params has no train section yet")
+    with pytest.raises(ParamsError, match=r"train\.batch_size") as info:
+        parse_params("train: {batch_size: 0}")
+    assert "\n" not in str(info.value)
+
+
+def test_tiny_preset_keeps_the_model_section_as_written() -> None:
+    section = ModelParams(d_model=64, n_heads=4)
+    assert effective_model_params(section, "tiny") == section
+
+
+def test_gpu_preset_applies_model_shape_except_changed_fields() -> None:
+    gpu = effective_model_params(ModelParams(), "gpu")
+    assert gpu.d_model == PRESETS["gpu"]["d_model"] and gpu.n_layers == PRESETS["gpu"]["n_layers"]
+    custom = effective_model_params(ModelParams(n_layers=3, router_aux_weight=0.05), "gpu")
+    assert custom.n_layers == 3 and custom.router_aux_weight == 0.05 and custom.d_model == PRESETS["gpu"]["d_model"]
