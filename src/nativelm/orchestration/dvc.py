@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from nativelm.errors import NativelmError
 
@@ -34,15 +35,30 @@ def dvc_executable() -> str:
     return str(candidate) if candidate.exists() else "dvc"
 
 
-def repro(target: str, project_dir: Path, env: dict[str, str] | None = None) -> ReproResult:
-    """`dvc repro TARGET` in `project_dir`; raise NativelmError with the tail of DVC's output on failure."""
+def _run_streaming(cmd: list[str], cwd: Path, env: dict[str, str], echo: TextIO | None) -> tuple[int, str]:
+    """Run a command, echoing its combined output as it comes (progress bars too), and return it."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    chunks: list[bytes] = []
+    while chunk := proc.stdout.read1(65536):
+        chunks.append(chunk)
+        if echo is not None:
+            echo.write(chunk.decode("utf-8", "replace"))
+            echo.flush()
+    return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
+
+
+def repro(target: str, project_dir: Path, env: dict[str, str] | None = None,
+          echo: TextIO | None = sys.stderr) -> ReproResult:
+    """`dvc repro TARGET` in `project_dir`, showing its progress on `echo`.
+
+    Raises NativelmError with the tail of DVC's output on failure.
+    """
     full_env = {**os.environ, **(env or {})}
     # the stage commands (`nativelm ...`) must resolve to this environment even when it is not activated
     full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])
-    proc = subprocess.run([dvc_executable(), "repro", target], cwd=project_dir, env=full_env,
-                          capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
+    code, output = _run_streaming([dvc_executable(), "repro", target], project_dir, full_env, echo)
+    if code != 0:
         tail = " | ".join(line for line in output.strip().splitlines()[-3:] if line.strip())
         raise NativelmError(f"dvc repro {target} failed in {project_dir}: {tail}")
     return ReproResult(target, tuple(_RAN.findall(output)), output)
