@@ -16,7 +16,6 @@ import contextlib
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,11 @@ import numpy as np
 import torch
 
 from nativelm.errors import NativelmError
-from nativelm.fsutil import atomic_write_text
+from nativelm.fsutil import atomic_open, atomic_write_text
 
 FORMAT = "nativelm-train-checkpoint"
 FORMAT_VERSION = 1
 LATEST = "latest"
-FILE_MODE = 0o644  # an ordinary output file (mkstemp would leave it owner-only)
 _NAME = re.compile(r"^step_(\d{7,})\.pt$")
 
 
@@ -77,18 +75,8 @@ def save_checkpoint(folder: Path | str, step: int, payload: dict[str, Any], keep
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / checkpoint_name(step)
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as handle:
+        torch.save(data, handle)
     atomic_write_text(folder / LATEST, path.name + "\n")
     _fsync_dir(folder)
     prune_checkpoints(folder, keep, protect=path.name)

@@ -13,12 +13,9 @@ and logs per-interval metrics, the effective settings and the PNGs to the given 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +26,8 @@ import numpy as np
 import torch
 
 from nativelm.errors import NativelmError, ParamsError
-from nativelm.fsutil import atomic_write_text
+from nativelm.fsutil import atomic_open, atomic_write_text
 from nativelm.tracking.flatten import params_hash
-from nativelm.train.checkpoint import FILE_MODE
 from nativelm.train.params import ResolvedTrain
 
 if TYPE_CHECKING:
@@ -117,18 +113,8 @@ def save_model_file(path: Path, model: NativeLM, model_params: ModelParams, info
     data = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
             "model_params": model_params.model_dump(mode="json"), "vocab_size": int(model.vocab_size),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **info}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as handle:
+        torch.save(data, handle)
     return path
 
 
