@@ -1,0 +1,362 @@
+"""Load an export folder on a board: verify every file, open the tokenizer and the ONNX session.
+
+An export folder holds `model.onnx` (and any external-data files), `tokenizer.json`,
+`genai_config.json` and `manifest.json`. The manifest records the sha256 of every other file
+(`{"sha256": {name: hex}}`, as every nativelm manifest does; `{"files": {name: hex | {"sha256": hex}}}`
+and `{"files": [{"path": name, "sha256": hex}]}` are read too). `load_model` refuses, with one line
+naming the file, a folder where a listed file is missing or altered, where ONNX Runtime cannot load
+the model, or where the tokenizer's vocabulary is not the model's.
+
+The model follows the usual decoder convention (onnxruntime-genai's): inputs `input_ids` int64
+[B, S], `attention_mask` int64 [B, total_len], `past_key_values.{i}.key/.value` [B, kv_heads,
+past_len, head_dim]; outputs `logits` [B, S, V] and `present.{i}.key/.value` holding the full cache
+[B, kv_heads, total_len, head_dim]. An optional `position_ids` input is fed too.
+
+Only numpy, onnxruntime and tokenizers are imported: this module ships to boards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import (IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch,
+                     first_line)
+
+MANIFEST = "manifest.json"
+GENAI_CONFIG = "genai_config.json"
+TOKENIZER = "tokenizer.json"
+MODEL = "model.onnx"
+EOT = "<|endoftext|>"
+
+KVCache = list[tuple[np.ndarray, np.ndarray]]
+"""One (key, value) pair per layer, each [B, kv_heads, length, head_dim]."""
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+# --------------------------------------------------------------------------- files and hashes
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (model files can be larger than a board's free memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(chunk)
+            if not block:
+                break
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise MissingFile(f"{path}: missing ({what})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RuntimeFailure(f"{path}: not readable JSON ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise RuntimeFailure(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """manifest.json of an export folder; missing or unreadable is one clear line."""
+    return _read_json(Path(folder) / MANIFEST, "every export folder has one")
+
+
+def manifest_hashes(manifest: dict[str, Any], where: Path) -> dict[str, str]:
+    """{relative file name: sha256 hex} recorded in a manifest, in the layouts described above."""
+    found: dict[str, str] = {}
+    table = manifest.get("sha256")
+    if isinstance(table, dict):
+        found.update({str(k): v for k, v in table.items()})
+    files = manifest.get("files")
+    if isinstance(files, dict):
+        for name, entry in files.items():
+            found[str(name)] = entry.get("sha256") if isinstance(entry, dict) else entry
+    elif isinstance(files, list):
+        for entry in files:
+            if isinstance(entry, dict) and (entry.get("path") or entry.get("name")):
+                found[str(entry.get("path") or entry.get("name"))] = entry.get("sha256")
+    for name, digest in found.items():
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise RuntimeFailure(f"{where}: entry {name!r} has no valid sha256 ({digest!r})")
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts:
+            raise RuntimeFailure(f"{where}: entry {name!r} is not a file name inside the folder")
+    if not found:
+        raise RuntimeFailure(f"{where}: lists no file hashes (expected a 'sha256' table)")
+    return {name: digest.lower() for name, digest in found.items()}
+
+
+def verify_folder(folder: Path, manifest: dict[str, Any] | None = None,
+                  required: Sequence[str] = (MODEL, TOKENIZER)) -> dict[str, Any]:
+    """Check every file the manifest lists against its sha256; return the manifest.
+
+    The `required` files must be listed (an unlisted model file would go unchecked). Files in the
+    folder that the manifest does not list (a runtime, logs) are ignored.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFile(f"{folder}: no such model folder")
+    manifest = read_manifest(folder) if manifest is None else manifest
+    where = folder / MANIFEST
+    hashes = manifest_hashes(manifest, where)
+    for name in required:
+        if name not in hashes:
+            raise IntegrityError(f"{where}: has no sha256 for {name}, so it cannot be verified")
+    for name in sorted(hashes):
+        path = folder / name
+        if not path.is_file():
+            raise MissingFile(f"{path}: missing (listed in {MANIFEST})")
+        actual = sha256_file(path)
+        if actual != hashes[name]:
+            raise IntegrityError(f"{path}: sha256 mismatch (manifest {hashes[name][:12]}..., "
+                                 f"file {actual[:12]}...): the file is altered or incomplete")
+    return manifest
+
+
+# --------------------------------------------------------------------------- metadata helpers
+
+
+def _first(*values: Any) -> Any:
+    for value in values:
+        if value is not None:
+            return value
+    return None
+
+
+def _eos_ids(manifest: dict[str, Any], genai: dict[str, Any], tokenizer: Any) -> tuple[int, ...]:
+    eos = manifest.get("eos")
+    raw = _first(manifest.get("eos_token_id"), manifest.get("eos_id"), eos.get("id") if isinstance(eos, dict) else None,
+                 _section(manifest, "model").get("eos_token_id"), _section(genai, "model").get("eos_token_id"))
+    if raw is None:
+        token_id = tokenizer.token_to_id(EOT)
+        raw = [] if token_id is None else [token_id]
+    ids = raw if isinstance(raw, (list, tuple)) else [raw]
+    try:
+        return tuple(int(i) for i in ids)
+    except (TypeError, ValueError):
+        raise RuntimeFailure(f"manifest/genai_config: eos token id {raw!r} is not an integer") from None
+
+
+def _section(mapping: dict[str, Any], key: str) -> dict[str, Any]:
+    """mapping[key] when it is a JSON object, else {} (a config missing a section is not an error)."""
+    value = mapping.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _positive_int(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class Model:
+    """An export folder, verified and loaded: tokenizer, ONNX Runtime session and their metadata.
+
+    `forward` runs one step of the decoder; generation lives in `generate.py`.
+    """
+
+    def __init__(self, folder: Path, session: Any, tokenizer: Any, manifest: dict[str, Any],
+                 genai_config: dict[str, Any], model_file: Path, threads: int) -> None:
+        self.folder = folder
+        self.session = session
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.genai_config = genai_config
+        self.model_file = model_file
+        self.threads = threads
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        for name in ("input_ids", "attention_mask"):
+            if name not in inputs:
+                raise ModelLoadError(f"{model_file}: has no input {name!r} (inputs: {', '.join(inputs)})")
+        if "logits" not in outputs:
+            raise ModelLoadError(f"{model_file}: has no output 'logits' (outputs: {', '.join(outputs)})")
+        layers = sorted({int(m.group(1)) for m in map(_PAST.match, inputs) if m})
+        if layers != list(range(len(layers))):
+            raise ModelLoadError(f"{model_file}: past_key_values inputs are not numbered 0..n-1 ({layers})")
+        for i in layers:
+            for part in ("key", "value"):
+                if f"past_key_values.{i}.{part}" not in inputs or f"present.{i}.{part}" not in outputs:
+                    raise ModelLoadError(f"{model_file}: layer {i} lacks past_key_values.{i}.{part} "
+                                         f"or present.{i}.{part}")
+        self.n_layers = len(layers)
+        self.has_position_ids = "position_ids" in inputs
+        self._output_names = ["logits"] + [f"present.{i}.{p}" for i in layers for p in ("key", "value")]
+        model_cfg = _section(genai_config, "model")
+        decoder = _section(model_cfg, "decoder")
+        self.kv_heads = self.head_dim = 0
+        self.kv_dtype: Any = np.float32
+        if layers:
+            past = inputs["past_key_values.0.key"]
+            self.kv_dtype = _ORT_DTYPES.get(past.type, np.float32)
+            shape = list(past.shape) + [None] * 4
+            self.kv_heads = _positive_int(shape[1]) or _positive_int(decoder.get("num_key_value_heads")) or 0
+            self.head_dim = _positive_int(shape[3]) or _positive_int(decoder.get("head_size")) or 0
+            if not self.kv_heads or not self.head_dim:
+                raise ModelLoadError(f"{model_file}: KV cache shape {past.shape} is symbolic and "
+                                     f"{GENAI_CONFIG} gives no num_key_value_heads/head_size")
+        self.context_length = _positive_int(_first(model_cfg.get("context_length"), manifest.get("context_length"),
+                                                   _section(manifest, "model").get("context_length")))
+        self.eos_ids = _eos_ids(manifest, genai_config, tokenizer)
+        logits_shape = list(outputs["logits"].shape)
+        self.vocab_size = (_positive_int(logits_shape[-1]) if logits_shape else None) \
+            or _positive_int(model_cfg.get("vocab_size")) or self._probe_vocab()
+
+    # ----------------------------------------------------------------- running
+
+    def empty_cache(self, batch: int = 1) -> KVCache:
+        """A KV cache with no positions yet (past_len 0)."""
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+        return [(empty, empty) for _ in range(self.n_layers)]
+
+    def forward(self, input_ids: np.ndarray, past: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
+        """Run the decoder on `input_ids` [B, S] after `past` (None: an empty cache).
+
+        Returns logits [B, S, V] and the present cache (past followed by the S new positions).
+        """
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise RuntimeFailure(f"forward: input_ids must be [batch, seq>0], got shape {input_ids.shape}")
+        batch, seq = input_ids.shape
+        past = self.empty_cache(batch) if past is None else past
+        past_len = past[0][0].shape[2] if past else 0
+        total = past_len + seq
+        feed: dict[str, np.ndarray] = {"input_ids": input_ids,
+                                       "attention_mask": np.ones((batch, total), dtype=np.int64)}
+        if self.has_position_ids:
+            feed["position_ids"] = np.broadcast_to(np.arange(past_len, total, dtype=np.int64), (batch, seq)).copy()
+        for i, (key, value) in enumerate(past):
+            feed[f"past_key_values.{i}.key"] = key
+            feed[f"past_key_values.{i}.value"] = value
+        try:
+            results = self.session.run(self._output_names, feed)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise ModelLoadError(f"{self.model_file}: ONNX Runtime failed to run it "
+                                 f"(batch {batch}, {seq} new + {past_len} cached tokens): {ort_reason(exc)}") from None
+        logits, flat = results[0], results[1:]
+        present = [(flat[2 * i], flat[2 * i + 1]) for i in range(self.n_layers)]
+        return logits, present
+
+    def _probe_vocab(self) -> int:
+        logits, _ = self.forward(np.zeros((1, 1), dtype=np.int64))
+        return int(logits.shape[-1])
+
+    # ----------------------------------------------------------------- text
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no special tokens added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens (eos) left out."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def file_bytes(self) -> int:
+        """Bytes on disk of the model file and its external-data files (`model.onnx*`)."""
+        stem = self.model_file.name
+        return sum(p.stat().st_size for p in self.model_file.parent.iterdir()
+                   if p.is_file() and p.name.startswith(stem))
+
+    def __repr__(self) -> str:
+        return (f"Model({str(self.folder)!r}, layers={self.n_layers}, kv_heads={self.kv_heads}, "
+                f"head_dim={self.head_dim}, vocab={self.vocab_size}, context={self.context_length})")
+
+
+def ort_reason(exc: BaseException) -> str:
+    """ORT's message without its boilerplate: '[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model
+    from PATH failed:Protobuf parsing failed.' -> 'INVALID_PROTOBUF: Protobuf parsing failed.'"""
+    text = first_line(exc)
+    match = re.match(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*(\w+)\s*:\s*(.*)$", text)
+    if match:
+        code, text = match.groups()
+        text = re.sub(r"^Load model from .* failed:\s*", "", text)
+        text = f"{code}: {text}"
+    return text
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (a board's cores, or a container's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def load_tokenizer(path: Path) -> Any:
+    """tokenizer.json as a `tokenizers.Tokenizer`; missing or unreadable is one clear line."""
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise MissingFile(f"{path}: missing (the model's tokenizer)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+        raise TokenizerMismatch(f"{path}: not a readable tokenizer ({first_line(exc)})") from None
+
+
+def open_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session on `path`; a file ORT cannot load is one line naming it."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise MissingFile(f"{path}: missing (the model file)")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: warnings would interleave with generated text
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        size = path.stat().st_size
+        raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({size} bytes; truncated or corrupt?): "
+                             f"{ort_reason(exc)}") from None
+
+
+def load_model(folder: str | os.PathLike[str], threads: int | None = None, verify: bool = True) -> Model:
+    """Verify (sha256 of every file in the manifest) and load an export folder.
+
+    `threads`: ONNX Runtime intra-op threads (default: every CPU this process may use).
+    `verify=False` skips the hashes (and tolerates a folder without manifest.json).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFile(f"{folder}: no such model folder")
+    if verify:
+        manifest = verify_folder(folder, required=(TOKENIZER,))
+    else:
+        manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
+    genai = _read_json(folder / GENAI_CONFIG, "onnxruntime-genai config") if (folder / GENAI_CONFIG).is_file() else {}
+    decoder = _section(_section(genai, "model"), "decoder")
+    model_name = str(decoder.get("filename") or MODEL)
+    model_file = folder / model_name
+    if verify and model_name not in manifest_hashes(manifest, folder / MANIFEST):
+        raise IntegrityError(f"{folder / MANIFEST}: has no sha256 for {model_name}, so it cannot be verified")
+    tokenizer = load_tokenizer(folder / TOKENIZER)
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise RuntimeFailure(f"threads must be at least 1, got {threads}")
+    model = Model(folder, open_session(model_file, threads), tokenizer, manifest, genai, model_file, threads)
+    token_count = tokenizer.get_vocab_size(with_added_tokens=True)
+    if token_count != model.vocab_size:
+        raise TokenizerMismatch(f"{folder / TOKENIZER}: has {token_count} tokens but {model_file.name} predicts "
+                                f"{model.vocab_size}: a tokenizer from another model")
+    return model
