@@ -1,4 +1,4 @@
-"""Prefect flow `retrain`: corpus -> tokenizer + shards -> trained model, each stage through DVC.
+"""Prefect flow `retrain`: corpus -> tokenizer + shards -> trained model -> quantized ONNX, through DVC.
 
 Thin on purpose: each stage is a `nativelm` command run by `dvc repro` (an unchanged stage is
 skipped), and the MLflow conventions (one parent run, nested stage runs) live in
@@ -25,13 +25,14 @@ def repro_stage(run: PipelineRun, stage: str, metrics_file: str) -> str:
 
 @flow(name="retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
-    """Prepare the corpus and train the model under one MLflow pipeline run; return what happened."""
+    """Prepare, train and export under one MLflow pipeline run; return what happened."""
     root = Path(project_dir).resolve()
     params = load_params(root / params_path)
     with pipeline_run(params, "retrain", root) as run:
         print(f"stage prepare: {repro_stage(run, 'prepare', params.data.metrics_file)}")
         run.tag_data_hash("prepare", params.data.out_dir)
         print(f"stage train: {repro_stage(run, 'train', params.train.metrics_file)}")
+        print(f"stage export: {repro_stage(run, 'export', params.export.metrics_file)}")
         return run.summary()
 
 

@@ -48,6 +48,10 @@ TINY_TEST_MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, 
 TINY_TEST_TRAIN = {"seq_len": 32, "batch_size": 4, "max_steps": 6, "warmup_steps": 2, "log_interval": 2,
                    "eval_interval": 3, "eval_batches": 2, "checkpoint_interval": 3, "progress": False}
 
+# a 6-step model has near-tied logits everywhere: parity thresholds are the export tests' business
+TINY_TEST_EXPORT = {"min_top1_agreement": 0.5, "max_ppl_rel_diff": 0.05, "parity_tokens": 64,
+                    "cache_check_tokens": 8, "golden_tokens": 4, "golden_prompts": ["The king"]}
+
 
 def make_project(root: Path, overrides: dict | None = None) -> Path:
     """A git + DVC repository holding the project's pipeline files and a local-corpus params.yaml."""
@@ -57,7 +61,7 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
     (root / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
     shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
-    for package in ("data", "model", "train"):  # the DVC stages' code dependencies
+    for package in ("data", "model", "train", "export"):  # the DVC stages' code dependencies
         shutil.copytree(REPO / "src" / "nativelm" / package, root / "src" / "nativelm" / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -67,6 +71,7 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
     params["stack"]["state_dir"] = str(root / ".nativelm")
     params["model"].update(TINY_TEST_MODEL)
     params["train"].update(TINY_TEST_TRAIN)
+    params["export"].update(TINY_TEST_EXPORT)
     for dotted, value in (overrides or {}).items():
         node = params
         *parents, leaf = dotted.split(".")

@@ -60,6 +60,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """trained model -> ONNX folder with quantized operators, parity-checked (DVC stage `export`)."""
+    params = _params(args)
+    from nativelm.export.stage import run_export
+    from nativelm.tracking.runs import stage_run
+
+    with stage_run(params, "export", {"export": params.export.model_dump(mode="json")}) as run:
+        result = run_export(params, logger=run)
+    for key in ("top1_agreement", "ppl_rel_diff", "model_bytes", "bits_per_weight"):
+        if key in result.metrics:
+            print(f"{key}: {result.metrics[key]:.6g}")
+    print(f"export: {result.out_dir}")
+    return 0
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     """Start, stop or show the local MLflow + Prefect servers."""
     params = _params(args)
@@ -107,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train.metrics_file, the model to train.model_file. Under `torchrun` it trains "
                                    "with DDP.")
     p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("export", parents=[common], help="trained model -> quantized ONNX folder (DVC stage `export`)",
+                       description="Export train.model_file to ONNX with ONNX Runtime's quantized operators "
+                                   "(export.variant: ternary = 2-bit MatMulNBits + QMoE, int4, fp32), check it "
+                                   "against the PyTorch model on held-out text (top-1 agreement, perplexity, "
+                                   "KV cache), record golden continuations and write export.out_dir atomically.")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("stack", parents=[common], help="start/stop/show the local MLflow + Prefect servers",
                        description="Manage the local stack: an MLflow tracking server (SQLite, local artifacts) "

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 
 from nativelm.data.params import DataParams
 from nativelm.errors import ParamsError
+from nativelm.export.params import ExportParams
 from nativelm.model.params import ModelParams
 from nativelm.paramsbase import StrictModel
 from nativelm.stack.params import StackParams
@@ -31,6 +32,7 @@ class Params(StrictModel):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    export: ExportParams = ExportParams()
     tracking: TrackingParams = TrackingParams()
     stack: StackParams = StackParams()
 

@@ -78,10 +78,11 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
     project = make_project(tmp_path / "proj", {f"stack.{k}": v for k, v in section.items()}
                            | {"tracking.experiment": "flow-test"})
     first = _run([str(BIN / "nativelm"), "run"], project)
-    assert "stage prepare: ran" in first.stdout and "stage train: ran" in first.stdout
+    assert all(f"stage {s}: ran" in first.stdout for s in ("prepare", "train", "export"))
     assert (project / "models/model.pt").exists() and (project / "plots/train/loss.png").exists()
+    assert (project / "models/onnx/model.onnx").exists()
     second = _run([str(BIN / "nativelm"), "run"], project)
-    assert "stage prepare: skipped" in second.stdout and "stage train: skipped" in second.stdout
+    assert all(f"stage {s}: skipped" in second.stdout for s in ("prepare", "train", "export"))
     _set_param(project, "data.split.salt", "other")
     third = _run([str(BIN / "nativelm"), "run"], project)
     assert "stage prepare: ran" in third.stdout and "stage train: ran" in third.stdout
@@ -91,9 +92,10 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if r.data.tags.get("nativelm.kind") == "pipeline"]
     stages = [r for r in runs if r.data.tags.get("nativelm.kind") == "stage"]
-    assert len(parents) == 3 and len(stages) == 4  # the skipped run has no stage runs of its own
+    assert len(parents) == 3 and len(stages) == 6  # the skipped run has no stage runs of its own
     assert [p.data.tags["stage.prepare"] for p in parents] == ["ran", "skipped", "ran"]
     assert [p.data.tags["stage.train"] for p in parents] == ["ran", "skipped", "ran"]
+    assert [p.data.tags["stage.export"] for p in parents] == ["ran", "skipped", "ran"]
     by_name = {name: [s for s in stages if s.data.tags["nativelm.stage"] == name] for name in ("prepare", "train")}
     for stage in stages:
         assert stage.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
@@ -106,6 +108,7 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
         assert {"plots/loss.png", "plots/expert_load.png"} <= artifacts
     for parent in parents:  # same metric names on every pipeline run, skipped or not
         assert parent.data.metrics["prepare/tokens_train"] > 0 and parent.data.metrics["train/val_loss"] > 0
+        assert parent.data.metrics["export/model_bytes"] > 0
         assert parent.data.tags["data_hash"] and parent.data.tags["prefect.flow_run_id"]
         assert parent.info.status == "FINISHED"
 

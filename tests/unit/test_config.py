@@ -26,7 +26,8 @@ def test_every_knob_in_params_yaml_has_a_comment() -> None:
     previous = ""
     for number, line in enumerate((REPO / "params.yaml").read_text().splitlines(), 1):
         stripped = line.strip()
-        documented = "#" in line or previous.startswith("#")  # same line, or the line above
+        # same line, the line above, or an item of a list whose key line is documented
+        documented = "#" in line or previous.startswith("#") or stripped.startswith("- ")
         if stripped and not stripped.startswith("#") and not stripped.endswith(":") and not documented:
             uncommented.append(f"{number}: {stripped}")
         previous = stripped or previous

@@ -107,3 +107,27 @@ def test_set_weight_bits_on_model() -> None:
     assert model.bits == 4.0 and all(m.weight_bits == 4.0 for m in bitlinears(model))
     with pytest.raises(ValueError):
         set_weight_bits(model, 5.5)
+
+
+def test_compiled_quantizer_is_checked_against_eager_and_dropped_when_it_differs(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from nativelm.model import bitlinear as bl
+
+    monkeypatch.setattr(bl, "FUSE", "on")
+    monkeypatch.setattr(bl, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(bl, "_CHECKED", set())
+    # stand-in for a miscompiled quantizer: the right values but no gradient (seen with PyTorch 2.11)
+    monkeypatch.setattr(bl, "_COMPILED", {"_norm_quantize": lambda *args: bl._norm_quantize(*args).detach(),
+                                          "_quantize_weight": bl._quantize_weight})
+    layer = _layer(6)
+    x = torch.randn(5, 16, requires_grad=True)
+    y = bl.norm_quantize(x, layer.norm.weight, 1e-5, 8, 1e-5)
+    y.pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0 and layer.norm.weight.grad.abs().sum() > 0
+    assert bl._COMPILE_FAILED == {"_norm_quantize"}
+    assert "unusable" in capsys.readouterr().err
+    # a compiled version that agrees is checked once, then used
+    w = bl.quantize_weight(layer.weight, 1.58, 1e-5)
+    assert "_quantize_weight" not in bl._COMPILE_FAILED and len(bl._CHECKED) == 1
+    codes, scale = layer.weight_codes()
+    assert torch.equal(w, codes.float() * scale)

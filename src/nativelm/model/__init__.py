@@ -5,6 +5,7 @@ from nativelm.model.attention import Attention, apply_rope, attention_mask, rope
 from nativelm.model.bitlinear import (
     BitLinear,
     BitSchedule,
+    ExpertLinear,
     RMSNorm,
     bitlinears,
     quantize_activation,
@@ -12,15 +13,38 @@ from nativelm.model.bitlinear import (
     set_weight_bits,
     weight_codes,
 )
-from nativelm.model.moe import DenseFFN, MoE, ReGLU, Router, Routing, load_balancing_loss, route, z_loss
+from nativelm.model.moe import (
+    DenseFFN,
+    Dispatch,
+    Experts,
+    MoE,
+    ReGLU,
+    Router,
+    Routing,
+    load_balancing_loss,
+    route,
+    z_loss,
+)
 from nativelm.model.params import PRESETS, TERNARY_BITS, ModelParams, preset_params
-from nativelm.model.stats import expert_load_matrix, flat_metrics, layer_metrics, model_metrics, weight_code_shares
-from nativelm.model.transformer import Block, ModelOutput, NativeLM, build_model, param_counts
+from nativelm.model.stats import (
+    expert_load_matrix,
+    flat_metrics,
+    layer_metrics,
+    model_metrics,
+    weight_code_shares,
+)
+from nativelm.model.transformer import (
+    Block,
+    ModelOutput,
+    NativeLM,
+    build_model,
+    param_counts,
+)
 
 __all__ = [
-    "PRESETS", "TERNARY_BITS", "Attention", "BitLinear", "BitSchedule", "Block", "DenseFFN", "MoE",
-    "ModelOutput", "ModelParams", "NativeLM", "RMSNorm", "ReGLU", "Router", "Routing", "apply_rope",
-    "attention_mask", "bitlinears", "build_model", "expert_load_matrix", "flat_metrics", "layer_metrics",
-    "load_balancing_loss", "model_metrics", "param_counts", "preset_params", "quantize_activation",
+    "PRESETS", "TERNARY_BITS", "Attention", "BitLinear", "BitSchedule", "Block", "DenseFFN", "Dispatch",
+    "ExpertLinear", "Experts", "MoE", "ModelOutput", "ModelParams", "NativeLM", "RMSNorm", "ReGLU", "Router",
+    "Routing", "apply_rope", "attention_mask", "bitlinears", "build_model", "expert_load_matrix", "flat_metrics",
+    "layer_metrics", "load_balancing_loss", "model_metrics", "param_counts", "preset_params", "quantize_activation",
     "quantize_weight", "route", "rope_tables", "set_weight_bits", "weight_code_shares", "weight_codes", "z_loss",
 ]

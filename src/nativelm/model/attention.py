@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nativelm.model.bitlinear import BitLinear
+from nativelm.model.bitlinear import BitLinear, compute_dtype, norm_quantize_many
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -83,17 +83,41 @@ class Attention(nn.Module):
         kind = f"rope, window={self.window}" if self.rope else "nope (global)"
         return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, {kind}"
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def quant_groups(self) -> list[list[Tensor]]:
+        """Latent weights to quantize together (see ``Block``): q, k, v, o; empty when not quantized."""
+        projs = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        return [[p.weight] for p in projs] if self.q_proj.quantize else []
+
+    def _qkv(self, x: Tensor, weights: list[Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The q, k, v projections of x. Quantized: the three inputs (each its own norm gain) come from
+        one fused call that reads x once."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not self.q_proj.quantize:
+            return tuple(p(x) for p in projs)
+        dtype = compute_dtype(x)
+        q = projs[0]
+        same = all(p.act_bits == q.act_bits and p.eps == q.eps and (p.norm is None) == (q.norm is None)
+                   and (p.norm is None or p.norm.eps == q.norm.eps) for p in projs)
+        if not same:
+            return tuple(p(x, None if weights is None else w) for p, w in zip(projs, weights or (None,) * 3))
+        inputs = norm_quantize_many(x, [p.gain for p in projs], q.norm.eps if q.norm is not None else 0.0,
+                                    q.act_bits, q.eps, dtype)
+        ws = weights[:3] if weights else [p.quantized_weight(dtype) for p in projs]
+        return tuple(F.linear(i, w) for i, w in zip(inputs, ws))
+
+    def forward(self, x: Tensor, offset: int = 0, weights: list[Tensor] | None = None) -> Tensor:
         """x (B, T, d_model) at absolute positions offset .. offset + T - 1 -> (B, T, d_model).
 
         `offset` only shifts the RoPE positions (no KV cache here: the sequence attends to itself).
+        `weights`: the quantized q, k, v, o weights when the caller computed them (see ``Block``).
         """
         b, t, _ = x.shape
         if offset + t > self.max_seq_len:
             raise ValueError(f"sequence of {t} tokens at offset {offset} exceeds max_seq_len {self.max_seq_len}")
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(x, weights)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope:
             cos, sin = self.rope_cos[offset : offset + t], self.rope_sin[offset : offset + t]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -102,4 +126,5 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.o_proj(y, weights[3] if weights else None)

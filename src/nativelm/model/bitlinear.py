@@ -8,7 +8,7 @@ Forward of a quantized BitLinear, for input x (..., in) and latent fp32 weight W
     W_q = weight codes · s_w                               (straight-through: W + (W_q - W).detach())
     y   = x_q @ W_q^T
 
-Weight quantization at `bits` (a per-tensor scale, eps-guarded):
+Weight quantization at `bits` (one scale per weight matrix, eps-guarded):
 
     Q   = 2^(bits-1) - 1 levels on each side of zero (1.58 bits -> Q = 1; 8 bits -> Q = 127)
     s_w = min(mean|W|, max|W| / Q)
@@ -24,7 +24,9 @@ i.e. it is the same ternary quantizer as 1.58.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +44,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        # F.rms_norm is the same formula (bit-identical on CPU) and one fused kernel on recent CUDA builds
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def levels(bits: float) -> int:
@@ -53,27 +54,253 @@ def levels(bits: float) -> int:
 
 
 def weight_codes(w: Tensor, bits: float = TERNARY_BITS, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """Integer codes (as a float tensor, in [-Q, Q]) and the per-tensor scale of `w` at `bits`."""
+    """Integer codes (as a float tensor, in [-Q, Q]) and the per-matrix scale of `w` at `bits`.
+
+    `w` is one matrix (out, in) -> 0-d scale, or a stack of matrices (E, out, in) -> scales (E,),
+    each matrix quantized on its own (its own absmean / absmax), all in one set of ops.
+    """
     q = levels(bits)
     wf = w.detach().float()
     absw = wf.abs()
-    scale = torch.minimum(absw.mean(), absw.amax() / q).clamp(min=eps)
-    return (wf / scale).round().clamp(-q, q), scale
+    if wf.dim() <= 2:
+        scale = torch.minimum(absw.mean(), absw.amax() / q).clamp(min=eps)
+        return (wf / scale).round().clamp(-q, q), scale
+    dims = (-2, -1)
+    scale = torch.minimum(absw.mean(dims), absw.amax(dims) / q).clamp(min=eps)
+    return (wf / scale[..., None, None]).round_().clamp_(-q, q), scale
 
 
-def quantize_weight(w: Tensor, bits: float = TERNARY_BITS, eps: float = 1e-5) -> Tensor:
-    """Fake-quantized weight codes · scale, with a straight-through gradient to `w`."""
+def _fake_quant_weight(w: Tensor, bits: float, eps: float) -> Tensor:
+    """codes · scale of `w` (per matrix), fp32, no gradient."""
     codes, scale = weight_codes(w, bits, eps)
-    return w + ((codes * scale).to(w.dtype) - w).detach()
+    return codes.mul_(scale[..., None, None] if scale.dim() else scale)
+
+
+def _fake_quant_activation(x: Tensor, bits: int, eps: float) -> Tensor:
+    """Per-token absmax fake quantization of `x` (fp32, no gradient)."""
+    q = 2 ** (bits - 1) - 1
+    xf = x.detach().float()
+    # max |x| per token: one reduction kernel on CUDA; abs + amax is faster on CPU (both exact)
+    if xf.is_cuda:
+        absmax = torch.linalg.vector_norm(xf, ord=math.inf, dim=-1, keepdim=True)
+    else:
+        absmax = xf.abs().amax(-1, keepdim=True)
+    scale = absmax.clamp_(min=eps).div_(q)
+    return (xf / scale).round_().clamp_(-q - 1, q).mul_(scale)
+
+
+class _QuantizeWeight(torch.autograd.Function):
+    """codes · scale (cast to `dtype`) forward; straight-through (identity) gradient to the latent `w`."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, bits: float, eps: float, dtype: torch.dtype) -> Tensor:
+        ctx.w_dtype = w.dtype
+        return _fake_quant_weight(w, bits, eps).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return grad.to(ctx.w_dtype), None, None, None
+
+
+class _QuantizeActivation(torch.autograd.Function):
+    """Per-token absmax fake quantization forward; straight-through (identity) gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bits: int, eps: float) -> Tensor:
+        return _fake_quant_activation(x, bits, eps).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None
+
+
+def _ste_weight(w: Tensor, bits: float, eps: float, dtype: torch.dtype) -> Tensor:
+    """Quantized `w` in `dtype`, straight-through to `w`. Eagerly an autograd.Function (no extra
+    kernels); under torch.compile the same as plain ops, ``q + (w - w.detach())`` (exactly q forward,
+    identity gradient), which the compiler fuses away: PyTorch 2.11 was seen to return zero gradients
+    through a compiled autograd.Function whose backward passes its gradient through unchanged."""
+    if torch.compiler.is_compiling():
+        return _fake_quant_weight(w, bits, eps).to(dtype) + (w - w.detach()).to(dtype)
+    return _QuantizeWeight.apply(w, bits, eps, dtype)
+
+
+def _ste_activation(x: Tensor, bits: int, eps: float) -> Tensor:
+    """Fake-quantized `x` (in x's dtype), straight-through; see `_ste_weight` for the two forms."""
+    if torch.compiler.is_compiling():
+        return _fake_quant_activation(x, bits, eps).to(x.dtype) + (x - x.detach())
+    return _QuantizeActivation.apply(x, bits, eps)
+
+
+FUSE = "auto"
+"""Quantizer kernels: ``auto`` = the quantizers (weights; BitLinear's RMSNorm + activations) and the
+experts' ReGLU run ``torch.compile``d on CUDA, a few fused kernels instead of about ten memory
+passes each, and eagerly elsewhere (CPU stays bit-exact and deterministic); ``off`` = eager
+everywhere; ``on`` = compiled on every device (tests). Same math either way. Each compiled
+function is checked once against its eager version (forward and gradients, on the first real
+inputs); a compile failure or a mismatch falls back to eager for good, with a note on stderr."""
+
+_COMPILED: dict[str, Callable] = {}
+_COMPILE_FAILED: set[str] = set()
+_CHECKED: set[tuple] = set()
+
+
+def fused_call(fn: Callable, cuda: bool, *args: Any) -> Any:
+    """fn(*args), through its torch.compile'd twin where `FUSE` asks for it (`cuda`: the data is on CUDA)."""
+    name = fn.__name__
+    use = FUSE == "on" or (FUSE == "auto" and cuda)
+    # inside a model-wide torch.compile the eager function is simply traced in place
+    if not use or name in _COMPILE_FAILED or torch.compiler.is_compiling():
+        return fn(*args)
+    compiled = _COMPILED.get(name)
+    if compiled is None:
+        compiled = _COMPILED[name] = torch.compile(fn, dynamic=None, options=_eager_numerics())
+    try:
+        key = (name, *_signature(args))
+        if key not in _CHECKED:
+            problem = _compare_compiled(fn, compiled, args)
+            if problem:
+                raise RuntimeError(f"compiled and eager versions differ: {problem}")
+            _CHECKED.add(key)
+        return compiled(*args)
+    except Exception as exc:  # noqa: BLE001 - a missing toolchain or a compiler bug must not stop training
+        _COMPILE_FAILED.add(name)
+        print(f"nativelm.model.bitlinear: torch.compile of {name} unusable ({type(exc).__name__}: "
+              f"{str(exc)[:300]}); using the eager version", file=sys.stderr, flush=True)
+        return fn(*args)
+
+
+def _flat(obj: Any) -> list[Any]:
+    if isinstance(obj, (list, tuple)):
+        return [y for x in obj for y in _flat(x)]
+    return [obj]
+
+
+def _signature(args: tuple) -> list[Any]:
+    """What tells one compiled variant from another: tensors' dtype, device, requires_grad; other values."""
+    return [(a.dtype, a.device.type, a.requires_grad) if isinstance(a, Tensor) else a for a in _flat(args)]
+
+
+def _leaves(obj: Any) -> Any:
+    """A copy of the tensors of `obj` (nested lists) as fresh leaves, requiring grad where they did."""
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_leaves(x) for x in obj)
+    if isinstance(obj, Tensor):
+        return obj.detach().clone().requires_grad_(obj.requires_grad and obj.is_floating_point())
+    return obj
+
+
+def _compare_compiled(fn: Callable, compiled: Callable, args: tuple, tol: float = 2e-2) -> str:
+    """'' when compiled(*args) matches fn(*args), outputs and gradients (random cotangents), else what differs."""
+    with torch.inference_mode(False), torch.enable_grad():
+        results = []
+        for f in (fn, compiled):
+            copies = _leaves(args)
+            outs = [o for o in _flat(f(*copies)) if isinstance(o, Tensor)]
+            inputs = [t for t in _flat(copies) if isinstance(t, Tensor) and t.requires_grad]
+            diff = [o for o in outs if o.requires_grad]
+            cot = []
+            for o in diff:  # fixed cotangents, without touching the global RNG
+                gen = torch.Generator(device=o.device).manual_seed(len(cot))
+                cot.append(torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float32).to(o.dtype))
+            grads = torch.autograd.grad(diff, inputs, cot, allow_unused=True) if diff and inputs else []
+            results.append(([o.detach() for o in outs], [g if g is not None else torch.zeros_like(t)
+                                                         for g, t in zip(grads, inputs)]))
+    (outs_e, grads_e), (outs_c, grads_c) = results
+
+    def rel(a: Tensor, b: Tensor) -> float:
+        a, b = a.double(), b.double()
+        if not bool(torch.isfinite(a).all()):
+            return math.inf
+        return float((a - b).norm() / b.norm().clamp_min(1e-30)) if b.norm() > 0 else float(a.norm())
+
+    if len(outs_e) != len(outs_c) or len(grads_e) != len(grads_c):
+        return "different numbers of outputs or gradients"
+    for i, (a, b) in enumerate(zip(outs_c, outs_e)):
+        if a.shape != b.shape or a.dtype != b.dtype or rel(a, b) > tol:
+            return f"output {i}"
+    for i, (a, b) in enumerate(zip(grads_c, grads_e)):
+        if rel(a, b) > tol:
+            return f"gradient {i} (relative difference {rel(a, b):.3g})"
+    return ""
+
+
+def _eager_numerics() -> dict[str, bool]:
+    """Inductor options that make compiled code round like eager PyTorch: IEEE division (Triton's `/`
+    is approximate), so the compiled quantizer gives exactly the codes `weight_codes` (and the
+    exporter) give, and intermediate casts to bf16 kept."""
+    import torch._inductor.config as inductor_config
+
+    options = {}
+    if hasattr(inductor_config, "emulate_divison_rounding"):  # sic: the spelling up to PyTorch 2.11
+        options["emulate_divison_rounding"] = True
+    elif hasattr(getattr(inductor_config, "eager_numerics", None), "division_rounding"):  # later releases
+        options["eager_numerics.division_rounding"] = True
+    if hasattr(inductor_config, "emulate_precision_casts"):
+        options["emulate_precision_casts"] = True
+    return options
+
+
+def _quantize_weight(w: Tensor, bits: float, eps: float, dtype: torch.dtype) -> Tensor:
+    return _ste_weight(w, bits, eps, dtype)
+
+
+def _norm_quantize(x: Tensor, gain: Tensor | None, norm_eps: float, bits: int | None, eps: float,
+                   dtype: torch.dtype) -> Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        if gain is not None:
+            x = F.rms_norm(x.float(), (x.shape[-1],), gain.float(), norm_eps).to(x.dtype)
+        if bits is not None:
+            x = _ste_activation(x, bits, eps)
+        return x.to(dtype)
+
+
+def _norm_quantize_many(x: Tensor, gains: list[Tensor | None], norm_eps: float, bits: int | None, eps: float,
+                        dtype: torch.dtype) -> list[Tensor]:
+    if all(g is None for g in gains):  # no norms: one quantized input serves them all
+        return [_norm_quantize(x, None, norm_eps, bits, eps, dtype)] * len(gains)
+    return [_norm_quantize(x, g, norm_eps, bits, eps, dtype) for g in gains]
+
+
+def _quantize_weight_groups(groups: list[list[Tensor]], bits: float, eps: float, dtype: torch.dtype) -> list[Tensor]:
+    out = []
+    for group in groups:
+        qs = [_ste_weight(w, bits, eps, dtype) for w in group]
+        out.append(qs[0] if len(qs) == 1 else torch.cat(qs, dim=-2))
+    return out
+
+
+def quantize_weight(w: Tensor, bits: float = TERNARY_BITS, eps: float = 1e-5,
+                    dtype: torch.dtype | None = None) -> Tensor:
+    """Fake-quantized weight codes · scale (per matrix of `w`), with a straight-through gradient to `w`.
+
+    `dtype`: the dtype of the result (default `w`'s), e.g. the autocast dtype, so no second cast is needed.
+    """
+    return fused_call(_quantize_weight, w.is_cuda, w, bits, eps, dtype or w.dtype)
 
 
 def quantize_activation(x: Tensor, bits: int = 8, eps: float = 1e-5) -> Tensor:
     """Per-token (last dim) symmetric absmax quantization, straight-through gradient."""
-    q = 2 ** (bits - 1) - 1
-    xf = x.detach().float()
-    scale = xf.abs().amax(-1, keepdim=True).clamp(min=eps) / q
-    xq = (xf / scale).round().clamp(-q - 1, q) * scale
-    return x + (xq.to(x.dtype) - x).detach()
+    return _QuantizeActivation.apply(x, bits, eps)
+
+
+def norm_quantize(x: Tensor, gain: Tensor | None, norm_eps: float, bits: int | None, eps: float,
+                  dtype: torch.dtype | None = None) -> Tensor:
+    """BitLinear's input path: RMSNorm with `gain` (None: no norm), then per-token `bits`-bit absmax
+    quantization (None: none), straight-through; the result in `dtype` (default x's)."""
+    return fused_call(_norm_quantize, x.is_cuda, x, gain, norm_eps, bits, eps, dtype or x.dtype)
+
+
+def norm_quantize_many(x: Tensor, gains: list[Tensor | None], norm_eps: float, bits: int | None, eps: float,
+                       dtype: torch.dtype | None = None) -> list[Tensor]:
+    """`norm_quantize` of one input for several BitLinear layers (each its own gain) in one fused call:
+    the input is read once and its gradients are summed in the same kernel."""
+    return fused_call(_norm_quantize_many, x.is_cuda, x, list(gains), norm_eps, bits, eps, dtype or x.dtype)
+
+
+def quantize_weight_groups(groups: list[list[Tensor]], bits: float, eps: float, dtype: torch.dtype) -> list[Tensor]:
+    """`quantize_weight` of many weights in one fused call (one scale per matrix, as ever); the members
+    of a group of several are concatenated along the output dim (dim -2) in the same pass."""
+    return fused_call(_quantize_weight_groups, groups[0][0].is_cuda, groups, bits, eps, dtype)
 
 
 class BitLinear(nn.Module):
@@ -111,14 +338,31 @@ class BitLinear(nn.Module):
         q = f"bits={self.weight_bits}, act_bits={self.act_bits}" if self.quantize else "fp"
         return f"{self.in_features} -> {self.out_features}, {q}, norm={self.norm is not None}"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """x (..., in) -> (..., out). `weight`: this layer's `quantized_weight`, when the caller has
+        already computed it (many layers' weights in one fused call)."""
         if not self.quantize:
             return F.linear(x, self.weight)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.act_bits is not None:
-            x = quantize_activation(x, self.act_bits, self.eps)
-        return F.linear(x, quantize_weight(self.weight, self.weight_bits, self.eps))
+        dtype = compute_dtype(x)  # both operands straight in the matmul dtype (what autocast would cast to)
+        if weight is None:
+            weight = self.quantized_weight(dtype)
+        return F.linear(self.prepare_input(x, dtype), weight)
+
+    @property
+    def gain(self) -> Tensor | None:
+        """The RMSNorm gain in front of the quantizer (None without a norm)."""
+        return self.norm.weight if self.norm is not None else None
+
+    def prepare_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """The matmul's input: RMSNorm (if any), activation quantization (if any), in `dtype`."""
+        norm_eps = self.norm.eps if self.norm is not None else 0.0
+        return norm_quantize(x, self.gain, norm_eps, self.act_bits, self.eps, dtype)
+
+    def quantized_weight(self, dtype: torch.dtype) -> Tensor:
+        """The weight the forward multiplies by (codes · scale, straight-through), in `dtype`."""
+        if not self.quantize:
+            return self.weight.to(dtype)
+        return quantize_weight(self.weight, self.weight_bits, self.eps, dtype)
 
     def weight_codes(self) -> tuple[Tensor, Tensor]:
         """Codes (int8 for <= 8 bits, else int16) and fp32 scale at the current width."""
@@ -134,9 +378,88 @@ class BitLinear(nn.Module):
         return codes.to(torch.int8), scale
 
 
-def bitlinears(model: nn.Module) -> Iterator[BitLinear]:
-    """Every BitLinear inside `model`."""
-    return (m for m in model.modules() if isinstance(m, BitLinear))
+class ExpertLinear(nn.Module):
+    """`n_experts` BitLinear maps in_features -> out_features, stacked: one (E, out, in) latent weight.
+
+    Expert e computes exactly what ``BitLinear(in_features, out_features, ...)`` with weight
+    ``weight[e]`` computes (own absmean / absmax weight scale per expert matrix; with `norm`, its
+    own RMSNorm gain ``norm_weights[e]``; with `act_bits`, per-token absmax activations), but the
+    whole stack is quantized in one set of ops and applied by one grouped matmul (see
+    :mod:`nativelm.model.moe`). `quantize=False`: plain full-precision matrices.
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        in_features: int,
+        out_features: int,
+        *,
+        quantize: bool = True,
+        norm: bool = True,
+        act_bits: int | None = 8,
+        weight_bits: float = TERNARY_BITS,
+        eps: float = 1e-5,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.quantize = quantize
+        self.act_bits = act_bits if quantize else None
+        self.eps, self.norm_eps = eps, norm_eps
+        self.weight_bits = check_bits(weight_bits)
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+        bound = 1.0 / math.sqrt(in_features)  # what BitLinear's kaiming_uniform_(a=sqrt(5)) gives per expert
+        nn.init.uniform_(self.weight, -bound, bound)
+        # one 1-D gain per expert (a norm gain: never weight-decayed, initialised to 1)
+        self.norm_weights = (nn.ParameterList(nn.Parameter(torch.ones(in_features)) for _ in range(n_experts))
+                             if (quantize and norm) else None)
+
+    def extra_repr(self) -> str:
+        q = f"bits={self.weight_bits}, act_bits={self.act_bits}" if self.quantize else "fp"
+        return (f"{self.n_experts} x ({self.in_features} -> {self.out_features}), {q}, "
+                f"norm={self.norm_weights is not None}")
+
+    def quantized_weight(self, dtype: torch.dtype) -> Tensor:
+        """(E, out, in) weights as the forward uses them, in `dtype` (straight-through to the latent weight)."""
+        if not self.quantize:
+            return self.weight.to(dtype)
+        return quantize_weight(self.weight, self.weight_bits, self.eps, dtype)
+
+    def prepare_input(self, x: Tensor, row_experts: Tensor) -> Tensor:
+        """RMSNorm (each row with its expert's gain) and activation quantization of rows x (M, in)
+        grouped by expert (`row_experts` (M,): the expert of each row); identity for weight-only experts."""
+        if self.norm_weights is not None:
+            gains = torch.stack(tuple(self.norm_weights)).float().index_select(0, row_experts)
+            x = (F.rms_norm(x.float(), (x.shape[-1],), None, self.norm_eps) * gains).to(x.dtype)
+        if self.act_bits is not None:
+            x = quantize_activation(x, self.act_bits, self.eps)
+        return x
+
+    def weight_codes(self) -> tuple[Tensor, Tensor]:
+        """Codes (E, out, in) (int8 for <= 8 bits, else int16) and fp32 scales (E,) at the current width."""
+        codes, scale = weight_codes(self.weight, self.weight_bits, self.eps)
+        return codes.to(torch.int8 if levels(self.weight_bits) <= 127 else torch.int16), scale
+
+    def ternary_weight(self) -> tuple[Tensor, Tensor]:
+        """(codes int8 in {-1, 0, 1} of shape (E, out, in), scales (E,) fp32): W_q[e] = codes[e] · scales[e].
+
+        Always the 1.58-bit quantization (what the ONNX exporter packs), whatever the current width.
+        """
+        codes, scale = weight_codes(self.weight, TERNARY_BITS, self.eps)
+        return codes.to(torch.int8), scale
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in here: the autocast dtype when autocast is on, else x's dtype."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def bitlinears(model: nn.Module) -> Iterator[BitLinear | ExpertLinear]:
+    """Every quantization-aware linear inside `model`: BitLinear layers and stacked expert matrices."""
+    return (m for m in model.modules() if isinstance(m, (BitLinear, ExpertLinear)))
 
 
 def set_weight_bits(model: nn.Module, bits: float) -> None:
@@ -164,7 +487,7 @@ class BitSchedule:
         self.stages = stages
 
     @classmethod
-    def from_params(cls, params) -> BitSchedule:  # noqa: ANN001 - ModelParams (avoid a cycle in hints)
+    def from_params(cls, params) -> BitSchedule:
         """The schedule of ``ModelParams.bit_schedule``."""
         return cls(params.schedule_stages())
 

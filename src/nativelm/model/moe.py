@@ -3,17 +3,34 @@
 Routing follows ORT ``QMoE`` with ``normalize_routing_weights=1`` (DESIGN §4): softmax over
 ALL experts, take the top k, renormalise those k weights to sum to 1. An expert is ReGLU:
 ``down(relu(gate(x)) * up(x))``, so many hidden neurons of an active expert are exactly zero.
+
+The experts of a layer are stacked (:class:`~nativelm.model.bitlinear.ExpertLinear`: one
+(E, out, in) weight per projection, each expert's matrix with its own absmean scale, all quantized
+in one fused call per forward) and applied to all tokens at once: the N·k (token, slot)
+assignments are sorted by expert, gate and up are one grouped matmul over the expert groups
+(``torch._grouped_mm``; a zero-padded ``torch.bmm`` where that is unavailable), ReGLU and the
+routing weight one fused elementwise pass (down is linear, so weighting its input is weighting its
+output), down a second grouped matmul, and each token's k rows are summed back in slot order with
+fp32 accumulation. No host synchronisation and no atomics in the dispatch (gathers and reductions
+only: the same result run to run), a constant number of kernels whatever the number of experts.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nativelm.model.bitlinear import BitLinear
+from nativelm.model.bitlinear import (
+    BitLinear,
+    ExpertLinear,
+    compute_dtype,
+    fused_call,
+    quantize_weight_groups,
+)
 
 
 @dataclass
@@ -40,7 +57,10 @@ def load_balancing_loss(routing: Routing, n_experts: int) -> Tensor:
 
     1.0 for perfectly uniform routing, up to n_experts / k when routing collapses.
     """
-    counts = torch.bincount(routing.experts.reshape(-1), minlength=n_experts).float()
+    flat = routing.experts.reshape(-1)
+    # = bincount, without bincount's host sync on CUDA (adding ones in fp32 is exact)
+    ones = torch.ones(flat.shape, device=flat.device)
+    counts = torch.zeros(n_experts, device=flat.device).scatter_add_(0, flat, ones)
     f = counts / counts.sum()
     p = routing.probs.mean(0)
     return n_experts * (f * p).sum()
@@ -74,10 +94,16 @@ class ReGLU(nn.Module):
         self.up = BitLinear(d_model, hidden, **kw)
         self.down = BitLinear(hidden, d_model, **kw)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Output (N, d_model) and the number of exact zeros in the hidden activation (0-d)."""
-        h = F.relu(self.gate(x)) * self.up(x)
-        return self.down(h), (h.detach() == 0).sum()
+    def quant_groups(self) -> list[list[Tensor]]:
+        """Latent weights to quantize together (see ``Block``): gate, up, down; empty when not quantized."""
+        return [[self.gate.weight], [self.up.weight], [self.down.weight]] if self.gate.quantize else []
+
+    def forward(self, x: Tensor, weights: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Output (N, d_model) and the number of exact zeros in the hidden activation (0-d).
+        `weights`: the quantized gate, up, down weights when the caller computed them."""
+        wg, wu, wd = weights if weights else (None, None, None)
+        h = F.relu(self.gate(x, wg)) * self.up(x, wu)
+        return self.down(h, wd), (h.detach() == 0).sum()
 
 
 class DenseFFN(nn.Module):
@@ -88,14 +114,249 @@ class DenseFFN(nn.Module):
         self.hidden = hidden
         self.ffn = ReGLU(d_model, hidden, linear_kwargs)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def quant_groups(self) -> list[list[Tensor]]:
+        return self.ffn.quant_groups()
+
+    def forward(self, x: Tensor, weights: list[Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """x (B, T, d) -> (B, T, d), stats {neuron_sparsity}."""
-        y, zeros = self.ffn(x)
+        y, zeros = self.ffn(x, weights)
         return y, {"neuron_sparsity": zeros.float() / max(x.shape[:-1].numel() * self.hidden, 1)}
 
 
+# --------------------------------------------------------------------------- grouped expert matmuls
+
+GROUPED_BACKENDS = ("auto", "grouped_mm", "bmm")
+backend = "auto"
+"""How expert matmuls run: ``auto`` (``torch._grouped_mm`` where a one-time check on the device,
+dtype and shape passes, else ``bmm``), or forced ``grouped_mm`` / ``bmm`` (benchmarks)."""
+
+_GROUPED_MM_OK: dict[tuple, bool] = {}
+
+
+@dataclass
+class Dispatch:
+    """The N·k assignments of N tokens to top-k experts, sorted by expert (stable).
+
+    Row r of the sorted layout is assignment ``order[r]`` = (token ``order[r] // k``, slot
+    ``order[r] % k``) and belongs to expert ``row_experts[r]``; expert e owns rows
+    ``offsets[e] - counts[e] .. offsets[e] - 1``.
+    """
+
+    order: Tensor  # (M,) sorted row -> assignment index
+    tokens: Tensor  # (M,) sorted row -> token (order // k)
+    inverse: Tensor  # (M,) assignment index -> sorted row
+    row_experts: Tensor  # (M,) expert of each sorted row
+    counts: Tensor  # (E,) rows per expert (int64)
+    offsets: Tensor  # (E,) int32 cumulative row ends (the `offs` of torch._grouped_mm)
+
+    @classmethod
+    def from_experts(cls, experts: Tensor, n_experts: int) -> Dispatch:
+        """From the chosen experts (N, k); all on the device, no host synchronisation."""
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)
+        row_experts = flat.index_select(0, order)
+        ends = torch.searchsorted(row_experts, torch.arange(1, n_experts + 1, device=flat.device, dtype=flat.dtype))
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return cls(order, order // experts.shape[-1], inverse, row_experts, counts, ends.to(torch.int32))
+
+
+def _grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+
+
+def _padded_bmm(x: Tensor, w: Tensor, d: Dispatch) -> Tensor:
+    """Fallback: rows scattered into a zero-padded (E, C, in) batch (C = the largest group, one host
+    sync), one bmm against (E, in, out), rows gathered back."""
+    m = x.shape[0]
+    cap = int(d.counts.max()) if m else 0
+    starts = (d.offsets.long() - d.counts).index_select(0, d.row_experts)
+    slot = torch.arange(m, device=x.device) - starts
+    padded = x.new_zeros(w.shape[0], cap, x.shape[1]).index_put((d.row_experts, slot), x)
+    return torch.bmm(padded, w.transpose(-2, -1))[d.row_experts, slot]
+
+
+@torch.compiler.disable
+def _check_grouped_mm(device: torch.device, dtype: torch.dtype, n_in: int, n_out: int) -> bool:
+    """Whether torch._grouped_mm runs here (device, dtype, widths) and matches per-expert matmuls,
+    forward and backward, empty groups included (their weight gradient must be exactly zero)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        counts = [5, 0, 11]
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            x = torch.randn(sum(counts), n_in, generator=gen).to(device, dtype).requires_grad_()
+            w = torch.randn(len(counts), n_out, n_in, generator=gen).to(device, dtype).requires_grad_()
+            g = torch.randn(sum(counts), n_out, generator=gen).to(device, dtype)
+            offsets = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+            y = _grouped_mm(x, w, offsets)
+            gx, gw = torch.autograd.grad(y, (x, w), g)
+        xs, gs = x.detach().double().split(counts), g.double().split(counts)
+        wd = w.detach().double()
+        ref_y = torch.cat([a @ wd[e].T for e, a in enumerate(xs)])
+        ref_gx = torch.cat([b @ wd[e] for e, b in enumerate(gs)])
+        ref_gw = torch.stack([b.T @ a for a, b in zip(xs, gs)])
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+        def close(a: Tensor, b: Tensor) -> bool:
+            a = a.detach().double()
+            return bool(torch.isfinite(a).all()) and float((a - b).norm() / b.norm().clamp_min(1e-30)) < tol
+
+        return (tuple(y.shape) == (sum(counts), n_out) and close(y, ref_y) and close(gx, ref_gx)
+                and close(gw[0], ref_gw[0]) and close(gw[2], ref_gw[2]) and not bool(gw[1].any()))
+    except Exception:  # noqa: BLE001 - any failure means: not usable here
+        return False
+
+
+def grouped_backend(device: torch.device, dtype: torch.dtype, n_in: int, n_out: int) -> str:
+    """The backend expert matmuls of these widths use on `device` in `dtype` (checked once, cached)."""
+    if backend != "auto":
+        return backend
+    key = (device.type, device.index, dtype, n_in, n_out)
+    if key not in _GROUPED_MM_OK:
+        _GROUPED_MM_OK[key] = _check_grouped_mm(device, dtype, n_in, n_out)
+        if not _GROUPED_MM_OK[key]:
+            print(f"nativelm.model.moe: torch._grouped_mm unusable for {dtype} {n_in}->{n_out} on {device}; "
+                  "experts use a padded bmm (one host sync per matmul)", file=sys.stderr, flush=True)
+    return "grouped_mm" if _GROUPED_MM_OK[key] else "bmm"
+
+
+@torch.compiler.disable
+def grouped_linear(x: Tensor, w: Tensor, d: Dispatch) -> Tensor:
+    """Rows x (M, in) grouped by expert -> (M, out): row r times ``w[row_experts[r]].T``; w (E, out, in).
+
+    Always eager, also inside a model-wide torch.compile (a graph break): compiled, PyTorch 2.11 lays
+    the weight-gradient grouped matmul out so that expert groups must be multiples of 8 rows and
+    stops on a device-side assert otherwise; eagerly any group size works."""
+    if grouped_backend(x.device, x.dtype, w.shape[-1], w.shape[-2]) == "grouped_mm":
+        return _grouped_mm(x, w, d.offsets)
+    return _padded_bmm(x, w, d)
+
+
+class _GatherRows(torch.autograd.Function):
+    """rows[r] = x[token of sorted row r] (in `dtype`): every token k times, grouped by expert.
+
+    Backward: each token's gradient is the sum of its k rows' gradients, gathered and reduced in
+    fp32 (no atomics: deterministic)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tokens: Tensor, inverse: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k, ctx.x_dtype = k, x.dtype
+        return x.to(dtype).index_select(0, tokens)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1, dtype=torch.float32)
+        return g.to(ctx.x_dtype), None, None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """out[token] = sum of the token's k rows of y (sorted by expert), in slot order, accumulated in
+    fp32 and returned in `dtype`. Backward: each row gets its token's gradient (a gather)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, tokens: Tensor, inverse: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(tokens)
+        ctx.y_dtype = y.dtype
+        out = y.index_select(0, inverse).view(-1, k, y.shape[-1]).sum(1, dtype=torch.float32)
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        (tokens,) = ctx.saved_tensors
+        return grad.to(ctx.y_dtype).index_select(0, tokens), None, None, None, None
+
+
+def _reglu_weighted(gu: Tensor, row_weights: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
+    """relu(gate) · up · routing weight of rows gu = [gate | up] (M, 2·hidden), and the number of exact
+    zeros of relu(gate) · up (before the weight)."""
+    g, u = gu[:, :hidden], gu[:, hidden:]
+    h = F.relu(g) * u
+    zeros = (h.detach() == 0).sum()
+    return h * row_weights.to(h.dtype)[:, None], zeros
+
+
+# --------------------------------------------------------------------------- the MoE layer
+
+
+class Experts(nn.Module):
+    """n_experts ReGLU experts ``down(relu(gate(x)) * up(x))`` as three stacked ExpertLinear
+    (gate, up: (E, hidden, d_model); down: (E, d_model, hidden))."""
+
+    def __init__(self, d_model: int, n_experts: int, hidden: int, linear_kwargs: dict | None = None) -> None:
+        super().__init__()
+        kw = linear_kwargs or {}
+        self.n_experts, self.hidden = n_experts, hidden
+        self.gate = ExpertLinear(n_experts, d_model, hidden, **kw)
+        self.up = ExpertLinear(n_experts, d_model, hidden, **kw)
+        self.down = ExpertLinear(n_experts, hidden, d_model, **kw)
+
+    @property
+    def weight_only(self) -> bool:
+        """True when the experts quantize only their weights (qmoe) or nothing (fp): no norm, fp activations."""
+        return self.gate.norm_weights is None and self.gate.act_bits is None
+
+    def quant_groups(self) -> list[list[Tensor]]:
+        """Latent weights to quantize together: weight-only experts (gate, up concatenated), down;
+        BitLinear experts gate, up, down; empty when not quantized."""
+        if not self.gate.quantize:
+            return []
+        if self.weight_only:
+            return [[self.gate.weight, self.up.weight], [self.down.weight]]
+        return [[self.gate.weight], [self.up.weight], [self.down.weight]]
+
+    def quantized_weights(self, dtype: torch.dtype) -> list[Tensor]:
+        """What `forward` multiplies by, in `dtype`, in the layout of `quant_groups` (fp: the same
+        layout, plain casts): weight-only (gate|up (E, 2·hidden, d_model), down); else (gate, up, down)."""
+        if not self.gate.quantize:
+            g, u, d = (lin.weight.to(dtype) for lin in (self.gate, self.up, self.down))
+            return [torch.cat((g, u), dim=1), d] if self.weight_only else [g, u, d]
+        return quantize_weight_groups(self.quant_groups(), self.gate.weight_bits, self.gate.eps, dtype)
+
+    def forward(self, x: Tensor, d: Dispatch, row_weights: Tensor,
+                weights: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Rows x (M, d_model) sorted by expert -> each row's expert output times its routing weight
+        `row_weights` (M,), (M, d_model) in the matmul dtype; and the number of exact zeros of the
+        hidden activation (0-d). `weights`: `quantized_weights` when the caller computed them."""
+        dtype = compute_dtype(x)
+        if weights is None:
+            weights = self.quantized_weights(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if self.weight_only:
+                # qmoe / fp: gate and up read the same input: one matmul for both, then ReGLU and the
+                # routing weight in one fused pass (down is linear: weighting its (M, hidden) input is
+                # weighting its output, on half the elements)
+                w_gu, w_down = weights
+                gu = grouped_linear(x.to(dtype), w_gu, d)
+                h, zeros = fused_call(_reglu_weighted, gu.is_cuda, gu, row_weights, self.hidden)
+                return grouped_linear(h, w_down, d), zeros
+            w_gate, w_up, w_down = weights
+            g = grouped_linear(self.gate.prepare_input(x, d.row_experts).to(dtype), w_gate, d)
+            u = grouped_linear(self.up.prepare_input(x, d.row_experts).to(dtype), w_up, d)
+            h = F.relu(g) * u
+            zeros = (h.detach() == 0).sum()
+            # a BitLinear down normalises its input per row, which would cancel a weight applied before it
+            y = grouped_linear(self.down.prepare_input(h, d.row_experts).to(dtype), w_down, d)
+            return y * row_weights.to(dtype)[:, None], zeros
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints of the per-expert layout (``{e}.gate.weight``, ``{e}.gate.norm.weight``, ...)
+        for name in ("gate", "up", "down"):
+            old = [f"{prefix}{e}.{name}.weight" for e in range(self.n_experts)]
+            if all(k in state_dict for k in old):
+                state_dict[f"{prefix}{name}.weight"] = torch.stack([state_dict.pop(k) for k in old])
+            for e in range(self.n_experts):
+                key = f"{prefix}{e}.{name}.norm.weight"
+                if key in state_dict:
+                    state_dict[f"{prefix}{name}.norm_weights.{e}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class MoE(nn.Module):
-    """n_experts small ReGLU experts, top-k routed; tokens dispatched per expert (gather / index_add)."""
+    """n_experts small ReGLU experts, top-k routed; all experts applied at once by grouped matmuls."""
 
     def __init__(
         self, d_model: int, n_experts: int, expert_ffn: int, top_k: int, linear_kwargs: dict | None = None
@@ -103,38 +364,48 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.expert_ffn, self.top_k = n_experts, expert_ffn, top_k
         self.router = Router(d_model, n_experts)
-        self.experts = nn.ModuleList(ReGLU(d_model, expert_ffn, linear_kwargs) for _ in range(n_experts))
+        self.experts = Experts(d_model, n_experts, expert_ffn, linear_kwargs)
 
-    def forward(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Routing, dict[str, Tensor]]:
-        """x (B, T, d) and router logits (B, T, E) (from wherever the router read) -> output, routing, stats."""
+    def expert_params(self) -> int:
+        """Parameters of one expert (gate, up, down matrices and, for BitLinear experts, their norm gains)."""
+        return sum(p.numel() for p in self.experts.parameters()) // self.n_experts
+
+    @torch.no_grad()
+    def ternary_experts(self) -> dict[str, Tensor]:
+        """What the exporter packs: ``{gate, up, down}`` int8 codes in {-1, 0, 1}, (E, out, in) each
+        ((E, expert_ffn, d_model) for gate and up, (E, d_model, expert_ffn) for down), and
+        ``{gate, up, down}_scale`` fp32 (E,): expert e's matrix is ``codes[e] · scale[e]``."""
+        out: dict[str, Tensor] = {}
+        for name in ("gate", "up", "down"):
+            codes, scale = getattr(self.experts, name).ternary_weight()
+            out[name], out[f"{name}_scale"] = codes, scale
+        return out
+
+    def quant_groups(self) -> list[list[Tensor]]:
+        return self.experts.quant_groups()
+
+    def forward(self, x: Tensor, logits: Tensor,
+                weights: list[Tensor] | None = None) -> tuple[Tensor, Routing, dict[str, Tensor]]:
+        """x (B, T, d) and router logits (B, T, E) (from wherever the router read) -> output, routing, stats.
+        `weights`: the experts' `quantized_weights` when the caller computed them."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = route(logits.reshape(-1, self.n_experts), self.top_k)
         n, k = routing.experts.shape
+        d = Dispatch.from_experts(routing.experts, self.n_experts)
 
-        flat_experts = routing.experts.reshape(-1)  # (N·k,) assignment a -> token a // k
-        order = flat_experts.argsort(stable=True)
-        tokens = order // k
-        weights = routing.weights.reshape(-1)[order]
-        counts = torch.bincount(flat_experts, minlength=self.n_experts)
-
-        out = torch.zeros_like(flat)
-        zeros = flat.new_zeros((), dtype=torch.long)
-        start = 0
-        for e, c in enumerate(counts.tolist()):  # one host sync; experts without tokens are skipped
-            if c == 0:
-                continue
-            idx = tokens[start : start + c]
-            y, z = self.experts[e](flat.index_select(0, idx))
-            out.index_add_(0, idx, (y * weights[start : start + c, None].to(y.dtype)).to(out.dtype))
-            zeros = zeros + z
-            start += c
+        # every token repeated k times and sorted by expert; weight-only experts read it in the matmul
+        # dtype (cast once, before the copy), BitLinear experts normalise it first, in its own precision
+        dtype = compute_dtype(flat) if self.experts.weight_only else flat.dtype
+        rows = _GatherRows.apply(flat, d.tokens, d.inverse, k, dtype)
+        y, zeros = self.experts(rows, d, routing.weights.reshape(-1).index_select(0, d.order), weights)
+        out = _CombineRows.apply(y, d.tokens, d.inverse, k, flat.dtype)
 
         with torch.no_grad():
             p = routing.probs
             stats = {
                 "router_prob_mean": p.mean(0),
-                "expert_counts": counts.float(),
+                "expert_counts": d.counts.float(),
                 "router_entropy": -(p * p.clamp_min(1e-12).log()).sum(-1).mean(),
                 "neuron_sparsity": zeros.float() / max(n * k * self.expert_ffn, 1),
             }

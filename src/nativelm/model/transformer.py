@@ -7,8 +7,9 @@ One block, with pre-attention routing (SmallThinker):
     x      = x + attention(h)
     x      = x + moe(ffn_norm(x), logits)
 
-Embeddings and the LM head are plain (higher-precision) nn.Embedding / nn.Linear, optionally
-tied. ``forward`` returns a :class:`ModelOutput` with the loss and cheap detached statistics.
+Each block quantizes all its weights (attention and experts) in one fused call per forward and
+hands them to its layers. Embeddings and the LM head are plain (higher-precision) nn.Embedding /
+nn.Linear, optionally tied. ``forward`` returns a :class:`ModelOutput` with the loss and cheap detached statistics.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nativelm.model.attention import Attention
-from nativelm.model.bitlinear import RMSNorm, set_weight_bits
+from nativelm.model.bitlinear import (
+    BitLinear,
+    ExpertLinear,
+    RMSNorm,
+    compute_dtype,
+    quantize_weight_groups,
+    set_weight_bits,
+)
 from nativelm.model.moe import DenseFFN, MoE, load_balancing_loss, z_loss
 from nativelm.model.params import ModelParams
 
@@ -69,20 +77,32 @@ class Block(nn.Module):
             self.ffn: MoE | DenseFFN = MoE(p.d_model, p.n_experts, p.expert_ffn, p.top_k, expert_kw)
         else:
             self.ffn = DenseFFN(p.d_model, p.dense_ffn, linear_kw)
+        self._quantized = [m for m in self.modules() if isinstance(m, (BitLinear, ExpertLinear)) and m.quantize]
+
+    def quantized_weights(self, dtype: torch.dtype) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+        """The quantized weights of the attention and the FFN, all in one fused call (None for a part
+        that is not quantized, or when the parts' widths differ: each part then quantizes its own)."""
+        layers = self._quantized
+        if not layers or len({(m.weight_bits, m.eps) for m in layers}) != 1:
+            return None, None
+        attn, ffn = self.attn.quant_groups(), self.ffn.quant_groups()
+        out = quantize_weight_groups(attn + ffn, layers[0].weight_bits, layers[0].eps, dtype)
+        return (out[: len(attn)] or None), (out[len(attn):] or None)
 
     def forward(self, x: Tensor, offset: int = 0) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor | None]:
         """x (B, T, d) -> (x, stats, lb_loss, z_loss); the losses are None for a dense FFN."""
+        w_attn, w_ffn = self.quantized_weights(compute_dtype(x))
         h = self.attn_norm(x)
         moe = isinstance(self.ffn, MoE)
         logits = self.ffn.router(h) if (moe and self.pre_attention_routing) else None
-        x = x + self.attn(h, offset)
+        x = x + self.attn(h, offset, w_attn)
         h = self.ffn_norm(x)
         if not moe:
-            y, stats = self.ffn(h)
+            y, stats = self.ffn(h, w_ffn)
             return x + y, stats, None, None
         if logits is None:
             logits = self.ffn.router(h)
-        y, routing, stats = self.ffn(h, logits)
+        y, routing, stats = self.ffn(h, logits, w_ffn)
         return x + y, stats, load_balancing_loss(routing, self.ffn.n_experts), z_loss(routing)
 
 
@@ -168,7 +188,7 @@ class NativeLM(nn.Module):
         total = self.num_params(non_embedding)
         if p.ffn != "moe":
             return total
-        per_expert = sum(x.numel() for x in self.blocks[0].ffn.experts[0].parameters())
+        per_expert = self.blocks[0].ffn.expert_params()
         return total - p.n_layers * (p.n_experts - p.top_k) * per_expert
 
     @property

@@ -91,11 +91,17 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+# parameter layout of NativeLM; bump when parameters are re-shaped (e.g. experts stacked [E, out, in])
+# so a checkpoint of the old layout starts a fresh run instead of failing to load its optimizer state
+MODEL_LAYOUT = 2
+
+
 def fingerprint(cfg: ResolvedTrain, model_params: ModelParams, seed: int, world_size: int,
                 vocab_size: int, manifest: dict[str, Any], precision: str) -> str:
     """Hash of everything that shapes the trajectory: a checkpoint resumes only a run with the same one."""
     shards = {k: v for k, v in manifest.get("sha256", {}).items() if k.startswith("train_") or k == "tokenizer.json"}
     tree = {"train": {k: getattr(cfg, k) for k in _TRAJECTORY_FIELDS}, "model": model_params.model_dump(mode="json"),
+            "layout": MODEL_LAYOUT,
             "seed": seed, "world_size": world_size, "vocab_size": vocab_size, "data": shards, "precision": precision}
     return params_hash(tree)
 

@@ -1,0 +1,303 @@
+"""The `export` stage: trained model -> ONNX folder for boards, checked against PyTorch.
+
+Reads ``train.model_file`` (the model) and ``data.out_dir`` (tokenizer + validation shards) and
+writes, as a whole (a failed check leaves the previous export untouched), ``export.out_dir``:
+
+- ``model.onnx``: the decoder (`graph.build_graph`); weights inside the file below 2 GB, else in
+  ``model.onnx.data`` beside it;
+- ``tokenizer.json``: copied from the prepared data;
+- ``genai_config.json``: the onnxruntime-genai configuration (decoder, context length, heads,
+  input/output names, eos id 0, greedy search defaults);
+- ``manifest.json``: variant, sizes, bits per weight, kernel paths, parity figures, golden
+  continuations of fixed prompts (board health checks) and the sha256 of every other file;
+
+and ``export.metrics_file`` (a DVC metrics file). The export parameters come from the `export`
+argument, else ``params.export`` when the params file has that section, else the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from nativelm.errors import NativelmError
+from nativelm.export.params import ExportParams
+from nativelm.fsutil import atomic_dir, atomic_write_text, sha256_file
+
+if TYPE_CHECKING:
+    from nativelm.config import Params
+    from nativelm.export.graph import ExportGraph
+    from nativelm.model import NativeLM
+    from nativelm.tracking.runs import RunLogger
+
+FORMAT = "nativelm-onnx-export"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA = "model.onnx.data"
+TOKENIZER_FILE = "tokenizer.json"
+GENAI_CONFIG = "genai_config.json"
+MANIFEST = "manifest.json"
+EOS_TOKEN_ID = 0  # <|endoftext|> (nativelm.data.tokenizer.EOT_ID)
+MAX_INLINE_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB: keep a margin for the graph itself
+
+
+@dataclass
+class ExportResult:
+    """What `run_export` produced."""
+
+    out_dir: Path
+    model_path: Path
+    manifest: dict[str, Any]
+    metrics: dict[str, Any]
+    metrics_file: Path
+
+
+def _note(message: str) -> None:
+    print(f"export: {message}", file=sys.stderr, flush=True)
+
+
+def export_params(params: Params, export: ExportParams | None = None) -> ExportParams:
+    """The export section: `export` if given, else `params.export` if the params have one, else defaults."""
+    if export is not None:
+        return export
+    section = getattr(params, "export", None)
+    return section if isinstance(section, ExportParams) else ExportParams()
+
+
+def genai_config(model: NativeLM, context_length: int | None = None) -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json for the exported decoder (greedy search by default)."""
+    from nativelm.export.graph import (
+        ATTENTION_MASK,
+        INPUT_IDS,
+        LOGITS,
+        PAST_KEY,
+        PAST_VALUE,
+        PRESENT_KEY,
+        PRESENT_VALUE,
+    )
+
+    p = model.params
+    context = int(context_length or p.max_seq_len)
+    return {
+        "model": {
+            "bos_token_id": EOS_TOKEN_ID,
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": p.head_dim,
+                "hidden_size": p.d_model,
+                "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK,
+                           "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE},
+                "outputs": {"logits": LOGITS, "present_key_names": PRESENT_KEY, "present_value_names": PRESENT_VALUE},
+                "num_attention_heads": p.n_heads,
+                "num_hidden_layers": p.n_layers,
+                "num_key_value_heads": p.n_kv_heads,
+            },
+            "eos_token_id": EOS_TOKEN_ID,
+            "pad_token_id": EOS_TOKEN_ID,
+            "type": "decoder",
+            "vocab_size": int(model.vocab_size),
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+
+
+def weight_report(graph: ExportGraph, model: NativeLM, model_bytes: int) -> dict[str, Any]:
+    """Bytes and bits per weight, for the whole file and per part (a tied matrix counts in both of its uses)."""
+    sizes = graph.part_bytes()
+    parts = {}
+    for part, n in sorted(graph.part_params.items()):
+        stored = sizes.get(part, 0)
+        parts[part] = {"params": n, "bytes": stored, "bits_per_weight": 8.0 * stored / n if n else None}
+    non_embedding = [p for p in graph.part_params if p not in ("embedding", "lm_head")]
+    ne_params = sum(graph.part_params[p] for p in non_embedding)
+    ne_bytes = sum(sizes.get(p, 0) for p in non_embedding)
+    total = model.num_params()
+    return {"params": total, "non_embedding_params": ne_params,
+            "bits_per_weight": 8.0 * model_bytes / total,
+            "bits_per_weight_non_embedding": 8.0 * ne_bytes / ne_params if ne_params else None,
+            "overhead_bytes": {k: v for k, v in sizes.items() if k not in graph.part_params}, "parts": parts}
+
+
+def _save_model(graph: ExportGraph, folder: Path) -> list[str]:
+    """Write model.onnx (weights inline below ~1.8 GB, else in model.onnx.data); the files written.
+
+    Saving with external data moves the weights out of `graph.model` (onnx does it in place).
+    """
+    import onnx
+
+    path = folder / MODEL_FILE
+    if sum(graph.part_bytes().values()) < MAX_INLINE_BYTES:
+        onnx.checker.check_model(graph.model)
+        onnx.save_model(graph.model, path)
+        return [MODEL_FILE]
+    onnx.save_model(graph.model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA, size_threshold=1024)
+    return [MODEL_FILE, EXTERNAL_DATA]
+
+
+def _check_tokenizer(data_dir: Path, info: dict[str, Any], vocab_size: int) -> Path:
+    from nativelm.data.shards import read_manifest
+
+    manifest = read_manifest(data_dir)
+    path = data_dir / TOKENIZER_FILE
+    if not path.is_file():
+        raise NativelmError(f"{path}: not found (run `nativelm prepare` first)")
+    expected = info.get("tokenizer_sha256")
+    if expected and manifest.get("sha256", {}).get(TOKENIZER_FILE) != expected:
+        raise NativelmError(f"{path}: not the tokenizer the model was trained with (sha256 differs from the model "
+                            "file's tokenizer_sha256); run prepare and train again, or point data.out_dir at the "
+                            "prepared data of this model")
+    if int(manifest.get("vocab_size", vocab_size)) > vocab_size:
+        raise NativelmError(f"{path}: vocabulary of {manifest['vocab_size']} tokens exceeds the model's {vocab_size}")
+    return path
+
+
+def run_export(params: Params, export: ExportParams | None = None,
+               logger: RunLogger | None = None) -> ExportResult:
+    """Export `train.model_file` as `export.variant` into `export.out_dir`; see the module docstring.
+
+    A parity failure (or any other error) raises NativelmError and leaves the previous export as it was.
+    """
+    import onnx
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    from nativelm import __version__
+    from nativelm.data.shards import load_shards
+    from nativelm.export import parity
+    from nativelm.export.graph import build_graph
+    from nativelm.train.stage import load_trained_model
+
+    started = time.perf_counter()
+    ep = export_params(params, export)
+    model_file = Path(params.train.model_file)
+    data_dir = Path(params.data.out_dir)
+    out_dir, metrics_file = Path(ep.out_dir), Path(ep.metrics_file)
+
+    model, info = load_trained_model(model_file)
+    tokenizer_path = _check_tokenizer(data_dir, info, model.vocab_size)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    val = load_shards(data_dir, "val")
+    p = model.params
+    if ep.golden_tokens >= p.max_seq_len:
+        raise NativelmError(f"export.golden_tokens ({ep.golden_tokens}) must be below model.max_seq_len "
+                            f"({p.max_seq_len})")
+    windows = parity.validation_windows(val, ep.parity_tokens, p.max_seq_len)
+
+    _note(f"building the {ep.variant} graph of {model_file} ({p.n_layers} layers, d_model {p.d_model}, "
+          f"vocab {model.vocab_size})")
+    graph = build_graph(model, ep)
+    for line in graph.notes:
+        _note(line)
+
+    with atomic_dir(out_dir) as folder:
+        files = _save_model(graph, folder)
+        shutil.copyfile(tokenizer_path, folder / TOKENIZER_FILE)
+        (folder / GENAI_CONFIG).write_text(json.dumps(genai_config(model), indent=2) + "\n", encoding="utf-8")
+        files += [TOKENIZER_FILE, GENAI_CONFIG]
+        if EXTERNAL_DATA in files:  # the checker reads the external weights from the path
+            onnx.checker.check_model(str(folder / MODEL_FILE))
+
+        decoder = parity.OnnxDecoder(folder / MODEL_FILE, ep.threads)
+        probe = windows[0][None, : min(8, windows.shape[1])]
+        feeds = {"input_ids": probe, "attention_mask": np.ones_like(probe), **decoder.empty_past()}
+        kernels = parity.kernel_paths(graph.model, folder / MODEL_FILE, graph.quantized_nodes, feeds)
+        if not kernels["all_prepacked"]:
+            _note(f"quantized nodes on a slow kernel: {', '.join(kernels['slow_nodes'] + kernels['not_profiled'])}")
+
+        _note(f"parity on {windows.size} validation tokens ({windows.shape[0]} x {windows.shape[1]})")
+        held_out = parity.held_out_parity(model, decoder, windows)
+        prompt = windows[0][: min(16, p.max_seq_len // 2)].tolist()
+        cache = parity.cache_consistency(decoder, prompt, min(ep.cache_check_tokens, p.max_seq_len - len(prompt)))
+        figures = {"held_out": held_out, "kv_cache": cache,
+                   "thresholds": {"min_top1_agreement": ep.min_top1_agreement,
+                                  "max_ppl_rel_diff": ep.max_ppl_rel_diff,
+                                  "max_cache_logit_rel_diff": ep.max_cache_logit_rel_diff}}
+        _note(f"top-1 agreement {held_out['top1_agreement']:.4f}, perplexity ONNX {held_out['ppl_onnx']:.3f} vs "
+              f"PyTorch {held_out['ppl_torch']:.3f} (relative difference {held_out['ppl_rel_diff']:.2e}); "
+              f"KV cache {'matches' if cache['match'] else 'DIFFERS from'} full recomputation")
+        parity.check_thresholds(figures, ep)
+        figures["passed"] = True
+
+        golden = parity.golden_continuations(decoder, tokenizer, ep.golden_prompts, ep.golden_tokens,
+                                             p.max_seq_len, model)
+        del decoder
+
+        sizes = {name: (folder / name).stat().st_size for name in files}
+        model_bytes = sum(sizes[n] for n in files if n in (MODEL_FILE, EXTERNAL_DATA))
+        weights = weight_report(graph, model, model_bytes)
+        ops_used = Counter(f"{n.domain or 'ai.onnx'}:{n.op_type}" for n in graph.model.graph.node)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "variant": ep.variant,
+            "nativelm_version": __version__,
+            "onnxruntime_version": onnxruntime.__version__,
+            "onnx_version": onnx.__version__,
+            "opsets": {o.domain or "ai.onnx": o.version for o in graph.model.opset_import},
+            "source": {"model_file": str(model_file), "model_sha256": sha256_file(model_file),
+                       **{k: info[k] for k in ("step", "weight_bits", "train_fingerprint", "tokenizer_sha256",
+                                               "val_loss") if k in info}},
+            "model": {**p.model_dump(mode="json"), "vocab_size": int(model.vocab_size),
+                      "num_params": model.num_params(), "active_params": model.active_params(),
+                      "context_length": p.max_seq_len, "eos_token_id": EOS_TOKEN_ID},
+            "io": graph.io,
+            "export_params": ep.model_dump(mode="json"),
+            "graph": {"choices": graph.choices, "notes": graph.notes, "ops": dict(sorted(ops_used.items())),
+                      "quantized_nodes": len(graph.quantized_nodes)},
+            "kernels": kernels,
+            "sizes": {"files": sizes, "model_bytes": model_bytes, "total_bytes": sum(sizes.values())},
+            "weights": weights,
+            "parity": figures,
+            "golden": {"greedy": True, "kv_cache": True, "max_new_tokens": ep.golden_tokens, "stop_at_eos": False,
+                       "eos_token_id": EOS_TOKEN_ID, "prompts": golden},
+            "sha256": {name: sha256_file(folder / name) for name in sorted(files)},
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    agreement = [g["torch_common_prefix"] / ep.golden_tokens for g in golden]
+    metrics = {
+        "variant": ep.variant,
+        "model_bytes": model_bytes,
+        "total_bytes": manifest["sizes"]["total_bytes"],
+        "bits_per_weight": weights["bits_per_weight"],
+        "bits_per_weight_non_embedding": weights["bits_per_weight_non_embedding"],
+        "top1_agreement": held_out["top1_agreement"],
+        "ppl_onnx": held_out["ppl_onnx"],
+        "ppl_torch": held_out["ppl_torch"],
+        "ppl_rel_diff": held_out["ppl_rel_diff"],
+        "max_abs_logit_diff": held_out["max_abs_logit_diff"],
+        "parity_tokens": held_out["tokens"],
+        "kv_cache_match": int(cache["match"]),
+        "kv_cache_max_rel_logit_diff": cache["max_rel_logit_diff"],
+        "all_prepacked": int(kernels["all_prepacked"]),
+        "quantized_nodes": len(graph.quantized_nodes),
+        "golden_torch_prefix_share": float(np.mean(agreement)),
+        "export_time_s": time.perf_counter() - started,
+    }
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if logger is not None:
+        logger.log_params({"export": ep.model_dump(mode="json")})
+        logger.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        logger.log_artifact(out_dir / MANIFEST)
+        logger.log_artifact(out_dir / GENAI_CONFIG)
+        logger.log_artifact(metrics_file)
+    _note(f"done: {out_dir / MODEL_FILE} ({model_bytes:,} bytes, {weights['bits_per_weight']:.2f} bits per weight); "
+          f"metrics in {metrics_file}")
+    return ExportResult(out_dir, out_dir / MODEL_FILE, manifest, metrics, metrics_file)
