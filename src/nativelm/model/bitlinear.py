@@ -303,7 +303,29 @@ def quantize_weight_groups(groups: list[list[Tensor]], bits: float, eps: float, 
     return fused_call(_quantize_weight_groups, groups[0][0].is_cuda, groups, bits, eps, dtype)
 
 
-class BitLinear(nn.Module):
+class _WeightCodes:
+    """Integer codes of a quantized weight, shared by BitLinear (out, in) and ExpertLinear (E, out, in)."""
+
+    weight: Tensor
+    weight_bits: float
+    eps: float
+
+    def weight_codes(self) -> tuple[Tensor, Tensor]:
+        """Codes (int8 for <= 8 bits, else int16) and fp32 scale(s) at the current width:
+        W_q = codes · scale, one scale per matrix (per expert for stacked experts)."""
+        codes, scale = weight_codes(self.weight, self.weight_bits, self.eps)
+        return codes.to(torch.int8 if levels(self.weight_bits) <= 127 else torch.int16), scale
+
+    def ternary_weight(self) -> tuple[Tensor, Tensor]:
+        """Codes int8 in {-1, 0, 1} (the weight's shape) and fp32 scale(s): W_q = codes · scale.
+
+        Always the 1.58-bit quantization (what the ONNX exporter packs), whatever the current width.
+        """
+        codes, scale = weight_codes(self.weight, TERNARY_BITS, self.eps)
+        return codes.to(torch.int8), scale
+
+
+class BitLinear(_WeightCodes, nn.Module):
     """Linear layer with latent fp32 weights trained through ternary (or b-bit) quantization.
 
     quantize=False: plain ``nn.Linear`` behaviour (no norm, no quantizer): the fp baseline.
@@ -364,21 +386,8 @@ class BitLinear(nn.Module):
             return self.weight.to(dtype)
         return quantize_weight(self.weight, self.weight_bits, self.eps, dtype)
 
-    def weight_codes(self) -> tuple[Tensor, Tensor]:
-        """Codes (int8 for <= 8 bits, else int16) and fp32 scale at the current width."""
-        codes, scale = weight_codes(self.weight, self.weight_bits, self.eps)
-        return codes.to(torch.int8 if levels(self.weight_bits) <= 127 else torch.int16), scale
 
-    def ternary_weight(self) -> tuple[Tensor, Tensor]:
-        """(codes int8 in {-1, 0, 1} of shape (out, in), scale: 0-d fp32): W_q = codes · scale.
-
-        Always the 1.58-bit quantization (what the ONNX exporter packs), whatever the current width.
-        """
-        codes, scale = weight_codes(self.weight, TERNARY_BITS, self.eps)
-        return codes.to(torch.int8), scale
-
-
-class ExpertLinear(nn.Module):
+class ExpertLinear(_WeightCodes, nn.Module):
     """`n_experts` BitLinear maps in_features -> out_features, stacked: one (E, out, in) latent weight.
 
     Expert e computes exactly what ``BitLinear(in_features, out_features, ...)`` with weight
@@ -434,19 +443,6 @@ class ExpertLinear(nn.Module):
         if self.act_bits is not None:
             x = quantize_activation(x, self.act_bits, self.eps)
         return x
-
-    def weight_codes(self) -> tuple[Tensor, Tensor]:
-        """Codes (E, out, in) (int8 for <= 8 bits, else int16) and fp32 scales (E,) at the current width."""
-        codes, scale = weight_codes(self.weight, self.weight_bits, self.eps)
-        return codes.to(torch.int8 if levels(self.weight_bits) <= 127 else torch.int16), scale
-
-    def ternary_weight(self) -> tuple[Tensor, Tensor]:
-        """(codes int8 in {-1, 0, 1} of shape (E, out, in), scales (E,) fp32): W_q[e] = codes[e] · scales[e].
-
-        Always the 1.58-bit quantization (what the ONNX exporter packs), whatever the current width.
-        """
-        codes, scale = weight_codes(self.weight, TERNARY_BITS, self.eps)
-        return codes.to(torch.int8), scale
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
