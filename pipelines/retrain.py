@@ -1,4 +1,4 @@
-"""Prefect flow `retrain`: corpus -> tokenizer + shards -> trained model -> quantized ONNX, through DVC.
+"""Prefect flow `retrain`: corpus -> tokenizer + shards -> trained model -> quantized ONNX -> release, through DVC.
 
 Thin on purpose: each stage is a `nativelm` command run by `dvc repro` (an unchanged stage is
 skipped), and the MLflow conventions (one parent run, nested stage runs) live in
@@ -25,7 +25,7 @@ def repro_stage(run: PipelineRun, stage: str, metrics_file: str) -> str:
 
 @flow(name="retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
-    """Prepare, train and export under one MLflow pipeline run; return what happened."""
+    """Prepare, train, export and evaluate under one MLflow pipeline run; return what happened."""
     root = Path(project_dir).resolve()
     params = load_params(root / params_path)
     with pipeline_run(params, "retrain", root) as run:
@@ -33,6 +33,7 @@ def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
         run.tag_data_hash("prepare", params.data.out_dir)
         print(f"stage train: {repro_stage(run, 'train', params.train.metrics_file)}")
         print(f"stage export: {repro_stage(run, 'export', params.export.metrics_file)}")
+        print(f"stage evaluate: {repro_stage(run, 'evaluate', params.evaluate.metrics_file)}")
         return run.summary()
 
 

@@ -51,6 +51,9 @@ TINY_TEST_TRAIN = {"seq_len": 32, "batch_size": 4, "max_steps": 6, "warmup_steps
 # a 6-step model has near-tied logits everywhere: parity thresholds are the export tests' business
 TINY_TEST_EXPORT = {"min_top1_agreement": 0.5, "max_ppl_rel_diff": 0.05, "parity_tokens": 64,
                     "cache_check_tokens": 8, "golden_tokens": 4, "golden_prompts": ["The king"]}
+# a short benchmark on few validation tokens: the stage's wiring, not the figures, is tested
+TINY_TEST_EVALUATE = {"bench_prompt_len": 8, "bench_new_tokens": 4, "bench_repeats": 1, "ppl_tokens": 128,
+                      "threads": 1}
 
 
 def make_project(root: Path, overrides: dict | None = None) -> Path:
@@ -61,7 +64,7 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
     (root / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
     shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
-    for package in ("data", "model", "train", "export"):  # the DVC stages' code dependencies
+    for package in ("data", "model", "train", "export", "evaluate", "runtime"):  # the DVC stages' code dependencies
         shutil.copytree(REPO / "src" / "nativelm" / package, root / "src" / "nativelm" / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -72,6 +75,7 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
     params["model"].update(TINY_TEST_MODEL)
     params["train"].update(TINY_TEST_TRAIN)
     params["export"].update(TINY_TEST_EXPORT)
+    params["evaluate"].update(TINY_TEST_EVALUATE)
     for dotted, value in (overrides or {}).items():
         node = params
         *parents, leaf = dotted.split(".")

@@ -75,6 +75,62 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """export folder -> ONNX perplexity, CPU speed, release folder, registered version (DVC stage `evaluate`)."""
+    params = _params(args)
+    from nativelm.evaluate.stage import run_evaluate
+    from nativelm.tracking.runs import stage_run
+
+    with stage_run(params, "evaluate", {"evaluate": params.evaluate.model_dump(mode="json")}) as run:
+        result = run_evaluate(params, logger=run)
+    for key in ("ppl_onnx", "top1_agreement", "model_bytes", "bits_per_weight", "prefill_tokens_per_s",
+                "decode_tokens_per_s", "time_to_first_token_ms", "inter_token_latency_p50_ms",
+                "inter_token_latency_p95_ms", "peak_rss_mb"):
+        if key in result.metrics:
+            print(f"{key}: {result.metrics[key]:.6g}")
+    if result.model_version is not None:
+        print(f"model_version: {params.evaluate.registered_model} {result.model_version}")
+    print(f"release: {result.release_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt with an export folder, through the board runtime."""
+    from nativelm import runtime
+
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = _params(args).export.out_dir
+    try:
+        sampling = runtime.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    seed=args.seed)
+        model = runtime.load_model(model_dir, threads=args.threads)
+        if args.stream:
+            for piece in runtime.stream(model, args.prompt, args.max_new_tokens, sampling):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            print(runtime.generate(model, args.prompt, args.max_new_tokens, sampling).text)
+    except runtime.RuntimeFailure as exc:
+        raise NativelmError(str(exc)) from None
+    return 0
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     """Start, stop or show the local MLflow + Prefect servers."""
     params = _params(args)
@@ -129,6 +185,38 @@ def build_parser() -> argparse.ArgumentParser:
                                    "against the PyTorch model on held-out text (top-1 agreement, perplexity, "
                                    "KV cache), record golden continuations and write export.out_dir atomically.")
     p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="ONNX export -> perplexity, CPU speed, release folder, registered version "
+                            "(DVC stage `evaluate`)",
+                       description="Verify export.out_dir against its manifest, score the ONNX model's perplexity on "
+                                   "evaluate.ppl_tokens validation tokens (0: all), copy the export's parity figures, "
+                                   "benchmark it on this CPU with the board runtime (prefill/decode tokens/s, time "
+                                   "to first token, latency p50/p95, peak RSS) and write evaluate.metrics_file. "
+                                   "Then build evaluate.release_dir atomically: the export's files, "
+                                   "nativelm-runtime.pyz and release.json (sha256 of every file, git commit, data "
+                                   "hash, params hash, source model sha256). With an MLflow server the release is "
+                                   "logged as artifacts under release/ and registered as a new version of "
+                                   "evaluate.registered_model, tagged git_commit, data_hash, params_hash.")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("generate", parents=[common], help="continue a prompt with the exported model",
+                       description="Load an export folder with the board runtime (every file's sha256 is "
+                                   "checked first) and print the continuation of --prompt: greedy by default, "
+                                   "sampled with --temperature > 0 (and --top-k / --top-p / --seed).")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="export folder (default: export.out_dir of the parameters file)")
+    p.add_argument("--max-new-tokens", type=_non_negative, default=64, metavar="N",
+                   help="tokens to generate at most (default 64; stops early at end of text)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
+    p.add_argument("--top-k", type=_non_negative, default=0, metavar="K", help="0 (default): no limit")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 (default): no limit")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampler (reproducible text)")
+    p.add_argument("--threads", type=_positive, default=None, metavar="N",
+                   help="ONNX Runtime intra-op threads (default: every CPU this process may use)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("stack", parents=[common], help="start/stop/show the local MLflow + Prefect servers",
                        description="Manage the local stack: an MLflow tracking server (SQLite, local artifacts) "

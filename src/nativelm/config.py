@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 
 from nativelm.data.params import DataParams
 from nativelm.errors import ParamsError
+from nativelm.evaluate.params import EvaluateParams
 from nativelm.export.params import ExportParams
 from nativelm.model.params import ModelParams
 from nativelm.paramsbase import StrictModel
@@ -33,6 +34,7 @@ class Params(StrictModel):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     export: ExportParams = ExportParams()
+    evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
     stack: StackParams = StackParams()
 

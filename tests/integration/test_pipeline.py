@@ -16,6 +16,8 @@ from tests.conftest import git, make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
+STAGES = ("prepare", "train", "export", "evaluate")
+REGISTRY_TAGS = ("git_commit", "data_hash", "params_hash")
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -78,24 +80,26 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
     project = make_project(tmp_path / "proj", {f"stack.{k}": v for k, v in section.items()}
                            | {"tracking.experiment": "flow-test"})
     first = _run([str(BIN / "nativelm"), "run"], project)
-    assert all(f"stage {s}: ran" in first.stdout for s in ("prepare", "train", "export"))
+    assert all(f"stage {s}: ran" in first.stdout for s in STAGES)
     assert (project / "models/model.pt").exists() and (project / "plots/train/loss.png").exists()
     assert (project / "models/onnx/model.onnx").exists()
+    assert (project / "models/release/release.json").exists()
+    assert (project / "models/release/nativelm-runtime.pyz").exists()
     second = _run([str(BIN / "nativelm"), "run"], project)
-    assert all(f"stage {s}: skipped" in second.stdout for s in ("prepare", "train", "export"))
+    assert all(f"stage {s}: skipped" in second.stdout for s in STAGES)
     _set_param(project, "data.split.salt", "other")
     third = _run([str(BIN / "nativelm"), "run"], project)
     assert "stage prepare: ran" in third.stdout and "stage train: ran" in third.stdout
+    assert "evaluate/decode_tokens_per_s" in third.stdout and "evaluate/model_version = 2" in third.stdout
 
     client = MlflowClient(tracking_uri=local_stack["env"]["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("flow-test")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if r.data.tags.get("nativelm.kind") == "pipeline"]
     stages = [r for r in runs if r.data.tags.get("nativelm.kind") == "stage"]
-    assert len(parents) == 3 and len(stages) == 6  # the skipped run has no stage runs of its own
-    assert [p.data.tags["stage.prepare"] for p in parents] == ["ran", "skipped", "ran"]
-    assert [p.data.tags["stage.train"] for p in parents] == ["ran", "skipped", "ran"]
-    assert [p.data.tags["stage.export"] for p in parents] == ["ran", "skipped", "ran"]
+    assert len(parents) == 3 and len(stages) == 8  # the skipped run has no stage runs of its own
+    for stage_name in STAGES:
+        assert [p.data.tags[f"stage.{stage_name}"] for p in parents] == ["ran", "skipped", "ran"]
     by_name = {name: [s for s in stages if s.data.tags["nativelm.stage"] == name] for name in ("prepare", "train")}
     for stage in stages:
         assert stage.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
@@ -109,8 +113,26 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
     for parent in parents:  # same metric names on every pipeline run, skipped or not
         assert parent.data.metrics["prepare/tokens_train"] > 0 and parent.data.metrics["train/val_loss"] > 0
         assert parent.data.metrics["export/model_bytes"] > 0
+        assert parent.data.metrics["evaluate/ppl_onnx"] > 0 and parent.data.metrics["evaluate/decode_tokens_per_s"] > 0
         assert parent.data.tags["data_hash"] and parent.data.tags["prefect.flow_run_id"]
         assert parent.info.status == "FINISHED"
+
+    # each evaluate run registered a new version of the release, traceable to code, data and params
+    evaluations = [s for s in stages if s.data.tags["nativelm.stage"] == "evaluate"]
+    assert len(evaluations) == 2
+    versions = sorted(client.search_model_versions("name='nativelm'"), key=lambda v: int(v.version))
+    assert [int(v.version) for v in versions] == [1, 2]
+    for version, run in zip(versions, evaluations):
+        assert version.run_id == run.info.run_id and version.source.endswith("/release")
+        assert set(REGISTRY_TAGS) <= set(version.tags) and all(version.tags[t] for t in REGISTRY_TAGS)
+        assert version.tags["params_hash"] == run.data.tags["params_hash"]
+        assert version.tags["data_hash"] == run.data.tags["data_hash"] != "unknown"
+        assert run.data.metrics["model_version"] == int(version.version)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "release")}
+        assert {"release/release.json", "release/nativelm-runtime.pyz", "release/model.onnx"} <= artifacts
+    release = json.loads((project / "models/release/release.json").read_text())
+    assert versions[-1].tags["data_hash"] == release["data_hash"]
+    assert json.loads((project / "metrics/evaluate.json").read_text())["model_version"] == 2
 
     flow_runs = {r["id"]: r for r in _flow_runs(local_stack["env"]["PREFECT_API_URL"])}
     for parent in parents:

@@ -20,6 +20,7 @@ SUMMARY_METRICS = (
     "train/val_loss", "train/val_perplexity", "train/unigram_entropy_val", "train/neuron_sparsity",
     "train/expert_load_cv", "train/tokens_per_s", "train/wall_time_s",
     "export/top1_agreement", "export/ppl_rel_diff", "export/model_bytes", "export/bits_per_weight",
+    "evaluate/ppl_onnx", "evaluate/decode_tokens_per_s", "evaluate/model_version",
 )
 
 
@@ -62,6 +63,7 @@ def summary_lines(params: Params, result: dict[str, Any], seconds: float) -> lis
     lines.append(f"  MLflow UI:  {stack.mlflow_url(params)}")
     lines.append(f"  Prefect UI: {stack.prefect_ui_url(params)}")
     lines.append(f"  outputs:    {params.data.out_dir}/, {params.train.model_file}, {params.export.out_dir}/, "
+                 f"{params.evaluate.release_dir}/, "
                  f"metrics/, {params.train.plots_dir}/")
     return lines
 

@@ -121,6 +121,10 @@ class RunLogger:
         if self.active:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
 
 def _client(uri: str) -> MlflowClient:
     from mlflow import MlflowClient
