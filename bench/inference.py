@@ -1,0 +1,382 @@
+"""CPU inference speed of the three ONNX exports against PyTorch eager, with a memory-bandwidth roofline.
+
+    python bench/inference.py [--sizes tiny,bench] [--threads N] [--prompt-len 128] [--new-tokens 64]
+                              [--repeats 3] [--bench-layers 4] [--bw-mb 2048] [--workdir DIR] [--json OUT]
+
+For each model size a random-weight NativeLM (vocab 4096, seed 0) is built and exported three ways
+with ``build_graph`` directly (no parity checks: the weights are random): ``ternary`` (2-bit
+MatMulNBits + 2-bit QMoE), ``int4`` (4-bit MatMulNBits + 4-bit QMoE) and ``fp32`` (MatMul, MoE as
+dense standard ONNX over all experts). Each variant, and PyTorch eager, then runs in its own
+subprocess (so the peak RSS of one does not include another's), with ONNX Runtime sessions opened
+as ``nativelm.runtime.session.open_session`` does (CPU EP, intra-op threads, inter-op 1) and fed
+with the runtime's I/O convention (input_ids, attention_mask, past_key_values.{i}.key/value ->
+logits, present.{i}.*):
+
+- prefill: one run over a ``prompt-len`` prompt of fixed pseudo-random ids, tokens/s;
+- decode: ``new-tokens`` greedy steps of one token each with the KV cache, tokens/s;
+- PyTorch eager has no KV cache (``NativeLM.forward`` attends the sequence to itself), so its decode
+  RECOMPUTES the whole sequence for every new token (and re-quantizes the weights on each forward,
+  as the training forward does). Its decode speed is therefore not comparable per byte read. It is
+  slow, so it decodes ``--eager-new-tokens`` (16) tokens in ``--eager-repeats`` (1) timed runs.
+
+Medians over ``repeats`` timed runs after one warm-up. Peak RSS: VmHWM of the child (Linux's ru_maxrss
+is inherited across fork + exec, so it would carry the parent's bandwidth arrays); it includes the
+Python / numpy / torch / ORT import baseline. File size: ``model.onnx`` + its external data.
+
+Roofline: bandwidth (numpy reductions over a ``bw-mb`` array, best of several, with 1 and with
+``threads`` threads) ÷ bytes read per decoded token. Bytes per token are taken from the exported
+initializers of each part: attention + router + norms + LM head + one embedding row + top_k/n_experts
+of the expert bytes (the active experts). The fp32 export's dense MoE really reads all experts, so its
+"graph" bytes per token are also shown; eager is compared against the fp32 active bytes.
+
+The "bench" size is the ``gpu`` preset shape (d_model 768, 32 experts of 384, top-4, GQA 12/4)
+with ``--bench-layers`` layers (default 12: the full preset, 362.8M parameters; 4 layers: 122.8M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VOCAB = 4096
+VARIANTS = ("ternary", "int4", "fp32")
+RUNNERS = VARIANTS + ("torch-eager",)
+
+
+# ---- model shapes ---------------------------------------------------------------------------------
+def model_params(size: str, bench_layers: int) -> Any:
+    from nativelm.model import preset_params
+
+    if size == "tiny":
+        return preset_params("tiny")
+    if size == "bench":
+        return preset_params("gpu", n_layers=bench_layers)
+    raise SystemExit(f"unknown size {size!r} (tiny, bench)")
+
+
+# ---- children ---------------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    """Peak RSS of this process: VmHWM (per address space, so not inherited across fork + exec as Linux's
+    ru_maxrss is); ru_maxrss where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_export(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build the random model once and write the three exports (model.onnx + model.onnx.data each)."""
+    import onnx
+    import torch
+
+    from nativelm.export.graph import build_graph
+    from nativelm.export.params import ExportParams
+    from nativelm.model import build_model, param_counts
+
+    torch.set_num_threads(spec["threads"])
+    params = model_params(spec["size"], spec["bench_layers"])
+    t0 = time.perf_counter()
+    model = build_model(params, VOCAB, seed=0).eval()
+    out: dict[str, Any] = {"params": param_counts(params, VOCAB), "shape": params.model_dump(
+        include={"d_model", "n_layers", "n_heads", "n_kv_heads", "n_experts", "expert_ffn", "top_k", "window"}),
+        "build_s": time.perf_counter() - t0, "variants": {}}
+    for variant in VARIANTS:
+        t0 = time.perf_counter()
+        graph = build_graph(model, ExportParams(variant=variant))
+        folder = Path(spec["workdir"]) / spec["size"] / variant
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "model.onnx"
+        onnx.save_model(graph.model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        files = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
+        out["variants"][variant] = {"path": str(path), "file_bytes": files, "part_bytes": graph.part_bytes(),
+                                    "choices": graph.choices, "notes": graph.notes,
+                                    "export_s": time.perf_counter() - t0}
+        del graph
+    return out
+
+
+def _prompt(length: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, VOCAB, size=(1, length), dtype=np.int64)
+
+
+def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec["threads"]
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(spec["path"], options, providers=["CPUExecutionProvider"])
+    load_s = time.perf_counter() - t0
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    kv_heads, head_dim = inputs["past_key_values.0.key"].shape[1], inputs["past_key_values.0.key"].shape[3]
+
+    def run(ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        total = past[0].shape[2] + ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, total), dtype=np.int64)}
+        for i in range(n_layers):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+        res = session.run(outputs, feed)
+        return res[0], res[1:]
+
+    empty = [np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)] * (2 * n_layers)
+    prompt = _prompt(spec["prompt_len"])
+
+    def once(new_tokens: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        logits, past = run(prompt, empty)
+        prefill = time.perf_counter() - start
+        token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            logits, past = run(token, past)
+            token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
+        return prefill, time.perf_counter() - start
+
+    return _timed(once, spec, load_s)
+
+
+def child_eager(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from nativelm.model import build_model
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    model = build_model(model_params(spec["size"], spec["bench_layers"]), VOCAB, seed=0).eval()
+    load_s = time.perf_counter() - t0
+    prompt = torch.from_numpy(_prompt(spec["prompt_len"]))
+
+    def once(new_tokens: int) -> tuple[float, float]:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            logits = model(prompt).logits
+            prefill = time.perf_counter() - start
+            seq = torch.cat([prompt, logits[:, -1:].argmax(-1)], dim=1)
+            start = time.perf_counter()
+            for _ in range(new_tokens):  # no KV cache in NativeLM: recompute the whole sequence
+                logits = model(seq).logits
+                seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+            return prefill, time.perf_counter() - start
+
+    return _timed(once, spec, load_s)
+
+
+def _timed(once: Any, spec: dict[str, Any], load_s: float) -> dict[str, Any]:
+    once(4)  # warm-up
+    runs = [once(spec["new_tokens"]) for _ in range(spec["repeats"])]
+    return {"load_s": load_s,
+            "prefill_tokens_per_s": statistics.median(spec["prompt_len"] / p for p, _ in runs),
+            "decode_tokens_per_s": statistics.median(spec["new_tokens"] / d for _, d in runs),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def child_main(kind: str, spec: dict[str, Any]) -> None:
+    result = {"export": child_export, "onnx": child_onnx, "eager": child_eager}[kind](spec)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(kind: str, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True,
+                          text=True, env=env, timeout=timeout, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"child {kind} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+# ---- bandwidth --------------------------------------------------------------------------------------
+def bandwidth(mb: int, threads: int, tries: int = 7) -> dict[str, float]:
+    """Streaming bandwidth, GB/s (1e9), best of `tries`, over a `mb` MiB float64 array, with 1 and with
+    `threads` threads (numpy releases the GIL): read = sum and dot (each reads the array once), copy =
+    copyto (counted as read + write bytes). The roofline uses the best read figure."""
+    n = mb * (1 << 20) // 8
+    a = np.ones(n, dtype=np.float64)
+    b = np.empty_like(a)
+
+    def best(fn: Any, nbytes: int, k: int) -> float:
+        bounds = [(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), k)]
+        times = []
+        for _ in range(tries):
+            workers = [threading.Thread(target=fn, args=bo) for bo in bounds]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            times.append(time.perf_counter() - start)
+        return nbytes / min(times) / 1e9
+
+    def read_sum(lo: int, hi: int) -> None:
+        a[lo:hi].sum()
+
+    def read_dot(lo: int, hi: int) -> None:
+        np.dot(a[lo:hi], a[lo:hi])
+
+    def copy(lo: int, hi: int) -> None:
+        np.copyto(b[lo:hi], a[lo:hi])
+
+    copy(0, n)  # fault in b
+    out: dict[str, float] = {}
+    for k in sorted({1, max(1, threads)}):
+        out[f"sum_{k}t"] = best(read_sum, a.nbytes, k)
+        out[f"dot_{k}t"] = best(read_dot, a.nbytes, k)
+        out[f"copy_{k}t"] = best(copy, 2 * a.nbytes, k)
+    out["roofline_gbs"] = max(v for key, v in out.items() if key.startswith(("sum", "dot")))
+    return out
+
+
+# ---- bytes per token ----------------------------------------------------------------------------------
+def bytes_per_token(export: dict[str, Any], shape: dict[str, Any]) -> tuple[float, float]:
+    """(active bytes, bytes the graph really reads) per decoded token, from the exported part sizes."""
+    parts = export["part_bytes"]
+    dense = sum(v for k, v in parts.items() if k not in ("embedding", "ffn", "rope", "constants"))
+    embed_row = parts.get("embedding", 0) / VOCAB
+    ffn = parts.get("ffn", 0)
+    active = dense + embed_row + ffn * shape["top_k"] / shape["n_experts"]
+    graph = active if "QMoE" in json.dumps(export["choices"].get("moe", {})) else dense + embed_row + ffn
+    return active, graph
+
+
+# ---- report -----------------------------------------------------------------------------------------
+def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], bw: float) -> list[str]:
+    p, shape = info["params"], info["shape"]
+    lines = [(f"\n== {size}: {p['total'] / 1e6:.1f}M params ({p['active'] / 1e6:.1f}M active non-embedding), "
+              f"d_model {shape['d_model']}, {shape['n_layers']} layers, {shape['n_experts']} experts x "
+              f"{shape['expert_ffn']} top-{shape['top_k']}, vocab {VOCAB}; built in {info['build_s']:.1f}s"),
+             (f"{'variant':<12}{'file MB':>9}{'act MB/tok':>11}{'graph MB/tok':>13}{'prefill t/s':>12}"
+              f"{'decode t/s':>11}{'roofline t/s':>13}{'% roof':>8}{'% graph roof':>13}{'peak RSS MB':>12}"
+              f"{'load s':>8}{'export s':>9}")]
+    fp32_active = None
+    for name in RUNNERS:
+        r = results.get(name)
+        if r is None:
+            continue
+        if name in info["variants"]:
+            ex = info["variants"][name]
+            active, graph = bytes_per_token(ex, shape)
+            file_mb, export_s = ex["file_bytes"] / 1e6, f"{ex['export_s']:.1f}"
+            if name == "fp32":
+                fp32_active = active
+        else:
+            active = graph = fp32_active or float("nan")
+            file_mb, export_s = float("nan"), "-"
+        roof = bw * 1e9 / active
+        r.update(active_bytes_per_token=active, graph_bytes_per_token=graph, roofline_tokens_per_s=roof,
+                 roofline_fraction=r["decode_tokens_per_s"] / roof,
+                 graph_roofline_fraction=r["decode_tokens_per_s"] * graph / (bw * 1e9))
+        lines.append(f"{name:<12}{file_mb:>9.1f}{active / 1e6:>11.2f}{graph / 1e6:>13.2f}"
+                     f"{r['prefill_tokens_per_s']:>12.1f}{r['decode_tokens_per_s']:>11.1f}{roof:>13.0f}"
+                     f"{100 * r['roofline_fraction']:>7.1f}%{100 * r['graph_roofline_fraction']:>12.1f}%{r['peak_rss_mb']:>12.0f}{r['load_s']:>8.2f}{export_s:>9}")
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        if a in results and b in results:
+            return results[a][key] / results[b][key]
+        return None
+
+    t, f = info["variants"].get("ternary", {}), info["variants"].get("fp32", {})
+    checks = [("ternary decode / fp32 decode", ratio("ternary", "fp32", "decode_tokens_per_s"), ">= 2.5", 2.5, True),
+              ("ternary decode / int4 decode", ratio("ternary", "int4", "decode_tokens_per_s"), ">= 1.2", 1.2, True),
+              ("ternary file / fp32 file", t.get("file_bytes", 0) / f["file_bytes"] if f else None, "<= 0.100",
+               0.1, False),
+              ("ternary prefill / fp32 prefill", ratio("ternary", "fp32", "prefill_tokens_per_s"), "", None, True),
+              ("ternary decode / torch-eager decode", ratio("ternary", "torch-eager", "decode_tokens_per_s"), "",
+               None, True)]
+    for label, value, target, bound, higher in checks:
+        if value is None:
+            continue
+        verdict = "" if bound is None else ("  PASS" if (value >= bound if higher else value <= bound) else "  FAIL")
+        lines.append(f"  {label:<36}{value:>8.3f}  {('target ' + target) if target else ''}{verdict}")
+    for name, ex in info["variants"].items():
+        parts = sorted(ex["part_bytes"].items(), key=lambda kv: -kv[1])
+        lines.append(f"  {name} file parts (MB): " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in parts if v >= 1e4))
+    notes = {n for ex in info["variants"].values() for n in ex["notes"]}
+    for n in sorted(notes):
+        lines.append(f"  note: {n}")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="tiny,bench")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--eager-new-tokens", type=int, default=16, help="decode steps of torch eager (recompute)")
+    ap.add_argument("--eager-repeats", type=int, default=1, help="timed runs of torch eager")
+    ap.add_argument("--bench-layers", type=int, default=12, help="layers of the bench model (gpu preset shape)")
+    ap.add_argument("--bw-mb", type=int, default=2048, help="array size of the bandwidth test, MiB")
+    ap.add_argument("--only", default=",".join(RUNNERS), help="subset of " + ",".join(RUNNERS))
+    ap.add_argument("--workdir", default=None, help="where exports go (default: a temporary folder, removed)")
+    ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_main(args.child[0], json.loads(args.child[1]))
+        return
+
+    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, threads {args.threads}, "
+          f"prompt {args.prompt_len}, new tokens {args.new_tokens}, repeats {args.repeats}", flush=True)
+    bw = bandwidth(args.bw_mb, args.threads)
+    print(f"memory bandwidth (GB/s, best of 7, {args.bw_mb} MiB float64): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()), flush=True)
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="nativelm-bench-")
+    workdir = args.workdir or tmp.name  # type: ignore[union-attr]
+    only = [r for r in args.only.split(",") if r]
+    out: dict[str, Any] = {"bandwidth": bw, "args": {k: v for k, v in vars(args).items() if k != "child"},
+                           "sizes": {}}
+    lines_all: list[str] = []
+    try:
+        for size in [s for s in args.sizes.split(",") if s]:
+            base = {"size": size, "bench_layers": args.bench_layers, "threads": args.threads,
+                    "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                    "workdir": workdir}
+            t0 = time.perf_counter()
+            info = spawn("export", base)
+            print(f"[{size}] built + exported in {time.perf_counter() - t0:.1f}s", flush=True)
+            results: dict[str, dict[str, Any]] = {}
+            for name in [r for r in RUNNERS if r in only]:
+                t0 = time.perf_counter()
+                if name == "torch-eager":
+                    results[name] = spawn("eager", {**base, "new_tokens": args.eager_new_tokens,
+                                                    "repeats": args.eager_repeats})
+                else:
+                    results[name] = spawn("onnx", {**base, "path": info["variants"][name]["path"]})
+                print(f"[{size}] {name}: decode {results[name]['decode_tokens_per_s']:.1f} tok/s "
+                      f"({time.perf_counter() - t0:.1f}s)", flush=True)
+            lines = report(size, info, results, bw["roofline_gbs"])
+            print("\n".join(lines), flush=True)
+            lines_all += lines
+            out["sizes"][size] = {"model": info, "results": results}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print("\n".join(["", "=" * 40, *lines_all]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
