@@ -24,19 +24,31 @@ def _params(args: argparse.Namespace):  # -> Params, imported lazily
     return load_params(args.params)
 
 
+def _sections(params, *names: str) -> dict:
+    """The params sections a stage logs as its MLflow params, as plain data."""
+    return {name: getattr(params, name).model_dump(mode="json") for name in names}
+
+
+def _print_figures(metrics: dict, keys: Sequence[str]) -> None:
+    """Print a stage's headline figures (all of them are in its metrics file and in MLflow)."""
+    for key in keys:
+        if key in metrics:
+            value = metrics[key]
+            print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """corpus -> cleaned documents -> tokenizer.json + token shards + metrics (DVC stage `prepare`)."""
     params = _params(args)
     from nativelm.data.prepare import run_prepare
     from nativelm.tracking.runs import stage_run
 
-    with stage_run(params, "prepare", {"data": params.data.model_dump(mode="json")}) as run:
+    with stage_run(params, "prepare", _sections(params, "data")) as run:
         result = run_prepare(params, cache_dir=Path(params.stack.state_dir) / "cache")
         run.log_metrics(result.stats)
         run.log_artifact(Path(params.data.metrics_file))
         run.log_artifact(Path(params.data.out_dir) / "manifest.json")
-    for key, value in result.stats.items():
-        print(f"{key}: {value}")
+    _print_figures(result.stats, list(result.stats))
     return 0
 
 
@@ -50,12 +62,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if env_rank() != 0:  # under torchrun only rank 0 talks to MLflow
         run_train(params)
         return 0
-    section = {"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")}
-    with stage_run(params, "train", section) as run:
+    with stage_run(params, "train", _sections(params, "model", "train")) as run:
         result = run_train(params, run)
-    for key in ("val_loss", "val_perplexity", "unigram_entropy_val", "tokens_per_s", "wall_time_s"):
-        if key in result.metrics:
-            print(f"{key}: {result.metrics[key]:.4g}")
+    _print_figures(result.metrics, ("val_loss", "val_perplexity", "unigram_entropy_val", "tokens_per_s", "wall_time_s"))
     print(f"model: {result.model_file}")
     return 0
 
@@ -66,11 +75,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nativelm.export.stage import run_export
     from nativelm.tracking.runs import stage_run
 
-    with stage_run(params, "export", {"export": params.export.model_dump(mode="json")}) as run:
+    with stage_run(params, "export", _sections(params, "export")) as run:
         result = run_export(params, logger=run)
-    for key in ("top1_agreement", "ppl_rel_diff", "model_bytes", "bits_per_weight"):
-        if key in result.metrics:
-            print(f"{key}: {result.metrics[key]:.6g}")
+    _print_figures(result.metrics, ("top1_agreement", "ppl_rel_diff", "model_bytes", "bits_per_weight"))
     print(f"export: {result.out_dir}")
     return 0
 
@@ -81,13 +88,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from nativelm.evaluate.stage import run_evaluate
     from nativelm.tracking.runs import stage_run
 
-    with stage_run(params, "evaluate", {"evaluate": params.evaluate.model_dump(mode="json")}) as run:
+    with stage_run(params, "evaluate", _sections(params, "evaluate")) as run:
         result = run_evaluate(params, logger=run)
-    for key in ("ppl_onnx", "top1_agreement", "model_bytes", "bits_per_weight", "prefill_tokens_per_s",
-                "decode_tokens_per_s", "time_to_first_token_ms", "inter_token_latency_p50_ms",
-                "inter_token_latency_p95_ms", "peak_rss_mb"):
-        if key in result.metrics:
-            print(f"{key}: {result.metrics[key]:.6g}")
+    _print_figures(result.metrics, ("ppl_onnx", "top1_agreement", "model_bytes", "bits_per_weight",
+                                    "prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_ms",
+                                    "inter_token_latency_p50_ms", "inter_token_latency_p95_ms", "peak_rss_mb"))
     if result.model_version is not None:
         print(f"model_version: {params.evaluate.registered_model} {result.model_version}")
     print(f"release: {result.release_dir}")
