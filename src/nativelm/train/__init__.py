@@ -6,7 +6,9 @@ back (for export and evaluation). Imports are lazy so loading parameters stays l
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from nativelm.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from nativelm.train.params import TRAIN_PRESETS, ResolvedTrain, TrainParams
@@ -23,12 +25,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Import the public names on first use (PEP 562)."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
