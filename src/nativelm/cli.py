@@ -122,18 +122,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum`."""
 
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return parse
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
@@ -212,13 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--model", metavar="DIR", default=None,
                    help="export folder (default: export.out_dir of the parameters file)")
-    p.add_argument("--max-new-tokens", type=_non_negative, default=64, metavar="N",
+    p.add_argument("--max-new-tokens", type=_at_least(0), default=64, metavar="N",
                    help="tokens to generate at most (default 64; stops early at end of text)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
-    p.add_argument("--top-k", type=_non_negative, default=0, metavar="K", help="0 (default): no limit")
+    p.add_argument("--top-k", type=_at_least(0), default=0, metavar="K", help="0 (default): no limit")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 (default): no limit")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampler (reproducible text)")
-    p.add_argument("--threads", type=_positive, default=None, metavar="N",
+    p.add_argument("--threads", type=_at_least(1), default=None, metavar="N",
                    help="ONNX Runtime intra-op threads (default: every CPU this process may use)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(handler=cmd_generate)

@@ -9,16 +9,11 @@ import pytest
 
 from nativelm.runtime import RuntimeFailure, benchmark, load_model
 from nativelm.runtime.bench import bits_per_weight, cpu_model, current_rss_mb, peak_rss_mb
-from tests.unit.runtime_model import Export, make_export, update_manifest
+from tests.unit.runtime_model import Export, update_manifest
 
 NUMBERS = ["prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_ms", "inter_token_latency_p50_ms",
            "inter_token_latency_p95_ms", "peak_rss_mb", "rss_mb", "model_file_bytes", "bits_per_weight",
            "threads", "vocab_size", "n_layers", "prompt_len", "new_tokens", "repeats"]
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> Export:
-    return make_export(tmp_path_factory.mktemp("runtime") / "export")
 
 
 def check_results(results: dict, export: Export) -> None:

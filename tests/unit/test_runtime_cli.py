@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.unit.runtime_model import Export, make_export, train_tokenizer, update_manifest
+from tests.unit.runtime_model import Export, train_tokenizer, update_manifest
 
 SUBPROCESS_TIMEOUT = 120
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> Export:
-    return make_export(tmp_path_factory.mktemp("runtime") / "export")
-
-
-@pytest.fixture
-def folder(export: Export, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(export.folder, tmp_path / "export"))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -17,11 +17,6 @@ PROMPT = "The king spoke"
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> Export:
-    return make_export(tmp_path_factory.mktemp("runtime") / "export")
-
-
-@pytest.fixture(scope="module")
 def model(export: Export) -> Model:
     return load_model(export.folder, threads=1)
 

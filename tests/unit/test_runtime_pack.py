@@ -11,12 +11,7 @@ from pathlib import Path
 import pytest
 
 from nativelm.runtime.pack import build_zipapp, main
-from tests.unit.runtime_model import Export, make_export
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> Export:
-    return make_export(tmp_path_factory.mktemp("runtime") / "export")
+from tests.unit.runtime_model import Export
 
 
 def clean_env() -> dict[str, str]:

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from nativelm.runtime import RuntimeFailure, load_model, verify_folder
 from nativelm.runtime.errors import IntegrityError, MissingFile, ModelLoadError, TokenizerMismatch
-from tests.unit.runtime_model import Export, make_export, train_tokenizer, update_manifest
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> Export:
-    return make_export(tmp_path_factory.mktemp("runtime") / "export")
-
-
-@pytest.fixture
-def folder(export: Export, tmp_path: Path) -> Path:
-    """A private copy of the export, free to damage."""
-    return Path(shutil.copytree(export.folder, tmp_path / "export"))
+from tests.unit.runtime_model import Export, train_tokenizer, update_manifest
 
 
 def failure(folder: Path, **kwargs) -> RuntimeFailure:
