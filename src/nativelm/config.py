@@ -17,6 +17,7 @@ from nativelm.data.params import DataParams
 from nativelm.errors import ParamsError
 from nativelm.evaluate.params import EvaluateParams
 from nativelm.export.params import ExportParams
+from nativelm.fleet.params import FleetParams
 from nativelm.model.params import ModelParams
 from nativelm.paramsbase import StrictModel
 from nativelm.stack.params import StackParams
@@ -37,6 +38,7 @@ class Params(StrictModel):
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
     stack: StackParams = StackParams()
+    fleet: FleetParams = FleetParams()
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
