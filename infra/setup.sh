@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 # git: DVC needs the project to be a git repository; openssh: the simulated edge boards are real sshd.
 apt_packages=(git openssh-server openssh-client)
+# dev (tests) only: chromium, driven headless by Playwright (the system browser: Playwright's own
+# browser download is never used), fonts so pages render text; postgresql for MLflow on PostgreSQL.
+dev_apt_packages=(chromium fonts-liberation postgresql)
+if [ "$extras" = dev ]; then apt_packages+=("${dev_apt_packages[@]}"); fi
 
 missing=()
 for pkg in "${apt_packages[@]}"; do
