@@ -1,19 +1,25 @@
-"""Prefect flow `retrain`: corpus -> tokenizer + shards -> trained model -> quantized ONNX -> release, through DVC.
+"""Prefect flow `retrain`: corpus -> tokenizer + shards -> trained model -> quantized ONNX -> release -> gate.
 
 Thin on purpose: each stage is a `nativelm` command run by `dvc repro` (an unchanged stage is
-skipped), and the MLflow conventions (one parent run, nested stage runs) live in
-nativelm.orchestration.pipeline.
+skipped); the form fields below are the parameters a user may change in the Prefect UI for one
+run (empty = params.yaml's value). The logic lives in nativelm.orchestration: overrides applied
+for the run only, one MLflow parent run with nested stage runs, the workspace saved as a DVC
+experiment, then the gate, whose promotion event triggers the `rollout` deployment.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
 
-from nativelm.config import load_params
-from nativelm.orchestration.pipeline import PipelineRun, pipeline_run
+from nativelm.orchestration.overrides import overridden_params, overrides_from_form
+from nativelm.orchestration.pipeline import PipelineRun, experiment_name, pipeline_run
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 @task(name="dvc-repro", task_run_name="dvc-repro-{stage}", cache_policy=NONE)
@@ -23,18 +29,51 @@ def repro_stage(run: PipelineRun, stage: str, metrics_file: str) -> str:
     return run.stages[stage]
 
 
+@task(name="dvc-exp-save", cache_policy=NONE)
+def save_experiment(run: PipelineRun, name: str) -> str:
+    """Record this run's workspace as a DVC experiment; returns its commit."""
+    return run.save_experiment(name)
+
+
+@task(name="gate", cache_policy=NONE)
+def gate(run: PipelineRun, version: int) -> str:
+    """Champion or candidate; a promotion emits the event that starts the rollout."""
+    return run.gate(version).alias
+
+
 @flow(name="retrain", log_prints=True)
-def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
-    """Prepare, train, export and evaluate under one MLflow pipeline run; return what happened."""
-    root = Path(project_dir).resolve()
-    params = load_params(root / params_path)
-    with pipeline_run(params, "retrain", root) as run:
-        print(f"stage prepare: {repro_stage(run, 'prepare', params.data.metrics_file)}")
-        run.tag_data_hash("prepare", params.data.out_dir)
-        print(f"stage train: {repro_stage(run, 'train', params.train.metrics_file)}")
-        print(f"stage export: {repro_stage(run, 'export', params.export.metrics_file)}")
-        print(f"stage evaluate: {repro_stage(run, 'evaluate', params.evaluate.metrics_file)}")
-        return run.summary()
+def retrain(
+    train_steps: int | None = None,
+    preset: Literal["tiny", "gpu"] | None = None,
+    learning_rate: float | None = None,
+    batch_size: int | None = None,
+    experts: int | None = None,
+    top_k: int | None = None,
+    bit_schedule: list[list[float]] | None = None,
+    ffn: Literal["moe", "dense"] | None = None,
+    quantize: bool | None = None,
+    corpus_package: str | None = None,
+    corpus_version: str | None = None,
+    seed: int | None = None,
+    max_ppl_regression: float | None = None,
+    params_file: str = "params.yaml",
+) -> dict:
+    """Rebuild the model through DVC with the given overrides, register it and gate it."""
+    form = {key: value for key, value in locals().items() if key != "params_file"}
+    overrides = overrides_from_form(form)
+    with overridden_params(PROJECT_DIR / params_file, overrides) as params:
+        with pipeline_run(params, "retrain", PROJECT_DIR, overrides) as run:
+            print(f"overrides: {overrides or 'none'}")
+            print(f"stage prepare: {repro_stage(run, 'prepare', params.data.metrics_file)}")
+            run.tag_data_hash("prepare", params.data.out_dir)
+            print(f"stage train: {repro_stage(run, 'train', params.train.metrics_file)}")
+            print(f"stage export: {repro_stage(run, 'export', params.export.metrics_file)}")
+            print(f"stage evaluate: {repro_stage(run, 'evaluate', params.evaluate.metrics_file)}")
+            print(f"DVC experiment: {save_experiment(run, experiment_name(flow_run.id))}")
+            version = run.registered_version()
+            if version is not None:
+                print(f"model version {version}: {gate(run, version)}")
+            return run.summary()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from nativelm.errors import ParamsError
 from nativelm.evaluate.params import EvaluateParams
 from nativelm.export.params import ExportParams
 from nativelm.fleet.params import FleetParams
+from nativelm.gate.params import GateParams
 from nativelm.model.params import ModelParams
 from nativelm.paramsbase import StrictModel
 from nativelm.stack.params import StackParams
@@ -36,6 +37,7 @@ class Params(StrictModel):
     train: TrainParams = TrainParams()
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
+    gate: GateParams = GateParams()
     tracking: TrackingParams = TrackingParams()
     stack: StackParams = StackParams()
     fleet: FleetParams = FleetParams()

@@ -48,20 +48,52 @@ def _run_streaming(cmd: list[str], cwd: Path, env: dict[str, str], echo: TextIO 
     return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
 
 
-def repro(target: str, project_dir: Path, env: dict[str, str] | None = None,
-          echo: TextIO | None = sys.stderr) -> ReproResult:
-    """`dvc repro TARGET` in `project_dir`, showing its progress on `echo`.
-
-    Raises NativelmError with the tail of DVC's output on failure.
-    """
+def _dvc_env(env: dict[str, str] | None) -> dict[str, str]:
     full_env = {**os.environ, **(env or {})}
     # the stage commands (`nativelm ...`) must resolve to this environment even when it is not activated
     full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])
-    code, output = _run_streaming([dvc_executable(), "repro", target], project_dir, full_env, echo)
+    return full_env
+
+
+def _dvc(args: list[str], project_dir: Path, env: dict[str, str] | None, echo: TextIO | None) -> str:
+    """Run `dvc ARGS`; on failure raise NativelmError with the tail of DVC's output."""
+    code, output = _run_streaming([dvc_executable(), *args], project_dir, _dvc_env(env), echo)
     if code != 0:
         tail = " | ".join(line for line in output.strip().splitlines()[-3:] if line.strip())
-        raise NativelmError(f"dvc repro {target} failed in {project_dir}: {tail}")
+        raise NativelmError(f"dvc {' '.join(args)} failed in {project_dir}: {tail}")
+    return output
+
+
+def repro(target: str, project_dir: Path, env: dict[str, str] | None = None,
+          echo: TextIO | None = sys.stderr) -> ReproResult:
+    """`dvc repro TARGET` in `project_dir`, showing its progress on `echo`."""
+    output = _dvc(["repro", target], project_dir, env, echo)
     return ReproResult(target, tuple(_RAN.findall(output)), output)
+
+
+def _git_identity_env(project_dir: Path) -> dict[str, str]:
+    """A committer for DVC's experiment commits on machines with no git identity configured."""
+    found = subprocess.run(["git", "config", "user.email"], cwd=project_dir, capture_output=True, text=True,
+                           check=False).stdout.strip()
+    if found:
+        return {}
+    return {"GIT_AUTHOR_NAME": "nativelm", "GIT_AUTHOR_EMAIL": "nativelm@localhost",
+            "GIT_COMMITTER_NAME": "nativelm", "GIT_COMMITTER_EMAIL": "nativelm@localhost"}
+
+
+def exp_save(name: str, project_dir: Path, echo: TextIO | None = None) -> str:
+    """`dvc exp save -n NAME`: record the workspace (params, dvc.lock, outputs) as a DVC experiment.
+
+    Returns the experiment's commit, from which `dvc exp apply NAME && dvc repro` rebuilds the run.
+    """
+    _dvc(["exp", "save", "--force", "-n", name], project_dir, _git_identity_env(project_dir), echo)
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"],
+                          cwd=project_dir, capture_output=True, text=True, check=False).stdout
+    for line in refs.splitlines():
+        sha, ref = line.split(" ", 1)
+        if ref.rsplit("/", 1)[-1] == name:
+            return sha
+    raise NativelmError(f"dvc exp save -n {name}: no experiment ref named {name} afterwards in {project_dir}")
 
 
 def lock_out_hash(project_dir: Path, stage: str, out_path: str) -> str | None:
