@@ -139,6 +139,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
     params = _params(args)
     from nativelm import stack
 
+    if args.action == "down":  # the runner uses the servers: stop it first
+        from nativelm.orchestration.serve import serve_stop
+
+        serve_stop(params)
     action = {"up": stack.up, "down": stack.down, "status": stack.status}[args.action]
     for line in stack.render(action(params)):
         print(line)
@@ -153,6 +157,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     for line in run_pipeline(params, Path(args.params or "params.yaml"), Path.cwd()):
         print(line)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Register the deployments and run them: in the foreground, or as a background process."""
+    params = _params(args)
+    from nativelm.orchestration import serve
+
+    if args.stop:
+        status = serve.serve_stop(params)
+    elif args.background:
+        status = serve.serve_background(params, Path(args.params or "params.yaml"), Path.cwd())
+    else:
+        serve.serve_foreground(params, Path.cwd())
+        return 0
+    from nativelm import stack
+
+    took = f" in {status.seconds:.1f} s" if status.seconds else ""
+    pid = f"pid {status.pid}  " if status.pid else ""
+    print(f"runner   {status.action}{took}  {pid}log {status.log_path}")
+    if status.running:
+        print(f"deployments: {', '.join(serve.deployment_ref(name) for name in serve.FLOWS)}")
+        print(f"Prefect UI: {stack.prefect_ui_url(params)}/deployments")
+    return 0
+
+
+def _register_plugins(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Subcommands that live with their stage: the fleet and the rollout."""
+    import importlib
+
+    for module in ("nativelm.fleet.commands", "nativelm.fleet.deploy_commands"):
+        try:  # TEMPORARY while the fleet modules are being written
+            importlib.import_module(module).register(sub, common)
+        except ModuleNotFoundError:
+            pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "stage through `dvc repro` (unchanged stages are skipped), logged as one MLflow "
                                    "parent run with a nested run per stage. Needs `nativelm stack up`.")
     p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("serve", parents=[common], help="the dashboard: serve the retrain, rollout and fleet-health "
+                                                       "deployments on the local Prefect server",
+                       description="Register the Prefect deployments retrain (the form to retrain from the UI), "
+                                   "rollout (triggered automatically when the gate promotes a version to champion) "
+                                   "and fleet-health (every serve.fleet_health_every_min minutes) against the "
+                                   "local stack's Prefect server, and execute their runs (one process per run, in "
+                                   "this folder). Runs in the foreground until Ctrl-C, or with --background as a "
+                                   "managed process (log and pid file under stack.state_dir/stack). Needs "
+                                   "`nativelm stack up`.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--background", action="store_true",
+                      help="start as a background process (idempotent) and wait until the deployments are ready")
+    mode.add_argument("--stop", action="store_true", help="stop the background process")
+    p.set_defaults(handler=cmd_serve)
+    _register_plugins(sub, common)
     return parser
 
 

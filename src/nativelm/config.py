@@ -19,6 +19,7 @@ from nativelm.evaluate.params import EvaluateParams
 from nativelm.export.params import ExportParams
 from nativelm.fleet.params import FleetParams
 from nativelm.gate.params import GateParams
+from nativelm.orchestration.params import ServeParams
 from nativelm.model.params import ModelParams
 from nativelm.paramsbase import StrictModel
 from nativelm.stack.params import StackParams
@@ -40,6 +41,7 @@ class Params(StrictModel):
     gate: GateParams = GateParams()
     tracking: TrackingParams = TrackingParams()
     stack: StackParams = StackParams()
+    serve: ServeParams = ServeParams()
     fleet: FleetParams = FleetParams()
 
 

@@ -39,7 +39,9 @@ class PipelineRun:
 
     def run_stage(self, stage: str, metrics_file: str) -> ReproResult:
         """`dvc repro` one stage, then copy its DVC metrics into the parent run as `<stage>/<name>`."""
+        started = time.perf_counter()
         result = repro(stage, self.project_dir, self.child_env())
+        self.run.log_metrics({f"timing/{stage}_repro_s": time.perf_counter() - started})
         self.stages[stage] = "skipped" if result.skipped else "ran"
         stage_metrics = {f"{stage}/{k}": v for k, v in read_metrics(self.project_dir, metrics_file).items()}
         self.metrics.update(stage_metrics)
@@ -66,7 +68,7 @@ class PipelineRun:
 
         result = gate_version(self.params, version)
         self.run.set_tags({"gate.status": result.alias, "gate.reason": result.reason[:5000],
-                           "model_version": str(version)})
+                           "gate.changed": str(result.changed).lower(), "model_version": str(version)})
         self.run.log_metrics({"gate/promoted": float(result.promoted)})
         self.summary_extra["gate"] = {"version": version, "status": result.alias, "reason": result.reason,
                                       "promoted": result.promoted, "changed": result.changed}

@@ -1,9 +1,15 @@
-"""`nativelm run`: execute the pipeline flow from pipelines/ against the local stack."""
+"""`nativelm run`: the whole loop on the local stack, as the dashboard runs it, and its summary.
+
+Triggers the served `retrain` deployment, follows it, follows the `rollout` its promotion
+triggers, and prints per-stage timings, the orchestration overhead, the model's figures and each
+board's on-board speed (from MLflow).
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from pathlib import Path
 from types import ModuleType
@@ -12,16 +18,14 @@ from typing import Any
 from nativelm.config import Params
 from nativelm.errors import NativelmError
 
-FLOW_FILE = "pipelines/retrain.py"
-FLOW_NAME = "retrain"
-# the figures the summary shows (all metrics are in MLflow)
+# the figures the summary shows (every metric is in MLflow)
 SUMMARY_METRICS = (
-    "prepare/documents_kept", "prepare/tokens_train", "prepare/tokens_val",
-    "train/val_loss", "train/val_perplexity", "train/unigram_entropy_val", "train/neuron_sparsity",
-    "train/expert_load_cv", "train/tokens_per_s", "train/wall_time_s",
-    "export/top1_agreement", "export/ppl_rel_diff", "export/model_bytes", "export/bits_per_weight",
-    "evaluate/ppl_onnx", "evaluate/decode_tokens_per_s", "evaluate/model_version",
+    "prepare/tokens_train", "train/val_loss", "train/val_perplexity", "train/neuron_sparsity",
+    "export/top1_agreement", "export/model_bytes", "export/bits_per_weight",
+    "evaluate/ppl_onnx", "evaluate/decode_tokens_per_s", "evaluate/prefill_tokens_per_s",
 )
+STAGES = ("prepare", "train", "export", "evaluate")
+_BOARD_METRIC = re.compile(r"^board[./](?P<board>[^./]+)[./](?P<name>.+)$")
 
 
 def load_flow_module(project_dir: Path, relpath: str) -> ModuleType:
@@ -46,32 +50,118 @@ def use_local_stack(params: Params) -> None:
     os.environ.update(stack.client_env(params))
 
 
-def summary_lines(params: Params, result: dict[str, Any], seconds: float) -> list[str]:
-    """Human summary of one pipeline run: what ran, key figures, where to look."""
-    from nativelm import stack
+def _board_figures(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per-board metrics (`board.<name>.<metric>` or `board/<name>/<metric>`) grouped by board."""
+    boards: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        found = _BOARD_METRIC.match(key)
+        if found:
+            boards.setdefault(found["board"], {})[found["name"]] = value
+    return boards
 
-    lines = [f"pipeline finished in {seconds:.1f} s"]
-    for stage, state in result.get("stages", {}).items():
-        lines.append(f"  stage {stage}: {state}")
-    metrics = result.get("metrics", {})
-    for key in SUMMARY_METRICS:
-        if key in metrics:
-            lines.append(f"  {key} = {metrics[key]:.6g}")
-    if result.get("mlflow_run_id"):
-        lines.append(f"  MLflow run: {stack.mlflow_url(params)}/#/experiments/{result['experiment_id']}"
-                     f"/runs/{result['mlflow_run_id']}")
-    lines.append(f"  MLflow UI:  {stack.mlflow_url(params)}")
-    lines.append(f"  Prefect UI: {stack.prefect_ui_url(params)}")
-    lines.append(f"  outputs:    {params.data.out_dir}/, {params.train.model_file}, {params.export.out_dir}/, "
-                 f"{params.evaluate.release_dir}/, "
-                 f"metrics/, {params.train.plots_dir}/")
+
+def timing_lines(parent: Any, tracking_uri: str, flow_seconds: float) -> list[str]:
+    """Per-stage wall time (through DVC, and the stage's own), and the orchestration overhead ratio."""
+    from nativelm.orchestration.loop import stage_walls
+
+    metrics, walls = parent.data.metrics, stage_walls(parent, tracking_uri)
+    lines = []
+    for stage in STAGES:
+        repro_s = metrics.get(f"timing/{stage}_repro_s")
+        if repro_s is None:
+            continue
+        state = parent.data.tags.get(f"stage.{stage}", "?")
+        own = f", stage itself {walls[stage]:.1f} s" if stage in walls and state == "ran" else ""
+        lines.append(f"  {stage:<9} {state:<8} {repro_s:7.1f} s through DVC{own}")
+    compute = sum(walls[s] for s in STAGES if s in walls and parent.data.tags.get(f"stage.{s}") == "ran")
+    if compute > 0:
+        lines.append(f"  orchestration overhead (Prefect + DVC + MLflow): {flow_seconds - compute:.1f} s over "
+                     f"{compute:.1f} s of stage compute = {(flow_seconds - compute) / compute:.2f}x")
     return lines
 
 
+def summary_lines(params: Params, retrain: Any, parent: Any, rollout: Any, rollout_run: Any,
+                  seconds: float, tracking_uri: str) -> list[str]:
+    """Human summary of one loop: stages, figures, gate, boards, where to look."""
+    from nativelm import stack
+
+    lines = [f"loop finished in {seconds:.1f} s (retrain run {retrain.flow_run.name}: "
+             f"{retrain.flow_run.state_name}, {retrain.seconds:.1f} s)"]
+    if parent is not None:
+        lines += timing_lines(parent, tracking_uri, retrain.seconds)
+        for key in SUMMARY_METRICS:
+            if key in parent.data.metrics:
+                lines.append(f"  {key} = {parent.data.metrics[key]:.6g}")
+        tags = parent.data.tags
+        lines.append(f"  model version {tags.get('model_version', '?')}: {tags.get('gate.status', 'not gated')} "
+                     f"({tags.get('gate.reason', '')})")
+        if tags.get("dvc_experiment"):
+            lines.append(f"  DVC experiment: {tags['dvc_experiment']} (`dvc exp apply {tags['dvc_experiment']}` "
+                         "then `dvc repro` rebuilds it)")
+        lines.append(f"  MLflow run: {stack.mlflow_url(params)}/#/experiments/{parent.info.experiment_id}"
+                     f"/runs/{parent.info.run_id}")
+    if rollout is not None:
+        lines.append(f"  rollout run {rollout.flow_run.name}: {rollout.flow_run.state_name} "
+                     f"({rollout.seconds:.1f} s)")
+        boards = _board_figures(rollout_run.data.metrics) if rollout_run is not None else {}
+        for board, figures in sorted(boards.items()):
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(figures.items()))
+            lines.append(f"    {board}: {shown}")
+    lines.append(f"  MLflow UI:  {stack.mlflow_url(params)}")
+    lines.append(f"  Prefect UI: {stack.prefect_ui_url(params)}")
+    return lines
+
+
+def _rollout(params: Params, parent: Any, since: Any) -> Any:
+    """Follow the rollout of this run's version: the one its promotion triggered, else start one.
+
+    A version that already was the champion triggers nothing; rolling it out again is a hash check per
+    board (boards that miss it get it), so the loop always ends with the fleet on the champion.
+    """
+    from nativelm.orchestration.loop import follow, trigger, wait_triggered
+    from nativelm.orchestration.serve import deployment_ref, serve_params
+
+    sp = serve_params(params)
+    tags = parent.data.tags
+    version = tags.get("model_version")
+    if version is None or tags.get("gate.status") != params.gate.champion_alias:
+        return None
+    ref = deployment_ref("rollout")
+    if tags.get("gate.changed") == "true":
+        run = wait_triggered(ref, since, lambda r: str(r.parameters.get("model")) == version, sp.rollout_timeout_s)
+        print(f"rollout: started by the promotion event: flow run {run.name}", flush=True)
+    else:
+        run = trigger(ref, {"model": version})
+        print(f"rollout: version {version} already was the champion: checking the fleet (flow run {run.name})",
+              flush=True)
+    return follow(run.id, sp.rollout_timeout_s, prefix="rollout: ")
+
+
 def run_pipeline(params: Params, params_path: Path, project_dir: Path) -> list[str]:
-    """Run the flow in-process (it reports to the Prefect server) and return the summary lines."""
+    """Trigger the served retrain deployment, follow it and the rollout it causes; return the summary."""
+    from datetime import datetime, timezone
+
+    from nativelm import stack
+    from nativelm.orchestration.loop import follow, mlflow_run_of, trigger
+    from nativelm.orchestration.serve import deployment_ref, serve_background, serve_params
+    from nativelm.tracking.runs import resolve_tracking_uri
+
     use_local_stack(params)
-    module = load_flow_module(project_dir, FLOW_FILE)
+    serve_background(params, params_path, project_dir)
+    since = datetime.now(timezone.utc)
     started = time.monotonic()
-    result = getattr(module, FLOW_NAME)(params_path=str(params_path), project_dir=str(project_dir))
-    return summary_lines(params, result, time.monotonic() - started)
+    run = trigger(deployment_ref("retrain"), {"params_file": str(params_path)})
+    print(f"retrain: flow run {run.name}: {stack.prefect_ui_url(params)}/runs/flow-run/{run.id}", flush=True)
+    retrain = follow(run.id, serve_params(params).retrain_timeout_s)
+    uri = resolve_tracking_uri(params)
+    parent = mlflow_run_of(run.id, uri, params.tracking.experiment) if uri else None
+    if not retrain.ok:
+        message = retrain.flow_run.state.message if retrain.flow_run.state else ""
+        raise NativelmError(f"retrain run {retrain.flow_run.name} ended {retrain.flow_run.state_name}: {message}")
+    rollout = _rollout(params, parent, since) if parent is not None else None
+    rollout_run = mlflow_run_of(rollout.flow_run.id, uri, params.tracking.experiment) if rollout and uri else None
+    lines = summary_lines(params, retrain, parent, rollout, rollout_run, time.monotonic() - started, uri or "")
+    if rollout is not None and not rollout.ok:
+        raise NativelmError("\n".join([*lines, f"rollout run {rollout.flow_run.name} ended "
+                                                  f"{rollout.flow_run.state_name}"]))
+    return lines
