@@ -1,0 +1,261 @@
+"""A rollout across the fleet: canary boards first, then the rest in waves, stopping when too many fail.
+
+- Wave 1 is every board of group ``canary``: if any of them fails, the rollout aborts.
+- The other boards follow in waves of ``fleet.max_parallel`` boards, updated at the same time; after
+  a wave, more than ``fleet.max_failed_boards`` failed boards abort the rollout.
+- Boards not reached because of an abort are recorded as "skipped", with the reason.
+
+Every board's result goes to ``<stack.state_dir>/rollouts/<rollout id>.json`` (rewritten atomically
+as boards finish, ``"finished": true`` at the end), which is also how a later rollout recognises a
+board lock left behind by this one (see `deploy.BoardJob.take_over_leftover`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nativelm.fleet.deploy import BoardResult, DeployHooks, deploy_to, rollback_on
+from nativelm.fleet.params import FleetParams
+from nativelm.fsutil import atomic_write_text
+
+if TYPE_CHECKING:
+    from nativelm.fleet.inventory import Board, Inventory
+    from nativelm.fleet.progress import Progress
+    from nativelm.fleet.release import LocalRelease
+
+CANARY_GROUP = "canary"
+_ID = re.compile(r"^(rollout|rollback)-\d{8}-\d{6}-[0-9a-f]{6}$")
+
+RunOne = Callable[["Board"], BoardResult]
+Deploy = Callable[..., BoardResult]
+
+
+@dataclass(frozen=True)
+class Wave:
+    """Boards updated at the same time; in a gating wave every board must pass."""
+
+    name: str
+    boards: tuple[Board, ...]
+    gate: bool = False
+
+
+def plan_waves(boards: Sequence[Board], max_parallel: int, canary_group: str = CANARY_GROUP) -> list[Wave]:
+    """The canary wave (if any board is in `canary_group`), then the others in chunks of `max_parallel`."""
+    canary = tuple(b for b in boards if canary_group in b.groups)
+    rest = [b for b in boards if canary_group not in b.groups]
+    waves = [Wave("canary", canary, gate=True)] if canary else []
+    for start in range(0, len(rest), max_parallel):
+        waves.append(Wave(f"wave {len(waves) + 1}", tuple(rest[start:start + max_parallel])))
+    return waves
+
+
+def safe_run(run_one: RunOne, board: Board) -> BoardResult:
+    """`run_one(board)`, with an unexpected exception recorded as that board's failure."""
+    try:
+        return run_one(board)
+    except Exception as exc:  # noqa: BLE001 - one board's bug must not stop the others' bookkeeping
+        return BoardResult(board.name, "failed", phase="internal", reason=f"{type(exc).__name__}: {exc}")
+
+
+def run_waves(waves: Sequence[Wave], run_one: RunOne, *, max_parallel: int,
+              max_failed: int) -> tuple[list[BoardResult], str | None]:
+    """Run the waves in order, each with up to `max_parallel` boards at once.
+
+    Returns every board's result (skipped ones included, in wave order) and the abort reason (None: none).
+    """
+    results: list[BoardResult] = []
+    abort: str | None = None
+    with ThreadPoolExecutor(max_workers=max(1, max_parallel), thread_name_prefix="board") as pool:
+        for wave in waves:
+            if abort is not None:
+                results += [skipped(b, abort) for b in wave.boards]
+                continue
+            done = list(pool.map(lambda b: safe_run(run_one, b), wave.boards))
+            results += done
+            failed_here = [r.board for r in done if r.failed]
+            failed_total = sum(r.failed for r in results)
+            if wave.gate and failed_here:
+                abort = f"canary failed on {', '.join(failed_here)}"
+            elif failed_total > max_failed:
+                abort = f"{failed_total} boards failed (more than fleet.max_failed_boards = {max_failed})"
+    return results, abort
+
+
+def skipped(board: Board, abort: str) -> BoardResult:
+    return BoardResult(board.name, "skipped", phase="not started", reason=f"rollout aborted: {abort}")
+
+
+# --------------------------------------------------------------------------------------------
+# the result log
+
+
+def new_rollout_id(kind: str = "rollout") -> str:
+    """rollout-YYYYmmdd-HHMMSS-<6 hex>: sortable, unique, and safe as a board lock owner."""
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def rollouts_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / "rollouts"
+
+
+def log_finished(state_dir: Path, rollout_id: str) -> bool:
+    """Whether `rollout_id` (e.g. a board lock's owner) is a rollout of this controller that has ended."""
+    if not _ID.match(rollout_id):
+        return False
+    try:
+        return bool(json.loads((rollouts_dir(state_dir) / f"{rollout_id}.json").read_text()).get("finished"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RolloutResult:
+    """A whole rollout (or rollback): every board's result, and why it stopped early if it did."""
+
+    rollout_id: str
+    kind: str  # "deploy" | "rollback"
+    release: str
+    version: int | None
+    started_at: str
+    boards: list[BoardResult] = field(default_factory=list)
+    aborted: str | None = None
+    seconds: float = 0.0
+    finished: bool = False
+    log_path: Path | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[BoardResult]:
+        return [r for r in self.boards if r.failed]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.aborted is None
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.boards:
+            counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.rollout_id, "kind": self.kind, "release": self.release, "version": self.version,
+                "started_at": self.started_at, "finished": self.finished, "seconds": round(self.seconds, 3),
+                "aborted": self.aborted, "counts": self.counts(), "settings": self.settings,
+                "boards": [r.to_json() for r in self.boards]}
+
+
+class RolloutLog:
+    """Keeps `<state_dir>/rollouts/<id>.json` current as boards finish (thread-safe, atomic writes)."""
+
+    def __init__(self, state_dir: Path, result: RolloutResult) -> None:
+        self.result = result
+        self.path = rollouts_dir(state_dir) / f"{result.rollout_id}.json"
+        result.log_path = self.path
+        self._lock = threading.Lock()
+        self.write()
+
+    def write(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.result.to_json(), indent=2) + "\n")
+
+    def record(self, board: BoardResult) -> None:
+        with self._lock:
+            self.result.boards.append(board)
+            self.write()
+
+    def finish(self, ordered: list[BoardResult], aborted: str | None, seconds: float) -> RolloutResult:
+        with self._lock:
+            self.result.boards, self.result.aborted = ordered, aborted
+            self.result.seconds, self.result.finished = seconds, True
+            self.write()
+        return self.result
+
+
+def _orchestrate(log: RolloutLog, waves: list[Wave], job: RunOne, fleet: FleetParams, max_failed: int,
+                 progress: Progress | None) -> RolloutResult:
+    started = time.perf_counter()
+
+    def one(board: Board) -> BoardResult:
+        result = safe_run(job, board)
+        log.record(result)
+        if progress is not None:
+            progress.done(result)
+        return result
+
+    try:
+        results, aborted = run_waves(waves, one, max_parallel=fleet.max_parallel, max_failed=max_failed)
+        for result in results:
+            if result.outcome == "skipped" and progress is not None:
+                progress.done(result)
+    finally:
+        if progress is not None:
+            progress.close()
+    return log.finish(results, aborted, time.perf_counter() - started)
+
+
+def rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRelease, fleet: FleetParams,
+            state_dir: Path, *, hooks: DeployHooks | None = None, progress: Progress | None = None,
+            rollout_id: str | None = None, deploy: Deploy = deploy_to) -> RolloutResult:
+    """Deploy `release` to `boards`: canary first, then waves; see the module docstring."""
+    rid = rollout_id or new_rollout_id("rollout")
+    settings = {"max_parallel": fleet.max_parallel, "max_failed_boards": fleet.max_failed_boards,
+                "keep_releases": fleet.keep_releases}
+    log = RolloutLog(state_dir, RolloutResult(rid, "deploy", release.name, release.version, _now(),
+                                              settings=settings))
+    board_hooks = progress.hooks(hooks) if progress is not None else hooks
+
+    def job(board: Board) -> BoardResult:
+        return deploy(board, inventory, release, fleet, rid, board_hooks, lambda o: log_finished(state_dir, o))
+
+    waves = plan_waves(boards, fleet.max_parallel)
+    return _orchestrate(log, waves, job, fleet, fleet.max_failed_boards, progress)
+
+
+def rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams, state_dir: Path, *,
+             to: str | None = None, progress: Progress | None = None) -> RolloutResult:
+    """Restore the previous release (or `to`) on `boards`, up to fleet.max_parallel at once; never aborts."""
+    rid = new_rollout_id("rollback")
+    log = RolloutLog(state_dir, RolloutResult(rid, "rollback", to or "previous", None, _now(),
+                                              settings={"max_parallel": fleet.max_parallel}))
+    hooks = progress.hooks() if progress is not None else None
+
+    def job(board: Board) -> BoardResult:
+        return rollback_on(board, inventory, fleet, rid, to, hooks, lambda o: log_finished(state_dir, o))
+
+    waves = [Wave("all", tuple(boards))]
+    return _orchestrate(log, waves, job, fleet, len(boards), progress)
+
+
+def render_rollout(result: RolloutResult) -> list[str]:
+    """Summary table lines: one row per board, then the totals and where the log is."""
+    header = ("board", "outcome", "live", "sent", "files", "linked", "seconds", "reason")
+    rows = [(r.board, r.outcome, r.live or "-", _size(r.bytes_sent), str(r.files_sent), str(r.files_linked),
+             f"{r.seconds:.2f}", f"{r.phase}: {r.reason}" if r.reason else "") for r in result.boards]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in [header, *rows]]
+    counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(result.counts().items()))
+    lines.append(f"{result.kind} {result.rollout_id} of {result.release}: {counts} in {result.seconds:.1f} s"
+                 + (f"; ABORTED: {result.aborted}" if result.aborted else ""))
+    if result.log_path is not None:
+        lines.append(f"result log: {result.log_path}")
+    return [line.rstrip() for line in lines]
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MB"

@@ -1,0 +1,225 @@
+"""Rollout logic that needs no board: release folders, spec parsing, waves and aborts, the result log,
+the progress lines and the summary table. Deploys on real sshd boards are in tests/integration."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from nativelm.evaluate.stage import RELEASE_MANIFEST, RUNTIME_FILE, _build_release
+from nativelm.fleet.deploy import BoardResult, DeployHooks, lock_age_s
+from nativelm.fleet.inventory import Board
+from nativelm.fleet.params import FleetParams
+from nativelm.fleet.progress import Progress
+from nativelm.fleet.release import RegistrySpec, ReleaseError, load_release, parse_spec
+from nativelm.fleet.rollout import (
+    Wave,
+    log_finished,
+    new_rollout_id,
+    plan_waves,
+    render_rollout,
+    rollout,
+    run_waves,
+)
+from nativelm.fsutil import sha256_file
+from tests.unit.runtime_model import Export
+
+
+def build_release(folder: Path, export_dir: Path, note: str = "test") -> Path:
+    """A release folder as `nativelm evaluate` builds it (same builder), from an export folder."""
+    _build_release(folder, export_dir, {"git_commit": "test", "note": note})
+    return folder
+
+
+def board(name: str, *groups: str) -> Board:
+    return Board(name=name, host="127.0.0.1", port=2200, user="nativelm", key="key", groups=list(groups))
+
+
+# --------------------------------------------------------------------------------------------
+# release folders
+
+
+@pytest.fixture(scope="module")
+def release_dir(export: Export, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_release(tmp_path_factory.mktemp("release") / "release", export.folder)
+
+
+def test_release_folder_is_described_and_named_by_its_manifest(release_dir: Path) -> None:
+    release = load_release(release_dir)
+    meta_sha = sha256_file(release_dir / RELEASE_MANIFEST)
+    assert release.name == f"sha-{meta_sha[:12]}"
+    assert set(release.files) == {"model.onnx", "tokenizer.json", "genai_config.json", "manifest.json",
+                                  RUNTIME_FILE, RELEASE_MANIFEST}
+    path, sha, size = release.files["model.onnx"]
+    assert (sha, size) == (sha256_file(path), path.stat().st_size)
+    assert release.total_bytes == sum(f.size for f in release.files.values())
+    assert load_release(release_dir, version=7).name == "v7"
+
+
+def test_release_folder_that_does_not_verify_is_refused(release_dir: Path, tmp_path: Path) -> None:
+    damaged = Path(shutil.copytree(release_dir, tmp_path / "damaged"))
+    with open(damaged / "tokenizer.json", "ab") as handle:
+        handle.write(b" ")
+    with pytest.raises(ReleaseError, match=r"hash mismatch: tokenizer\.json"):
+        load_release(damaged)
+    (damaged / "tokenizer.json").unlink()
+    with pytest.raises(ReleaseError, match=r"missing file tokenizer\.json"):
+        load_release(damaged)
+    with pytest.raises(ReleaseError, match="has no release.json"):
+        load_release(tmp_path)
+
+
+def test_release_json_with_unsafe_names_is_refused(release_dir: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(release_dir, tmp_path / "r"))
+    meta = json.loads((folder / RELEASE_MANIFEST).read_text())
+    meta["sha256"]["../escape"] = "0" * 64
+    (folder / RELEASE_MANIFEST).write_text(json.dumps(meta))
+    with pytest.raises(ReleaseError, match="not a plain file name"):
+        load_release(folder)
+
+
+def test_spec_parsing(release_dir: Path) -> None:
+    assert parse_spec("3", "nativelm") == RegistrySpec("nativelm", version=3)
+    assert parse_spec("models:/other/12", "nativelm") == RegistrySpec("other", version=12)
+    assert parse_spec("models:/nativelm@champion", "nativelm") == RegistrySpec("nativelm", alias="champion")
+    assert parse_spec("champion", "nativelm") == RegistrySpec("nativelm", alias="champion")
+    assert parse_spec(str(release_dir), "nativelm") == release_dir
+    assert parse_spec("models/release", "nativelm") == Path("models/release")  # a path, even if missing
+    assert str(RegistrySpec("nativelm", version=3)) == "models:/nativelm/3"
+
+
+# --------------------------------------------------------------------------------------------
+# waves and aborts
+
+
+def test_waves_put_canaries_first_then_chunks() -> None:
+    boards = [board("b1"), board("c1", "canary"), board("b2"), board("b3"), board("c2", "canary", "fleet"),
+              board("b4"), board("b5")]
+    waves = plan_waves(boards, max_parallel=2)
+    assert [(w.name, [b.name for b in w.boards], w.gate) for w in waves] == [
+        ("canary", ["c1", "c2"], True), ("wave 2", ["b1", "b2"], False), ("wave 3", ["b3", "b4"], False),
+        ("wave 4", ["b5"], False)]
+    assert [w.name for w in plan_waves([board("x"), board("y")], 4)] == ["wave 1"]
+
+
+def outcomes(failing: set[str], seen: list[str] | None = None):
+    def run_one(b: Board) -> BoardResult:
+        if seen is not None:
+            seen.append(b.name)
+        if b.name in failing:
+            return BoardResult(b.name, "failed", phase="upload", reason="boom")
+        return BoardResult(b.name, "updated")
+    return run_one
+
+
+def test_failed_canary_aborts_and_skips_the_rest() -> None:
+    waves = plan_waves([board("c1", "canary"), board("b1"), board("b2")], 4)
+    seen: list[str] = []
+    results, abort = run_waves(waves, outcomes({"c1"}, seen), max_parallel=4, max_failed=5)
+    assert seen == ["c1"]
+    assert abort == "canary failed on c1"
+    assert [(r.board, r.outcome) for r in results] == [("c1", "failed"), ("b1", "skipped"), ("b2", "skipped")]
+    assert "rollout aborted: canary failed on c1" in results[1].reason
+
+
+def test_abort_once_more_boards_failed_than_allowed() -> None:
+    waves = plan_waves([board(f"b{i}") for i in range(1, 7)], 2)
+    seen: list[str] = []
+    results, abort = run_waves(waves, outcomes({"b1", "b3"}, seen), max_parallel=2, max_failed=1)
+    assert sorted(seen) == ["b1", "b2", "b3", "b4"]  # the second failure ends wave 2; wave 3 never starts
+    assert abort is not None and "2 boards failed" in abort
+    assert [r.outcome for r in results] == ["failed", "updated", "failed", "updated", "skipped", "skipped"]
+    results, abort = run_waves(waves, outcomes({"b1"}), max_parallel=2, max_failed=1)
+    assert abort is None and [r.outcome for r in results].count("updated") == 5
+
+
+def test_waves_run_boards_in_parallel_up_to_the_bound() -> None:
+    barrier = threading.Barrier(3, timeout=30)  # passes only if 3 boards of one wave run at the same time
+
+    def run_one(b: Board) -> BoardResult:
+        barrier.wait()
+        return BoardResult(b.name, "updated")
+
+    results, abort = run_waves([Wave("w", tuple(board(f"b{i}") for i in range(3)))], run_one,
+                               max_parallel=3, max_failed=0)
+    assert abort is None and [r.outcome for r in results] == ["updated"] * 3
+
+
+def test_a_crashing_board_job_is_a_failed_board_not_a_crashed_rollout() -> None:
+    def run_one(b: Board) -> BoardResult:
+        raise KeyError("oops")
+
+    results, abort = run_waves(plan_waves([board("b1")], 1), run_one, max_parallel=1, max_failed=0)
+    assert (results[0].outcome, results[0].phase) == ("failed", "internal") and "KeyError" in results[0].reason
+    assert abort is not None
+
+
+# --------------------------------------------------------------------------------------------
+# the result log, progress and table
+
+
+def test_rollout_writes_the_result_log_and_reports_progress(release_dir: Path, tmp_path: Path) -> None:
+    release = load_release(release_dir, version=3)
+    boards = [board("c1", "canary"), board("b1"), board("b2")]
+    calls: list[tuple] = []
+
+    def fake_deploy(b, inventory, rel, fleet, owner, hooks, is_leftover) -> BoardResult:
+        calls.append((b.name, rel.name, owner))
+        hooks.on_phase(b.name, "upload", "model.onnx")
+        for sent in (0, 40, 80, 100):
+            hooks.on_progress(b.name, "model.onnx", sent, 100)
+        if b.name == "b2":
+            return BoardResult(b.name, "failed", phase="verify", reason="hash mismatch: model.onnx",
+                               release=rel.name, live="v2")
+        return BoardResult(b.name, "updated", release=rel.name, live=rel.name, bytes_sent=100, files_sent=1)
+
+    stream = io.StringIO()
+    seen_progress: list[int] = []
+    user_hooks = DeployHooks(on_progress=lambda b, f, sent, total: seen_progress.append(sent))
+    result = rollout(None, boards, release, FleetParams(max_parallel=1, max_failed_boards=0), tmp_path,
+                     hooks=user_hooks, progress=Progress([b.name for b in boards], stream, live=False),
+                     deploy=fake_deploy)
+    assert [c[0] for c in calls] == ["c1", "b1", "b2"] and {c[2] for c in calls} == {result.rollout_id}
+    assert seen_progress == [0, 40, 80, 100] * 3  # the caller's hooks still run behind the display
+    log = json.loads(result.log_path.read_text())
+    assert result.log_path == tmp_path / "rollouts" / f"{result.rollout_id}.json"
+    assert log["finished"] is True and log["release"] == "v3" and log["version"] == 3
+    assert log["aborted"] and "1 boards failed" in log["aborted"]
+    assert {b["board"]: (b["outcome"], b["reason"]) for b in log["boards"]} == {
+        "c1": ("updated", ""), "b1": ("updated", ""), "b2": ("failed", "hash mismatch: model.onnx")}
+    assert log_finished(tmp_path, result.rollout_id)
+    assert not result.ok and [r.board for r in result.failed] == ["b2"]
+    lines = stream.getvalue().splitlines()
+    assert "c1  upload         model.onnx 40%" in lines
+    assert "c1  upload         model.onnx 20%" not in lines  # plain lines only at each quarter
+    assert "b2  done           failed: verify: hash mismatch: model.onnx" in lines
+    table = render_rollout(result)
+    assert table[0].split() == ["board", "outcome", "live", "sent", "files", "linked", "seconds", "reason"]
+    assert table[3].startswith("b2") and table[3].endswith("verify: hash mismatch: model.onnx")
+    assert "1 failed, 2 updated" in table[-2] and "ABORTED" in table[-2]
+
+
+def test_log_finished_only_for_finished_rollouts_of_this_controller(tmp_path: Path) -> None:
+    rid = new_rollout_id()
+    (tmp_path / "rollouts").mkdir()
+    (tmp_path / "rollouts" / f"{rid}.json").write_text(json.dumps({"finished": False}))
+    assert not log_finished(tmp_path, rid)
+    (tmp_path / "rollouts" / f"{rid}.json").write_text(json.dumps({"finished": True}))
+    assert log_finished(tmp_path, rid)
+    assert not log_finished(tmp_path, "../rollouts/" + rid)  # owners come from boards: never a path
+    assert not log_finished(tmp_path, "rollout-20250101-000000-abcdef")
+
+
+def test_lock_age_reads_iso_and_epoch_times() -> None:
+    import time
+    from datetime import datetime, timezone
+
+    iso = datetime.fromtimestamp(time.time() - 100, timezone.utc).isoformat(timespec="seconds")
+    assert 98 < lock_age_s({"since": iso}) < 200
+    assert 48 < lock_age_s({"since": time.time() - 50}) < 150
+    assert lock_age_s({"since": "yesterday"}) is None and lock_age_s({}) is None
