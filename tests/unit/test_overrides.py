@@ -64,7 +64,7 @@ def test_applied_during_the_block_and_restored_after(params_file: Path) -> None:
 
 def test_restored_when_the_run_fails(params_file: Path) -> None:
     before = params_file.read_bytes()
-    with pytest.raises(RuntimeError), overridden_params(params_file, {"train.max_steps": 7}):
+    with pytest.raises(RuntimeError), overridden_params(params_file, {"train.max_steps": 70}):
         raise RuntimeError("stage failed")
     assert params_file.read_bytes() == before
 
