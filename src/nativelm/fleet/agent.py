@@ -1,0 +1,508 @@
+"""nativelm-agent: the board side of the fleet (standard library only, Python 3.9 or newer, one file).
+
+Installed on each board as ``<root>/bin/nativelm-agent.py`` and run over SSH as
+``python3 nativelm-agent.py COMMAND ARGS``; ``<root>`` is the folder above ``bin/`` (or
+``--root DIR`` given before the command, as when the controller pipes this file to ``python3 -``).
+Every command prints one JSON object on stdout and exits 0; a failure prints one line
+``error: ...`` on stderr and exits 1. Every argument is validated here as well as on the controller.
+
+Layout under <root>::
+
+    releases/<release>/...   one folder per release (files arrive as NAME.part, then are renamed)
+    current, previous        symlinks to releases/<release>, swapped atomically
+    venv/                    the runtime virtualenv (venv/.nativelm-packages: the pins installed)
+    wheels/                  the wheelhouse provisioning installs from
+    bin/                     this agent
+    lock/owner.json          present while a rollout holds the board
+    bench/<release>.json     the last on-board benchmark of each release
+
+Commands: facts, hashes RELEASE, wheel-hashes, link RELEASE NAME SHA256, verify RELEASE,
+remove RELEASE NAME, discard RELEASE, lock OWNER STALE_S, unlock OWNER, activate RELEASE,
+rollback [RELEASE], prune KEEP, save-bench RELEASE (JSON on stdin).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+_SOURCE = str(globals().get("__file__", "<stdin>"))
+FROM_STDIN = _SOURCE.startswith("<")  # `python3 - --root DIR ...`: this file was piped in
+AGENT_FILE = Path(_SOURCE).resolve()  # on the controller: this module, the file ensure_agent uploads
+RELEASE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+FILE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+OWNER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+RELEASE_MANIFEST = "release.json"
+PACKAGES_FILE = ".nativelm-packages"
+PART = ".part"
+
+
+class AgentError(Exception):
+    """A failure reported as one `error: ...` line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments and paths
+
+
+def _check(pattern: "re.Pattern[str]", value: str, what: str) -> str:
+    if not pattern.fullmatch(value) or value in (".", ".."):
+        raise AgentError("bad {}: {!r} (allowed: {})".format(what, value, pattern.pattern))
+    return value
+
+
+def release_name(value: str) -> str:
+    """A release name (the same pattern as the controller's RELEASE_PATTERN)."""
+    return _check(RELEASE_PATTERN, value, "release name")
+
+
+def file_name(value: str) -> str:
+    """A plain file name: no folders, no leading dot."""
+    return _check(FILE_PATTERN, value, "file name")
+
+
+def number(value: str, what: str, minimum: float) -> float:
+    try:
+        result = float(value)
+    except ValueError:
+        raise AgentError("bad {}: {!r} is not a number".format(what, value)) from None
+    if not result >= minimum or result != result or result == float("inf"):
+        raise AgentError("bad {}: {!r} (must be a finite number >= {:g})".format(what, value, minimum))
+    return result
+
+
+class Layout:
+    """The folders and links under one root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.releases = root / "releases"
+        self.current = root / "current"
+        self.previous = root / "previous"
+        self.lock = root / "lock"
+        self.bench = root / "bench"
+        self.wheels = root / "wheels"
+        self.venv = root / "venv"
+
+    def release(self, name: str) -> Path:
+        return self.releases / release_name(name)
+
+    def link_target(self, link: Path) -> Optional[str]:
+        """The release name a `current`/`previous` link points to, or None."""
+        try:
+            target = os.readlink(str(link))
+        except OSError:
+            return None
+        name = os.path.basename(target.rstrip("/"))
+        return name if RELEASE_PATTERN.fullmatch(name) else None
+
+    def release_names(self) -> List[str]:
+        """Release folders, oldest first (by last change: upload or activation), ties by name."""
+        if not self.releases.is_dir():
+            return []
+        found = [p for p in self.releases.iterdir() if p.is_dir() and not p.is_symlink()
+                 and RELEASE_PATTERN.fullmatch(p.name)]
+        found.sort(key=lambda p: (p.stat().st_mtime, p.name))
+        return [p.name for p in found]
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(str(path), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, str(path))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder: renamed aside first, so a half-deleted folder never keeps its name."""
+    if not path.exists() and not path.is_symlink():
+        return
+    aside = path.with_name(".{}.del-{}".format(path.name, os.getpid()))
+    os.rename(str(path), str(aside))
+    shutil.rmtree(str(aside), ignore_errors=True)
+
+
+def point_link(link: Path, target: str) -> None:
+    """Make `link` a symlink to `target` atomically (a new link under a temp name, then rename)."""
+    tmp = link.with_name(".{}.tmp-{}".format(link.name, os.getpid()))
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, str(tmp))
+    os.replace(str(tmp), str(link))
+
+
+def complete_files(folder: Path) -> Dict[str, Path]:
+    """Regular files with valid names that are not partial uploads."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir())
+            if FILE_PATTERN.fullmatch(p.name) and not p.name.endswith(PART) and p.is_file() and not p.is_symlink()}
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(str(path), encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise AgentError("cannot read {}: {}".format(path, exc)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_facts(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    _no_args(args, "facts")
+    current = lay.link_target(lay.current)
+    probe = lay.root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    bench = read_json(lay.bench / (current + ".json")) if current else None
+    packages = read_json(lay.venv / PACKAGES_FILE)
+    return {
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "libc": "-".join(x for x in platform.libc_ver() if x),
+        "free_disk_mb": shutil.disk_usage(str(probe)).free // (1 << 20),
+        "current": current,
+        "previous": lay.link_target(lay.previous),
+        "releases": lay.release_names(),
+        "runtime_python": (lay.venv / "bin" / "python").exists(),
+        "runtime_packages": packages if isinstance(packages, list) else None,
+        "lock": _lock_owner(lay),
+        "last_bench": bench if isinstance(bench, dict) else None,
+    }
+
+
+def _hashes(folder: Path) -> Dict[str, str]:
+    return {name: sha256_file(path) for name, path in complete_files(folder).items()}
+
+
+def cmd_hashes(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    (release,) = _args(args, "hashes RELEASE", 1)
+    folder = lay.release(release)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = {}
+    for path in sorted(folder.iterdir()):
+        base = path.name[: -len(PART)]
+        if path.name.endswith(PART) and FILE_PATTERN.fullmatch(base) and path.is_file() and not path.is_symlink():
+            partial[base] = path.stat().st_size
+    return {"files": _hashes(folder), "partial": partial}
+
+
+def cmd_wheel_hashes(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    _no_args(args, "wheel-hashes")
+    lay.wheels.mkdir(parents=True, exist_ok=True)
+    return {"files": _hashes(lay.wheels)}
+
+
+def cmd_link(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    release, name, sha = _args(args, "link RELEASE NAME SHA256", 3)
+    release_name(release), file_name(name), _check(SHA256_PATTERN, sha, "sha256")
+    target = lay.release(release) / name
+    if target.is_file() and sha256_file(target) == sha:
+        return {"linked": True, "from": release}
+    source = _find_by_hash(lay, release, name, sha)
+    if source is None:
+        return {"linked": False}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(".{}.link-{}".format(name, os.getpid()))
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(str(source), str(tmp))
+    except OSError:
+        shutil.copyfile(str(source), str(tmp))
+    os.replace(str(tmp), str(target))
+    return {"linked": True, "from": source.parent.name}
+
+
+def _find_by_hash(lay: Layout, release: str, name: str, sha: str) -> Optional[Path]:
+    """A complete file with this sha256 in another release: same name first, then any name of equal size."""
+    others = [r for r in reversed(lay.release_names()) if r != release]
+    for other in others:
+        path = lay.releases / other / name
+        if path.is_file() and not path.is_symlink() and sha256_file(path) == sha:
+            return path
+    for other in others:
+        for candidate_name, path in complete_files(lay.releases / other).items():
+            if candidate_name != name and sha256_file(path) == sha:
+                return path
+    return None
+
+
+def verify_release(lay: Layout, release: str) -> int:
+    """Check every file release.json lists; return how many files were checked (release.json included)."""
+    folder = lay.release(release)
+    if not folder.is_dir():
+        raise AgentError("no release {} on this board".format(release))
+    manifest = read_json(folder / RELEASE_MANIFEST)
+    if manifest is None:
+        raise AgentError("missing file: " + RELEASE_MANIFEST)
+    listed = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or not listed:
+        raise AgentError("{} has no \"sha256\" map of the release's files".format(RELEASE_MANIFEST))
+    problems = []
+    for name in sorted(listed):
+        if not isinstance(name, str) or not FILE_PATTERN.fullmatch(name) or name == RELEASE_MANIFEST:
+            raise AgentError("bad file name in {}: {!r}".format(RELEASE_MANIFEST, name))
+        path = folder / name
+        if not path.is_file():
+            problems.append("missing file: " + name)
+        elif sha256_file(path) != listed[name]:
+            problems.append("hash mismatch: " + name)
+    if problems:
+        raise AgentError("; ".join(problems))
+    return len(listed) + 1
+
+
+def cmd_verify(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    (release,) = _args(args, "verify RELEASE", 1)
+    return {"ok": True, "files": verify_release(lay, release)}
+
+
+def cmd_remove(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    release, name = _args(args, "remove RELEASE NAME", 2)
+    folder = lay.release(release)
+    removed = False
+    for path in (folder / file_name(name), folder / (name + PART)):
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed = True
+    return {"removed": removed}
+
+
+def cmd_discard(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    (release,) = _args(args, "discard RELEASE", 1)
+    folder = lay.release(release)
+    for link in (lay.current, lay.previous):
+        if lay.link_target(link) == release:
+            raise AgentError("release {} is {}: not discarded".format(release, link.name))
+    existed = folder.is_dir()
+    remove_tree(folder)
+    return {"discarded": existed}
+
+
+def _lock_owner(lay: Layout) -> Optional[Dict[str, Any]]:
+    """owner.json of the lock, {"owner": "unknown", ...} for a lock without one, None when unlocked."""
+    if not lay.lock.is_dir():
+        return None
+    try:
+        owner = read_json(lay.lock / "owner.json")
+    except AgentError:
+        owner = None
+    if isinstance(owner, dict) and isinstance(owner.get("owner"), str) and isinstance(owner.get("since"), str):
+        return owner
+    try:
+        since = lay.lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return {"owner": "unknown", "since": _iso(since)}
+
+
+def _iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _age_s(since: str) -> float:
+    try:
+        then = datetime.datetime.fromisoformat(since).timestamp()
+    except ValueError:
+        return float("inf")  # unreadable: treat as stale
+    return time.time() - then
+
+
+def cmd_lock(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    owner, stale = _args(args, "lock OWNER STALE_S", 2)
+    _check(OWNER_PATTERN, owner, "lock owner")
+    stale_s = number(stale, "STALE_S", 0)
+    took_over = False
+    for _ in range(3):
+        try:
+            lay.lock.mkdir(parents=False)
+        except FileExistsError:
+            held = _lock_owner(lay)
+            if held is None:
+                continue  # released meanwhile: try again
+            if held["owner"] == owner:
+                return {"locked": True, "took_over": False}
+            if _age_s(held["since"]) < stale_s:
+                raise AgentError("locked by {} since {}".format(held["owner"], held["since"]))
+            try:  # stale: only one of several takers wins this rename
+                aside = lay.root / ".lock.stale-{}".format(os.getpid())
+                os.rename(str(lay.lock), str(aside))
+            except OSError:
+                continue
+            shutil.rmtree(str(aside), ignore_errors=True)
+            took_over = True
+            continue
+        except FileNotFoundError:
+            lay.root.mkdir(parents=True, exist_ok=True)
+            continue
+        payload = {"owner": owner, "since": _iso(time.time()), "pid": os.getpid()}
+        write_atomic(lay.lock / "owner.json", json.dumps(payload).encode())
+        return {"locked": True, "took_over": took_over}
+    raise AgentError("could not take the lock (it changed hands while trying)")
+
+
+def cmd_unlock(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    (owner,) = _args(args, "unlock OWNER", 1)
+    _check(OWNER_PATTERN, owner, "lock owner")
+    held = _lock_owner(lay)
+    if held is None or held["owner"] != owner:
+        return {"unlocked": False}
+    remove_tree(lay.lock)
+    return {"unlocked": True}
+
+
+def _swap(lay: Layout, release: str) -> Dict[str, Any]:
+    """current := release, previous := the release it replaces (unchanged if it already was current)."""
+    old = lay.link_target(lay.current)
+    if old == release:
+        return {"current": release, "previous": lay.link_target(lay.previous), "changed": False}
+    if old is not None:
+        point_link(lay.previous, "releases/" + old)
+    point_link(lay.current, "releases/" + release)
+    os.utime(str(lay.release(release)))  # the live release is the newest, for prune
+    return {"current": release, "previous": old, "changed": True}
+
+
+def cmd_activate(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    (release,) = _args(args, "activate RELEASE", 1)
+    folder = lay.release(release)
+    if not (folder / RELEASE_MANIFEST).is_file():
+        raise AgentError("no complete release {} on this board (missing {})".format(release, RELEASE_MANIFEST))
+    return _swap(lay, release)
+
+
+def cmd_rollback(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    if len(args) > 1:
+        raise AgentError("usage: rollback [RELEASE]")
+    target = release_name(args[0]) if args else lay.link_target(lay.previous)
+    if target is None:
+        raise AgentError("nothing to roll back to: no previous release")
+    try:
+        verify_release(lay, target)
+    except AgentError as exc:
+        raise AgentError("cannot roll back to {}: {}".format(target, exc)) from None
+    return _swap(lay, target)
+
+
+def cmd_prune(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    (keep,) = _args(args, "prune KEEP", 1)
+    keep_n = int(number(keep, "KEEP", 1))
+    names = lay.release_names()
+    protected = {lay.link_target(lay.current), lay.link_target(lay.previous)}
+    removed = []
+    for name in names:  # oldest first
+        if len(names) - len(removed) <= keep_n:
+            break
+        if name in protected:
+            continue
+        remove_tree(lay.releases / name)
+        bench = lay.bench / (name + ".json")
+        if bench.exists():
+            bench.unlink()
+        removed.append(name)
+    return {"removed": removed, "kept": [n for n in names if n not in removed]}
+
+
+def cmd_save_bench(lay: Layout, args: List[str]) -> Dict[str, Any]:
+    (release,) = _args(args, "save-bench RELEASE", 1)
+    release_name(release)
+    try:
+        result = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AgentError("save-bench: stdin is not JSON: {}".format(exc)) from None
+    if not isinstance(result, dict):
+        raise AgentError("save-bench: stdin must hold one JSON object")
+    write_atomic(lay.bench / (release + ".json"), json.dumps(result, indent=2).encode())
+    return {"saved": True}
+
+
+def _args(args: List[str], usage: str, n: int) -> List[str]:
+    if len(args) != n:
+        raise AgentError("usage: " + usage)
+    return args
+
+
+def _no_args(args: List[str], usage: str) -> None:
+    _args(args, usage, 0)
+
+
+COMMANDS: Dict[str, Callable[[Layout, List[str]], Dict[str, Any]]] = {
+    "facts": cmd_facts,
+    "hashes": cmd_hashes,
+    "wheel-hashes": cmd_wheel_hashes,
+    "link": cmd_link,
+    "verify": cmd_verify,
+    "remove": cmd_remove,
+    "discard": cmd_discard,
+    "lock": cmd_lock,
+    "unlock": cmd_unlock,
+    "activate": cmd_activate,
+    "rollback": cmd_rollback,
+    "prune": cmd_prune,
+    "save-bench": cmd_save_bench,
+}
+
+
+def main(argv: List[str]) -> int:
+    """Run one command; print its JSON (exit 0) or one `error:` line (exit 1)."""
+    try:
+        root = None if FROM_STDIN else AGENT_FILE.parent.parent
+        if argv[:1] == ["--root"]:
+            if len(argv) < 2 or not os.path.isabs(argv[1]):
+                raise AgentError("--root needs an absolute folder")
+            root, argv = Path(argv[1]), argv[2:]
+        if root is None:
+            raise AgentError("--root DIR is needed when the agent is read from stdin")
+        if not argv or argv[0] not in COMMANDS:
+            raise AgentError("usage: nativelm-agent.py COMMAND ARGS (commands: {})".format(", ".join(COMMANDS)))
+        reply = COMMANDS[argv[0]](Layout(root), argv[1:])
+    except AgentError as exc:
+        print("error: {}".format(exc).replace("\n", " "), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print("error: {}: {}".format(exc.filename or "", exc.strerror or exc).replace("\n", " "), file=sys.stderr)
+        return 1
+    print(json.dumps(reply))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

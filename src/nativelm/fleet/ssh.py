@@ -1,0 +1,412 @@
+"""One SSH session to one board (paramiko): pinned host keys, key authentication, quoted commands, uploads.
+
+Security rules kept here so no caller can forget them:
+- host keys come only from the inventory's pinned known_hosts file (never ~/.ssh/known_hosts,
+  never the system's); an unknown key or a changed key is refused (:class:`HostKeyError`) and
+  nothing is ever added to the file;
+- authentication is by the inventory's private key only (no agent, no ~/.ssh key search, no
+  password);
+- every argv element is quoted with shlex.quote before it reaches the remote shell, and remote
+  paths are built from validated parts only (:meth:`BoardSession.path`);
+- no key material reaches a message, a log or an exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import io
+import json
+import posixpath
+import re
+import select
+import shlex
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import paramiko
+
+from nativelm.errors import NativelmError, ParamsError
+
+if TYPE_CHECKING:
+    from nativelm.fleet.inventory import Board, Inventory
+    from nativelm.fleet.params import FleetParams
+
+PART_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one component of a remote path
+_HOME_PATTERN = re.compile(r"/[A-Za-z0-9._/@+-]*")
+AGENT_REMOTE = ("bin", "nativelm-agent.py")  # where ensure_agent puts the agent, under the root
+_CHUNK = 256 * 1024
+
+
+class BoardError(NativelmError):
+    """Something failed on or while talking to one board; `phase` says what was being done."""
+
+    def __init__(self, board: str, phase: str, reason: str) -> None:
+        self.board = board
+        self.phase = phase
+        self.reason = reason
+        super().__init__(f"board {board}: {phase}: {reason}")
+
+    def __reduce__(self):  # picklable across processes despite the three-argument constructor
+        return (type(self), (self.board, self.phase, self.reason))
+
+
+class HostKeyError(BoardError):
+    """The board's host key is not pinned, or differs from the pinned one: the connection is refused."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Exit status and decoded output of one remote command."""
+
+    rc: int
+    stdout: str
+    stderr: str
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """`SHA256:...` as `ssh-keygen -lf` and `ssh` print it."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of `text` (stripped), or ''."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+class _RefuseUnknown(paramiko.RejectPolicy):
+    """RejectPolicy that says which key was offered and where it would have to be pinned."""
+
+    def __init__(self, board: str, known_hosts: Path) -> None:
+        self.board = board
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise HostKeyError(self.board, "host key",
+                           f"{hostname} offered {key.get_name()} key {fingerprint(key)}, which is not pinned in "
+                           f"{self.known_hosts}: refused (verify the fingerprint out of band, then add the key "
+                           f"there)")
+
+
+def _connect_reason(exc: BaseException, board: Board, timeout: float) -> str:
+    where = f"{board.host}:{board.port}"
+    if isinstance(exc, paramiko.AuthenticationException):
+        return f"key authentication failed for user {board.user} at {where}"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"no answer from {where} within {timeout:g} s"
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return f"connection refused by {where}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host {board.host}: {exc.strerror}"
+    if isinstance(exc, OSError):
+        return f"{where}: {exc.strerror or exc}"
+    return f"{where}: {exc}"
+
+
+def load_private_key(path: Path, board: str) -> paramiko.PKey:
+    """The inventory's private key for `board` (BoardError naming the file, never its contents)."""
+    try:
+        return paramiko.PKey.from_path(path)
+    except FileNotFoundError:
+        reason = f"private key not found: {path}"
+    except PermissionError:
+        reason = f"cannot read private key {path}: permission denied"
+    except paramiko.PasswordRequiredException:
+        reason = f"private key {path} is encrypted; use a key without a passphrase for the fleet"
+    except (paramiko.SSHException, ValueError, OSError) as exc:
+        reason = f"cannot load private key {path}: {type(exc).__name__}"
+    raise BoardError(board, "connect", reason)
+
+
+class BoardSession:
+    """A context manager holding one SSH connection to `board`; see the module docstring for the rules."""
+
+    def __init__(self, board: Board, inventory: Inventory, fleet: FleetParams) -> None:
+        parts = fleet.remote_root.strip("/").split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise ParamsError(f"fleet.remote_root: {fleet.remote_root!r} must be a plain relative folder "
+                              f"(no '.', '..' or empty parts)")
+        self.board = board
+        self.inventory = inventory
+        self.fleet = fleet
+        self.home = ""
+        self.root = ""
+        self._root_parts = parts
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+
+    # ---- connection
+
+    def __enter__(self) -> BoardSession:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Connect and authenticate; learn the remote home. BoardError / HostKeyError on failure."""
+        board, fleet = self.board, self.fleet
+        pkey = load_private_key(self.inventory.key_path(board), board.name)
+        client = paramiko.SSHClient()
+        try:
+            client.get_host_keys().load(str(self.inventory.known_hosts))  # the pinned file only
+        except (OSError, paramiko.SSHException) as exc:
+            raise BoardError(board.name, "connect", f"cannot read known_hosts {self.inventory.known_hosts}: "
+                                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+        client.set_missing_host_key_policy(_RefuseUnknown(board.name, self.inventory.known_hosts))
+        timeout = fleet.connect_timeout_s
+        try:
+            client.connect(board.host, port=board.port, username=board.user, pkey=pkey, timeout=timeout,
+                           banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout,
+                           allow_agent=False, look_for_keys=False)
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyError(board.name, "host key",
+                               f"the key of {board.address} changed: pinned {exc.expected_key.get_name()} "
+                               f"{fingerprint(exc.expected_key)}, offered {exc.key.get_name()} "
+                               f"{fingerprint(exc.key)}; refused (if the board was reinstalled, verify the new "
+                               f"fingerprint out of band and replace the line in {self.inventory.known_hosts})"
+                               ) from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            client.close()
+            raise BoardError(board.name, "connect", _connect_reason(exc, board, timeout)) from None
+        transport = client.get_transport()
+        if transport is not None and fleet.keepalive_s:
+            transport.set_keepalive(fleet.keepalive_s)
+        self._client = client
+        try:
+            self._learn_home()
+        except BaseException:
+            self.close()
+            raise
+
+    def _learn_home(self) -> None:
+        home = last_line(self.run(["printenv", "HOME"], timeout=self.fleet.connect_timeout_s).stdout)
+        if not _HOME_PATTERN.fullmatch(home) or ".." in home.split("/"):
+            raise BoardError(self.board.name, "connect", f"unusable home folder {home!r} (expected an absolute "
+                                                         f"path of letters, digits and ._/@+-)")
+        self.home = home.rstrip("/") or "/"
+        self.root = posixpath.join(self.home, *self._root_parts)
+
+    def close(self) -> None:
+        """Close the SFTP channel and the connection (safe to call twice)."""
+        if self._sftp is not None:
+            self._sftp.close()
+            self._sftp = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _require_client(self) -> paramiko.SSHClient:
+        if self._client is None:
+            raise BoardError(self.board.name, "connect", "not connected")
+        return self._client
+
+    # ---- paths
+
+    def path(self, *parts: str) -> str:
+        """Absolute remote path under the root; each part one plain component of a strict alphabet."""
+        for part in parts:
+            if not PART_PATTERN.fullmatch(part) or part == "..":
+                raise BoardError(self.board.name, "path", f"refused remote path component {part!r} "
+                                                          f"(allowed: {PART_PATTERN.pattern})")
+        return posixpath.join(self.root, *parts)
+
+    @property
+    def runtime_python(self) -> str:
+        """The board runtime's interpreter, inside the provisioned virtualenv."""
+        return self.path("venv", "bin", "python")
+
+    @property
+    def agent_path(self) -> str:
+        """Where the board-side agent lives (installed by provision.ensure_agent)."""
+        return self.path(*AGENT_REMOTE)
+
+    # ---- commands
+
+    def run(self, argv: Sequence[str], *, timeout: float | None = None, check: bool = True,
+            stdin: bytes | None = None) -> CommandResult:
+        """Run argv (each element shell-quoted) and collect its output.
+
+        Timeout (default fleet.command_timeout_s) → BoardError phase "command"; with `check`, a
+        non-zero exit → BoardError(phase=argv[0]'s name, reason=last stderr line).
+        """
+        if not argv:
+            raise ValueError("empty argv")
+        limit = self.fleet.command_timeout_s if timeout is None else timeout
+        command = " ".join(shlex.quote(str(arg)) for arg in argv)
+        try:
+            channel = self._require_client().get_transport().open_session(timeout=self.fleet.connect_timeout_s)
+        except (paramiko.SSHException, OSError, EOFError, AttributeError) as exc:
+            raise BoardError(self.board.name, "command", f"cannot open a channel: {exc or type(exc).__name__}"
+                             ) from None
+        try:
+            channel.exec_command(command)
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+            out, err = _collect(channel, time.monotonic() + limit)
+            if out is None:
+                raise BoardError(self.board.name, "command", f"timed out after {limit:g} s")
+            rc = channel.recv_exit_status()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise BoardError(self.board.name, "command", f"connection lost: {exc or type(exc).__name__}") from None
+        finally:
+            channel.close()
+        result = CommandResult(rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+        if check and rc != 0:
+            reason = last_line(result.stderr) or f"exit status {rc}"
+            raise BoardError(self.board.name, posixpath.basename(str(argv[0])), reason)
+        return result
+
+    def agent(self, command: str, *args: str, stdin: bytes | None = None, timeout: float | None = None,
+              inline: bool = False) -> dict:
+        """Run one board-agent command; return the JSON object it printed.
+
+        `inline`: run this controller's copy of the agent fed through stdin (`python - --root ROOT`),
+        for read-only commands on boards not provisioned yet (no stdin of its own then).
+        """
+        if inline:
+            if stdin is not None:
+                raise ValueError("an inline agent command cannot take stdin")
+            from nativelm.fleet.agent import AGENT_FILE
+
+            argv = [self.board.python, "-", "--root", self.root, command, *args]
+            stdin = AGENT_FILE.read_bytes()
+        else:
+            argv = [self.board.python, self.agent_path, command, *args]
+        result = self.run(argv, stdin=stdin, timeout=timeout, check=False)
+        if result.rc != 0:
+            errors = [line.strip()[len("error:"):].strip() for line in result.stderr.splitlines()
+                      if line.strip().startswith("error:")]
+            reason = errors[-1] if errors else last_line(result.stderr) or f"exit status {result.rc}"
+            raise BoardError(self.board.name, command, reason)
+        try:
+            reply = json.loads(result.stdout)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise BoardError(self.board.name, command,
+                             f"the agent printed no JSON object (got {result.stdout[:80]!r})")
+        return reply
+
+    # ---- files
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        """The session's SFTP channel, opened on first use."""
+        if self._sftp is None:
+            try:
+                self._sftp = self._require_client().open_sftp()
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise BoardError(self.board.name, "sftp", f"cannot open SFTP: {exc or type(exc).__name__}") from None
+        return self._sftp
+
+    def remote_size(self, remote: str) -> int | None:
+        """Size of a remote file, or None when there is none."""
+        try:
+            return self.sftp.stat(remote).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if getattr(exc, "errno", None) == errno.ENOENT:
+                return None
+            raise BoardError(self.board.name, "sftp", f"cannot stat {remote}: {exc}") from None
+
+    def put_file(self, local: Path, remote: str, *, progress: Callable[[int], None] | None = None,
+                 resume: bool = True) -> int:
+        """Upload `local` to `remote` through `remote.part` (renamed into place when complete).
+
+        A `.part` left by an interrupted upload, no larger than the local file, is continued from its
+        size (`resume=False` starts over). Returns the bytes sent by this call; `progress` gets the
+        bytes sent so far by this call after each chunk.
+        """
+        local = Path(local)
+        size = local.stat().st_size
+        part = remote + ".part"
+        offset = self.remote_size(part) if resume else None
+        if offset is None or offset > size:
+            offset = 0
+        sent = 0
+        try:
+            with open(local, "rb") as source, self.sftp.open(part, "r+b" if offset else "wb") as target:
+                target.set_pipelined(True)
+                source.seek(offset)
+                target.seek(offset)
+                while block := source.read(_CHUNK):
+                    target.write(block)
+                    sent += len(block)
+                    if progress is not None:
+                        progress(sent)
+            final = self.sftp.stat(part).st_size
+            if final != size:
+                raise BoardError(self.board.name, "upload", f"{remote}: {final} bytes arrived of {size}")
+            self.sftp.posix_rename(part, remote)
+        except BoardError:
+            raise
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise BoardError(self.board.name, "upload", self._upload_failure(remote, size - offset - sent, exc)
+                             ) from None
+        return sent
+
+    def write_bytes(self, remote: str, data: bytes) -> None:
+        """Write a small remote file atomically (through `remote.part` and a rename)."""
+        try:
+            with self.sftp.open(remote + ".part", "wb") as target:
+                target.write(data)
+            self.sftp.posix_rename(remote + ".part", remote)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise BoardError(self.board.name, "upload", self._upload_failure(remote, len(data), exc)) from None
+
+    def read_bytes(self, remote: str, limit: int = 1 << 20) -> bytes | None:
+        """A small remote file's contents (None when it does not exist; at most `limit` bytes)."""
+        try:
+            with self.sftp.open(remote, "rb") as source:
+                return source.read(limit)
+        except FileNotFoundError:
+            return None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise BoardError(self.board.name, "sftp", f"cannot read {remote}: {exc}") from None
+
+    def _upload_failure(self, remote: str, still_to_send: int, exc: BaseException) -> str:
+        """'FILE: no space left on device ...' when the board's disk is the cause, else the error."""
+        free = self._free_bytes(posixpath.dirname(remote))
+        if getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < max(still_to_send, 1) + 65536):
+            shown = "" if free is None else f" ({free / 2**20:.1f} MiB free, {still_to_send / 2**20:.1f} MiB to go)"
+            return f"{remote}: no space left on device{shown}"
+        return f"{remote}: {exc or type(exc).__name__}"
+
+    def _free_bytes(self, folder: str) -> int | None:
+        try:
+            result = self.run(["df", "-Pk", folder], check=False, timeout=self.fleet.connect_timeout_s)
+            return int(result.stdout.splitlines()[-1].split()[3]) * 1024
+        except (BoardError, ValueError, IndexError):
+            return None
+
+
+def _collect(channel: paramiko.Channel, deadline: float) -> tuple[bytes | None, bytes]:
+    """Read stdout and stderr until the command exits; (None, stderr) if the deadline passes first."""
+    out, err = io.BytesIO(), io.BytesIO()
+    while True:
+        while channel.recv_ready():
+            out.write(channel.recv(_CHUNK))
+        while channel.recv_stderr_ready():
+            err.write(channel.recv_stderr(_CHUNK))
+        if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+            if channel.eof_received or channel.closed:
+                return out.getvalue(), err.getvalue()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None, err.getvalue()
+        select.select([channel], [], [], min(left, 0.5))
