@@ -10,7 +10,7 @@ Layout under <root>::
 
     releases/<release>/...   one folder per release (files arrive as NAME.part, then are renamed)
     current, previous        symlinks to releases/<release>, swapped atomically
-    venv/                    the runtime virtualenv (venv/.nativelm-packages: the pins installed)
+    venv/                    the runtime virtualenv (venv/nativelm-packages.json: the pins installed)
     wheels/                  the wheelhouse provisioning installs from
     bin/                     this agent
     lock/owner.json          present while a rollout holds the board
@@ -44,7 +44,7 @@ FILE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 OWNER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 RELEASE_MANIFEST = "release.json"
-PACKAGES_FILE = ".nativelm-packages"
+PACKAGES_FILE = "nativelm-packages.json"
 PART = ".part"
 
 

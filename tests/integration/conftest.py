@@ -1,0 +1,69 @@
+"""Integration fixtures: a simulated fleet of real sshd boards, provisioned once per test session.
+
+`sim_fleet` is shared by every test that asks for it: leave it as you found it (boards running,
+host keys as pinned). Tests that break boards (kill them, rotate host keys, fill disks) build their
+own fleet with `make_sim_fleet` instead.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from nativelm.config import Params
+from nativelm.fleet.inventory import Inventory, load_inventory
+from nativelm.fleet.params import FleetParams, SimParams
+from nativelm.fleet.provision import provision
+from nativelm.fleet.sim import sim_down, sim_up
+from nativelm.stack.params import StackParams
+from nativelm.stack.process import port_in_use
+
+
+class SimFleet(NamedTuple):
+    """A running simulated fleet: its parameters and its loaded inventory."""
+
+    params: Params
+    inventory: Inventory
+
+
+def free_port_block(n: int) -> int:
+    """The first of `n` consecutive loopback ports nobody listens on right now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - n)
+        if not any(port_in_use("127.0.0.1", base + i) for i in range(n)):
+            return base
+    raise RuntimeError(f"no {n} consecutive free loopback ports found")
+
+
+def sim_params(root: Path, boards: int = 3, canary: int = 1, **fleet: object) -> Params:
+    """Params whose simulated fleet, inventory and state all live under `root`, on free ports."""
+    sim = SimParams(boards=boards, canary=canary, base_port=free_port_block(boards), dir=str(root / "sim"))
+    return Params(stack=StackParams(state_dir=str(root / "state")),
+                  fleet=FleetParams(inventory=str(root / "sim" / "fleet.yaml"), sim=sim, **fleet))
+
+
+def make_sim_fleet(root: Path, boards: int = 3, canary: int = 1, provisioned: bool = True,
+                   **fleet: object) -> SimFleet:
+    """Start a simulated fleet under `root` (stop it with `sim_down(fleet.params)`); provision it if asked."""
+    params = sim_params(root, boards, canary, **fleet)
+    sim_up(params)
+    inventory = load_inventory(params.fleet.inventory)
+    if provisioned:
+        results = provision(inventory, inventory.boards, params.fleet, Path(params.stack.state_dir))
+        failed = [f"{r.board}: {r.error}" for r in results if not r.ok]
+        assert not failed, f"provisioning the simulated fleet failed: {failed}"
+    return SimFleet(params, inventory)
+
+
+@pytest.fixture(scope="session")
+def sim_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimFleet]:
+    """Three provisioned simulated boards (board-1 in group `canary`), shared by the whole session."""
+    fleet = make_sim_fleet(tmp_path_factory.mktemp("fleet"))
+    try:
+        yield fleet
+    finally:
+        sim_down(fleet.params)
