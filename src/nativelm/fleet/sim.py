@@ -343,7 +343,8 @@ def _board_status(root: Path, params: Params, name: str, action: str | None = No
 def sim_up(params: Params, boards: int | None = None, canary: int | None = None) -> list[SimBoard]:
     """Start (or keep) exactly `boards` simulated boards and write fleet.yaml + known_hosts; idempotent.
 
-    A board whose config changed is restarted; boards beyond the count are stopped and removed.
+    A board whose config changed is restarted; boards beyond the count are stopped and removed
+    (listed last, action "removed").
     """
     n = params.fleet.sim.boards if boards is None else boards
     n_canary = params.fleet.sim.canary if canary is None else canary
@@ -359,8 +360,12 @@ def sim_up(params: Params, boards: int | None = None, canary: int | None = None)
     names = [board_name(i) for i in range(1, n + 1)]
     with _locked(params) as root:
         _privsep_dir()
+        removed = []
         for extra in [b for b in _known_boards(root) if b not in names]:
+            before = _board_status(root, params, extra)
             _kill_board(root, extra)
+            removed.append(SimBoard(extra, before.port, before.home, ProcState.STOPPED, None, before.log_path,
+                                    "removed"))
             shutil.rmtree(_board_dir(root, extra), ignore_errors=True)
             for path in (_host_key(root, extra), _host_key(root, extra).with_name(f"{extra}_host_ed25519.pub")):
                 path.unlink(missing_ok=True)
@@ -380,7 +385,7 @@ def sim_up(params: Params, boards: int | None = None, canary: int | None = None)
             actions[name] = "restarted" if running else "started"
         _wait_ready(root, {name: _port(params, name) for name, act in actions.items() if act != "already running"})
         _write_inventory(root, params, names, n_canary, user)
-        return [_board_status(root, params, name, actions[name]) for name in names]
+        return [_board_status(root, params, name, actions[name]) for name in names] + removed
 
 
 def sim_down(params: Params, purge: bool = False) -> list[SimBoard]:

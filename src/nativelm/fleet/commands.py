@@ -1,0 +1,152 @@
+"""`nativelm fleet ...`: the simulated fleet, board status and provisioning on the command line.
+
+    fleet sim up [--boards N] [--canary N]   start (or keep) N sshd boards; write fleet.yaml + known_hosts
+    fleet sim down [--purge]                 stop them (--purge: delete the simulated fleet's folder)
+    fleet sim status                         each simulated board's sshd
+    fleet status [--boards a,b] [--groups g] [--inventory PATH]
+    fleet provision [--boards a,b] [--groups g] [--inventory PATH]
+
+Only argparse is imported here; each handler imports what it runs, so `nativelm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nativelm.fleet.params import NAME_PATTERN
+
+if TYPE_CHECKING:
+    from nativelm.config import Params
+    from nativelm.fleet.inventory import Board, Inventory
+
+
+def names(text: str) -> list[str]:
+    """An argparse type: comma-separated board or group names, each held to NAME_PATTERN."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [part for part in parts if not re.fullmatch(NAME_PATTERN, part)]
+    if not parts or bad:
+        raise argparse.ArgumentTypeError(f"expected names such as board-1,board-2 (pattern {NAME_PATTERN}); "
+                                         f"got {text!r}")
+    return parts
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number of boards, 0 to 64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 64, got {value}")
+    return value
+
+
+def _params(args: argparse.Namespace) -> Params:
+    from nativelm.config import load_params
+
+    return load_params(getattr(args, "params", None))
+
+
+def chosen_boards(args: argparse.Namespace, params: Params) -> tuple[Inventory, list[Board]]:
+    """The inventory (--inventory or fleet.inventory) and the boards --boards / --groups select (default all)."""
+    from nativelm.fleet.inventory import load_inventory, select_boards
+
+    inventory = load_inventory(Path(args.inventory or params.fleet.inventory))
+    return inventory, select_boards(inventory, args.boards or (), args.groups or ())
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    """Start, stop or show the simulated fleet."""
+    params = _params(args)
+    from nativelm.fleet import sim
+
+    if args.action == "up":
+        boards = sim.sim_up(params, args.boards, args.canary)
+    elif args.action == "down":
+        boards = sim.sim_down(params, purge=args.purge)
+    else:
+        boards = sim.sim_status(params)
+    for line in sim.render_sim(boards):
+        print(line)
+    if args.action == "up":
+        inventory = sim.sim_dir(params) / "fleet.yaml"
+        print(f"inventory: {inventory}")
+        if Path(params.fleet.inventory).absolute() != inventory:
+            print(f"note: fleet.inventory is {params.fleet.inventory}; pass --inventory {inventory} to use the "
+                  f"simulated fleet")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the status table; exit 1 when a chosen board is unreachable."""
+    params = _params(args)
+    from nativelm.fleet.status import fleet_status, render_status
+
+    inventory, boards = chosen_boards(args, params)
+    rows = fleet_status(inventory, boards, params.fleet)
+    for line in render_status(rows):
+        print(line)
+    return 0 if all(row.reachable for row in rows) else 1
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    """Provision the chosen boards; exit 1 when any failed."""
+    params = _params(args)
+    from nativelm.fleet.provision import provision, render_provision
+
+    inventory, boards = chosen_boards(args, params)
+    results = provision(inventory, boards, params.fleet, Path(params.stack.state_dir))
+    for line in render_provision(results):
+        print(line)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def add_board_choice(parser: argparse.ArgumentParser) -> None:
+    """--boards, --groups and --inventory, as every command acting on inventory boards takes them."""
+    parser.add_argument("--boards", type=names, default=None, metavar="A,B",
+                        help="only these boards (comma-separated names; default: all)")
+    parser.add_argument("--groups", type=names, default=None, metavar="G,H",
+                        help="only boards in these groups (with --boards: either)")
+    parser.add_argument("--inventory", metavar="PATH", default=None,
+                        help="inventory file (default: fleet.inventory of the parameters file)")
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add `nativelm fleet ...` to the CLI's subcommands."""
+    fleet = sub.add_parser("fleet", parents=[common], help="the simulated fleet, board status, provisioning",
+                           description="Manage the boards of the inventory (fleet.inventory; infra/fleet.yaml is "
+                                       "an example for real boards): a simulated fleet of real sshd processes, "
+                                       "each board's status, and provisioning of the board runtime.")
+    actions = fleet.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+
+    p = actions.add_parser("sim", parents=[common], help="start/stop/show the simulated fleet",
+                           description="`up` starts one real OpenSSH sshd per board on loopback ports "
+                                       "(fleet.sim.base_port, +1, ...), each with its own host key, home folder and "
+                                       "authorized key, and writes <fleet.sim.dir>/fleet.yaml and known_hosts; "
+                                       "idempotent. `down` stops them and their sessions; `status` shows them.")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--boards", type=count, default=None, metavar="N", help="boards (default fleet.sim.boards)")
+    p.add_argument("--canary", type=count, default=None, metavar="N",
+                   help="boards in group `canary` (default fleet.sim.canary)")
+    p.add_argument("--purge", action="store_true", help="with down: also delete the simulated fleet's folder")
+    p.set_defaults(handler=cmd_sim)
+
+    p = actions.add_parser("status", parents=[common], help="reachability, platform, disk, release, benchmark",
+                           description="Connect to each board (pinned host keys, key authentication) and show "
+                                       "its architecture, Python, free disk, live and previous release, runtime "
+                                       "virtualenv, lock holder and last on-board decode speed. Read-only. Exits "
+                                       "1 when a board is unreachable.")
+    add_board_choice(p)
+    p.set_defaults(handler=cmd_status)
+
+    p = actions.add_parser("provision", parents=[common], help="prepare boards: Python check, layout, runtime venv",
+                           description="On each board: check Python >= 3.9, create the layout under "
+                                       "~/<fleet.remote_root>, install the agent, and create venv/ with "
+                                       "fleet.runtime_packages from wheels the controller downloads for the "
+                                       "board's platform and uploads (boards need no internet). Idempotent: a "
+                                       "second run installs nothing.")
+    add_board_choice(p)
+    p.set_defaults(handler=cmd_provision)
