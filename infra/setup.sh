@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="${1:-}"
-# git: DVC needs the project to be a git repository; openssh: the simulated edge boards are real sshd.
-apt_packages=(git openssh-server openssh-client)
+# git: DVC needs the project to be a git repository; openssh: the simulated edge boards are real sshd;
+# python3-venv: `python3 -m venv` for the simulated boards' runtime virtualenv (Debian splits it out).
+apt_packages=(git openssh-server openssh-client python3-venv)
 # dev (tests) only: chromium, driven headless by Playwright (the system browser: Playwright's own
 # browser download is never used), fonts so pages render text; postgresql for MLflow on PostgreSQL.
 dev_apt_packages=(chromium fonts-liberation postgresql)
