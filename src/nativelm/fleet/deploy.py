@@ -1,8 +1,8 @@
 """One board's part of a rollout: a state machine that never leaves a board without a verified release.
 
-    connect -> agent -> lock -> facts -> (unchanged: verify, done) -> hashes -> link / upload (resumed)
-    -> disk check -> verify -> health of the new release -> activate -> health of `current`
-    (failure: roll back) -> prune -> unlock
+    connect -> agent -> facts -> (live already and verifies: "unchanged", done)
+    -> lock -> facts -> hashes -> link / upload (resumed) -> disk check -> verify
+    -> health of the new release -> activate -> health of `current` (failure: roll back) -> prune -> unlock
 
 Every step runs on the board through the agent (`fleet/agent.py`) or the release's own runtime;
 `current` only moves in `activate`, after the new release's files verified and its golden
@@ -110,17 +110,17 @@ def failures_as_steps(current_phase: Callable[[], str]) -> Iterator[None]:
         raise StepFailed(current_phase(), connection_reason(exc)) from None
 
 
-def _failure_line(text: str) -> str:
+def failure_line(text: str) -> str:
     """The last line a failed board command printed, without the runtime's `error: ` prefix."""
     line = last_line(text) or "no output"
     return line[len("error: "):] if line.startswith("error: ") else line
 
 
 class BoardJob:
-    """What every locked job on a board shares: its session, the lock, phases, health checks, the result.
+    """What every job on a board shares: its session, the lock, phases, health checks, the result.
 
-    Subclasses implement `body`; `run` installs the agent, takes the lock, runs the body and always
-    unlocks, recording any failure in the result instead of raising it.
+    Subclasses implement `body` (taking the lock with `locked()` around what changes the board);
+    `run` installs the agent first and records any failure in the result instead of raising it.
     """
 
     def __init__(self, session: BoardSession, fleet: FleetParams, owner: str, release: str = "",
@@ -140,26 +140,30 @@ class BoardJob:
         """Run the runtime's health check on a release folder of the board; None when it passed."""
         argv = [self.session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder]
         done = self.session.run(argv, check=False)
-        return None if done.rc == 0 else _failure_line(done.stderr or done.stdout)
+        return None if done.rc == 0 else failure_line(done.stderr or done.stdout)
 
     def run(self) -> BoardResult:
         """Run the job; any failure is recorded in the result, never raised."""
         started = time.perf_counter()
-        locked = False
         try:
             with failures_as_steps(lambda: self.result.phase):
                 self.note("agent")
                 ensure_agent(self.session)
-                self.lock()
-                locked = True
                 self.body()
         except StepFailed as exc:
             self.result.outcome, self.result.phase, self.result.reason = "failed", exc.phase, exc.reason
         finally:
-            if locked:
-                self.unlock()
             self.result.seconds = time.perf_counter() - started
         return self.result
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the board's lock for the block; it is released however the block ends (if the board answers)."""
+        self.lock()
+        try:
+            yield
+        finally:
+            self.unlock()
 
     def body(self) -> None:
         raise NotImplementedError
@@ -213,14 +217,15 @@ class BoardDeploy(BoardJob):
         return self.session.path("releases", self.release.name, *parts)
 
     def unchanged(self, facts: dict[str, Any]) -> bool:
-        """Fast path: the release is live already and its files still verify."""
+        """Fast path: the release is live already and its files still verify (outcome "unchanged")."""
         if facts.get("current") != self.release.name:
             return False
         self.note("verify", "already live")
         try:
             self.session.agent("verify", self.release.name)
         except BoardError:
-            return False  # damaged on the board: repair it through the normal path
+            return False  # damaged on the board: repaired through the normal path
+        self.result.outcome, self.result.live = "unchanged", self.release.name
         return True
 
     def missing_files(self) -> dict[str, int]:
@@ -338,10 +343,15 @@ class BoardDeploy(BoardJob):
         self.result.extra["pruned"] = list(removed)
 
     def body(self) -> None:
-        facts = self.facts()
-        if self.unchanged(facts):
-            self.result.outcome, self.result.live = "unchanged", self.release.name
+        # reading needs no lock: a release that is live and verifies is left alone (one connection, 4 round trips)
+        if self.unchanged(self.facts()):
             return
+        with self.locked():
+            facts = self.facts()  # again: another rollout may have changed the board before we held the lock
+            if not self.unchanged(facts):
+                self.update(facts)
+
+    def update(self, facts: dict[str, Any]) -> None:
         missing = self.missing_files()
         self.check_disk(facts, missing)
         self.upload(missing)
@@ -395,7 +405,10 @@ class BoardRollback(BoardJob):
         self.to = to
 
     def body(self) -> None:
-        facts = self.facts()
+        with self.locked():
+            self.roll_back(self.facts())
+
+    def roll_back(self, facts: dict[str, Any]) -> None:
         target = self.to or facts.get("previous")
         if not target:
             raise StepFailed("rollback", "nothing to roll back to (the board has no previous release)")
