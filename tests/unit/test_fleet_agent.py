@@ -1,0 +1,292 @@
+"""The board-side agent, run as a board runs it: a subprocess on a board-like root, standard library only."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from nativelm.fleet.agent import AGENT_FILE
+
+
+class Board:
+    """A board's remote root in a temp folder, with the agent installed at bin/nativelm-agent.py."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "bin").mkdir(parents=True)
+        self.agent = root / "bin" / "nativelm-agent.py"
+        shutil.copy(AGENT_FILE, self.agent)
+
+    def call(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        # -I -S: no site-packages, no environment: only the standard library is importable
+        return subprocess.run([sys.executable, "-I", "-S", str(self.agent), *args], input=stdin or b"",
+                              capture_output=True, check=False)
+
+    def ok(self, *args: str, stdin: bytes | None = None) -> dict:
+        done = self.call(*args, stdin=stdin)
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stderr == b""
+        return json.loads(done.stdout)
+
+    def error(self, *args: str, stdin: bytes | None = None) -> str:
+        done = self.call(*args, stdin=stdin)
+        assert done.returncode == 1
+        assert done.stdout == b""
+        lines = done.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0][len("error: "):]
+
+    def release(self, name: str, files: dict[str, bytes] | None = None) -> Path:
+        """A complete release folder with release.json listing the sha256 of every other file."""
+        files = files if files is not None else {"model.onnx": name.encode() * 100, "tokenizer.json": b"{}"}
+        folder = self.root / "releases" / name
+        folder.mkdir(parents=True)
+        for file, data in files.items():
+            (folder / file).write_bytes(data)
+        manifest = {"name": name, "sha256": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
+        (folder / "release.json").write_text(json.dumps(manifest))
+        return folder
+
+    def link(self, name: str) -> str | None:
+        path = self.root / name
+        return os.readlink(path) if path.is_symlink() else None
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> Board:
+    return Board(tmp_path / "home" / "nativelm")
+
+
+def age(folder: Path, seconds_ago: float) -> None:
+    then = time.time() - seconds_ago
+    os.utime(folder, (then, then))
+
+
+def test_agent_is_one_stdlib_file_for_python_3_9() -> None:
+    source = AGENT_FILE.read_text()
+    tree = ast.parse(source, feature_version=(3, 9))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported - set(sys.stdlib_module_names)
+
+
+def test_facts_of_a_fresh_board(board: Board) -> None:
+    facts = board.ok("facts")
+    assert facts["arch"] and facts["python"].startswith("3.")
+    assert facts["free_disk_mb"] > 0
+    assert (facts["current"], facts["previous"], facts["releases"]) == (None, None, [])
+    assert (facts["runtime_python"], facts["lock"], facts["last_bench"]) == (False, None, None)
+
+
+def test_facts_from_stdin_with_an_explicit_root(board: Board) -> None:
+    board.release("v1")
+    board.ok("activate", "v1")
+    done = subprocess.run([sys.executable, "-I", "-S", "-", "--root", str(board.root), "facts"],
+                          input=AGENT_FILE.read_bytes(), capture_output=True, check=True)
+    assert json.loads(done.stdout)["current"] == "v1"
+    missing = subprocess.run([sys.executable, "-I", "-S", "-", "facts"], input=AGENT_FILE.read_bytes(),
+                             capture_output=True, check=False)
+    assert missing.returncode == 1 and b"--root DIR is needed" in missing.stderr
+
+
+def test_hashes_lists_complete_files_and_partial_uploads(board: Board) -> None:
+    assert board.ok("hashes", "v1") == {"files": {}, "partial": {}}
+    folder = board.root / "releases" / "v1"
+    assert folder.is_dir()  # created for the upload that follows
+    (folder / "model.onnx").write_bytes(b"abc")
+    (folder / "tokenizer.json.part").write_bytes(b"12345")
+    (folder / ".hidden").write_bytes(b"x")
+    assert board.ok("hashes", "v1") == {"files": {"model.onnx": hashlib.sha256(b"abc").hexdigest()},
+                                        "partial": {"tokenizer.json": 5}}
+
+
+def test_verify_names_each_bad_file(board: Board) -> None:
+    folder = board.release("v1")
+    assert board.ok("verify", "v1") == {"ok": True, "files": 3}
+    (folder / "model.onnx").write_bytes(b"tampered")
+    (folder / "tokenizer.json").unlink()
+    assert board.error("verify", "v1") == "hash mismatch: model.onnx; missing file: tokenizer.json"
+    (folder / "release.json").unlink()
+    assert board.error("verify", "v1") == "missing file: release.json"
+    assert board.error("verify", "v9") == "no release v9 on this board"
+    hostile = board.release("v2", {"model.onnx": b"m"})
+    (hostile / "release.json").write_text(json.dumps({"sha256": {"../../bin/nativelm-agent.py": "0" * 64}}))
+    assert board.error("verify", "v2") == "bad file name in release.json: '../../bin/nativelm-agent.py'"
+
+
+def test_link_reuses_an_identical_file_from_another_release(board: Board) -> None:
+    old = board.release("v1", {"model.onnx": b"same weights", "tokenizer.json": b"tok"})
+    sha = hashlib.sha256(b"same weights").hexdigest()
+    assert board.ok("link", "v2", "model.onnx", sha) == {"linked": True, "from": "v1"}
+    new = board.root / "releases" / "v2" / "model.onnx"
+    assert new.read_bytes() == b"same weights"
+    assert new.stat().st_ino == (old / "model.onnx").stat().st_ino  # a hard link, not a copy
+    tok_sha = hashlib.sha256(b"tok").hexdigest()
+    assert board.ok("link", "v2", "renamed.json", tok_sha)["linked"]  # found under another name
+    assert board.ok("link", "v2", "other.bin", "f" * 64) == {"linked": False}
+
+
+def test_remove_and_discard(board: Board) -> None:
+    folder = board.release("v1")
+    (folder / "model.onnx.part").write_bytes(b"half")
+    assert board.ok("remove", "v1", "model.onnx") == {"removed": True}
+    assert not (folder / "model.onnx").exists() and not (folder / "model.onnx.part").exists()
+    assert board.ok("remove", "v1", "model.onnx") == {"removed": False}
+    board.release("v2")
+    board.ok("activate", "v1")
+    board.ok("activate", "v2")
+    assert board.error("discard", "v2") == "release v2 is current: not discarded"
+    assert board.error("discard", "v1") == "release v1 is previous: not discarded"
+    board.release("v3")
+    assert board.ok("discard", "v3") == {"discarded": True}
+    assert not (board.root / "releases" / "v3").exists()
+    assert board.ok("discard", "v3") == {"discarded": False}
+
+
+def test_lock_is_held_by_one_owner_until_unlocked_or_stale(board: Board) -> None:
+    assert board.ok("lock", "rollout-a", "3600") == {"locked": True, "took_over": False}
+    assert board.ok("lock", "rollout-a", "3600") == {"locked": True, "took_over": False}  # re-entrant
+    message = board.error("lock", "rollout-b", "3600")
+    assert message.startswith("locked by rollout-a since ")
+    assert board.ok("facts")["lock"]["owner"] == "rollout-a"
+    assert board.ok("unlock", "rollout-b") == {"unlocked": False}
+    assert board.ok("unlock", "rollout-a") == {"unlocked": True}
+    assert board.ok("lock", "rollout-b", "3600") == {"locked": True, "took_over": False}
+
+
+def test_a_stale_lock_is_taken_over(board: Board) -> None:
+    board.ok("lock", "crashed", "3600")
+    owner = board.root / "lock" / "owner.json"
+    record = json.loads(owner.read_text())
+    record["since"] = "2020-01-01T00:00:00+00:00"
+    owner.write_text(json.dumps(record))
+    assert board.error("lock", "next", "1e12").startswith("locked by crashed since 2020-01-01")
+    assert board.ok("lock", "next", "3600") == {"locked": True, "took_over": True}
+    assert board.ok("unlock", "crashed") == {"unlocked": False}
+    assert board.ok("unlock", "next") == {"unlocked": True}
+    assert not (board.root / "lock").exists()
+    assert board.ok("facts")["lock"] is None
+
+
+def test_only_one_of_many_concurrent_lockers_wins(board: Board) -> None:
+    board.ok("facts")
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: board.call("lock", f"owner-{i}", "3600"), range(8)))
+    winners = [r for r in results if r.returncode == 0]
+    assert len(winners) == 1
+    assert all(r.stderr.startswith(b"error: locked by owner-") for r in results if r.returncode != 0)
+
+
+def test_activate_swaps_current_and_previous(board: Board) -> None:
+    board.release("v1")
+    board.release("v2")
+    assert board.ok("activate", "v1") == {"current": "v1", "previous": None, "changed": True}
+    assert board.ok("activate", "v2") == {"current": "v2", "previous": "v1", "changed": True}
+    assert (board.link("current"), board.link("previous")) == ("releases/v2", "releases/v1")
+    assert board.ok("activate", "v2")["changed"] is False
+    assert board.link("previous") == "releases/v1"
+    assert board.error("activate", "v7") == "no complete release v7 on this board (missing release.json)"
+    assert sorted(p.name for p in board.root.iterdir()) == ["bin", "current", "previous", "releases"]
+
+
+def test_current_never_disappears_while_activations_run(board: Board) -> None:
+    board.release("v1")
+    board.release("v2")
+    board.ok("activate", "v1")
+    seen: set[str | None] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                seen.add(os.readlink(board.root / "current"))
+            except FileNotFoundError:
+                seen.add(None)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for i in range(12):
+            board.ok("activate", "v2" if i % 2 == 0 else "v1")
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen == {"releases/v1", "releases/v2"}
+
+
+def test_rollback_goes_back_to_a_verified_release(board: Board) -> None:
+    assert board.error("rollback") == "nothing to roll back to: no previous release"
+    board.release("v1")
+    board.release("v2")
+    board.ok("activate", "v1")
+    board.ok("activate", "v2")
+    assert board.ok("rollback") == {"current": "v1", "previous": "v2", "changed": True}
+    board.release("v3")
+    (board.root / "releases" / "v3" / "model.onnx").write_bytes(b"corrupt")
+    assert board.error("rollback", "v3") == "cannot roll back to v3: hash mismatch: model.onnx"
+    assert board.link("current") == "releases/v1"  # untouched
+    assert board.ok("rollback", "v2")["current"] == "v2"
+
+
+def test_prune_keeps_the_newest_and_never_current_or_previous(board: Board) -> None:
+    for i, name in enumerate(["v1", "v2", "v3", "v4", "v5"]):
+        age(board.release(name), 1000 - i * 100)  # v1 oldest
+    board.ok("activate", "v1")
+    board.ok("activate", "v2")  # current v2, previous v1: both old
+    age(board.root / "releases" / "v1", 2000)
+    age(board.root / "releases" / "v2", 1900)
+    assert board.ok("facts")["releases"] == ["v1", "v2", "v3", "v4", "v5"]
+    (board.root / "bench").mkdir()
+    (board.root / "bench" / "v3.json").write_text("{}")
+    result = board.ok("prune", "3")
+    assert result["removed"] == ["v3", "v4"]
+    assert sorted(p.name for p in (board.root / "releases").iterdir()) == ["v1", "v2", "v5"]
+    assert not (board.root / "bench" / "v3.json").exists()
+    assert board.ok("prune", "1")["removed"] == ["v5"]  # current and previous stay even beyond KEEP
+    assert board.ok("prune", "1")["removed"] == []
+
+
+def test_save_bench_is_shown_for_the_current_release(board: Board) -> None:
+    board.release("v1")
+    board.ok("activate", "v1")
+    bench = {"decode_tokens_per_s": 41.5, "machine": "x86_64"}
+    assert board.ok("save-bench", "v1", stdin=json.dumps(bench).encode()) == {"saved": True}
+    assert board.ok("facts")["last_bench"] == bench
+    assert board.error("save-bench", "v1", stdin=b"not json").startswith("save-bench: stdin is not JSON")
+    assert board.error("save-bench", "v1", stdin=b"[1, 2]") == "save-bench: stdin must hold one JSON object"
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["hashes", "../../etc"], "bad release name: '../../etc'"),
+    (["hashes", "a/b"], "bad release name: 'a/b'"),
+    (["hashes", ".."], "bad release name: '..'"),
+    (["verify", "v1;rm -rf ~"], "bad release name"),
+    (["remove", "v1", ".bashrc"], "bad file name: '.bashrc'"),
+    (["remove", "v1", "../x"], "bad file name: '../x'"),
+    (["link", "v1", "model.onnx", "NOT-HEX"], "bad sha256: 'NOT-HEX'"),
+    (["lock", "owner with space", "10"], "bad lock owner"),
+    (["lock", "me", "soon"], "bad STALE_S: 'soon' is not a number"),
+    (["lock", "me", "nan"], "bad STALE_S"),
+    (["prune", "0"], "bad KEEP"),
+    (["facts", "extra"], "usage: facts"),
+    (["hashes"], "usage: hashes RELEASE"),
+    (["rollback", "v1", "v2"], "usage: rollback [RELEASE]"),
+    (["format-disk"], "usage: nativelm-agent.py COMMAND ARGS"),
+    ([], "usage: nativelm-agent.py COMMAND ARGS"),
+])
+def test_bad_arguments_are_refused_with_one_line(board: Board, args: list[str], problem: str) -> None:
+    assert problem in board.error(*args)
+    assert not (board.root.parent / "etc").exists()
