@@ -152,9 +152,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline flow (through Prefect and DVC) on the local stack and print a summary."""
     params = _params(args)
-    from nativelm.orchestration.run import run_pipeline
+    from nativelm.orchestration.run import run_local, run_pipeline
 
-    for line in run_pipeline(params, Path(args.params or "params.yaml"), Path.cwd()):
+    run = run_local if args.local else run_pipeline
+    for line in run(params, Path(args.params or "params.yaml"), Path.cwd()):
         print(line)
     return 0
 
@@ -266,10 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status"], help="up: start (idempotent); down: stop; status: show")
     p.set_defaults(handler=cmd_stack)
 
-    p = sub.add_parser("run", parents=[common], help="run the pipeline flow on the local stack and print a summary",
-                       description="Run the pipeline as a Prefect flow against the local Prefect server: each "
-                                   "stage through `dvc repro` (unchanged stages are skipped), logged as one MLflow "
-                                   "parent run with a nested run per stage. Needs `nativelm stack up`.")
+    p = sub.add_parser("run", parents=[common], help="the whole loop: retrain, gate, automatic rollout, on-board "
+                                                     "benchmark, then a summary",
+                       description="Trigger the `retrain` deployment as the dashboard's Run button does (starting "
+                                   "`nativelm serve --background` if it is not running), print its logs, then follow "
+                                   "the `rollout` run that the promotion of the new version triggers (or, when the "
+                                   "version already was the champion, start one: unchanged boards cost a hash check) "
+                                   "and print a summary: per-stage wall time and the orchestration overhead, "
+                                   "validation perplexity, file size, CPU tokens/s, tokens/s per board, UI URLs. "
+                                   "Each stage runs through `dvc repro` (unchanged stages are skipped), logged as one "
+                                   "MLflow parent run with a nested run per stage; the workspace is saved as a DVC "
+                                   "experiment. Needs `nativelm stack up` and a fleet (`nativelm fleet sim up`).")
+    p.add_argument("--local", action="store_true",
+                   help="run the retrain flow in this process instead (no runner, no rollout)")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("serve", parents=[common], help="the dashboard: serve the retrain, rollout and fleet-health "

@@ -80,21 +80,21 @@ def timing_lines(parent: Any, tracking_uri: str, flow_seconds: float) -> list[st
     return lines
 
 
-def summary_lines(params: Params, retrain: Any, parent: Any, rollout: Any, rollout_run: Any,
-                  seconds: float, tracking_uri: str) -> list[str]:
+def summary_lines(params: Params, headline: str, parent: Any, flow_seconds: float, tracking_uri: str,
+                  rollout: Any = None, rollout_run: Any = None) -> list[str]:
     """Human summary of one loop: stages, figures, gate, boards, where to look."""
     from nativelm import stack
 
-    lines = [f"loop finished in {seconds:.1f} s (retrain run {retrain.flow_run.name}: "
-             f"{retrain.flow_run.state_name}, {retrain.seconds:.1f} s)"]
+    lines = [headline]
     if parent is not None:
-        lines += timing_lines(parent, tracking_uri, retrain.seconds)
+        lines += timing_lines(parent, tracking_uri, flow_seconds)
         for key in SUMMARY_METRICS:
             if key in parent.data.metrics:
                 lines.append(f"  {key} = {parent.data.metrics[key]:.6g}")
         tags = parent.data.tags
-        lines.append(f"  model version {tags.get('model_version', '?')}: {tags.get('gate.status', 'not gated')} "
-                     f"({tags.get('gate.reason', '')})")
+        if "model_version" in tags:
+            lines.append(f"  model version {tags['model_version']}: {tags.get('gate.status', 'not gated')} "
+                         f"({tags.get('gate.reason', '')})")
         if tags.get("dvc_experiment"):
             lines.append(f"  DVC experiment: {tags['dvc_experiment']} (`dvc exp apply {tags['dvc_experiment']}` "
                          "then `dvc repro` rebuilds it)")
@@ -160,8 +160,26 @@ def run_pipeline(params: Params, params_path: Path, project_dir: Path) -> list[s
         raise NativelmError(f"retrain run {retrain.flow_run.name} ended {retrain.flow_run.state_name}: {message}")
     rollout = _rollout(params, parent, since) if parent is not None else None
     rollout_run = mlflow_run_of(rollout.flow_run.id, uri, params.tracking.experiment) if rollout and uri else None
-    lines = summary_lines(params, retrain, parent, rollout, rollout_run, time.monotonic() - started, uri or "")
+    headline = (f"loop finished in {time.monotonic() - started:.1f} s (retrain run {retrain.flow_run.name}: "
+                f"{retrain.flow_run.state_name}, {retrain.seconds:.1f} s)")
+    lines = summary_lines(params, headline, parent, retrain.seconds, uri or "", rollout, rollout_run)
     if rollout is not None and not rollout.ok:
         raise NativelmError("\n".join([*lines, f"rollout run {rollout.flow_run.name} ended "
                                                   f"{rollout.flow_run.state_name}"]))
     return lines
+
+
+def run_local(params: Params, params_path: Path, project_dir: Path) -> list[str]:
+    """Run the retrain flow in this process (no runner, no rollout); return the summary lines."""
+    from mlflow import MlflowClient
+
+    from nativelm.tracking.runs import resolve_tracking_uri
+
+    use_local_stack(params)
+    retrain = getattr(load_flow_module(project_dir, "pipelines/retrain.py"), "retrain")
+    started = time.monotonic()
+    result = retrain(params_file=str(params_path))
+    seconds = time.monotonic() - started
+    uri = resolve_tracking_uri(params)
+    parent = MlflowClient(tracking_uri=uri).get_run(result["mlflow_run_id"]) if uri and result.get("mlflow_run_id") else None
+    return summary_lines(params, f"pipeline finished in {seconds:.1f} s", parent, seconds, uri or "")
