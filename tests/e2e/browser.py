@@ -1,0 +1,242 @@
+"""Drive the Prefect and MLflow web UIs in headless Debian Chromium, the way a user clicks through them.
+
+Playwright drives the *system* browser (apt `chromium`): Playwright's own browser download needs
+the internet and is never attempted. Routes and selectors were read off the live UIs of
+Prefect 3.9.1 (`prefect server start`) and MLflow 3.17 (`mlflow server`); when either is
+upgraded, run tests/e2e/test_browser_harness.py and look at its screenshots in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+from nativelm.fsutil import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Locator, Page, Playwright
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"  # kept by CI, git-ignored
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage")
+VIEWPORT = {"width": 1400, "height": 1000}
+UI_TIMEOUT_MS = 30_000  # a cold UI on a 2-core machine takes seconds to fetch and render its bundles
+
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+_FLOW_RUN_URL = re.compile(r"/runs/flow-run/([0-9a-f-]{36})")
+
+
+class BrowserHarnessError(AssertionError):
+    """The UI did not show or accept what the harness expected: says what, and where."""
+
+
+# --------------------------------------------------------------------------------------------
+# the browser
+
+
+def launch_chromium(playwright: Playwright, executable: Path = CHROMIUM) -> Browser:
+    """Start the system Chromium headless (sandbox off: tests run as root in containers)."""
+    if not executable.is_file():
+        raise BrowserHarnessError(f"{executable} not found: install Debian's chromium "
+                                  f"(`bash infra/setup.sh dev` as root, or `apt-get install chromium`)")
+    return playwright.chromium.launch(executable_path=str(executable), args=list(CHROMIUM_ARGS))
+
+
+def artifact_path(name: str, suffix: str = ".png") -> Path:
+    """A file under test-artifacts/ named after `name` (e.g. a test id), safe as a file name."""
+    return ARTIFACTS / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") + suffix)
+
+
+# --------------------------------------------------------------------------------------------
+# REST helpers (loopback servers: never through a proxy from the environment)
+
+
+def _get_json(url: str) -> dict:
+    reply = httpx.get(url, timeout=30, trust_env=False)
+    if reply.status_code != 200:
+        raise BrowserHarnessError(f"GET {url} answered {reply.status_code}: {reply.text[:200]}")
+    return reply.json()
+
+
+def deployment_id(api_url: str, flow_name: str, deployment_name: str) -> str:
+    """The id of deployment `flow_name/deployment_name` on the Prefect server at `api_url`."""
+    quoted = "/".join(urllib.parse.quote(part, safe="") for part in (flow_name, deployment_name))
+    return _get_json(f"{api_url.rstrip('/')}/deployments/name/{quoted}")["id"]
+
+
+# --------------------------------------------------------------------------------------------
+# Prefect: trigger a deployment through "Run" -> "Custom run"
+
+
+def _form_property(page: Page, name: str) -> Locator:
+    """The form row of parameter `name` (its label reads `name` or `name (Optional)`)."""
+    label = page.locator(".schema-form-property__label").filter(
+        has_text=re.compile(rf"^\s*{re.escape(name)}(\s+\(Optional\))?\s*$"))
+    prop = page.locator(".schema-form-property").filter(has=label).first
+    if prop.count() == 0:
+        shown = page.locator(".schema-form-property__label").all_inner_texts()
+        raise BrowserHarnessError(f"the run form has no parameter {name!r} (it shows: {', '.join(shown)})")
+    return prop
+
+
+def _use_json_input(page: Page, prop: Locator, value: object) -> None:
+    """Switch one parameter to the UI's JSON editor and type `value` as JSON (dicts, lists, None)."""
+    prop.locator(".schema-form-property-menu button").click()
+    page.get_by_role("button", name="Use JSON input").click()
+    prop.locator("textarea.p-code-input__textarea").fill(json.dumps(value))
+
+
+def _choose_option(page: Page, prop: Locator, value: str) -> None:
+    # the select opens on Space, not on a synthetic click (prefect-design's p-select)
+    prop.locator(".p-select-button__control").focus()
+    page.keyboard.press("Space")
+    page.get_by_role("option").first.wait_for(timeout=UI_TIMEOUT_MS)
+    option = page.get_by_role("option", name=value, exact=True)
+    if option.count() == 0:
+        offered = page.get_by_role("option").all_inner_texts()
+        page.keyboard.press("Escape")
+        raise BrowserHarnessError(f"no option {value!r} in the select (it offers: {', '.join(offered)})")
+    option.click()
+
+
+def set_form_parameter(page: Page, name: str, value: object) -> None:
+    """Change one parameter in the Custom run form with the widget the UI shows for its type."""
+    prop = _form_property(page, name)
+    switch = prop.locator("[role=switch]")
+    select = prop.locator(".p-select-button__control")
+    text = prop.locator(".schema-form-property__fields").locator(
+        "input:not([type=checkbox]), textarea:not(.p-code-input__textarea)")
+    if isinstance(value, bool) and switch.count() == 1:
+        if (switch.get_attribute("aria-checked") == "true") != value:
+            switch.click()
+    elif isinstance(value, str) and select.count() == 1:
+        _choose_option(page, prop, value)
+    elif isinstance(value, (int, float, str)) and not isinstance(value, bool) and text.count() == 1:
+        text.fill(str(value))
+    else:
+        _use_json_input(page, prop, value)
+
+
+def trigger_deployment_run(page: Page, prefect_ui_url: str, flow_name: str, deployment_name: str,
+                           parameters: Mapping[str, object]) -> str:
+    """Open the deployment in the Prefect UI, Run -> Custom run, change `parameters`, submit; return
+    the new flow run's id, read from the URL of the run page the toast's "View run" opens."""
+    base = prefect_ui_url.rstrip("/")
+    dep_id = deployment_id(base + "/api", flow_name, deployment_name)
+    page.goto(f"{base}/deployments/deployment/{dep_id}")
+    page.get_by_role("button", name="Run", exact=True).click(timeout=UI_TIMEOUT_MS)
+    page.get_by_role("button", name="Custom run").click()
+    page.get_by_role("button", name="Submit").wait_for(timeout=UI_TIMEOUT_MS)
+    page.locator(".schema-form-property").first.wait_for(timeout=UI_TIMEOUT_MS)
+    for name, value in parameters.items():
+        set_form_parameter(page, name, value)
+    page.get_by_role("button", name="Submit").click()
+    errors = page.locator(".p-message--error, .p-base-input--failed")
+    # the UI mounts two toast containers, each showing the same toast: the last one lies on top
+    view_run = page.locator(".p-toast-container__toast").get_by_role("button", name="View run").last
+    try:
+        view_run.or_(errors).first.wait_for(timeout=UI_TIMEOUT_MS)
+    except PlaywrightTimeout as exc:
+        raise BrowserHarnessError(f"Prefect UI showed no 'View run' toast after Submit on {page.url}") from exc
+    if errors.count():
+        raise BrowserHarnessError(f"Prefect UI refused the run form on {page.url}: "
+                                  f"{' | '.join(errors.all_inner_texts())[:300]}")
+    view_run.click()
+    page.wait_for_url(_FLOW_RUN_URL, timeout=UI_TIMEOUT_MS)
+    found = _FLOW_RUN_URL.search(page.url)
+    assert found is not None  # wait_for_url matched it
+    return found.group(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Prefect: wait for a flow run (REST)
+
+
+@dataclass(frozen=True)
+class FlowRunState:
+    """Where a flow run ended: its state and the parameters the server recorded for it."""
+
+    run_id: str
+    state_type: str  # COMPLETED, FAILED, CRASHED, CANCELLED (or the last one seen on timeout)
+    state_name: str
+    parameters: dict
+
+    @property
+    def completed(self) -> bool:
+        return self.state_type == "COMPLETED"
+
+
+def flow_run_state(api_url: str, run_id: str) -> FlowRunState:
+    """The flow run's current state, from GET /flow_runs/{id}."""
+    run = _get_json(f"{api_url.rstrip('/')}/flow_runs/{run_id}")
+    return FlowRunState(run_id, run.get("state_type") or "", run.get("state_name") or "", run.get("parameters", {}))
+
+
+def wait_flow_run(api_url: str, run_id: str, timeout: float, poll_s: float = 0.5) -> FlowRunState:
+    """Poll until the flow run reaches a final state; BrowserHarnessError with its last state on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = flow_run_state(api_url, run_id)
+        if state.state_type in FINAL_STATES:
+            return state
+        if time.monotonic() >= deadline:
+            raise BrowserHarnessError(f"flow run {run_id} still {state.state_type or 'without state'} "
+                                      f"({state.state_name}) after {timeout:.0f} s")
+        time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow: the compare-runs view
+
+
+def _mlflow_run(mlflow_url: str, run_id: str) -> dict:
+    return _get_json(f"{mlflow_url.rstrip('/')}/api/2.0/mlflow/runs/get?run_id={urllib.parse.quote(run_id)}")["run"]
+
+
+def compare_runs_url(mlflow_url: str, run_ids: Sequence[str], experiment_ids: Sequence[str]) -> str:
+    """MLflow's compare page: `#/compare-runs?runs=[...]&experiments=[...]` (JSON lists)."""
+    query = urllib.parse.urlencode({"runs": json.dumps(list(run_ids)), "experiments": json.dumps(list(experiment_ids))})
+    return f"{mlflow_url.rstrip('/')}/#/compare-runs?{query}"
+
+
+def screenshot_mlflow_compare(page: Page, mlflow_url: str, run_ids: Sequence[str], path: Path) -> Path:
+    """Open MLflow's compare view of `run_ids`, wait until every run's name, parameters and metrics
+    have rendered, and save a screenshot to `path` (written whole, through a temporary file)."""
+    runs = [_mlflow_run(mlflow_url, run_id) for run_id in run_ids]
+    experiments = sorted({run["info"]["experiment_id"] for run in runs})
+    page.goto(compare_runs_url(mlflow_url, run_ids, experiments))
+    page.get_by_text(f"Comparing {len(run_ids)} Runs").wait_for(timeout=UI_TIMEOUT_MS)
+    close_assistant = page.get_by_role("button", name="Close").first  # the "MLflow Assistant" side panel
+    if close_assistant.is_visible():
+        close_assistant.click()
+    expected = [run["info"]["run_name"] for run in runs]
+    for run in runs:
+        data = run.get("data", {})
+        expected += [item["key"] for item in data.get("params", []) + data.get("metrics", [])]
+    for text in dict.fromkeys(expected):  # in order, once each
+        page.get_by_text(text, exact=True).first.wait_for(timeout=UI_TIMEOUT_MS)
+    fit_viewport_to_content(page)
+    atomic_write_bytes(Path(path), page.screenshot(full_page=True))
+    return Path(path)
+
+
+_CONTENT_HEIGHT_JS = """() => Math.max(document.documentElement.scrollHeight, ...Array.from(
+    document.querySelectorAll('*'), e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowY) ? e.scrollHeight : 0))"""
+
+
+def fit_viewport_to_content(page: Page, max_height: int = 4000) -> None:
+    """Make the viewport as tall as the tallest scrolling panel, so a screenshot shows all of it
+    (MLflow scrolls inside a panel: a `full_page` screenshot alone would cut its tables off)."""
+    size = page.viewport_size or VIEWPORT
+    height = min(max_height, int(page.evaluate(_CONTENT_HEIGHT_JS)) + 80)
+    if height > size["height"]:
+        page.set_viewport_size({"width": size["width"], "height": height})
