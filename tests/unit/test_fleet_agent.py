@@ -181,13 +181,19 @@ def test_a_stale_lock_is_taken_over(board: Board) -> None:
     assert board.ok("facts")["lock"] is None
 
 
-def test_only_one_of_many_concurrent_lockers_wins(board: Board) -> None:
-    board.ok("facts")
+@pytest.mark.parametrize("stale_lock", [False, True])
+def test_only_one_of_many_concurrent_lockers_wins(board: Board, stale_lock: bool) -> None:
+    if stale_lock:  # all of them try to take over the same dead rollout's lock at once
+        board.ok("lock", "crashed", "1")
+        owner = board.root / "lock" / "owner.json"
+        owner.write_text(json.dumps({"owner": "crashed", "since": "2020-01-01T00:00:00+00:00"}))
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: board.call("lock", f"owner-{i}", "3600"), range(8)))
-    winners = [r for r in results if r.returncode == 0]
-    assert len(winners) == 1
+    winners = [json.loads(r.stdout) for r in results if r.returncode == 0]
+    assert winners == [{"locked": True, "took_over": stale_lock}]
     assert all(r.stderr.startswith(b"error: locked by owner-") for r in results if r.returncode != 0)
+    holder = board.ok("facts")["lock"]["owner"]
+    assert board.ok("unlock", holder) == {"unlocked": True}
 
 
 def test_activate_swaps_current_and_previous(board: Board) -> None:

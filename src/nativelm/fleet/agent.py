@@ -23,7 +23,9 @@ rollback [RELEASE], prune KEEP, save-bench RELEASE (JSON on stdin).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -34,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 _SOURCE = str(globals().get("__file__", "<stdin>"))
 FROM_STDIN = _SOURCE.startswith("<")  # `python3 - --root DIR ...`: this file was piped in
@@ -181,6 +183,15 @@ def read_json(path: Path) -> Any:
         raise AgentError("cannot read {}: {}".format(path, exc)) from None
 
 
+def read_json_quiet(path: Path) -> Optional[Dict[str, Any]]:
+    """A JSON object from a file, or None when it is missing or unreadable."""
+    try:
+        value = read_json(path)
+    except AgentError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 # ----------------------------------------------------------------------------------------------
 # commands
 
@@ -321,11 +332,8 @@ def _lock_owner(lay: Layout) -> Optional[Dict[str, Any]]:
     """owner.json of the lock, {"owner": "unknown", ...} for a lock without one, None when unlocked."""
     if not lay.lock.is_dir():
         return None
-    try:
-        owner = read_json(lay.lock / "owner.json")
-    except AgentError:
-        owner = None
-    if isinstance(owner, dict) and isinstance(owner.get("owner"), str) and isinstance(owner.get("since"), str):
+    owner = read_json_quiet(lay.lock / "owner.json")
+    if owner is not None and isinstance(owner.get("owner"), str) and isinstance(owner.get("since"), str):
         return owner
     try:
         since = lay.lock.stat().st_mtime
@@ -346,47 +354,54 @@ def _age_s(since: str) -> float:
     return time.time() - then
 
 
+@contextlib.contextmanager
+def _lock_mutex(lay: Layout) -> Iterator[None]:
+    """Serialise lock/unlock on this board (flock: released by the kernel even if the agent dies)."""
+    lay.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(lay.root / ".lock.mutex"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_lock(lay: Layout, owner: str) -> None:
+    """Create lock/ with owner.json already inside (built aside, then renamed into place)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".lock.", dir=str(lay.root)))
+    try:
+        payload = {"owner": owner, "since": _iso(time.time()), "pid": os.getpid()}
+        write_atomic(tmp / "owner.json", json.dumps(payload).encode())
+        os.rename(str(tmp), str(lay.lock))
+    finally:
+        shutil.rmtree(str(tmp), ignore_errors=True)
+
+
 def cmd_lock(lay: Layout, args: List[str]) -> Dict[str, Any]:
     owner, stale = _args(args, "lock OWNER STALE_S", 2)
     _check(OWNER_PATTERN, owner, "lock owner")
     stale_s = number(stale, "STALE_S", 0)
-    took_over = False
-    for _ in range(3):
-        try:
-            lay.lock.mkdir(parents=False)
-        except FileExistsError:
-            held = _lock_owner(lay)
-            if held is None:
-                continue  # released meanwhile: try again
-            if held["owner"] == owner:
-                return {"locked": True, "took_over": False}
-            if _age_s(held["since"]) < stale_s:
-                raise AgentError("locked by {} since {}".format(held["owner"], held["since"]))
-            try:  # stale: only one of several takers wins this rename
-                aside = lay.root / ".lock.stale-{}".format(os.getpid())
-                os.rename(str(lay.lock), str(aside))
-            except OSError:
-                continue
-            shutil.rmtree(str(aside), ignore_errors=True)
-            took_over = True
-            continue
-        except FileNotFoundError:
-            lay.root.mkdir(parents=True, exist_ok=True)
-            continue
-        payload = {"owner": owner, "since": _iso(time.time()), "pid": os.getpid()}
-        write_atomic(lay.lock / "owner.json", json.dumps(payload).encode())
-        return {"locked": True, "took_over": took_over}
-    raise AgentError("could not take the lock (it changed hands while trying)")
+    with _lock_mutex(lay):
+        held = _lock_owner(lay)
+        if held is not None and held["owner"] == owner:
+            return {"locked": True, "took_over": False}
+        if held is not None and _age_s(held["since"]) < stale_s:
+            raise AgentError("locked by {} since {}".format(held["owner"], held["since"]))
+        if held is not None:
+            remove_tree(lay.lock)  # stale: its rollout died
+        _write_lock(lay, owner)
+        return {"locked": True, "took_over": held is not None}
 
 
 def cmd_unlock(lay: Layout, args: List[str]) -> Dict[str, Any]:
     (owner,) = _args(args, "unlock OWNER", 1)
     _check(OWNER_PATTERN, owner, "lock owner")
-    held = _lock_owner(lay)
-    if held is None or held["owner"] != owner:
-        return {"unlocked": False}
-    remove_tree(lay.lock)
-    return {"unlocked": True}
+    with _lock_mutex(lay):
+        held = _lock_owner(lay)
+        if held is None or held["owner"] != owner:
+            return {"unlocked": False}
+        remove_tree(lay.lock)
+        return {"unlocked": True}
 
 
 def _swap(lay: Layout, release: str) -> Dict[str, Any]:

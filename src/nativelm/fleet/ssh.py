@@ -350,14 +350,15 @@ class BoardSession:
                     if progress is not None:
                         progress(sent)
             final = self.sftp.stat(part).st_size
-            if final != size:
-                raise BoardError(self.board.name, "upload", f"{remote}: {final} bytes arrived of {size}")
+            if final != size:  # pipelined writes may fail silently: the size tells
+                raise BoardError(self.board.name, "upload", self._upload_failure(
+                    remote, size - final, f"{final} bytes arrived of {size}"))
             self.sftp.posix_rename(part, remote)
         except BoardError:
             raise
         except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise BoardError(self.board.name, "upload", self._upload_failure(remote, size - offset - sent, exc)
-                             ) from None
+            raise BoardError(self.board.name, "upload", self._upload_failure(
+                remote, size - offset - sent, str(exc) or type(exc).__name__, exc)) from None
         return sent
 
     def write_bytes(self, remote: str, data: bytes) -> None:
@@ -367,7 +368,8 @@ class BoardSession:
                 target.write(data)
             self.sftp.posix_rename(remote + ".part", remote)
         except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise BoardError(self.board.name, "upload", self._upload_failure(remote, len(data), exc)) from None
+            raise BoardError(self.board.name, "upload", self._upload_failure(
+                remote, len(data), str(exc) or type(exc).__name__, exc)) from None
 
     def read_bytes(self, remote: str, limit: int = 1 << 20) -> bytes | None:
         """A small remote file's contents (None when it does not exist; at most `limit` bytes)."""
@@ -379,13 +381,16 @@ class BoardSession:
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise BoardError(self.board.name, "sftp", f"cannot read {remote}: {exc}") from None
 
-    def _upload_failure(self, remote: str, still_to_send: int, exc: BaseException) -> str:
-        """'FILE: no space left on device ...' when the board's disk is the cause, else the error."""
+    def _upload_failure(self, remote: str, still_to_send: int, detail: str, exc: BaseException | None = None) -> str:
+        """'FILE: no space left on device ...' when the board's disk is the cause, else 'FILE: detail'.
+
+        SFTP servers report a full disk as a bare "Failure", so the free space is asked for.
+        """
         free = self._free_bytes(posixpath.dirname(remote))
         if getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < max(still_to_send, 1) + 65536):
             shown = "" if free is None else f" ({free / 2**20:.1f} MiB free, {still_to_send / 2**20:.1f} MiB to go)"
             return f"{remote}: no space left on device{shown}"
-        return f"{remote}: {exc or type(exc).__name__}"
+        return f"{remote}: {detail}"
 
     def _free_bytes(self, folder: str) -> int | None:
         try:
