@@ -1,8 +1,11 @@
 # The two commands of the README, and a few helpers. Every target does its own set-up.
 .PHONY: run test setup setup-dev stack-up stack-down
 
-run: setup            ## set up, start the local stack, run the pipeline on the embedded defaults
+run: setup            ## set up; the whole loop on the embedded defaults (stack, 3 boards, retrain, rollout, bench)
 	.venv/bin/nativelm stack up
+	.venv/bin/nativelm fleet sim up
+	.venv/bin/nativelm fleet provision
+	.venv/bin/nativelm serve --background
 	.venv/bin/nativelm run
 
 test: setup-dev       ## set up with the test tools, then run the whole test suite

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 from nativelm.config import load_params
 from nativelm.errors import NativelmError
+from nativelm.fleet.onboard_bench import render_bench
 from nativelm.fleet.rollout import render_rollout
 from nativelm.orchestration import fleet_runs
 
@@ -39,7 +40,10 @@ def deploy(params, choice, release):
 @task(name="onboard-bench", cache_policy=NONE)
 def bench(params, choice, boards):
     """The runtime benchmark on each board that serves the release."""
-    return fleet_runs.bench(params, choice, boards)
+    rows = fleet_runs.bench(params, choice, boards)
+    for line in render_bench(rows):
+        print(line)
+    return rows
 
 
 @flow(name="rollout", log_prints=True)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
 POLL_S = 2.0
+_TASK_NOISE = ("Finished in state", "Created task run", "Executing")  # per-task state lines
 
 
 @dataclass
@@ -64,6 +65,8 @@ def follow(flow_run_id: Any, timeout_s: float, echo: TextIO | None = sys.stdout,
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
                                     sort=LogSort.TIMESTAMP_ASC, offset=seen, limit=200)
             for log in logs:
+                if log.task_run_id is not None and log.message.startswith(_TASK_NOISE):
+                    continue
                 line = f"{prefix}{log.message}"
                 lines.append(line)
                 if echo is not None:
@@ -81,7 +84,7 @@ def follow(flow_run_id: Any, timeout_s: float, echo: TextIO | None = sys.stdout,
 def wait_triggered(deployment: str, since: Any, match: Callable[[FlowRun], bool], timeout_s: float) -> FlowRun:
     """The first run of `deployment` created after `since` that `match`es (one an automation started)."""
     from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, FlowRunFilter,
-                                                FlowRunFilterStartTime)
+                                                FlowRunFilterExpectedStartTime)
 
     name = deployment.split("/", 1)[1]
     started = time.monotonic()
@@ -89,7 +92,7 @@ def wait_triggered(deployment: str, since: Any, match: Callable[[FlowRun], bool]
         while time.monotonic() - started < timeout_s:
             runs = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])),
-                flow_run_filter=FlowRunFilter(expected_start_time=FlowRunFilterStartTime(after_=since)))
+                flow_run_filter=FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(after_=since)))
             for run in sorted(runs, key=lambda r: r.created or since):
                 if match(run):
                     return run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +26,9 @@ SUMMARY_METRICS = (
     "evaluate/ppl_onnx", "evaluate/decode_tokens_per_s", "evaluate/prefill_tokens_per_s",
 )
 STAGES = ("prepare", "train", "export", "evaluate")
+# per-board figures of the on-board benchmark shown in the summary
+BOARD_FIGURES = {"decode_tokens_per_s": "decode tok/s", "prefill_tokens_per_s": "prefill tok/s",
+                 "time_to_first_token_ms": "TTFT ms", "peak_rss_mb": "peak RSS MB"}
 _BOARD_METRIC = re.compile(r"^board[./](?P<board>[^./]+)[./](?P<name>.+)$")
 
 
@@ -36,6 +40,7 @@ def load_flow_module(project_dir: Path, relpath: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"nativelm_pipelines_{path.stem}", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Prefect finds a flow's file through its module when deploying it
     spec.loader.exec_module(module)
     return module
 
@@ -105,7 +110,7 @@ def summary_lines(params: Params, headline: str, parent: Any, flow_seconds: floa
                      f"({rollout.seconds:.1f} s)")
         boards = _board_figures(rollout_run.data.metrics) if rollout_run is not None else {}
         for board, figures in sorted(boards.items()):
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(figures.items()))
+            shown = ", ".join(f"{label} {figures[key]:.4g}" for key, label in BOARD_FIGURES.items() if key in figures)
             lines.append(f"    {board}: {shown}")
     lines.append(f"  MLflow UI:  {stack.mlflow_url(params)}")
     lines.append(f"  Prefect UI: {stack.prefect_ui_url(params)}")
