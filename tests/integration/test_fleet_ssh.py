@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,12 +22,13 @@ import pytest
 import yaml
 
 from nativelm import cli
+from nativelm.errors import NativelmError
 from nativelm.fleet import sim
 from nativelm.fleet.inventory import Inventory, load_inventory
-from nativelm.fleet.provision import provision
+from nativelm.fleet.provision import ensure_agent, ensure_layout, provision, upload_wheels
 from nativelm.fleet.ssh import BoardError, BoardSession, HostKeyError, fingerprint
 from nativelm.fleet.status import fleet_status, render_status
-from tests.integration.conftest import SimFleet, make_sim_fleet
+from tests.integration.conftest import SimFleet, make_sim_fleet, sim_params
 
 pytestmark = [pytest.mark.integration]
 
@@ -234,6 +236,24 @@ def test_provision_is_idempotent(sim_fleet: SimFleet) -> None:
     assert versions.split() == [pins["numpy"], pins["onnxruntime"], pins["tokenizers"]]
 
 
+def test_agent_and_wheels_are_sent_only_when_they_differ(own_fleet: SimFleet, tmp_path: Path) -> None:
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    (wheelhouse / "tiny-1.0-py3-none-any.whl").write_bytes(b"wheel one")
+    with session(own_fleet, "board-1") as s:
+        ensure_layout(s)
+        assert ensure_agent(s) is True
+        assert ensure_agent(s) is False
+        s.write_bytes(s.path("wheels", "old-0.1-py3-none-any.whl"), b"no pin needs this")
+        assert upload_wheels(s, wheelhouse) == len(b"wheel one")
+        assert upload_wheels(s, wheelhouse) == 0
+        assert s.agent("wheel-hashes")["files"] == {
+            "tiny-1.0-py3-none-any.whl": hashlib.sha256(b"wheel one").hexdigest()}
+        s.write_bytes(s.agent_path, b"print('tampered')")
+        assert ensure_agent(s) is True
+        assert s.agent("facts")["runtime_python"] is False
+
+
 def test_provision_reports_a_missing_python(own_fleet: SimFleet) -> None:
     inv = own_fleet.inventory
     board = inv.board("board-1").model_copy(update={"python": "/opt/no/python3"})
@@ -316,3 +336,20 @@ def test_sim_up_is_idempotent_and_down_stops_everything(own_fleet: SimFleet, tmp
         with pytest.raises(BoardError):
             s.run(["true"])
     assert [b.state for b in sim.sim_status(params)] == ["stopped"]
+    sim.sim_down(params, purge=True)
+    assert sorted(p.name for p in sim.sim_dir(params).iterdir()) == [".lock"]
+
+
+def test_sim_up_refuses_a_taken_port_and_an_unusable_folder(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        params = sim_params(tmp_path / "a", boards=1, canary=0)
+        params = params.model_copy(update={"fleet": params.fleet.model_copy(update={
+            "sim": params.fleet.sim.model_copy(update={"base_port": port})})})
+        with pytest.raises(NativelmError, match=rf"board-1: port {port} on 127\.0\.0\.1 is already in use by pid "):
+            sim.sim_up(params)
+    spaced = sim_params(tmp_path / "with space", boards=1, canary=0)
+    with pytest.raises(NativelmError, match="fleet.sim.dir: .*with space/sim holds characters"):
+        sim.sim_up(spaced)

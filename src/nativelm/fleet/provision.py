@@ -171,12 +171,17 @@ def fill_wheelhouse(info: BoardPython, packages: Sequence[str], state_dir: Path)
 
 
 def upload_wheels(session: BoardSession, wheelhouse: Path) -> int:
-    """Send the wheels the board lacks (or holds with another sha256); return the bytes sent."""
+    """Send the wheels the board lacks (or holds with another sha256), delete the ones no pin needs any
+    more; return the bytes sent."""
     remote = session.agent("wheel-hashes")["files"]
+    wheels = sorted(wheelhouse.glob("*.whl"))
     sent = 0
-    for wheel in sorted(wheelhouse.glob("*.whl")):
+    for wheel in wheels:
         if remote.get(wheel.name) != sha256_file(wheel):
             sent += session.put_file(wheel, session.path("wheels", wheel.name))
+    unused = sorted(set(remote) - {wheel.name for wheel in wheels})
+    if unused:
+        session.run(["rm", "-f", *(session.path("wheels", name) for name in unused)])
     return sent
 
 
