@@ -185,13 +185,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _register_plugins(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Subcommands that live with their stage: the fleet and the rollout."""
-    import importlib
+    from nativelm.fleet import commands, deploy_commands
 
-    for module in ("nativelm.fleet.commands", "nativelm.fleet.deploy_commands"):
-        try:  # TEMPORARY while the fleet modules are being written
-            importlib.import_module(module).register(sub, common)
-        except ModuleNotFoundError:
-            pass
+    commands.register(sub, common)
+    deploy_commands.register(sub, common)
 
 
 def build_parser() -> argparse.ArgumentParser:
