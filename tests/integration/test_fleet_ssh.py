@@ -25,7 +25,12 @@ from nativelm import cli
 from nativelm.errors import NativelmError
 from nativelm.fleet import sim
 from nativelm.fleet.inventory import Inventory, load_inventory
-from nativelm.fleet.provision import ensure_agent, ensure_layout, provision, upload_wheels
+from nativelm.fleet.provision import (
+    ensure_agent,
+    ensure_layout,
+    provision,
+    upload_wheels,
+)
 from nativelm.fleet.ssh import BoardError, BoardSession, HostKeyError, fingerprint
 from nativelm.fleet.status import fleet_status, render_status
 from tests.integration.conftest import SimFleet, make_sim_fleet, sim_params
@@ -230,8 +235,8 @@ def test_provision_is_idempotent(sim_fleet: SimFleet) -> None:
     with session(sim_fleet, "board-2") as s:
         facts = s.agent("facts")
         assert facts["runtime_packages"] == sorted(params.fleet.runtime_packages)
-        versions = s.run([s.runtime_python, "-c", "import numpy, onnxruntime, tokenizers; print(numpy.__version__, "
-                                                   "onnxruntime.__version__, tokenizers.__version__)"]).stdout
+        probe = "import numpy, onnxruntime, tokenizers as t; print(numpy.__version__, onnxruntime.__version__, t.__version__)"
+        versions = s.run([s.runtime_python, "-c", probe]).stdout
     pins = dict(p.split("==") for p in params.fleet.runtime_packages)
     assert versions.split() == [pins["numpy"], pins["onnxruntime"], pins["tokenizers"]]
 

@@ -10,7 +10,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nativelm.fleet.inventory import InventoryError, load_inventory, parse_inventory, select_boards
+from nativelm.fleet.inventory import (
+    InventoryError,
+    load_inventory,
+    parse_inventory,
+    select_boards,
+)
 from nativelm.fleet.params import NAME_PATTERN
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,7 +117,7 @@ def test_select_boards_by_name_and_group(tmp_path: Path) -> None:
                             board(name="b", host="10.0.0.2", groups=["x86"]),
                             board(name="c", host="10.0.0.3", groups=["x86", "canary"])])
     inv = load_inventory(path)
-    names = lambda boards: [b.name for b in boards]  # noqa: E731
+    names = lambda boards: [b.name for b in boards]
     assert names(select_boards(inv)) == ["a", "b", "c"]
     assert names(select_boards(inv, names=["c", "a"])) == ["a", "c"]  # inventory order
     assert names(select_boards(inv, groups=["canary"])) == ["a", "c"]

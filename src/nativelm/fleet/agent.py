@@ -28,6 +28,7 @@ import datetime
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -35,8 +36,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any
 
 _SOURCE = str(globals().get("__file__", "<stdin>"))
 FROM_STDIN = _SOURCE.startswith("<")  # `python3 - --root DIR ...`: this file was piped in
@@ -58,9 +60,9 @@ class AgentError(Exception):
 # arguments and paths
 
 
-def _check(pattern: "re.Pattern[str]", value: str, what: str) -> str:
+def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
     if not pattern.fullmatch(value) or value in (".", ".."):
-        raise AgentError("bad {}: {!r} (allowed: {})".format(what, value, pattern.pattern))
+        raise AgentError(f"bad {what}: {value!r} (allowed: {pattern.pattern})")
     return value
 
 
@@ -78,9 +80,9 @@ def number(value: str, what: str, minimum: float) -> float:
     try:
         result = float(value)
     except ValueError:
-        raise AgentError("bad {}: {!r} is not a number".format(what, value)) from None
-    if not result >= minimum or result != result or result == float("inf"):
-        raise AgentError("bad {}: {!r} (must be a finite number >= {:g})".format(what, value, minimum))
+        raise AgentError(f"bad {what}: {value!r} is not a number") from None
+    if not math.isfinite(result) or result < minimum:
+        raise AgentError(f"bad {what}: {value!r} (must be a finite number >= {minimum:g})")
     return result
 
 
@@ -100,7 +102,7 @@ class Layout:
     def release(self, name: str) -> Path:
         return self.releases / release_name(name)
 
-    def link_target(self, link: Path) -> Optional[str]:
+    def link_target(self, link: Path) -> str | None:
         """The release name a `current`/`previous` link points to, or None."""
         try:
             target = os.readlink(str(link))
@@ -109,7 +111,7 @@ class Layout:
         name = os.path.basename(target.rstrip("/"))
         return name if RELEASE_PATTERN.fullmatch(name) else None
 
-    def release_names(self) -> List[str]:
+    def release_names(self) -> list[str]:
         """Release folders, oldest first (by last change: upload or activation), ties by name."""
         if not self.releases.is_dir():
             return []
@@ -151,21 +153,21 @@ def remove_tree(path: Path) -> None:
     """Delete a folder: renamed aside first, so a half-deleted folder never keeps its name."""
     if not path.exists() and not path.is_symlink():
         return
-    aside = path.with_name(".{}.del-{}".format(path.name, os.getpid()))
+    aside = path.with_name(f".{path.name}.del-{os.getpid()}")
     os.rename(str(path), str(aside))
     shutil.rmtree(str(aside), ignore_errors=True)
 
 
 def point_link(link: Path, target: str) -> None:
     """Make `link` a symlink to `target` atomically (a new link under a temp name, then rename)."""
-    tmp = link.with_name(".{}.tmp-{}".format(link.name, os.getpid()))
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(target, str(tmp))
     os.replace(str(tmp), str(link))
 
 
-def complete_files(folder: Path) -> Dict[str, Path]:
+def complete_files(folder: Path) -> dict[str, Path]:
     """Regular files with valid names that are not partial uploads."""
     if not folder.is_dir():
         return {}
@@ -180,10 +182,10 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise AgentError("cannot read {}: {}".format(path, exc)) from None
+        raise AgentError(f"cannot read {path}: {exc}") from None
 
 
-def read_json_quiet(path: Path) -> Optional[Dict[str, Any]]:
+def read_json_quiet(path: Path) -> dict[str, Any] | None:
     """A JSON object from a file, or None when it is missing or unreadable."""
     try:
         value = read_json(path)
@@ -196,7 +198,7 @@ def read_json_quiet(path: Path) -> Optional[Dict[str, Any]]:
 # commands
 
 
-def cmd_facts(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_facts(lay: Layout, args: list[str]) -> dict[str, Any]:
     _no_args(args, "facts")
     current = lay.link_target(lay.current)
     probe = lay.root
@@ -219,11 +221,11 @@ def cmd_facts(lay: Layout, args: List[str]) -> Dict[str, Any]:
     }
 
 
-def _hashes(folder: Path) -> Dict[str, str]:
+def _hashes(folder: Path) -> dict[str, str]:
     return {name: sha256_file(path) for name, path in complete_files(folder).items()}
 
 
-def cmd_hashes(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_hashes(lay: Layout, args: list[str]) -> dict[str, Any]:
     (release,) = _args(args, "hashes RELEASE", 1)
     folder = lay.release(release)
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,13 +237,13 @@ def cmd_hashes(lay: Layout, args: List[str]) -> Dict[str, Any]:
     return {"files": _hashes(folder), "partial": partial}
 
 
-def cmd_wheel_hashes(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_wheel_hashes(lay: Layout, args: list[str]) -> dict[str, Any]:
     _no_args(args, "wheel-hashes")
     lay.wheels.mkdir(parents=True, exist_ok=True)
     return {"files": _hashes(lay.wheels)}
 
 
-def cmd_link(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_link(lay: Layout, args: list[str]) -> dict[str, Any]:
     release, name, sha = _args(args, "link RELEASE NAME SHA256", 3)
     release_name(release), file_name(name), _check(SHA256_PATTERN, sha, "sha256")
     target = lay.release(release) / name
@@ -251,7 +253,7 @@ def cmd_link(lay: Layout, args: List[str]) -> Dict[str, Any]:
     if source is None:
         return {"linked": False}
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(".{}.link-{}".format(name, os.getpid()))
+    tmp = target.with_name(f".{name}.link-{os.getpid()}")
     if tmp.exists():
         tmp.unlink()
     try:
@@ -262,7 +264,7 @@ def cmd_link(lay: Layout, args: List[str]) -> Dict[str, Any]:
     return {"linked": True, "from": source.parent.name}
 
 
-def _find_by_hash(lay: Layout, release: str, name: str, sha: str) -> Optional[Path]:
+def _find_by_hash(lay: Layout, release: str, name: str, sha: str) -> Path | None:
     """A complete file with this sha256 in another release: same name first, then any name of equal size."""
     others = [r for r in reversed(lay.release_names()) if r != release]
     for other in others:
@@ -280,17 +282,17 @@ def verify_release(lay: Layout, release: str) -> int:
     """Check every file release.json lists; return how many files were checked (release.json included)."""
     folder = lay.release(release)
     if not folder.is_dir():
-        raise AgentError("no release {} on this board".format(release))
+        raise AgentError(f"no release {release} on this board")
     manifest = read_json(folder / RELEASE_MANIFEST)
     if manifest is None:
         raise AgentError("missing file: " + RELEASE_MANIFEST)
     listed = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict) or not listed:
-        raise AgentError("{} has no \"sha256\" map of the release's files".format(RELEASE_MANIFEST))
+        raise AgentError(f"{RELEASE_MANIFEST} has no \"sha256\" map of the release's files")
     problems = []
     for name in sorted(listed):
         if not isinstance(name, str) or not FILE_PATTERN.fullmatch(name) or name == RELEASE_MANIFEST:
-            raise AgentError("bad file name in {}: {!r}".format(RELEASE_MANIFEST, name))
+            raise AgentError(f"bad file name in {RELEASE_MANIFEST}: {name!r}")
         path = folder / name
         if not path.is_file():
             problems.append("missing file: " + name)
@@ -301,12 +303,12 @@ def verify_release(lay: Layout, release: str) -> int:
     return len(listed) + 1
 
 
-def cmd_verify(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_verify(lay: Layout, args: list[str]) -> dict[str, Any]:
     (release,) = _args(args, "verify RELEASE", 1)
     return {"ok": True, "files": verify_release(lay, release)}
 
 
-def cmd_remove(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_remove(lay: Layout, args: list[str]) -> dict[str, Any]:
     release, name = _args(args, "remove RELEASE NAME", 2)
     folder = lay.release(release)
     removed = False
@@ -317,18 +319,18 @@ def cmd_remove(lay: Layout, args: List[str]) -> Dict[str, Any]:
     return {"removed": removed}
 
 
-def cmd_discard(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_discard(lay: Layout, args: list[str]) -> dict[str, Any]:
     (release,) = _args(args, "discard RELEASE", 1)
     folder = lay.release(release)
     for link in (lay.current, lay.previous):
         if lay.link_target(link) == release:
-            raise AgentError("release {} is {}: not discarded".format(release, link.name))
+            raise AgentError(f"release {release} is {link.name}: not discarded")
     existed = folder.is_dir()
     remove_tree(folder)
     return {"discarded": existed}
 
 
-def _lock_owner(lay: Layout) -> Optional[Dict[str, Any]]:
+def _lock_owner(lay: Layout) -> dict[str, Any] | None:
     """owner.json of the lock, {"owner": "unknown", ...} for a lock without one, None when unlocked."""
     if not lay.lock.is_dir():
         return None
@@ -343,7 +345,7 @@ def _lock_owner(lay: Layout) -> Optional[Dict[str, Any]]:
 
 
 def _iso(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)  # noqa: UP017 - datetime.UTC is 3.11+.isoformat(timespec="seconds")
 
 
 def _age_s(since: str) -> float:
@@ -377,7 +379,7 @@ def _write_lock(lay: Layout, owner: str) -> None:
         shutil.rmtree(str(tmp), ignore_errors=True)
 
 
-def cmd_lock(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_lock(lay: Layout, args: list[str]) -> dict[str, Any]:
     owner, stale = _args(args, "lock OWNER STALE_S", 2)
     _check(OWNER_PATTERN, owner, "lock owner")
     stale_s = number(stale, "STALE_S", 0)
@@ -393,7 +395,7 @@ def cmd_lock(lay: Layout, args: List[str]) -> Dict[str, Any]:
         return {"locked": True, "took_over": held is not None}
 
 
-def cmd_unlock(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_unlock(lay: Layout, args: list[str]) -> dict[str, Any]:
     (owner,) = _args(args, "unlock OWNER", 1)
     _check(OWNER_PATTERN, owner, "lock owner")
     with _lock_mutex(lay):
@@ -404,7 +406,7 @@ def cmd_unlock(lay: Layout, args: List[str]) -> Dict[str, Any]:
         return {"unlocked": True}
 
 
-def _swap(lay: Layout, release: str) -> Dict[str, Any]:
+def _swap(lay: Layout, release: str) -> dict[str, Any]:
     """current := release, previous := the release it replaces (unchanged if it already was current)."""
     old = lay.link_target(lay.current)
     if old == release:
@@ -416,15 +418,15 @@ def _swap(lay: Layout, release: str) -> Dict[str, Any]:
     return {"current": release, "previous": old, "changed": True}
 
 
-def cmd_activate(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_activate(lay: Layout, args: list[str]) -> dict[str, Any]:
     (release,) = _args(args, "activate RELEASE", 1)
     folder = lay.release(release)
     if not (folder / RELEASE_MANIFEST).is_file():
-        raise AgentError("no complete release {} on this board (missing {})".format(release, RELEASE_MANIFEST))
+        raise AgentError(f"no complete release {release} on this board (missing {RELEASE_MANIFEST})")
     return _swap(lay, release)
 
 
-def cmd_rollback(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_rollback(lay: Layout, args: list[str]) -> dict[str, Any]:
     if len(args) > 1:
         raise AgentError("usage: rollback [RELEASE]")
     target = release_name(args[0]) if args else lay.link_target(lay.previous)
@@ -433,11 +435,11 @@ def cmd_rollback(lay: Layout, args: List[str]) -> Dict[str, Any]:
     try:
         verify_release(lay, target)
     except AgentError as exc:
-        raise AgentError("cannot roll back to {}: {}".format(target, exc)) from None
+        raise AgentError(f"cannot roll back to {target}: {exc}") from None
     return _swap(lay, target)
 
 
-def cmd_prune(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_prune(lay: Layout, args: list[str]) -> dict[str, Any]:
     (keep,) = _args(args, "prune KEEP", 1)
     keep_n = int(number(keep, "KEEP", 1))
     names = lay.release_names()
@@ -456,30 +458,30 @@ def cmd_prune(lay: Layout, args: List[str]) -> Dict[str, Any]:
     return {"removed": removed, "kept": [n for n in names if n not in removed]}
 
 
-def cmd_save_bench(lay: Layout, args: List[str]) -> Dict[str, Any]:
+def cmd_save_bench(lay: Layout, args: list[str]) -> dict[str, Any]:
     (release,) = _args(args, "save-bench RELEASE", 1)
     release_name(release)
     try:
         result = json.loads(sys.stdin.buffer.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise AgentError("save-bench: stdin is not JSON: {}".format(exc)) from None
+        raise AgentError(f"save-bench: stdin is not JSON: {exc}") from None
     if not isinstance(result, dict):
         raise AgentError("save-bench: stdin must hold one JSON object")
     write_atomic(lay.bench / (release + ".json"), json.dumps(result, indent=2).encode())
     return {"saved": True}
 
 
-def _args(args: List[str], usage: str, n: int) -> List[str]:
+def _args(args: list[str], usage: str, n: int) -> list[str]:
     if len(args) != n:
         raise AgentError("usage: " + usage)
     return args
 
 
-def _no_args(args: List[str], usage: str) -> None:
+def _no_args(args: list[str], usage: str) -> None:
     _args(args, usage, 0)
 
 
-COMMANDS: Dict[str, Callable[[Layout, List[str]], Dict[str, Any]]] = {
+COMMANDS: dict[str, Callable[[Layout, list[str]], dict[str, Any]]] = {
     "facts": cmd_facts,
     "hashes": cmd_hashes,
     "wheel-hashes": cmd_wheel_hashes,
@@ -496,7 +498,7 @@ COMMANDS: Dict[str, Callable[[Layout, List[str]], Dict[str, Any]]] = {
 }
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     """Run one command; print its JSON (exit 0) or one `error:` line (exit 1)."""
     try:
         root = None if FROM_STDIN else AGENT_FILE.parent.parent
@@ -510,7 +512,7 @@ def main(argv: List[str]) -> int:
             raise AgentError("usage: nativelm-agent.py COMMAND ARGS (commands: {})".format(", ".join(COMMANDS)))
         reply = COMMANDS[argv[0]](Layout(root), argv[1:])
     except AgentError as exc:
-        print("error: {}".format(exc).replace("\n", " "), file=sys.stderr)
+        print(f"error: {exc}".replace("\n", " "), file=sys.stderr)
         return 1
     except OSError as exc:
         print("error: {}: {}".format(exc.filename or "", exc.strerror or exc).replace("\n", " "), file=sys.stderr)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import paramiko
 
@@ -144,7 +144,7 @@ class BoardSession:
 
     # ---- connection
 
-    def __enter__(self) -> BoardSession:
+    def __enter__(self) -> Self:
         self.connect()
         return self
 
@@ -408,9 +408,9 @@ def _collect(channel: paramiko.Channel, deadline: float) -> tuple[bytes | None, 
             out.write(channel.recv(_CHUNK))
         while channel.recv_stderr_ready():
             err.write(channel.recv_stderr(_CHUNK))
-        if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
-            if channel.eof_received or channel.closed:
-                return out.getvalue(), err.getvalue()
+        finished = channel.exit_status_ready() and (channel.eof_received or channel.closed)
+        if finished and not channel.recv_ready() and not channel.recv_stderr_ready():
+            return out.getvalue(), err.getvalue()
         left = deadline - time.monotonic()
         if left <= 0:
             return None, err.getvalue()
