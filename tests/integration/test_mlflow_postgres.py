@@ -1,10 +1,11 @@
-"""MLflow on a real PostgreSQL: the team stack's tracking backend (docker-compose.yml), run here without Docker.
+"""MLflow (and Prefect) on a real PostgreSQL: the team stack's backends (docker-compose.yml), run here without Docker.
 
 A throwaway PostgreSQL cluster (Debian's `postgresql` package: initdb + pg_ctl, password auth on a
 free loopback port) gets its databases from the compose stack's own init script; an MLflow server
 uses it as backend store, the way the compose `mlflow` service does (URI without the password,
 which comes from PGPASSWORD). The project's tracking code logs a run and registers a version with
-an alias; both are read back through MLflow and found in PostgreSQL's own tables.
+an alias; both are read back through MLflow and found in PostgreSQL's own tables. A Prefect server
+on the same cluster (asyncpg, password from PGPASSWORD as in the compose file) stores a flow there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from nativelm.stack.process import BackgroundProcess, wait_http
-from nativelm.stack.services import mlflow_service
+from nativelm.stack.services import mlflow_service, prefect_service
 from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,10 +53,10 @@ class Postgres:
     password: str
     host: str = "127.0.0.1"
 
-    def uri(self, database: str) -> str:
-        """SQLAlchemy URI without the password (libpq reads it from PGPASSWORD). The driver is named:
-        SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, and MLflow's image ships psycopg2."""
-        return f"postgresql+psycopg2://{PG_USER}@{self.host}:{self.port}/{database}"
+    def uri(self, database: str, driver: str = "psycopg2") -> str:
+        """SQLAlchemy URI without the password (libpq and asyncpg read it from PGPASSWORD). The driver
+        is named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, MLflow's image ships psycopg2."""
+        return f"postgresql+{driver}://{PG_USER}@{self.host}:{self.port}/{database}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -117,12 +118,12 @@ def mlflow_on_postgres(postgres: Postgres, tmp_path_factory: pytest.TempPathFact
         proc.stop()
 
 
-def query(postgres: Postgres, sql: str, *args: object) -> list[tuple]:
-    """Rows of one query on the mlflow database, read by PostgreSQL itself (not through MLflow)."""
+def query(postgres: Postgres, sql: str, *args: object, database: str = "mlflow") -> list[tuple]:
+    """Rows of one query, read by PostgreSQL itself (not through the server that wrote them)."""
     import psycopg2
 
     with psycopg2.connect(host=postgres.host, port=postgres.port, user=PG_USER, password=postgres.password,
-                          dbname="mlflow") as conn, conn.cursor() as cursor:
+                          dbname=database) as conn, conn.cursor() as cursor:
         cursor.execute(sql, args)
         return cursor.fetchall()
 
@@ -162,3 +163,23 @@ def test_run_and_aliased_model_version_are_stored_in_postgres(mlflow_on_postgres
     assert query(postgres, "SELECT alias, version FROM registered_model_aliases WHERE name = %s",
                  "nativelm-pg") == [("champion", version)]
     assert postgres.password not in mlflow_on_postgres.log_path.read_text()  # nor in the server's argv
+
+
+def test_prefect_server_stores_its_state_in_postgres(postgres: Postgres, tmp_path: Path) -> None:
+    import httpx
+
+    from nativelm.stack.params import StackParams
+
+    svc = prefect_service(StackParams(state_dir=str(tmp_path), mlflow_port=free_port(), prefect_port=free_port()))
+    url = postgres.uri("prefect", driver="asyncpg")
+    proc = BackgroundProcess("prefect-postgres", tmp_path / "stack")
+    proc.start(svc.argv, env={**svc.env, "PREFECT_SERVER_DATABASE_CONNECTION_URL": url, **postgres.env}, cwd=tmp_path)
+    try:
+        wait_http(proc, svc.health_url, timeout_s=120)
+        reply = httpx.post(f"{svc.url}/api/flows/", json={"name": "team-stack-check"}, trust_env=False, timeout=30)
+        assert reply.status_code in (200, 201), reply.text
+        assert query(postgres, "SELECT id::text FROM flow WHERE name = %s", "team-stack-check",
+                     database="prefect") == [(reply.json()["id"],)]
+        assert postgres.password not in proc.log_path.read_text()
+    finally:
+        proc.stop()
