@@ -345,7 +345,8 @@ def _lock_owner(lay: Layout) -> dict[str, Any] | None:
 
 
 def _iso(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)  # noqa: UP017 - datetime.UTC is 3.11+.isoformat(timespec="seconds")
+    utc = datetime.timezone.utc  # noqa: UP017 - datetime.UTC is Python 3.11+
+    return datetime.datetime.fromtimestamp(epoch, utc).isoformat(timespec="seconds")
 
 
 def _age_s(since: str) -> float:
