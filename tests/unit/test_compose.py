@@ -101,7 +101,9 @@ def test_clients_point_at_the_servers_and_ports_that_exist(services: dict) -> No
     minio = services["minio"]["environment"]
     for name in ("mlflow", "worker"):
         env = services[name]["environment"]
-        assert urlsplit(env["MLFLOW_S3_ENDPOINT_URL"]).hostname == "minio", name
+        endpoint = urlsplit(env["MLFLOW_S3_ENDPOINT_URL"])
+        assert endpoint.hostname == "minio" and f"{endpoint.port}:{endpoint.port}" in services["minio"]["ports"], name
+        assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"], name
         assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
             minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"]), name
     assert "s3://mlflow" in services["mlflow"]["command"] and "local/mlflow" in services["buckets"]["command"][0]
