@@ -87,6 +87,19 @@ def test_unknown_host_key_is_refused_and_never_added(sim_fleet: SimFleet, tmp_pa
     assert empty.read_text() == "# nothing pinned\n"
 
 
+def test_hashed_known_hosts_lines_are_accepted(sim_fleet: SimFleet, tmp_path: Path) -> None:
+    hashed = tmp_path / "known_hosts"
+    lines = []
+    for line in sim_fleet.inventory.known_hosts.read_text().splitlines():
+        if line and not line.startswith("#"):
+            host, rest = line.split(" ", 1)
+            lines.append(f"{paramiko.HostKeys.hash_host(host)} {rest}")
+    hashed.write_text("\n".join(lines) + "\n")
+    assert "127.0.0.1" not in hashed.read_text()
+    with session(sim_fleet, "board-3", replace(sim_fleet.inventory, known_hosts=hashed)) as s:
+        assert s.run(["true"]).rc == 0
+
+
 def test_changed_host_key_is_refused_with_both_fingerprints(own_fleet: SimFleet) -> None:
     before = own_fleet.inventory.known_hosts.read_text()
     old = pinned_fingerprint(own_fleet, "board-2")
