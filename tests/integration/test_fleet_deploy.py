@@ -22,7 +22,7 @@ from nativelm.fleet.deploy import BoardResult
 from nativelm.fleet.inventory import Inventory
 from nativelm.fleet.params import FleetParams
 from nativelm.fleet.release import LocalRelease, load_release, resolve_release
-from nativelm.fleet.rollout import RolloutResult, rollback, rollout
+from nativelm.fleet.rollout import RolloutResult, render_rollout, rollback, rollout
 from nativelm.fleet.ssh import BoardSession
 from tests.integration.conftest import SimFleet
 from tests.unit.runtime_model import Dims, make_export, update_manifest
@@ -42,18 +42,20 @@ class Releases(NamedTuple):
     bad: LocalRelease  # consistent hashes, wrong golden continuation: fails its health check
 
 
+def fleet_release(root: Path, seed: int, note: str, wrong_golden: bool = False) -> LocalRelease:
+    """A release of the fleet tests' architecture (tokenizer, genai config and runtime always the same bytes)."""
+    export = make_export(root / f"export-{note}", seed=seed, dims=FLEET_DIMS)
+    if wrong_golden:
+        golden = json.loads((export.folder / "manifest.json").read_text())["golden"]
+        for entry in golden:
+            entry["tokens"] = [(t + 1) % export.vocab for t in entry["tokens"]]
+        update_manifest(export.folder, golden=golden)
+    return load_release(build_release(root / f"release-{note}", export.folder, note))
+
+
 def build_releases(root: Path) -> Releases:
-    """Three releases of one architecture (tokenizer, genai config and runtime identical: linked on boards)."""
-    folders = []
-    for seed, note in ((0, "old"), (1, "new"), (2, "bad")):
-        export = make_export(root / f"export-{note}", seed=seed, dims=FLEET_DIMS)
-        if note == "bad":
-            golden = json.loads((export.folder / "manifest.json").read_text())["golden"]
-            for entry in golden:
-                entry["tokens"] = [(t + 1) % export.vocab for t in entry["tokens"]]
-            update_manifest(export.folder, golden=golden)
-        folders.append(build_release(root / f"release-{note}", export.folder, note))
-    return Releases(*(load_release(folder) for folder in folders))
+    return Releases(fleet_release(root, 0, "old"), fleet_release(root, 1, "new"),
+                    fleet_release(root, 2, "bad", wrong_golden=True))
 
 
 def serving(inventory: Inventory, fleet: FleetParams, boards: list[str] | None = None) -> dict[str, str]:
@@ -99,7 +101,7 @@ def test_update_unchanged_link_prune_and_rollback(sim_fleet: SimFleet, releases:
                                                   fleet_params: FleetParams) -> None:
     inv, names = sim_fleet.inventory, [b.name for b in sim_fleet.inventory.boards]
     first = rollout(inv, inv.boards, releases.old, fleet_params, state_dir(sim_fleet))
-    assert first.ok, first.to_json()
+    assert first.ok, "\n".join(render_rollout(first))
     assert serving(inv, fleet_params) == dict.fromkeys(names, releases.old.name)
 
     again = rollout(inv, inv.boards, releases.old, fleet_params, state_dir(sim_fleet))
@@ -225,7 +227,7 @@ def test_registered_version_from_mlflow_rolls_out_and_is_benchmarked(sim_fleet: 
 
     inv = sim_fleet.inventory
     result = rollout(inv, inv.boards, release, params.fleet, tmp_path / "state")
-    assert result.ok, result.to_json()
+    assert result.ok, "\n".join(render_rollout(result))
     # the same bytes as the sha-named release already on the boards: every file linked, nothing sent
     assert all((r.files_linked, r.bytes_sent) == (len(release.files), 0) for r in result.boards)
     assert serving(inv, params.fleet) == {b.name: release.name for b in inv.boards}

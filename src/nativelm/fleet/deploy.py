@@ -328,7 +328,11 @@ class BoardDeploy(BoardJob):
             raise StepFailed("health-current", f"health after switch failed: {failure}; "
                                                "no previous release to restore")
         self.note("rollback", previous)
-        reply = self.session.agent("rollback", previous)
+        try:
+            reply = self.session.agent("rollback", previous)
+        except BoardError as exc:
+            raise StepFailed("health-current", f"health after switch failed ({failure}); could not restore "
+                                               f"{previous}: {exc.reason}") from None
         self.result.live = reply.get("current", previous)
         raise StepFailed("health-current", f"health after switch failed; restored {previous} ({failure})")
 
