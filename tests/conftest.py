@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,18 @@ def write_corpus(folder: Path, n_docs: int = 12, seed: int = 0) -> Path:
                  for _ in range(60)]
         (folder / f"doc_{i:03d}.txt").write_text(f"Document {i}\n\n" + "\n".join(lines) + "\n")
     return folder
+
+
+BIN = Path(sys.executable).parent
+
+
+def run_checked(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command as a user would in the project (virtualenv on PATH, no stack variables leaking in)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "NATIVELM_"))}
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"  # as with an activated virtualenv
+    proc = subprocess.run(cmd, cwd=cwd, env={**full_env, **(env or {})}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -208,9 +208,11 @@ def compare_runs_url(mlflow_url: str, run_ids: Sequence[str], experiment_ids: Se
     return f"{mlflow_url.rstrip('/')}/#/compare-runs?{query}"
 
 
-def screenshot_mlflow_compare(page: Page, mlflow_url: str, run_ids: Sequence[str], path: Path) -> Path:
-    """Open MLflow's compare view of `run_ids`, wait until every run's name, parameters and metrics
-    have rendered, and save a screenshot to `path` (written whole, through a temporary file)."""
+def screenshot_mlflow_compare(page: Page, mlflow_url: str, run_ids: Sequence[str], path: Path,
+                              expect: Sequence[str] | None = None) -> Path:
+    """Open MLflow's compare view of `run_ids`, wait until every run's name and parameters and metrics
+    (or only the texts in `expect`: by default MLflow hides rows equal in every run) have rendered,
+    and save a screenshot to `path` (written whole, through a temporary file)."""
     runs = [_mlflow_run(mlflow_url, run_id) for run_id in run_ids]
     experiments = sorted({run["info"]["experiment_id"] for run in runs})
     page.goto(compare_runs_url(mlflow_url, run_ids, experiments))
@@ -219,9 +221,12 @@ def screenshot_mlflow_compare(page: Page, mlflow_url: str, run_ids: Sequence[str
     if close_assistant.is_visible():
         close_assistant.click()
     expected = [run["info"]["run_name"] for run in runs]
-    for run in runs:
-        data = run.get("data", {})
-        expected += [item["key"] for item in data.get("params", []) + data.get("metrics", [])]
+    if expect is not None:
+        expected += list(expect)
+    else:
+        for run in runs:
+            data = run.get("data", {})
+            expected += [item["key"] for item in data.get("params", []) + data.get("metrics", [])]
     for text in dict.fromkeys(expected):  # in order, once each
         page.get_by_text(text, exact=True).first.wait_for(timeout=UI_TIMEOUT_MS)
     fit_viewport_to_content(page)

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import git, make_project
+from tests.conftest import BIN, git, make_project, run_checked
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-BIN = Path(sys.executable).parent
 STAGES = ("prepare", "train", "export", "evaluate")
 REGISTRY_TAGS = ("git_commit", "data_hash", "params_hash")
-
-
-def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "NATIVELM_"))}
-    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"  # as with an activated virtualenv
-    proc = subprocess.run(cmd, cwd=cwd, env={**full_env, **(env or {})}, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 def _set_param(project: Path, dotted: str, value: object) -> None:
@@ -41,7 +30,7 @@ def _set_param(project: Path, dotted: str, value: object) -> None:
 
 def test_dvc_repro_prepare_skips_unchanged_and_reruns_on_param_change(tmp_path: Path) -> None:
     project = make_project(tmp_path / "proj", {"tracking.uri": "off"})
-    first = _run([str(BIN / "dvc"), "repro", "prepare"], project)
+    first = run_checked([str(BIN / "dvc"), "repro", "prepare"], project)
     assert "Running stage 'prepare'" in first.stdout
     manifest = json.loads((project / "data/prepared/manifest.json").read_text())
     assert (project / "data/prepared/tokenizer.json").exists()
@@ -50,11 +39,11 @@ def test_dvc_repro_prepare_skips_unchanged_and_reruns_on_param_change(tmp_path: 
     metrics = json.loads((project / "metrics/prepare.json").read_text())
     assert metrics and all(not isinstance(v, str) for v in metrics.values())
 
-    again = _run([str(BIN / "dvc"), "repro", "prepare"], project)
+    again = run_checked([str(BIN / "dvc"), "repro", "prepare"], project)
     assert "Running stage" not in again.stdout and "didn't change" in again.stdout
 
     _set_param(project, "data.split.salt", "another")
-    third = _run([str(BIN / "dvc"), "repro", "prepare"], project)
+    third = run_checked([str(BIN / "dvc"), "repro", "prepare"], project)
     assert "Running stage 'prepare'" in third.stdout
     assert json.loads((project / "data/prepared/manifest.json").read_text()) != manifest
 
@@ -63,7 +52,7 @@ def test_dvc_repro_prepare_skips_unchanged_and_reruns_on_param_change(tmp_path: 
     git(project, "commit", "-qm", "another split")
     digest = (project / "data/prepared/manifest.json").read_bytes()
     subprocess.run(["rm", "-rf", str(project / "data/prepared")], check=True)
-    _run([str(BIN / "dvc"), "checkout", "prepare"], project)
+    run_checked([str(BIN / "dvc"), "checkout", "prepare"], project)
     assert (project / "data/prepared/manifest.json").read_bytes() == digest
 
 
@@ -80,16 +69,16 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
     section = local_stack["section"]
     project = make_project(tmp_path / "proj", {f"stack.{k}": v for k, v in section.items()}
                            | {"tracking.experiment": "flow-test"})
-    first = _run([str(BIN / "nativelm"), "run", "--local"], project)
+    first = run_checked([str(BIN / "nativelm"), "run", "--local"], project)
     assert all(re.search(rf"{s}\s+ran\s", first.stdout) for s in STAGES)
     assert (project / "models/model.pt").exists() and (project / "plots/train/loss.png").exists()
     assert (project / "models/onnx/model.onnx").exists()
     assert (project / "models/release/release.json").exists()
     assert (project / "models/release/nativelm-runtime.pyz").exists()
-    second = _run([str(BIN / "nativelm"), "run", "--local"], project)
+    second = run_checked([str(BIN / "nativelm"), "run", "--local"], project)
     assert all(re.search(rf"{s}\s+skipped\s", second.stdout) for s in STAGES)
     _set_param(project, "data.split.salt", "other")
-    third = _run([str(BIN / "nativelm"), "run", "--local"], project)
+    third = run_checked([str(BIN / "nativelm"), "run", "--local"], project)
     assert re.search(r"prepare\s+ran\s", third.stdout) and re.search(r"train\s+ran\s", third.stdout)
     assert "evaluate/decode_tokens_per_s" in third.stdout and "model version 2:" in third.stdout
     assert "orchestration overhead" in third.stdout
