@@ -204,6 +204,28 @@ def test_rollout_writes_the_result_log_and_reports_progress(release_dir: Path, t
     assert "1 failed, 2 updated" in table[-2] and "ABORTED" in table[-2]
 
 
+def test_live_progress_draws_one_line_per_board() -> None:
+    stream = io.StringIO()
+    progress = Progress(["board-1", "board-10"], stream, live=True)
+    hooks = progress.hooks()
+    hooks.on_phase("board-1", "upload", "model.onnx")
+    hooks.on_progress("board-1", "model.onnx", 50, 100)
+    shown = stream.getvalue()
+    progress.done(BoardResult("board-10", "failed", phase="connect", reason="connection refused"))
+    progress.close()
+    assert "board-1   [##########..........]  upload model.onnx 50%" in shown
+    assert "board-10  [....................]  failed: connect: connection refused" in stream.getvalue()
+
+
+def test_rollback_refuses_a_release_name_a_board_would_not_take(tmp_path: Path) -> None:
+    from nativelm.errors import NativelmError
+    from nativelm.fleet.rollout import rollback
+
+    with pytest.raises(NativelmError, match="not a release name"):
+        rollback(None, [board("b1")], FleetParams(), tmp_path, to="../../etc")
+    assert not (tmp_path / "rollouts").exists()
+
+
 def test_log_finished_only_for_finished_rollouts_of_this_controller(tmp_path: Path) -> None:
     rid = new_rollout_id()
     (tmp_path / "rollouts").mkdir()

@@ -458,16 +458,17 @@ def on_board(board: Board, inventory: Inventory, fleet: FleetParams, job: Callab
         hooks.on_phase(board.name, "connect", f"{board.host}:{board.port}")
     session = BoardSession(board, inventory, fleet)
     try:
-        session.__enter__()
+        session.connect()
     except (BoardError, *_TRANSPORT_ERRORS) as exc:
         result = connect_failure(board.name, exc, release)
-        result.seconds = time.perf_counter() - started
-        return result
-    try:
-        return job(session)
-    finally:
-        with contextlib.suppress(Exception):
-            session.close()
+    else:
+        try:
+            result = job(session)
+        finally:
+            with contextlib.suppress(Exception):
+                session.close()
+    result.seconds = time.perf_counter() - started  # the connection included
+    return result
 
 
 def deploy_to(board: Board, inventory: Inventory, release: LocalRelease, fleet: FleetParams, owner: str,

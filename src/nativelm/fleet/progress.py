@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from nativelm.fleet.deploy import BoardResult, DeployHooks
 
 UPLOAD_STEPS = 4  # plain-line mode: report an upload at 25%, 50%, 75%, 100%
+BAR_WIDTH = 20  # terminal mode: characters of each board's bar
 
 
 class Progress:
@@ -35,18 +36,22 @@ class Progress:
 
             for position, board in enumerate(boards):
                 self._bars[board] = tqdm(total=100, position=position, file=self.stream, leave=True,
-                                         desc=board.ljust(self.width), bar_format="{desc} {bar:20} {postfix}",
-                                         postfix="waiting")
+                                         bar_format="{desc}")
+                self._show(board, 0, "waiting")
 
     def _line(self, board: str, phase: str, detail: str) -> None:
         print(f"{board.ljust(self.width)}  {phase:<14} {detail}".rstrip(), file=self.stream, flush=True)
 
+    def _show(self, board: str, percent: int, text: str) -> None:
+        """Redraw a board's live line: name, a 20-character bar, what it is doing."""
+        filled = percent * BAR_WIDTH // 100
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        self._bars[board].set_description_str(f"{board.ljust(self.width)}  [{bar}]  {text}", refresh=True)
+
     def phase(self, board: str, phase: str, detail: str = "") -> None:
         with self._lock:
             if board in self._bars:
-                bar = self._bars[board]
-                bar.n = 0
-                bar.set_postfix_str(f"{phase} {detail}".strip(), refresh=True)
+                self._show(board, 0, f"{phase} {detail}".strip())
             else:
                 self._line(board, phase, detail)
 
@@ -54,9 +59,7 @@ class Progress:
         percent = 100 if total <= 0 else min(100, int(sent * 100 / total))
         with self._lock:
             if board in self._bars:
-                bar = self._bars[board]
-                bar.n = percent
-                bar.set_postfix_str(f"upload {file} {percent}%", refresh=True)
+                self._show(board, percent, f"upload {file} {percent}%")
                 return
             quarter = percent * UPLOAD_STEPS // 100
             if quarter > self._reported.get((board, file), 0):
@@ -67,9 +70,7 @@ class Progress:
         text = result.outcome if not result.reason else f"{result.outcome}: {result.phase}: {result.reason}"
         with self._lock:
             if result.board in self._bars:
-                bar = self._bars[result.board]
-                bar.n = 100 if result.outcome in ("updated", "unchanged", "rolled-back") else bar.n
-                bar.set_postfix_str(text, refresh=True)
+                self._show(result.board, 100 if result.outcome in ("updated", "unchanged", "rolled-back") else 0, text)
             else:
                 self._line(result.board, "done", text)
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nativelm.fleet.deploy import BoardResult, DeployHooks, deploy_to, rollback_on
-from nativelm.fleet.params import FleetParams
+from nativelm.errors import NativelmError
+from nativelm.fleet.params import RELEASE_PATTERN, FleetParams
 from nativelm.fsutil import atomic_write_text
 
 if TYPE_CHECKING:
@@ -228,6 +229,8 @@ def rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRelease
 def rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams, state_dir: Path, *,
              to: str | None = None, progress: Progress | None = None) -> RolloutResult:
     """Restore the previous release (or `to`) on `boards`, up to fleet.max_parallel at once; never aborts."""
+    if to is not None and not re.fullmatch(RELEASE_PATTERN, to):
+        raise NativelmError(f"rollback: {to!r} is not a release name (such as v3 or sha-0123456789ab)")
     rid = new_rollout_id("rollback")
     log = RolloutLog(state_dir, RolloutResult(rid, "rollback", to or "previous", None, _now(),
                                               settings={"max_parallel": fleet.max_parallel}))
