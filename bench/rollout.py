@@ -109,8 +109,9 @@ def measure(release: LocalRelease, work: Path, boards: int, parallels: list[int]
 
 
 def render(rows: list[dict[str, Any]], parallels: list[int], release: LocalRelease) -> list[str]:
-    lines = [f"release {release.name}: {len(release.files)} files, {release.total_bytes / 2**20:.2f} MiB; "
-             f"simulated boards share this machine's CPUs"]
+    size = release.total_bytes / 2**20
+    title = f"release {release.name}: {len(release.files)} files, {size:.2f} MiB; simulated boards share the CPUs"
+    lines = [title]
     head = ["boards", "provision s", "serial s"]
     head += [f"par{p} s" for p in parallels] + [f"serial/par{p}" for p in parallels]
     head += ["unchanged s", "unchanged s/board (mean, max)"]

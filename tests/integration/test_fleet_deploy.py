@@ -184,7 +184,7 @@ def test_deploy_rollback_and_bench_commands(sim_fleet: SimFleet, releases: Relea
 
     assert main(["rollback", "--params", str(params)]) == 2  # no boards chosen: refused
     assert "choose the boards" in capsys.readouterr().err
-    assert main(["deploy", "--params", str(params), "--model", str(tmp_path / "nothing")]) == 1
+    assert main(["deploy", "--params", str(params), "--model", str(tmp_path / "nothing")]) == 2
     assert "not a release folder" in capsys.readouterr().err
 
     assert main(["bench", "--params", str(params), "--boards", "board-1", "--no-mlflow"]) == 0

@@ -32,8 +32,20 @@ import pytest
 from nativelm.fleet.deploy import DeployHooks
 from nativelm.fleet.params import FleetParams
 from nativelm.fleet.release import LocalRelease
-from nativelm.fleet.rollout import RolloutResult, new_rollout_id, render_rollout, rollout
-from nativelm.fleet.sim import rotate_host_key, sim_down, sim_status, sim_up, start_board, stop_board
+from nativelm.fleet.rollout import (
+    RolloutResult,
+    new_rollout_id,
+    render_rollout,
+    rollout,
+)
+from nativelm.fleet.sim import (
+    rotate_host_key,
+    sim_down,
+    sim_status,
+    sim_up,
+    start_board,
+    stop_board,
+)
 from nativelm.fleet.ssh import BoardSession
 from tests.integration.conftest import SimFleet, make_sim_fleet
 from tests.integration.test_fleet_deploy import (

@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import threading
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -239,9 +240,9 @@ def test_log_finished_only_for_finished_rollouts_of_this_controller(tmp_path: Pa
 
 def test_lock_age_reads_iso_and_epoch_times() -> None:
     import time
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    iso = datetime.fromtimestamp(time.time() - 100, timezone.utc).isoformat(timespec="seconds")
+    iso = datetime.fromtimestamp(time.time() - 100, UTC).isoformat(timespec="seconds")
     assert 98 < lock_age_s({"since": iso}) < 200
     assert 48 < lock_age_s({"since": time.time() - 50}) < 150
     assert lock_age_s({"since": "yesterday"}) is None and lock_age_s({}) is None

@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import paramiko
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 # room left on a board's disk beyond the bytes a rollout still has to send
 DISK_MARGIN_MB = 16
-OUTCOMES = ("updated", "unchanged", "rolled-back", "failed", "skipped")
 
 PhaseHook = Callable[[str, str, str], None]  # board, phase, detail
 ProgressHook = Callable[[str, str, int, int], None]  # board, file, bytes sent so far, file size
@@ -60,7 +59,7 @@ class BoardResult:
     """What happened on one board; `live` is the release it serves afterwards (None: unknown)."""
 
     board: str
-    outcome: str  # one of OUTCOMES
+    outcome: str  # updated | unchanged | rolled-back | failed | skipped
     phase: str = ""  # the step that failed (or the last one reached)
     reason: str = ""  # one line, empty when it went well
     release: str = ""
@@ -113,7 +112,7 @@ def failures_as_steps(current_phase: Callable[[], str]) -> Iterator[None]:
 def failure_line(text: str) -> str:
     """The last line a failed board command printed, without the runtime's `error: ` prefix."""
     line = last_line(text) or "no output"
-    return line[len("error: "):] if line.startswith("error: ") else line
+    return line.removeprefix("error: ")
 
 
 class BoardJob:
@@ -385,8 +384,8 @@ def lock_age_s(lock: dict[str, Any]) -> float | None:
         if isinstance(since, (int, float)) and not isinstance(since, bool):
             taken = float(since)
         elif isinstance(since, str):
-            moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
-            taken = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+            moment = datetime.fromisoformat(since)  # Python 3.11 reads a trailing Z too
+            taken = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
         else:
             return None
     except ValueError:

@@ -24,7 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nativelm.evaluate.stage import RUNTIME_FILE
-from nativelm.fleet.deploy import StepFailed, connect_failure, failure_line, failures_as_steps
+from nativelm.fleet.deploy import (
+    StepFailed,
+    connect_failure,
+    failure_line,
+    failures_as_steps,
+)
 from nativelm.fleet.ssh import BoardError, BoardSession
 
 if TYPE_CHECKING:

@@ -40,6 +40,8 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<al
 class ReleaseError(NativelmError):
     """A release folder that does not verify, or a version / alias the registry does not know."""
 
+    exit_code = 2
+
 
 class ReleaseFile(NamedTuple):
     """One file of a local release."""

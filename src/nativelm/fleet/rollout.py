@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nativelm.fleet.deploy import BoardResult, DeployHooks, deploy_to, rollback_on
 from nativelm.errors import NativelmError
+from nativelm.fleet.deploy import BoardResult, DeployHooks, deploy_to, rollback_on
 from nativelm.fleet.params import RELEASE_PATTERN, FleetParams
 from nativelm.fsutil import atomic_write_text
 
@@ -120,7 +120,7 @@ def log_finished(state_dir: Path, rollout_id: str) -> bool:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass
