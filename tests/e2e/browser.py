@@ -202,6 +202,11 @@ def _mlflow_run(mlflow_url: str, run_id: str) -> dict:
     return _get_json(f"{mlflow_url.rstrip('/')}/api/2.0/mlflow/runs/get?run_id={urllib.parse.quote(run_id)}")["run"]
 
 
+def _keys(runs: Sequence[dict], kind: str) -> set[str]:
+    """Names of the params or metrics any of the runs (MLflow REST `run` objects) has."""
+    return {item["key"] for run in runs for item in run.get("data", {}).get(kind, [])}
+
+
 def compare_runs_url(mlflow_url: str, run_ids: Sequence[str], experiment_ids: Sequence[str]) -> str:
     """MLflow's compare page: `#/compare-runs?runs=[...]&experiments=[...]` (JSON lists)."""
     query = urllib.parse.urlencode({"runs": json.dumps(list(run_ids)), "experiments": json.dumps(list(experiment_ids))})
@@ -210,9 +215,10 @@ def compare_runs_url(mlflow_url: str, run_ids: Sequence[str], experiment_ids: Se
 
 def screenshot_mlflow_compare(page: Page, mlflow_url: str, run_ids: Sequence[str], path: Path,
                               expect: Sequence[str] | None = None) -> Path:
-    """Open MLflow's compare view of `run_ids`, wait until every run's name and parameters and metrics
-    (or only the texts in `expect`: by default MLflow hides rows equal in every run) have rendered,
-    and save a screenshot to `path` (written whole, through a temporary file)."""
+    """Open MLflow's compare view of `run_ids`, wait until every run's name and the texts in `expect`
+    have rendered (by default the first parameter and the first metric in MLflow's order: its long
+    tables are virtualised, so later rows may never be in the page), and save a screenshot to
+    `path` (written whole, through a temporary file)."""
     runs = [_mlflow_run(mlflow_url, run_id) for run_id in run_ids]
     experiments = sorted({run["info"]["experiment_id"] for run in runs})
     page.goto(compare_runs_url(mlflow_url, run_ids, experiments))
@@ -221,12 +227,9 @@ def screenshot_mlflow_compare(page: Page, mlflow_url: str, run_ids: Sequence[str
     if close_assistant.is_visible():
         close_assistant.click()
     expected = [run["info"]["run_name"] for run in runs]
-    if expect is not None:
-        expected += list(expect)
-    else:
-        for run in runs:
-            data = run.get("data", {})
-            expected += [item["key"] for item in data.get("params", []) + data.get("metrics", [])]
+    if expect is None:
+        expect = [min(keys) for keys in (_keys(runs, "params"), _keys(runs, "metrics")) if keys]
+    expected += list(expect)
     for text in dict.fromkeys(expected):  # in order, once each
         page.get_by_text(text, exact=True).first.wait_for(timeout=UI_TIMEOUT_MS)
     fit_viewport_to_content(page)
@@ -234,14 +237,24 @@ def screenshot_mlflow_compare(page: Page, mlflow_url: str, run_ids: Sequence[str
     return Path(path)
 
 
-_CONTENT_HEIGHT_JS = """() => Math.max(document.documentElement.scrollHeight, ...Array.from(
-    document.querySelectorAll('*'), e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowY) ? e.scrollHeight : 0))"""
+# how much taller the page's main scrolling panel is than its box (the largest box that scrolls:
+# tables inside it may scroll on their own, virtualised, and must not count)
+_HIDDEN_HEIGHT_JS = """() => {
+  let main = null;
+  for (const e of document.querySelectorAll('*')) {
+    const overflow = getComputedStyle(e).overflowY;
+    if ((overflow === 'auto' || overflow === 'scroll') && e.scrollHeight > e.clientHeight
+        && (main === null || e.clientHeight > main.clientHeight)) main = e;
+  }
+  return Math.max(main ? main.scrollHeight - main.clientHeight : 0,
+                  document.documentElement.scrollHeight - window.innerHeight);
+}"""
 
 
 def fit_viewport_to_content(page: Page, max_height: int = 4000) -> None:
-    """Make the viewport as tall as the tallest scrolling panel, so a screenshot shows all of it
-    (MLflow scrolls inside a panel: a `full_page` screenshot alone would cut its tables off)."""
+    """Make the viewport tall enough to show all of the page's main scrolling panel, so a screenshot
+    shows all of it (MLflow scrolls inside a panel: a `full_page` screenshot alone would cut it off)."""
     size = page.viewport_size or VIEWPORT
-    height = min(max_height, int(page.evaluate(_CONTENT_HEIGHT_JS)) + 80)
-    if height > size["height"]:
-        page.set_viewport_size({"width": size["width"], "height": height})
+    hidden = int(page.evaluate(_HIDDEN_HEIGHT_JS))
+    if hidden > 0:
+        page.set_viewport_size({"width": size["width"], "height": min(max_height, size["height"] + hidden + 40)})
