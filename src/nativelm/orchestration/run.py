@@ -45,10 +45,26 @@ def load_flow_module(project_dir: Path, relpath: str) -> ModuleType:
     return module
 
 
+def _external_stack() -> bool:
+    """True when $PREFECT_API_URL and $MLFLOW_TRACKING_URI name servers that answer (the team stack)."""
+    from nativelm.stack.process import http_ok
+
+    prefect, mlflow = os.environ.get("PREFECT_API_URL"), os.environ.get("MLFLOW_TRACKING_URI")
+    if not (prefect and mlflow and mlflow.startswith(("http://", "https://"))):
+        return False
+    return http_ok(f"{prefect.rstrip('/')}/health") and http_ok(f"{mlflow.rstrip('/')}/health")
+
+
 def use_local_stack(params: Params) -> None:
-    """Point this process's Prefect and MLflow clients at the running local stack, or say how to start it."""
+    """Point this process's Prefect and MLflow clients at the local stack, or say how to start it.
+
+    With $PREFECT_API_URL and $MLFLOW_TRACKING_URI set to servers that answer (the team stack of
+    docker-compose.yml), those are used as they are.
+    """
     from nativelm import stack
 
+    if _external_stack():
+        return
     missing = [name for name in ("mlflow", "prefect") if not stack.is_running(params, name)]
     if missing:
         raise NativelmError(f"local stack not running ({', '.join(missing)}): start it with `nativelm stack up`")
