@@ -118,6 +118,8 @@ def test_update_unchanged_link_prune_and_rollback(sim_fleet: SimFleet, releases:
         assert result.bytes_sent == releases.new.total_bytes - shared
     log = logged(update)
     assert {row["outcome"] for row in log.values()} == {"updated"}
+    key = inv.key_path(inv.boards[0])
+    assert key.name not in update.log_path.read_text()  # the result log names boards, never their keys
 
     back = rollback(inv, [inv.board("board-2")], fleet_params, state_dir(sim_fleet))
     assert back.ok and by_board(back)["board-2"].outcome == "rolled-back"
