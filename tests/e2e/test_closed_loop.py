@@ -24,7 +24,7 @@ BOARDS = ("board-1", "board-2", "board-3")
 def _project(tmp_path: Path, local_stack: dict) -> Path:
     section = local_stack["section"]
     return make_project(tmp_path / "proj", {f"stack.{k}": v for k, v in section.items()} | {
-        "tracking.experiment": "closed-loop",
+        "tracking.experiment": "closed-loop", "evaluate.registered_model": "closed-loop",
         "fleet.sim.base_port": free_port(),  # the boards take this port and the next two
         "fleet.bench_prompt_len": 8, "fleet.bench_new_tokens": 4, "fleet.bench_repeats": 1,
         "gate.max_ppl_regression": 100.0,  # a 6-step model: the loop, not the learning, is under test
@@ -78,7 +78,7 @@ def test_retrain_from_the_dashboard_reaches_every_board(tmp_path: Path, local_st
         assert state.parameters["train_steps"] == 8
 
         client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-        assert int(client.get_model_version_by_alias("nativelm", "champion").version) == 2
+        assert int(client.get_model_version_by_alias("closed-loop", "champion").version) == 2
         rollout = _triggered_rollout(env["PREFECT_API_URL"], 2, timeout=300)
         assert rollout["state_type"] == "COMPLETED", rollout
         assert _serving(project) == {board: "v2" for board in BOARDS}

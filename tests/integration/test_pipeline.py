@@ -68,7 +68,7 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
 
     section = local_stack["section"]
     project = make_project(tmp_path / "proj", {f"stack.{k}": v for k, v in section.items()}
-                           | {"tracking.experiment": "flow-test"})
+                           | {"tracking.experiment": "flow-test", "evaluate.registered_model": "flow-test"})
     first = run_checked([str(BIN / "nativelm"), "run", "--local"], project)
     assert all(re.search(rf"{s}\s+ran\s", first.stdout) for s in STAGES)
     assert (project / "models/model.pt").exists() and (project / "plots/train/loss.png").exists()
@@ -118,7 +118,7 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
     # each evaluate run registered a new version of the release, traceable to code, data and params
     evaluations = [s for s in stages if s.data.tags["nativelm.stage"] == "evaluate"]
     assert len(evaluations) == 2
-    versions = sorted(client.search_model_versions("name='nativelm'"), key=lambda v: int(v.version))
+    versions = sorted(client.search_model_versions("name='flow-test'"), key=lambda v: int(v.version))
     assert [int(v.version) for v in versions] == [1, 2]
     for version, run in zip(versions, evaluations):
         assert version.run_id == run.info.run_id and version.source.endswith("/release")
