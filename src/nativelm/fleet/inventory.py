@@ -26,13 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from nativelm.config import _format_validation, _UniqueKeyLoader
 from nativelm.errors import NativelmError
 from nativelm.fleet.params import NAME_PATTERN
 from nativelm.paramsbase import StrictModel
+from nativelm.yamlio import load_yaml, validation_line
 
 USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
 PYTHON_PATTERN = r"^[A-Za-z0-9_./-]+$"
@@ -152,20 +151,14 @@ def _duplicates(boards: Sequence[Board]) -> str | None:
 def parse_inventory(text: str, path: Path) -> Inventory:
     """Validate an inventory's YAML text; `path` locates relative paths and names the file in errors."""
     path = Path(path).absolute()
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise InventoryError(f"{where}: invalid YAML: {problem}".replace("\n", " ")) from None
+    raw = load_yaml(text, str(path), InventoryError)
     if not isinstance(raw, dict):
         raise InventoryError(f"{path}: expected a mapping with `known_hosts` and `boards`, "
                              f"got {type(raw).__name__}")
     try:
         parsed = _InventoryFile.model_validate(raw)
     except ValidationError as exc:
-        raise InventoryError(_format_validation(str(path), exc)) from None
+        raise InventoryError(validation_line(str(path), exc)) from None
     problem = _duplicates(parsed.boards)
     if problem:
         raise InventoryError(f"{path}: {problem}")
