@@ -13,15 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nativelm import __version__
+from nativelm.cliargs import at_least, params_of
 from nativelm.errors import NativelmError
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _params(args: argparse.Namespace):  # -> Params, imported lazily
-    from nativelm.config import load_params
-
-    return load_params(args.params)
 
 
 def _sections(params, *names: str) -> dict:
@@ -39,7 +34,7 @@ def _print_figures(metrics: dict, keys: Sequence[str]) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """corpus -> cleaned documents -> tokenizer.json + token shards + metrics (DVC stage `prepare`)."""
-    params = _params(args)
+    params = params_of(args)
     from nativelm.data.prepare import run_prepare
     from nativelm.tracking.runs import stage_run
 
@@ -54,7 +49,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """token shards -> trained model + checkpoints + metrics (DVC stage `train`)."""
-    params = _params(args)
+    params = params_of(args)
     from nativelm.tracking.runs import stage_run
     from nativelm.train.distributed import env_rank
     from nativelm.train.stage import run_train
@@ -71,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """trained model -> ONNX folder with quantized operators, parity-checked (DVC stage `export`)."""
-    params = _params(args)
+    params = params_of(args)
     from nativelm.export.stage import run_export
     from nativelm.tracking.runs import stage_run
 
@@ -84,7 +79,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """export folder -> ONNX perplexity, CPU speed, release folder, registered version (DVC stage `evaluate`)."""
-    params = _params(args)
+    params = params_of(args)
     from nativelm.evaluate.stage import run_evaluate
     from nativelm.tracking.runs import stage_run
 
@@ -105,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model_dir = args.model
     if model_dir is None:
-        model_dir = _params(args).export.out_dir
+        model_dir = params_of(args).export.out_dir
     try:
         sampling = runtime.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                     seed=args.seed)
@@ -122,21 +117,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than `minimum`."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def cmd_stack(args: argparse.Namespace) -> int:
     """Start, stop or show the local MLflow + Prefect servers."""
-    params = _params(args)
+    params = params_of(args)
     from nativelm import stack
 
     if args.action == "down":  # the runner uses the servers: stop it first
@@ -151,7 +134,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline flow (through Prefect and DVC) on the local stack and print a summary."""
-    params = _params(args)
+    params = params_of(args)
     from nativelm.orchestration.run import run_local, run_pipeline
 
     run = run_local if args.local else run_pipeline
@@ -162,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Register the deployments and run them: in the foreground, or as a background process."""
-    params = _params(args)
+    params = params_of(args)
     from nativelm.orchestration import serve
 
     if args.stop:
@@ -246,13 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--model", metavar="DIR", default=None,
                    help="export folder (default: export.out_dir of the parameters file)")
-    p.add_argument("--max-new-tokens", type=_at_least(0), default=64, metavar="N",
+    p.add_argument("--max-new-tokens", type=at_least(0), default=64, metavar="N",
                    help="tokens to generate at most (default 64; stops early at end of text)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
-    p.add_argument("--top-k", type=_at_least(0), default=0, metavar="K", help="0 (default): no limit")
+    p.add_argument("--top-k", type=at_least(0), default=0, metavar="K", help="0 (default): no limit")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 (default): no limit")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampler (reproducible text)")
-    p.add_argument("--threads", type=_at_least(1), default=None, metavar="N",
+    p.add_argument("--threads", type=at_least(1), default=None, metavar="N",
                    help="ONNX Runtime intra-op threads (default: every CPU this process may use)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(handler=cmd_generate)

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nativelm.cliargs import at_least, params_of
 from nativelm.fleet.params import NAME_PATTERN
 
 if TYPE_CHECKING:
@@ -33,23 +34,6 @@ def names(text: str) -> list[str]:
     return parts
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number of boards, 0 to 64."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 64, got {value}")
-    return value
-
-
-def _params(args: argparse.Namespace) -> Params:
-    from nativelm.config import load_params
-
-    return load_params(getattr(args, "params", None))
-
-
 def chosen_boards(args: argparse.Namespace, params: Params) -> tuple[Inventory, list[Board]]:
     """The inventory (--inventory or fleet.inventory) and the boards --boards / --groups select (default all)."""
     from nativelm.fleet.inventory import load_inventory, select_boards
@@ -60,7 +44,7 @@ def chosen_boards(args: argparse.Namespace, params: Params) -> tuple[Inventory, 
 
 def cmd_sim(args: argparse.Namespace) -> int:
     """Start, stop or show the simulated fleet."""
-    params = _params(args)
+    params = params_of(args)
     from nativelm.fleet import sim
 
     if args.action == "up":
@@ -82,7 +66,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the status table; exit 1 when a chosen board is unreachable."""
-    params = _params(args)
+    params = params_of(args)
     from nativelm.fleet.status import fleet_status, render_status
 
     inventory, boards = chosen_boards(args, params)
@@ -94,7 +78,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_provision(args: argparse.Namespace) -> int:
     """Provision the chosen boards; exit 1 when any failed."""
-    params = _params(args)
+    params = params_of(args)
     from nativelm.fleet.provision import provision, render_provision
 
     inventory, boards = chosen_boards(args, params)
@@ -128,8 +112,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                        "authorized key, and writes <fleet.sim.dir>/fleet.yaml and known_hosts; "
                                        "idempotent. `down` stops them and their sessions; `status` shows them.")
     p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--boards", type=count, default=None, metavar="N", help="boards (default fleet.sim.boards)")
-    p.add_argument("--canary", type=count, default=None, metavar="N",
+    p.add_argument("--boards", type=at_least(0, 64), default=None, metavar="N", help="boards (default fleet.sim.boards)")
+    p.add_argument("--canary", type=at_least(0, 64), default=None, metavar="N",
                    help="boards in group `canary` (default fleet.sim.canary)")
     p.add_argument("--purge", action="store_true", help="with down: also delete the simulated fleet's folder")
     p.set_defaults(handler=cmd_sim)

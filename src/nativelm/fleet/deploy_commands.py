@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nativelm.cliargs import at_least, params_of
 from nativelm.errors import NativelmError
-from nativelm.fleet.commands import _params, add_board_choice, chosen_boards
+from nativelm.fleet.commands import add_board_choice, chosen_boards
 from nativelm.fleet.params import RELEASE_PATTERN
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from nativelm.fleet.release import resolve_release
     from nativelm.fleet.rollout import rollout
 
-    params = _params(args)
+    params = params_of(args)
     release = resolve_release(args.model or params.evaluate.release_dir, params)
     inventory, boards = chosen_boards(args, params)
     print(f"deploy: {release.name} ({release.folder}, {release.total_bytes / 2**20:.1f} MiB) to "
@@ -73,7 +74,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     """Restore the previous release (or --to RELEASE) on the chosen boards."""
     from nativelm.fleet.rollout import rollback
 
-    params = _params(args)
+    params = params_of(args)
     if not (args.boards or args.groups or args.all):
         raise UsageError("rollback: choose the boards: --boards a,b, --groups g or --all")
     inventory, boards = chosen_boards(args, params)
@@ -86,7 +87,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark the live release of the chosen boards; table on stdout, one MLflow run."""
     from nativelm.fleet.rollout import new_rollout_id
 
-    params = _params(args)
+    params = params_of(args)
     inventory, boards = chosen_boards(args, params)
     rows = _bench(params, inventory, boards, args.no_mlflow, new_rollout_id("bench"), None, None,
                   parallel=args.parallel)
@@ -116,7 +117,6 @@ def _bench(params: Params, inventory: Inventory, boards: list[Board], no_mlflow:
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add `deploy`, `rollback` and `bench` to the `nativelm` command."""
-    from nativelm.cli import _at_least
 
     p = sub.add_parser(
         "deploy", parents=[common], help="roll a release out to the boards (canary first, then waves)",
@@ -153,7 +153,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                     "log one MLflow run (metrics board.<board>.<metric>, table, chart). Exit status 1 when a "
                     "board could not be benchmarked.")
     add_board_choice(p)
-    p.add_argument("--parallel", type=_at_least(1), default=None, metavar="N",
+    p.add_argument("--parallel", type=at_least(1), default=None, metavar="N",
                    help="boards benchmarked at once (default: fleet.max_parallel; 1 for simulated boards that "
                         "share this machine's CPUs)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")

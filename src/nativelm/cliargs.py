@@ -1,0 +1,36 @@
+"""Pieces every `nativelm` subcommand shares, wherever it is defined (cli.py, fleet/...).
+
+Only argparse is imported at module level, so `nativelm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nativelm.config import Params
+
+
+def params_of(args: argparse.Namespace) -> Params:
+    """The parameters file of the command line (`--params PATH`, default params.yaml), validated."""
+    from nativelm.config import load_params
+
+    return load_params(getattr(args, "params", None))
+
+
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number no smaller than `minimum` (and no larger than `maximum`)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
