@@ -106,7 +106,11 @@ def release_files(folder: Path) -> dict[str, str]:
             if p.is_file() and p.name != RELEASE_MANIFEST}
 
 
-def _build_release(release_dir: Path, export_dir: Path, provenance: dict[str, Any]) -> dict[str, Any]:
+def build_release(release_dir: Path, export_dir: Path, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Write a release folder atomically (export files + board runtime + release.json); return release.json.
+
+    Public because the fleet's tests build real releases with it, exactly as the stage does.
+    """
     from nativelm.runtime.pack import build_zipapp
 
     with atomic_dir(release_dir) as folder:
@@ -186,7 +190,7 @@ def run_evaluate(params: Params, logger: RunLogger | None = None) -> EvaluateRes
         "export_manifest_sha256": sha256_file(export_dir / "manifest.json"),
     }
     _note(f"building the release folder {release_dir}")
-    release = _build_release(release_dir, export_dir, provenance)
+    release = build_release(release_dir, export_dir, provenance)
     metrics["release_bytes"] = sum((release_dir / n).stat().st_size for n in release["sha256"])
 
     version = None
