@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.evaluate.stage import RELEASE_MANIFEST, RUNTIME_FILE, build_release
+from nativelm.evaluate import stage as evaluate_stage
+from nativelm.evaluate.stage import RELEASE_MANIFEST, RUNTIME_FILE
 from nativelm.fleet.deploy import BoardResult, DeployHooks, lock_age_s
 from nativelm.fleet.inventory import Board
 from nativelm.fleet.params import FleetParams
@@ -33,7 +34,7 @@ from tests.unit.runtime_model import Export
 
 def build_release(folder: Path, export_dir: Path, note: str = "test") -> Path:
     """A release folder as `nativelm evaluate` builds it (same builder), from an export folder."""
-    build_release(folder, export_dir, {"git_commit": "test", "note": note})
+    evaluate_stage.build_release(folder, export_dir, {"git_commit": "test", "note": note})
     return folder
 
 
