@@ -149,16 +149,6 @@ def parse_spec(spec: str, registered_model: str) -> RegistrySpec | Path:
     return RegistrySpec(registered_model, alias=spec)
 
 
-def _tracking_uri(params: Params, spec: RegistrySpec) -> str:
-    from nativelm.tracking.runs import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(params)
-    if uri is None:
-        raise ReleaseError(f"{spec}: no MLflow server to ask (run `nativelm stack up`, set MLFLOW_TRACKING_URI, "
-                           "or pass a release folder)")
-    return uri
-
-
 def _model_version(uri: str, spec: RegistrySpec) -> Any:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -204,7 +194,9 @@ def _cached(target: Path, version: int) -> LocalRelease | None:
 
 def fetch_registered(params: Params, spec: RegistrySpec) -> LocalRelease:
     """A registered version's release folder under <stack.state_dir>/releases/v<N>/, downloaded once."""
-    uri = _tracking_uri(params, spec)
+    from nativelm.tracking.runs import required_tracking_uri
+
+    uri = required_tracking_uri(params, str(spec), ReleaseError, hint="; or pass a release folder")
     found = _model_version(uri, spec)
     version = int(found.version)
     target = Path(params.stack.state_dir) / "releases" / f"v{version}"

@@ -60,12 +60,9 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> int | None:
 def _client(params: Params) -> MlflowClient:
     from mlflow import MlflowClient
 
-    from nativelm.tracking.runs import resolve_tracking_uri
+    from nativelm.tracking.runs import required_tracking_uri
 
-    uri = resolve_tracking_uri(params)
-    if uri is None:
-        raise NativelmError("gate: no MLflow server (tracking.uri is off, or no server runs: `nativelm stack up`)")
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=required_tracking_uri(params, "gate"))
 
 
 def _record(client: MlflowClient, name: str, version: int, alias: str, decision: Decision) -> None:

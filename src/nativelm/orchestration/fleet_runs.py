@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nativelm.config import Params
-from nativelm.errors import NativelmError
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
     from nativelm.fleet.inventory import Board, Inventory
     from nativelm.fleet.onboard_bench import BenchRow
     from nativelm.fleet.release import LocalRelease
@@ -64,20 +65,12 @@ def serving(choice: FleetChoice, result: RolloutResult, release: str) -> list[Bo
     return [b for b in choice.boards if b.name in live]
 
 
-def pipeline_run_of_version(params: Params, version: int | None) -> str | None:
-    """The pipeline (parent) run whose evaluate stage registered `version`, if there is one."""
-    from mlflow import MlflowClient
-
-    from nativelm.tracking.runs import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(params)
-    if uri is None or version is None:
+def pipeline_run_of_version(client: MlflowClient, model: str, version: int | None) -> str | None:
+    """The pipeline (parent) run whose evaluate stage registered `version` of `model`, if there is one."""
+    if version is None:
         return None
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_model_version(params.evaluate.registered_model, str(version))
-    if not found.run_id:
-        return None
-    return client.get_run(found.run_id).data.tags.get("mlflow.parentRunId")
+    found = client.get_model_version(model, str(version))
+    return client.get_run(found.run_id).data.tags.get("mlflow.parentRunId") if found.run_id else None
 
 
 def record(params: Params, result: RolloutResult, rows: Sequence[BenchRow], release: LocalRelease,
@@ -86,36 +79,29 @@ def record(params: Params, result: RolloutResult, rows: Sequence[BenchRow], rele
     from mlflow import MlflowClient
 
     from nativelm.fleet.onboard_bench import bench_metrics, log_bench_run
+    from nativelm.tracking.runs import RunLogger, resolve_tracking_uri
 
-    parent = pipeline_run_of_version(params, release.version)
-    counts = result.counts()
+    uri = resolve_tracking_uri(params)
+    if uri is None:
+        return None
+    client = MlflowClient(tracking_uri=uri)
+    parent = pipeline_run_of_version(client, params.evaluate.registered_model, release.version)
     tags = {"rollout.outcome": "ok" if result.ok else "failed", "rollout.aborted": result.aborted or "",
-            **{f"rollout.{k}": str(v) for k, v in counts.items()}}
+            **{f"rollout.{k}": str(v) for k, v in result.counts().items()}}
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
     run_id = log_bench_run(params, rows, rollout_id=result.rollout_id, release=release.name,
                            version=release.version, tags=tags, parent_run_id=parent)
     if run_id is None:
         return None
-    client = MlflowClient(tracking_uri=_uri(params))
     rollout_metrics = {"rollout.seconds": result.seconds, "rollout.boards_failed": float(len(result.failed))}
-    for key, value in rollout_metrics.items():
-        client.log_metric(run_id, key, value)
+    rollout_run = RunLogger(client, run_id, uri)
+    rollout_run.log_metrics(rollout_metrics)
     if result.log_path is not None and Path(result.log_path).exists():
-        client.log_artifact(run_id, str(result.log_path), "rollout")
+        rollout_run.log_artifact(Path(result.log_path), "rollout")
     if parent is not None:
-        for key, value in {**bench_metrics(rows), **rollout_metrics}.items():
-            client.log_metric(parent, key, value)
+        RunLogger(client, parent, uri).log_metrics({**bench_metrics(rows), **rollout_metrics})
     return run_id
-
-
-def _uri(params: Params) -> str:
-    from nativelm.tracking.runs import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(params)
-    if uri is None:
-        raise NativelmError("no MLflow server (tracking.uri off, or `nativelm stack up` not run)")
-    return uri
 
 
 def bench(params: Params, choice: FleetChoice, boards: Sequence[Board]) -> list[BenchRow]:

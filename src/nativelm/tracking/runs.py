@@ -59,6 +59,16 @@ def resolve_tracking_uri(params: Params) -> str | None:
     return mlflow_url(params) if is_running(params, "mlflow") else None
 
 
+def required_tracking_uri(params: Params, who: str, error: type[NativelmError] = NativelmError,
+                          hint: str = "") -> str:
+    """The MLflow server `who` cannot work without; one `error` line saying how to get one when there is none."""
+    uri = resolve_tracking_uri(params)
+    if uri is None:
+        raise error(f"{who}: no MLflow server (tracking.uri is off, or none runs: `nativelm stack up` or set "
+                    f"{URI_ENV}{hint})")
+    return uri
+
+
 def _check_reachable(uri: str) -> None:
     if uri.startswith(("http://", "https://")) and not _http_ok(uri.rstrip("/") + "/health"):
         raise NativelmError(f"MLflow tracking server {uri} does not answer (start it with `nativelm stack up`)")
