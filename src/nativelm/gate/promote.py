@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 from nativelm.errors import NativelmError
 from nativelm.gate.decide import Decision, ParityLimits, VersionFigures, decide
-from nativelm.gate.params import GateParams
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -32,11 +31,6 @@ class GateResult:
     reason: str
     alias: str
     previous_champion: int | None
-
-
-def gate_params(params: Params) -> GateParams:
-    section = getattr(params, "gate", None)
-    return section if isinstance(section, GateParams) else GateParams()
 
 
 def version_figures(client: MlflowClient, name: str, version: int) -> VersionFigures:
@@ -77,7 +71,7 @@ def gate_version(params: Params, version: int) -> GateResult:
     """Promote `version` of evaluate.registered_model to champion if it passes, else mark it candidate."""
     from mlflow.exceptions import MlflowException
 
-    gate = gate_params(params)
+    gate = params.gate
     name = params.evaluate.registered_model
     client = _client(params)
     try:

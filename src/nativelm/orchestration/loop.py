@@ -83,8 +83,12 @@ def follow(flow_run_id: Any, timeout_s: float, echo: TextIO | None = sys.stdout,
 
 def wait_triggered(deployment: str, since: Any, match: Callable[[FlowRun], bool], timeout_s: float) -> FlowRun:
     """The first run of `deployment` created after `since` that `match`es (one an automation started)."""
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, FlowRunFilter,
-                                                FlowRunFilterExpectedStartTime)
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+    )
 
     name = deployment.split("/", 1)[1]
     started = time.monotonic()

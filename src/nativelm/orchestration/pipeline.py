@@ -9,11 +9,16 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING, Any
 
 from nativelm.config import Params
-from nativelm.orchestration.dvc import ReproResult, exp_save, lock_out_hash, read_metrics, repro
+from nativelm.orchestration.dvc import (
+    ReproResult,
+    exp_save,
+    lock_out_hash,
+    read_metrics,
+    repro,
+)
 from nativelm.tracking.runs import PARENT_ENV, URI_ENV, RunLogger, tracked_run
 
 if TYPE_CHECKING:

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -140,9 +141,9 @@ def _rollout(params: Params, parent: Any, since: Any) -> Any:
     board (boards that miss it get it), so the loop always ends with the fleet on the champion.
     """
     from nativelm.orchestration.loop import follow, trigger, wait_triggered
-    from nativelm.orchestration.serve import deployment_ref, serve_params
+    from nativelm.orchestration.serve import deployment_ref
 
-    sp = serve_params(params)
+    sp = params.serve
     tags = parent.data.tags
     version = tags.get("model_version")
     if version is None or tags.get("gate.status") != params.gate.champion_alias:
@@ -160,20 +161,19 @@ def _rollout(params: Params, parent: Any, since: Any) -> Any:
 
 def run_pipeline(params: Params, params_path: Path, project_dir: Path) -> list[str]:
     """Trigger the served retrain deployment, follow it and the rollout it causes; return the summary."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from nativelm import stack
     from nativelm.orchestration.loop import follow, mlflow_run_of, trigger
-    from nativelm.orchestration.serve import deployment_ref, serve_background, serve_params
+    from nativelm.orchestration.serve import deployment_ref, serve_background
     from nativelm.tracking.runs import resolve_tracking_uri
 
-    use_local_stack(params)
-    serve_background(params, params_path, project_dir)
-    since = datetime.now(timezone.utc)
+    serve_background(params, params_path, project_dir)  # points this process at the stack too
+    since = datetime.now(UTC)
     started = time.monotonic()
     run = trigger(deployment_ref("retrain"), {"params_file": str(params_path)})
     print(f"retrain: flow run {run.name}: {stack.prefect_ui_url(params)}/runs/flow-run/{run.id}", flush=True)
-    retrain = follow(run.id, serve_params(params).retrain_timeout_s)
+    retrain = follow(run.id, params.serve.retrain_timeout_s)
     uri = resolve_tracking_uri(params)
     parent = mlflow_run_of(run.id, uri, params.tracking.experiment) if uri else None
     if not retrain.ok:
@@ -185,8 +185,8 @@ def run_pipeline(params: Params, params_path: Path, project_dir: Path) -> list[s
                 f"{retrain.flow_run.state_name}, {retrain.seconds:.1f} s)")
     lines = summary_lines(params, headline, parent, retrain.seconds, uri or "", rollout, rollout_run)
     if rollout is not None and not rollout.ok:
-        raise NativelmError("\n".join([*lines, f"rollout run {rollout.flow_run.name} ended "
-                                                  f"{rollout.flow_run.state_name}"]))
+        failed = f"rollout run {rollout.flow_run.name} ended {rollout.flow_run.state_name}"
+        raise NativelmError("\n".join([*lines, failed]))
     return lines
 
 
@@ -197,7 +197,7 @@ def run_local(params: Params, params_path: Path, project_dir: Path) -> list[str]
     from nativelm.tracking.runs import resolve_tracking_uri
 
     use_local_stack(params)
-    retrain = getattr(load_flow_module(project_dir, "pipelines/retrain.py"), "retrain")
+    retrain = load_flow_module(project_dir, "pipelines/retrain.py").retrain
     started = time.monotonic()
     result = retrain(params_file=str(params_path))
     seconds = time.monotonic() - started

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from nativelm.config import Params
 from nativelm.errors import NativelmError
-from nativelm.orchestration.params import ServeParams
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -35,11 +34,6 @@ FLOWS: dict[str, tuple[str, str]] = {
 }
 RUNNER = "runner"
 TAGS = ["nativelm"]
-
-
-def serve_params(params: Params) -> ServeParams:
-    section = getattr(params, "serve", None)
-    return section if isinstance(section, ServeParams) else ServeParams()
 
 
 def deployment_ref(name: str) -> str:
@@ -58,7 +52,7 @@ def build_deployments(params: Params, project_dir: Path) -> list[RunnerDeploymen
     """The three deployments, with the rollout trigger and the fleet-health schedule."""
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-    sp = serve_params(params)
+    sp = params.serve
     params_file = {"params_file": "params.yaml"}
     retrain = _flow(project_dir, "retrain").to_deployment(
         name="retrain", tags=TAGS, concurrency_limit=1, parameters=params_file,
@@ -84,7 +78,7 @@ def serve_foreground(params: Params, project_dir: Path) -> None:
 
     use_local_stack(params)
     deployments = build_deployments(params, project_dir)
-    serve(*deployments, limit=serve_params(params).limit, print_starting_message=True)
+    serve(*deployments, limit=params.serve.limit, print_starting_message=True)
 
 
 def _runner_process(params: Params):  # -> BackgroundProcess
@@ -126,7 +120,7 @@ def serve_background(params: Params, params_path: Path, project_dir: Path) -> Se
     argv = [sys.executable, "-m", "nativelm", "serve", "--params", str(params_path.resolve())]
     started = time.monotonic()
     proc.start(argv, cwd=project_dir)
-    deadline = started + serve_params(params).ready_timeout_s
+    deadline = started + params.serve.ready_timeout_s
     while time.monotonic() < deadline:
         if not proc.is_running():
             tail = " | ".join(proc.log_tail(5))
@@ -135,7 +129,7 @@ def serve_background(params: Params, params_path: Path, project_dir: Path) -> Se
             return ServeStatus(True, proc.status().pid, proc.log_path, "started", time.monotonic() - started)
         time.sleep(1.0)
     proc.stop()
-    raise NativelmError(f"nativelm serve: deployments not ready after {serve_params(params).ready_timeout_s:.0f} s "
+    raise NativelmError(f"nativelm serve: deployments not ready after {params.serve.ready_timeout_s:.0f} s "
                         f"(log {proc.log_path}); raise serve.ready_timeout_s if it needs longer")
 
 
