@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from nativelm.config import load_params
 from nativelm.errors import NativelmError
 from nativelm.fleet.onboard_bench import render_bench
-from nativelm.fleet.rollout import render_rollout
+from nativelm.fleet.rollout import render_rollout, serving_boards
 from nativelm.orchestration import fleet_runs
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def rollout(model: str = "champion", boards: list[str] | None = None, groups: li
     choice = fleet_runs.choose_boards(params, boards or [], groups or [])
     release = resolve_release(params, model)
     result = deploy(params, choice, release)
-    rows = bench(params, choice, fleet_runs.serving(choice, result, release.name)) if run_bench else []
+    rows = bench(params, choice, serving_boards(choice.boards, result, release.name)) if run_bench else []
     run_id = fleet_runs.record(params, result, rows, release, str(flow_run.id) if flow_run.id else None)
     print(f"MLflow run of this rollout: {run_id}")
     if not result.ok:

@@ -54,7 +54,7 @@ def _finish(result: RolloutResult) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Roll a release out to the chosen boards, then benchmark the boards that serve it."""
     from nativelm.fleet.release import resolve_release
-    from nativelm.fleet.rollout import rollout
+    from nativelm.fleet.rollout import rollout, serving_boards
 
     params = params_of(args)
     release = resolve_release(args.model or params.evaluate.release_dir, params)
@@ -65,8 +65,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                      progress=_progress(boards))
     status = _finish(result)
     if not args.no_bench:
-        serving = [b for b in boards if any(r.board == b.name and r.live == release.name for r in result.boards)]
-        _bench(params, inventory, serving, args.no_mlflow, result.rollout_id, release.name, release.version)
+        _bench(params, inventory, serving_boards(boards, result, release.name), args.no_mlflow, result.rollout_id,
+               release.name, release.version)
     return status
 
 

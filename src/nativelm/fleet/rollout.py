@@ -243,6 +243,12 @@ def rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams, 
     return _orchestrate(log, waves, job, fleet, len(boards), progress)
 
 
+def serving_boards(boards: Sequence[Board], result: RolloutResult, release: str) -> list[Board]:
+    """The boards of `boards` that serve `release` after the rollout (updated, or already had it)."""
+    live = {r.board for r in result.boards if r.live == release}
+    return [b for b in boards if b.name in live]
+
+
 def render_rollout(result: RolloutResult) -> list[str]:
     """Summary table lines: one row per board, then the totals and where the log is."""
     header = ("board", "outcome", "live", "sent", "files", "linked", "seconds", "reason")

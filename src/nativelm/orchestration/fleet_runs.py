@@ -59,12 +59,6 @@ def deploy(params: Params, choice: FleetChoice, release: LocalRelease) -> Rollou
                    progress=progress)
 
 
-def serving(choice: FleetChoice, result: RolloutResult, release: str) -> list[Board]:
-    """The boards that serve `release` after the rollout (updated or already had it)."""
-    live = {r.board for r in result.boards if r.live == release}
-    return [b for b in choice.boards if b.name in live]
-
-
 def pipeline_run_of_version(client: MlflowClient, model: str, version: int | None) -> str | None:
     """The pipeline (parent) run whose evaluate stage registered `version` of `model`, if there is one."""
     if version is None:
