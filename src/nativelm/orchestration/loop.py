@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from nativelm.errors import NativelmError
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
     from mlflow.entities import Run
     from prefect.client.schemas.objects import FlowRun
 
@@ -105,11 +106,8 @@ def wait_triggered(deployment: str, since: Any, match: Callable[[FlowRun], bool]
                         "(is `nativelm serve` running? its automation starts the rollout)")
 
 
-def mlflow_run_of(flow_run_id: Any, tracking_uri: str, experiment: str) -> Run | None:
+def mlflow_run_of(client: MlflowClient, flow_run_id: Any, experiment: str) -> Run | None:
     """The MLflow run tagged with this Prefect flow run (the pipeline's parent run, or the rollout's)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
@@ -118,13 +116,10 @@ def mlflow_run_of(flow_run_id: Any, tracking_uri: str, experiment: str) -> Run |
     return runs[0] if runs else None
 
 
-def stage_walls(parent: Run, tracking_uri: str) -> dict[str, float]:
+def stage_walls(client: MlflowClient, parent: Run) -> dict[str, float]:
     """Each nested stage run's own wall time (`stage_wall_s`), by stage name."""
-    from mlflow import MlflowClient
-
     from nativelm.tracking.runs import STAGE_WALL_METRIC
 
-    client = MlflowClient(tracking_uri=tracking_uri)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=50)
     walls: dict[str, float] = {}

@@ -53,7 +53,7 @@ def _external_stack() -> bool:
     prefect, mlflow = os.environ.get("PREFECT_API_URL"), os.environ.get("MLFLOW_TRACKING_URI")
     if not (prefect and mlflow and mlflow.startswith(("http://", "https://"))):
         return False
-    return http_ok(f"{prefect.rstrip('/')}/health") and http_ok(f"{mlflow.rstrip('/')}/health")
+    return all(http_ok(f"{url.rstrip('/')}/health", direct=False) for url in (prefect, mlflow))
 
 
 def use_local_stack(params: Params) -> None:
@@ -82,11 +82,11 @@ def _board_figures(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return boards
 
 
-def timing_lines(parent: Any, tracking_uri: str, flow_seconds: float) -> list[str]:
+def timing_lines(client: Any, parent: Any, flow_seconds: float) -> list[str]:
     """Per-stage wall time (through DVC, and the stage's own), and the orchestration overhead ratio."""
     from nativelm.orchestration.loop import stage_walls
 
-    metrics, walls = parent.data.metrics, stage_walls(parent, tracking_uri)
+    metrics, walls = parent.data.metrics, stage_walls(client, parent)
     lines = []
     for stage in STAGES:
         repro_s = metrics.get(f"timing/{stage}_repro_s")
@@ -102,14 +102,14 @@ def timing_lines(parent: Any, tracking_uri: str, flow_seconds: float) -> list[st
     return lines
 
 
-def summary_lines(params: Params, headline: str, parent: Any, flow_seconds: float, tracking_uri: str,
+def summary_lines(params: Params, headline: str, client: Any, parent: Any, flow_seconds: float,
                   rollout: Any = None, rollout_run: Any = None) -> list[str]:
     """Human summary of one loop: stages, figures, gate, boards, where to look."""
     from nativelm import stack
 
     lines = [headline]
     if parent is not None:
-        lines += timing_lines(parent, tracking_uri, flow_seconds)
+        lines += timing_lines(client, parent, flow_seconds)
         for key in SUMMARY_METRICS:
             if key in parent.data.metrics:
                 lines.append(f"  {key} = {parent.data.metrics[key]:.6g}")
@@ -166,7 +166,6 @@ def run_pipeline(params: Params, params_path: Path, project_dir: Path) -> list[s
     from nativelm import stack
     from nativelm.orchestration.loop import follow, mlflow_run_of, trigger
     from nativelm.orchestration.serve import deployment_ref, serve_background
-    from nativelm.tracking.runs import resolve_tracking_uri
 
     serve_background(params, params_path, project_dir)  # points this process at the stack too
     since = datetime.now(UTC)
@@ -174,33 +173,39 @@ def run_pipeline(params: Params, params_path: Path, project_dir: Path) -> list[s
     run = trigger(deployment_ref("retrain"), {"params_file": str(params_path)})
     print(f"retrain: flow run {run.name}: {stack.prefect_ui_url(params)}/runs/flow-run/{run.id}", flush=True)
     retrain = follow(run.id, params.serve.retrain_timeout_s)
-    uri = resolve_tracking_uri(params)
-    parent = mlflow_run_of(run.id, uri, params.tracking.experiment) if uri else None
     if not retrain.ok:
         message = retrain.flow_run.state.message if retrain.flow_run.state else ""
         raise NativelmError(f"retrain run {retrain.flow_run.name} ended {retrain.flow_run.state_name}: {message}")
+    client = _mlflow(params)
+    parent = mlflow_run_of(client, run.id, params.tracking.experiment) if client else None
     rollout = _rollout(params, parent, since) if parent is not None else None
-    rollout_run = mlflow_run_of(rollout.flow_run.id, uri, params.tracking.experiment) if rollout and uri else None
+    rollout_run = mlflow_run_of(client, rollout.flow_run.id, params.tracking.experiment) if rollout and client else None
     headline = (f"loop finished in {time.monotonic() - started:.1f} s (retrain run {retrain.flow_run.name}: "
                 f"{retrain.flow_run.state_name}, {retrain.seconds:.1f} s)")
-    lines = summary_lines(params, headline, parent, retrain.seconds, uri or "", rollout, rollout_run)
+    lines = summary_lines(params, headline, client, parent, retrain.seconds, rollout, rollout_run)
     if rollout is not None and not rollout.ok:
         failed = f"rollout run {rollout.flow_run.name} ended {rollout.flow_run.state_name}"
         raise NativelmError("\n".join([*lines, failed]))
     return lines
 
 
-def run_local(params: Params, params_path: Path, project_dir: Path) -> list[str]:
-    """Run the retrain flow in this process (no runner, no rollout); return the summary lines."""
+def _mlflow(params: Params) -> Any:
+    """An MLflow client of the tracking server, or None when tracking is off."""
     from mlflow import MlflowClient
 
     from nativelm.tracking.runs import resolve_tracking_uri
 
+    uri = resolve_tracking_uri(params)
+    return MlflowClient(tracking_uri=uri) if uri else None
+
+
+def run_local(params: Params, params_path: Path, project_dir: Path) -> list[str]:
+    """Run the retrain flow in this process (no runner, no rollout); return the summary lines."""
     use_local_stack(params)
     retrain = load_flow_module(project_dir, "pipelines/retrain.py").retrain
     started = time.monotonic()
     result = retrain(params_file=str(params_path))
     seconds = time.monotonic() - started
-    uri = resolve_tracking_uri(params)
-    parent = MlflowClient(tracking_uri=uri).get_run(result["mlflow_run_id"]) if uri and result.get("mlflow_run_id") else None
-    return summary_lines(params, f"pipeline finished in {seconds:.1f} s", parent, seconds, uri or "")
+    client = _mlflow(params)
+    parent = client.get_run(result["mlflow_run_id"]) if client and result.get("mlflow_run_id") else None
+    return summary_lines(params, f"pipeline finished in {seconds:.1f} s", client, parent, seconds)
