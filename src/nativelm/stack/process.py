@@ -246,10 +246,15 @@ def port_owner(port: int) -> str | None:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 
 
-def http_ok(url: str, timeout_s: float = 2.0) -> bool:
-    """True if GET `url` answers 2xx within `timeout_s` (proxies from the environment are bypassed)."""
+def http_ok(url: str, timeout_s: float = 2.0, *, direct: bool = True) -> bool:
+    """True if GET `url` answers 2xx within `timeout_s`.
+
+    `direct` (our loopback servers) bypasses proxies from the environment; a remote server (a team
+    stack's MLflow or Prefect) is asked with direct=False, through them as any client would.
+    """
+    opener = _DIRECT if direct else urllib.request.build_opener()
     try:
-        with _DIRECT.open(url, timeout=timeout_s) as reply:  # noqa: S310 - http URLs we built
+        with opener.open(url, timeout=timeout_s) as reply:  # noqa: S310 - http(s) URLs
             return 200 <= reply.status < 300
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
         return False

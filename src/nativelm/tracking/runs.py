@@ -13,8 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +29,6 @@ if TYPE_CHECKING:
 PARENT_ENV = "NATIVELM_PARENT_RUN_ID"
 STAGE_WALL_METRIC = "stage_wall_s"
 URI_ENV = "MLFLOW_TRACKING_URI"
-
-
-def _http_ok(url: str, timeout: float = 3.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 - http(s) only
-            return 200 <= reply.status < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 def resolve_tracking_uri(params: Params) -> str | None:
@@ -70,7 +60,9 @@ def required_tracking_uri(params: Params, who: str, error: type[NativelmError] =
 
 
 def _check_reachable(uri: str) -> None:
-    if uri.startswith(("http://", "https://")) and not _http_ok(uri.rstrip("/") + "/health"):
+    from nativelm.stack.process import http_ok
+
+    if uri.startswith(("http://", "https://")) and not http_ok(uri.rstrip("/") + "/health", 3.0, direct=False):
         raise NativelmError(f"MLflow tracking server {uri} does not answer (start it with `nativelm stack up`)")
 
 
