@@ -18,7 +18,6 @@ import json
 import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from nativelm.fleet.deploy import (
     failure_line,
     failures_as_steps,
 )
+from nativelm.fleet.provision import for_each_board
 from nativelm.fleet.ssh import BoardError, BoardSession
 
 if TYPE_CHECKING:
@@ -116,9 +116,7 @@ def bench_on(board: Board, inventory: Inventory, fleet: FleetParams) -> BenchRow
 def bench_fleet(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams,
                 parallel: int | None = None) -> list[BenchRow]:
     """Benchmark `boards` (up to `parallel`, default fleet.max_parallel, at once), in inventory order."""
-    workers = max(1, min(parallel or fleet.max_parallel, len(boards) or 1))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench") as pool:
-        return list(pool.map(lambda b: bench_on(b, inventory, fleet), boards))
+    return for_each_board(boards, parallel or fleet.max_parallel, lambda b: bench_on(b, inventory, fleet))
 
 
 # --------------------------------------------------------------------------------------------
