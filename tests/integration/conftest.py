@@ -7,7 +7,11 @@ own fleet with `make_sim_fleet` instead.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -67,3 +71,32 @@ def sim_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimFleet]:
         yield fleet
     finally:
         sim_down(fleet.params)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of `size` at `folder` (a copy of what was there goes on it); put the folder back after.
+
+    Needs root, which CI has: the test fails loudly rather than being skipped where it cannot mount.
+    """
+    existed = folder.exists()
+    aside = folder.with_name(folder.name + ".aside")
+    if existed:
+        os.rename(folder, aside)
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        folder.rmdir()
+        if existed:
+            os.rename(aside, folder)
+        pytest.fail(f"this test mounts a tmpfs and needs root: {mounted.stderr.strip()}")
+    try:
+        if existed:
+            shutil.copytree(aside, folder, symlinks=True, dirs_exist_ok=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+        folder.rmdir()
+        if existed:
+            os.rename(aside, folder)

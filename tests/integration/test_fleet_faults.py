@@ -16,12 +16,9 @@ partial one) and that the result log says why a board failed:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +44,7 @@ from nativelm.fleet.sim import (
     stop_board,
 )
 from nativelm.fleet.ssh import BoardSession
-from tests.integration.conftest import SimFleet, make_sim_fleet
+from tests.integration.conftest import SimFleet, make_sim_fleet, small_disk
 from tests.integration.test_fleet_deploy import (
     BENCH,
     Releases,
@@ -187,27 +184,6 @@ def test_unreachable_board_fails_to_connect_while_the_others_update(
     assert "rollout aborted: canary failed on board-1" in logged(result)["board-3"]["reason"]
     start_board(fleet.params, "board-1")
     assert serving(fleet.inventory, on_old)["board-3"] == releases.new.name  # skipped: still new
-
-
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str) -> Iterator[Path]:
-    """Mount a tmpfs of `size` over `folder`, holding a copy of what was there; put the folder back after."""
-    aside = folder.with_name(folder.name + ".aside")
-    os.rename(folder, aside)
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        folder.rmdir()
-        os.rename(aside, folder)
-        pytest.fail(f"the disk-full test mounts a tmpfs and needs root: {mounted.stderr.strip()}")
-    try:
-        shutil.copytree(aside, folder, symlinks=True, dirs_exist_ok=True)
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-        folder.rmdir()
-        os.rename(aside, folder)
 
 
 def fill(folder: Path, leave: int) -> None:

@@ -6,13 +6,10 @@ rotate host keys) start a small unprovisioned fleet of their own with `make_sim_
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +30,7 @@ from nativelm.fleet.provision import (
 )
 from nativelm.fleet.ssh import BoardError, BoardSession, HostKeyError, fingerprint
 from nativelm.fleet.status import fleet_status, render_status
-from tests.integration.conftest import SimFleet, make_sim_fleet, sim_params
+from tests.integration.conftest import SimFleet, make_sim_fleet, sim_params, small_disk
 
 pytestmark = [pytest.mark.integration]
 
@@ -210,26 +207,10 @@ def test_put_file_resumes_an_interrupted_upload(sim_fleet: SimFleet, tmp_path: P
         s.run(["rm", "-f", remote])
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs mounted at `folder` (skips the test where mounting is not allowed)."""
-    folder.mkdir()
-    if shutil.which("mount") is None or os.getuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
-                          check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
-
-
 def test_full_disk_is_reported_as_such(sim_fleet: SimFleet, tmp_path: Path) -> None:
     local = tmp_path / "big.bin"
     local.write_bytes(os.urandom(3 * 1024 * 1024))
-    with small_disk(tmp_path / "disk") as disk, session(sim_fleet) as s:
+    with small_disk(tmp_path / "disk", "1m") as disk, session(sim_fleet) as s:
         with pytest.raises(BoardError) as info:
             s.put_file(local, f"{disk}/big.bin")
         assert info.value.phase == "upload"
