@@ -86,7 +86,7 @@ def child_export(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from nativelm.export.graph import build_graph
-    from nativelm.export.params import ExportParams
+    from nativelm.params.export import ExportParams
     from nativelm.model import build_model, param_counts
 
     torch.set_num_threads(spec["threads"])

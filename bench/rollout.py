@@ -29,14 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nativelm.config import Params
+from nativelm.params import Params
 from nativelm.fleet.inventory import Inventory, load_inventory
-from nativelm.fleet.params import FleetParams, SimParams
+from nativelm.params.fleet import FleetParams, SimParams
 from nativelm.fleet.provision import provision
 from nativelm.fleet.release import LocalRelease, load_release
 from nativelm.fleet.rollout import RolloutResult, rollout
 from nativelm.fleet.sim import sim_down, sim_status, sim_up
-from nativelm.stack.params import StackParams
+from nativelm.params.stack import StackParams
 from nativelm.stack.process import port_in_use
 
 FIRST_PORT = 31000

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from nativelm.config import load_params
+from nativelm.params import load_params
 from nativelm.errors import NativelmError
 from nativelm.fleet.status import render_status
 from nativelm.orchestration import fleet_runs

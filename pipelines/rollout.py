@@ -13,7 +13,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
-from nativelm.config import load_params
+from nativelm.params import load_params
 from nativelm.errors import NativelmError
 from nativelm.fleet.onboard_bench import render_bench
 from nativelm.fleet.rollout import render_rollout, serving_boards

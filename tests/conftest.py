@@ -108,8 +108,8 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A real MLflow + Prefect stack on free ports for the whole session; stopped at the end."""
     from nativelm import stack
-    from nativelm.config import Params
-    from nativelm.stack.params import StackParams
+    from nativelm.params import Params
+    from nativelm.params.stack import StackParams
 
     state = tmp_path_factory.mktemp("stack")
     section = {"state_dir": str(state), "mlflow_port": free_port(), "prefect_port": free_port()}

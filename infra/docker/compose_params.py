@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nativelm.config import parse_params
+from nativelm.params import parse_params
 from nativelm.errors import NativelmError
 from nativelm.fsutil import atomic_write_text
 from nativelm.orchestration.overrides import render_overrides

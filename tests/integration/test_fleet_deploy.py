@@ -16,11 +16,11 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from nativelm.config import Params
+from nativelm.params import Params
 from nativelm.evaluate.stage import RUNTIME_FILE
 from nativelm.fleet.deploy import BoardResult
 from nativelm.fleet.inventory import Inventory
-from nativelm.fleet.params import FleetParams
+from nativelm.params.fleet import FleetParams
 from nativelm.fleet.release import LocalRelease, load_release, resolve_release
 from nativelm.fleet.rollout import RolloutResult, render_rollout, rollback, rollout
 from nativelm.fleet.ssh import BoardSession

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from nativelm.fleet.deploy import DeployHooks
-from nativelm.fleet.params import FleetParams
+from nativelm.params.fleet import FleetParams
 from nativelm.fleet.release import LocalRelease
 from nativelm.fleet.rollout import (
     RolloutResult,

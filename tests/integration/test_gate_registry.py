@@ -6,11 +6,11 @@ import uuid
 
 import pytest
 
-from nativelm.config import Params
+from nativelm.params import Params
 from nativelm.errors import NativelmError
-from nativelm.evaluate.params import EvaluateParams
+from nativelm.params.evaluate import EvaluateParams
 from nativelm.gate.promote import REASON_TAG, STATUS_TAG, alias_version, gate_version
-from nativelm.tracking.params import TrackingParams
+from nativelm.params.tracking import TrackingParams
 
 
 def _params(local_stack: dict, model: str) -> Params:

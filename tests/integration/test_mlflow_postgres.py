@@ -103,7 +103,7 @@ def postgres() -> Iterator[Postgres]:
 def mlflow_on_postgres(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundProcess]:
     """The local stack's MLflow server command, with the SQLite backend swapped for PostgreSQL;
     yields the server's process (its record's meta holds the URL)."""
-    from nativelm.stack.params import StackParams
+    from nativelm.params.stack import StackParams
 
     state = tmp_path_factory.mktemp("mlflow-pg")
     svc = mlflow_service(StackParams(state_dir=str(state), mlflow_port=free_port(), prefect_port=free_port()))
@@ -132,8 +132,8 @@ def test_run_and_aliased_model_version_are_stored_in_postgres(mlflow_on_postgres
                                                               postgres: Postgres, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from nativelm.config import Params
-    from nativelm.tracking.params import TrackingParams
+    from nativelm.params import Params
+    from nativelm.params.tracking import TrackingParams
     from nativelm.tracking.registry import register_folder
     from nativelm.tracking.runs import tracked_run
 
@@ -168,7 +168,7 @@ def test_run_and_aliased_model_version_are_stored_in_postgres(mlflow_on_postgres
 def test_prefect_server_stores_its_state_in_postgres(postgres: Postgres, tmp_path: Path) -> None:
     import httpx
 
-    from nativelm.stack.params import StackParams
+    from nativelm.params.stack import StackParams
 
     svc = prefect_service(StackParams(state_dir=str(tmp_path), mlflow_port=free_port(), prefect_port=free_port()))
     url = postgres.uri("prefect", driver="asyncpg")

@@ -23,7 +23,7 @@ import pytest
 
 from nativelm import stack
 from nativelm.errors import NativelmError
-from nativelm.stack.params import StackParams
+from nativelm.params.stack import StackParams
 from nativelm.stack.process import BackgroundProcess, ProcState, pid_alive, port_in_use, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

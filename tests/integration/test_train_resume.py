@@ -23,10 +23,10 @@ DRIVER = '''
 import json, sys
 from pathlib import Path
 import torch
-from nativelm.config import Params
-from nativelm.data.params import DataParams
+from nativelm.params import Params
+from nativelm.params.data import DataParams
 from nativelm.model import ModelParams
-from nativelm.train.params import TrainParams
+from nativelm.params.train import TrainParams
 from nativelm.train.stage import run_train
 
 class StageParams(Params):

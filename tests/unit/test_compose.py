@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from nativelm.config import load_params
+from nativelm.params import load_params
 from nativelm.fleet.inventory import load_inventory
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nativelm.config import Params, load_params, parse_params
+from nativelm.params import Params, load_params, parse_params
 from nativelm.errors import ParamsError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nativelm.config import Params
-from nativelm.data import load_shards, load_tokenizer, read_manifest, run_prepare
+from nativelm.params import Params
+from nativelm.data.prepare import run_prepare
+from nativelm.data.shards import load_shards, read_manifest
+from nativelm.data.tokenizer import load_tokenizer
 from nativelm.data import prepare as prepare_module
 from nativelm.data.clean import clean_corpus
-from nativelm.data.params import CleanParams, DataParams, SourceParams, SplitParams, TokenizerParams
+from nativelm.params.data import CleanParams, DataParams, SourceParams, SplitParams, TokenizerParams
 from nativelm.data.sources import read_corpus
 from nativelm.data.split import split_documents
 from nativelm.data.tokenizer import EOT

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nativelm.data.params import TokenizerParams
+from nativelm.params.data import TokenizerParams
 from nativelm.data.shards import (
     ShardWriter,
     build_manifest,

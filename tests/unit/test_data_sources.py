@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nativelm.data import sources
-from nativelm.data.params import SourceParams
+from nativelm.params.data import SourceParams
 from nativelm.data.sources import Document, read_corpus
 from nativelm.errors import NativelmError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nativelm.data.clean import CleanDocument, text_sha256
-from nativelm.data.params import SplitParams
+from nativelm.params.data import SplitParams
 from nativelm.data.split import split_documents, split_score
 from nativelm.errors import NativelmError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.data.params import TokenizerParams
+from nativelm.params.data import TokenizerParams
 from nativelm.data.tokenizer import EOT, EOT_ID, load_tokenizer, save_tokenizer, train_tokenizer
 from nativelm.errors import NativelmError
 
@@ -67,7 +67,7 @@ def test_unreadable_tokenizer_is_one_line(tmp_path: Path) -> None:
 
 _CHILD = """
 import random, sys
-from nativelm.data.params import TokenizerParams
+from nativelm.params.data import TokenizerParams
 from nativelm.data.tokenizer import save_tokenizer, train_tokenizer
 rng = random.Random(5)
 # random pseudo-words: many pairs with equal counts, where an unordered merge would show

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.config import Params
-from nativelm.data.params import DataParams
+from nativelm.params import Params
+from nativelm.params.data import DataParams
 from nativelm.errors import NativelmError
-from nativelm.evaluate.params import EvaluateParams
+from nativelm.params.evaluate import EvaluateParams
 from nativelm.evaluate.stage import RELEASE_MANIFEST, RUNTIME_FILE, run_evaluate
-from nativelm.export.params import ExportParams
+from nativelm.params.export import ExportParams
 from nativelm.export.stage import MANIFEST, MODEL_FILE, TOKENIZER_FILE, run_export
 from nativelm.fsutil import sha256_file
 from nativelm.model import ModelParams, build_model
-from nativelm.tracking.params import TrackingParams
+from nativelm.params.tracking import TrackingParams
 from nativelm.train.loop import torch_threads
-from nativelm.train.params import TrainParams
+from nativelm.params.train import TrainParams
 from tests.unit.test_export_graph import write_prepared
 
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64, "window": 16,
@@ -125,7 +125,7 @@ def test_a_corrupted_export_stops_with_one_line_and_keeps_the_release(project: P
 
 
 def test_evaluate_params_are_validated() -> None:
-    from nativelm.config import parse_params
+    from nativelm.params import parse_params
     from nativelm.errors import ParamsError
 
     assert parse_params("evaluate: {bench_repeats: 2}").evaluate.bench_repeats == 2

@@ -19,13 +19,13 @@ import onnx
 import pytest
 import torch
 
-from nativelm.config import Params
-from nativelm.data.params import DataParams, TokenizerParams
+from nativelm.params import Params
+from nativelm.params.data import DataParams, TokenizerParams
 from nativelm.errors import NativelmError
 from nativelm.export import graph as export_graph
 from nativelm.export import ops, parity
 from nativelm.export.graph import build_graph
-from nativelm.export.params import ExportParams
+from nativelm.params.export import ExportParams
 from nativelm.export.stage import (
     GENAI_CONFIG,
     MANIFEST,
@@ -36,7 +36,7 @@ from nativelm.export.stage import (
 from nativelm.fsutil import sha256_file
 from nativelm.model import ModelParams, build_model
 from nativelm.train.loop import torch_threads
-from nativelm.train.params import TrainParams
+from nativelm.params.train import TrainParams
 
 TINY = {"d_model": 256, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "max_seq_len": 128, "window": 16,
         "nope_every": 2, "n_experts": 4, "expert_ffn": 128, "top_k": 2}

@@ -16,7 +16,7 @@ from nativelm.fleet.inventory import (
     parse_inventory,
     select_boards,
 )
-from nativelm.fleet.params import NAME_PATTERN
+from nativelm.params.fleet import NAME_PATTERN
 
 REPO = Path(__file__).resolve().parents[2]
 

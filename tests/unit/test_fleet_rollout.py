@@ -16,7 +16,7 @@ from nativelm.evaluate import stage as evaluate_stage
 from nativelm.evaluate.stage import RELEASE_MANIFEST, RUNTIME_FILE
 from nativelm.fleet.deploy import BoardResult, DeployHooks, lock_age_s
 from nativelm.fleet.inventory import Board
-from nativelm.fleet.params import FleetParams
+from nativelm.params.fleet import FleetParams
 from nativelm.fleet.progress import Progress
 from nativelm.fleet.release import RegistrySpec, ReleaseError, load_release, parse_spec
 from nativelm.fleet.rollout import (

@@ -6,9 +6,9 @@ import pytest
 from pydantic import ValidationError
 
 from nativelm.errors import ParamsError
-from nativelm.model import PRESETS, ModelParams
-from nativelm.train.params import PRESET_FIELDS, TRAIN_PRESETS, TrainParams
-from nativelm.train.stage import effective_model_params
+from nativelm.params import parse_params
+from nativelm.params.model import PRESETS, ModelParams, with_preset
+from nativelm.params.train import PRESET_FIELDS, TRAIN_PRESETS, TrainParams
 
 
 def test_every_field_is_described() -> None:
@@ -45,7 +45,7 @@ def test_bad_values_are_rejected_with_the_field_named(values: dict, fragment: st
 
 
 def test_bad_train_section_is_one_params_error_line() -> None:
-    from nativelm.config import Params, parse_params
+    from nativelm.params import Params, parse_params
 
     if "train" not in Params.model_fields:
         pytest.skip("config.Params has no train section yet")
@@ -56,11 +56,21 @@ def test_bad_train_section_is_one_params_error_line() -> None:
 
 def test_tiny_preset_keeps_the_model_section_as_written() -> None:
     section = ModelParams(d_model=64, n_heads=4)
-    assert effective_model_params(section, "tiny") == section
+    assert with_preset(section, "tiny") == section
 
 
 def test_gpu_preset_applies_model_shape_except_changed_fields() -> None:
-    gpu = effective_model_params(ModelParams(), "gpu")
+    gpu = with_preset(ModelParams(), "gpu")
     assert gpu.d_model == PRESETS["gpu"]["d_model"] and gpu.n_layers == PRESETS["gpu"]["n_layers"]
-    custom = effective_model_params(ModelParams(n_layers=3, router_aux_weight=0.05), "gpu")
+    custom = with_preset(ModelParams(n_layers=3, router_aux_weight=0.05), "gpu")
     assert custom.n_layers == 3 and custom.router_aux_weight == 0.05 and custom.d_model == PRESETS["gpu"]["d_model"]
+
+
+def test_a_model_value_written_in_params_yaml_survives_the_gpu_preset() -> None:
+    # n_heads 8 is also the tiny default: written on purpose, it must not become the gpu preset's 12
+    params = parse_params("train: {preset: gpu}\nmodel: {n_heads: 8, n_kv_heads: 4}\n")
+    resolved = with_preset(params.model, params.train.preset)
+    assert resolved.n_heads == 8 and resolved.n_kv_heads == 4
+    assert resolved.d_model == PRESETS["gpu"]["d_model"] and resolved.n_layers == PRESETS["gpu"]["n_layers"]
+    untouched = with_preset(parse_params("train: {preset: gpu}\n").model, "gpu")
+    assert untouched.n_heads == PRESETS["gpu"]["n_heads"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nativelm.train.params import TrainParams
+from nativelm.params.train import TrainParams
 from nativelm.train.schedule import cosine_lr, make_schedule, wsd_lr
 
 

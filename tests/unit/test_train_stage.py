@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from nativelm.config import Params
-from nativelm.data.params import DataParams
+from nativelm.params import Params
+from nativelm.params.data import DataParams
 from nativelm.errors import NativelmError, ParamsError
 from nativelm.model import ModelParams
 from nativelm.train.loop import torch_threads
 from nativelm.train.metrics import FINAL_NAMES, interval_metric_names
-from nativelm.train.params import TrainParams
+from nativelm.params.train import TrainParams
 from nativelm.train.stage import load_trained_model, run_train
 from tests.unit.test_train_data import write_token_data
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from nativelm.data.params import CleanParams
+from nativelm.params.data import CleanParams
 from nativelm.data.sources import Document
 
 _FLAGS = re.IGNORECASE | re.MULTILINE

@@ -30,7 +30,7 @@ from nativelm.errors import NativelmError
 from nativelm.fsutil import atomic_dir, atomic_write_text
 
 if TYPE_CHECKING:  # config imports data.params, so importing config here at runtime would be circular
-    from nativelm.config import Params
+    from nativelm.params import Params
 
 Stats = dict[str, int | float]
 

@@ -29,7 +29,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from nativelm.data.params import SourceParams
+from nativelm.params.data import SourceParams
 from nativelm.data.progress import note
 from nativelm.errors import NativelmError
 from nativelm.fsutil import atomic_write_bytes, sha256_file

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nativelm.data.clean import CleanDocument
-from nativelm.data.params import SplitParams
+from nativelm.params.data import SplitParams
 from nativelm.errors import NativelmError
 
 

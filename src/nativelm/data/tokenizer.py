@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nativelm.data.params import TokenizerParams
+from nativelm.params.data import TokenizerParams
 from nativelm.errors import NativelmError
 
 EOT = "<|endoftext|>"

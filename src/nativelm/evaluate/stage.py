@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nativelm.errors import NativelmError
-from nativelm.evaluate.params import EvaluateParams
+from nativelm.params.evaluate import EvaluateParams
 from nativelm.fsutil import atomic_dir, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
-    from nativelm.config import Params
+    from nativelm.params import Params
     from nativelm.tracking.runs import RunLogger
 
 RELEASE_MANIFEST = "release.json"

@@ -49,7 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nativelm.errors import NativelmError
 from nativelm.export import ops, pack
-from nativelm.export.params import ExportParams
+from nativelm.params.export import ExportParams
 
 if TYPE_CHECKING:
     from nativelm.model import NativeLM

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import onnx
     from tokenizers import Tokenizer
 
-    from nativelm.export.params import ExportParams
+    from nativelm.params.export import ExportParams
     from nativelm.model import NativeLM
 
 

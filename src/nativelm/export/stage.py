@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nativelm.errors import NativelmError
-from nativelm.export.params import ExportParams
+from nativelm.params.export import ExportParams
 from nativelm.fsutil import atomic_dir, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
-    from nativelm.config import Params
+    from nativelm.params import Params
     from nativelm.export.graph import ExportGraph
     from nativelm.model import NativeLM
     from nativelm.tracking.runs import RunLogger

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nativelm.cliargs import at_least, params_of
-from nativelm.fleet.params import NAME_PATTERN
+from nativelm.params.fleet import NAME_PATTERN
 
 if TYPE_CHECKING:
-    from nativelm.config import Params
+    from nativelm.params import Params
     from nativelm.fleet.inventory import Board, Inventory
 
 

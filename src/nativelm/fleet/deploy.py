@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 
 from nativelm.evaluate.stage import RELEASE_MANIFEST, RUNTIME_FILE
-from nativelm.fleet.params import FleetParams
+from nativelm.params.fleet import FleetParams
 from nativelm.fleet.ssh import BoardError, BoardSession, HostKeyError, last_line
 
 if TYPE_CHECKING:

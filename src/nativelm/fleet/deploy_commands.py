@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 from nativelm.cliargs import at_least, params_of
 from nativelm.errors import NativelmError
 from nativelm.fleet.commands import add_board_choice, chosen_boards
-from nativelm.fleet.params import RELEASE_PATTERN
+from nativelm.params.fleet import RELEASE_PATTERN
 
 if TYPE_CHECKING:
-    from nativelm.config import Params
+    from nativelm.params import Params
     from nativelm.fleet.inventory import Board, Inventory
     from nativelm.fleet.rollout import RolloutResult
 

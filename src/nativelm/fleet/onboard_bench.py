@@ -33,9 +33,9 @@ from nativelm.fleet.provision import for_each_board
 from nativelm.fleet.ssh import BoardError, BoardSession
 
 if TYPE_CHECKING:
-    from nativelm.config import Params
+    from nativelm.params import Params
     from nativelm.fleet.inventory import Board, Inventory
-    from nativelm.fleet.params import FleetParams
+    from nativelm.params.fleet import FleetParams
 
 # runtime bench key -> table column
 COLUMNS: dict[str, str] = {

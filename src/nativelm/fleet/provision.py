@@ -30,7 +30,7 @@ from nativelm.stack.process import file_lock
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory
-    from nativelm.fleet.params import FleetParams
+    from nativelm.params.fleet import FleetParams
 
 MIN_PYTHON = (3, 9)
 # a requirement pin: a distribution name, optional extras, optional version constraints; never an option

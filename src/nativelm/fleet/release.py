@@ -28,7 +28,7 @@ from nativelm.evaluate.stage import RELEASE_FORMAT, RELEASE_MANIFEST, RUNTIME_FI
 from nativelm.fsutil import atomic_dir, sha256_file
 
 if TYPE_CHECKING:
-    from nativelm.config import Params
+    from nativelm.params import Params
 
 # file names a board accepts (the agent checks the same pattern): flat, no hidden files
 FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

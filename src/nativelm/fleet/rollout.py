@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from nativelm.errors import NativelmError
 from nativelm.fleet.deploy import BoardResult, DeployHooks, deploy_to, rollback_on
-from nativelm.fleet.params import RELEASE_PATTERN, FleetParams
+from nativelm.params.fleet import RELEASE_PATTERN, FleetParams
 from nativelm.fsutil import atomic_write_text
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from nativelm.errors import NativelmError, ParamsError
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory
-    from nativelm.fleet.params import FleetParams
+    from nativelm.params.fleet import FleetParams
 
 PART_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one component of a remote path
 _HOME_PATTERN = re.compile(r"/[A-Za-z0-9._/@+-]*")

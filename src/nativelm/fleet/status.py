@@ -16,7 +16,7 @@ from nativelm.fleet.ssh import BoardError, BoardSession
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory
-    from nativelm.fleet.params import FleetParams
+    from nativelm.params.fleet import FleetParams
 
 BENCH_METRIC = "decode_tokens_per_s"  # read from bench/<release>.json (top level, or under "metrics")
 

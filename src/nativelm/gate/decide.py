@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from nativelm.gate.params import GateParams
+from nativelm.params.gate import GateParams
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from nativelm.gate.decide import Decision, ParityLimits, VersionFigures, decide
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from nativelm.config import Params
+    from nativelm.params import Params
 
 STATUS_TAG = "gate.status"
 REASON_TAG = "gate.reason"

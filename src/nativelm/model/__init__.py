@@ -25,7 +25,7 @@ from nativelm.model.moe import (
     route,
     z_loss,
 )
-from nativelm.model.params import PRESETS, TERNARY_BITS, ModelParams, preset_params
+from nativelm.params.model import PRESETS, TERNARY_BITS, ModelParams, preset_params
 from nativelm.model.stats import (
     expert_load_matrix,
     flat_metrics,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nativelm.model.params import TERNARY_BITS, check_bits
+from nativelm.params.model import TERNARY_BITS, check_bits
 
 
 class RMSNorm(nn.Module):

@@ -31,7 +31,7 @@ from nativelm.model.bitlinear import (
     set_weight_bits,
 )
 from nativelm.model.moe import DenseFFN, MoE, load_balancing_loss, z_loss
-from nativelm.model.params import ModelParams
+from nativelm.params.model import ModelParams
 
 
 @dataclass

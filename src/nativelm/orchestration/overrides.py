@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from nativelm.config import Params, parse_params
+from nativelm.params import Params, parse_params
 from nativelm.errors import ParamsError
 from nativelm.fsutil import atomic_write_bytes
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nativelm.config import Params
+from nativelm.params import Params
 from nativelm.orchestration.dvc import (
     ReproResult,
     exp_save,

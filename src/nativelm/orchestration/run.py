@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from nativelm.config import Params
+from nativelm.params import Params
 from nativelm.errors import NativelmError
 
 # the figures the summary shows (every metric is in MLflow)

@@ -20,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nativelm.config import Params
+from nativelm.params import Params
 from nativelm.errors import NativelmError
 
 if TYPE_CHECKING:

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Union
 from nativelm.errors import NativelmError
 
 if TYPE_CHECKING:
-    from nativelm.config import Params
-    from nativelm.stack.params import StackParams
+    from nativelm.params import Params
+    from nativelm.params.stack import StackParams
 
     AnyParams = Union[Params, StackParams]
 

@@ -24,7 +24,7 @@ from nativelm.tracking.flatten import flatten, params_hash
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from nativelm.config import Params
+    from nativelm.params import Params
 
 PARENT_ENV = "NATIVELM_PARENT_RUN_ID"
 STAGE_WALL_METRIC = "stage_wall_s"

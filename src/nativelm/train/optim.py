@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nativelm.train.params import ResolvedTrain
+from nativelm.params.train import ResolvedTrain
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from nativelm.train.params import DecayShape, ResolvedTrain, wsd_decay_steps
+from nativelm.params.train import DecayShape, ResolvedTrain, wsd_decay_steps
 
 
 def _warmup(step: int, lr: float, warmup_steps: int) -> float | None:

@@ -28,10 +28,11 @@ import torch
 from nativelm.errors import NativelmError, ParamsError
 from nativelm.fsutil import atomic_open, atomic_write_text
 from nativelm.tracking.flatten import params_hash
-from nativelm.train.params import ResolvedTrain
+from nativelm.params.model import with_preset
+from nativelm.params.train import ResolvedTrain
 
 if TYPE_CHECKING:
-    from nativelm.config import Params
+    from nativelm.params import Params
     from nativelm.model import ModelParams, NativeLM
     from nativelm.tracking.runs import RunLogger
 
@@ -58,28 +59,6 @@ class TrainResult:
     resumed_from: int | None
     is_main: bool = True
     model: Any = field(default=None, repr=False)  # the trained NativeLM (every rank)
-
-
-def effective_model_params(model: ModelParams, preset: str) -> ModelParams:
-    """The model section with the train preset's model shape applied.
-
-    ``tiny`` is the ModelParams defaults, so the section is used as written. For another preset
-    (``gpu``), every model field still at its default takes the preset's value and every field
-    changed in params.yaml keeps its value.
-    """
-    from pydantic import ValidationError
-
-    from nativelm.model import PRESETS, ModelParams
-
-    if preset not in PRESETS:
-        raise ParamsError(f"train.preset {preset!r} has no model preset (known: {', '.join(sorted(PRESETS))})")
-    defaults = ModelParams()
-    changed = {k: getattr(model, k) for k in ModelParams.model_fields if getattr(model, k) != getattr(defaults, k)}
-    try:
-        return ModelParams.model_validate({**PRESETS[preset], **changed})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ParamsError(f"model (with train.preset {preset}): {first['msg']}") from None
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -181,7 +160,7 @@ def run_train(params: Params, logger: RunLogger | None = None, *, stop_after: in
 
     started = time.perf_counter()
     cfg = params.train.resolved()
-    model_params = effective_model_params(params.model, cfg.preset)
+    model_params = with_preset(params.model, cfg.preset)
     if cfg.seq_len > model_params.max_seq_len:
         raise ParamsError(f"train.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_params.max_seq_len})")
     device = resolve_device(cfg.device)

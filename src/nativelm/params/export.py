@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from nativelm.paramsbase import StrictModel
+from nativelm.params.base import StrictModel
 
 Variant = Literal["ternary", "fp32", "int4"]
 EmbeddingBits = Literal[4, 8, 16, 32]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from nativelm.paramsbase import StrictModel
+from nativelm.errors import ParamsError
+from nativelm.params.base import StrictModel
 
 TERNARY_BITS = 1.58
 """The weight bit width meaning "ternary" ({-1, 0, +1} · absmean scale, BitNet b1.58)."""
@@ -148,6 +149,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "top_k": 4, "dense_ffn": 1536, "expert_quant": "qmoe",
     },
 }
+
+
+def with_preset(model: ModelParams, preset: str) -> ModelParams:
+    """The `model` section on top of a named preset shape: a value written in params.yaml always wins.
+
+    "Written" is pydantic's ``model_fields_set``: the keys params.yaml (or an override) gave, even
+    when a written value equals the tiny default. ``tiny`` is the field defaults, so it changes nothing.
+    """
+    if preset not in PRESETS:
+        raise ParamsError(f"train.preset {preset!r} has no model preset (known: {', '.join(sorted(PRESETS))})")
+    written = {name: getattr(model, name) for name in model.model_fields_set}
+    try:
+        return ModelParams.model_validate({**PRESETS[preset], **written})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ParamsError(f"model (with train.preset {preset}): {first['msg']}") from None
 
 
 def preset_params(name: str, **overrides: Any) -> ModelParams:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from nativelm.paramsbase import StrictModel
+from nativelm.params.base import StrictModel
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "radam"]

@@ -2,7 +2,7 @@
 
 from pydantic import Field, model_validator
 
-from nativelm.paramsbase import StrictModel
+from nativelm.params.base import StrictModel
 
 
 class StackParams(StrictModel):

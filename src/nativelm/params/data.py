@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from nativelm.paramsbase import StrictModel
+from nativelm.params.base import StrictModel
 
 SourceKind = Literal["pypi-sdist", "local", "url", "hf-dataset"]
 

@@ -2,7 +2,7 @@
 
 from pydantic import Field, model_validator
 
-from nativelm.paramsbase import StrictModel
+from nativelm.params.base import StrictModel
 
 ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 

@@ -2,7 +2,7 @@
 
 from pydantic import Field, model_validator
 
-from nativelm.paramsbase import StrictModel
+from nativelm.params.base import StrictModel
 
 # Names of boards, groups and releases reach remote shells: keep them to a strict alphabet.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"

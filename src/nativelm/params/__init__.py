@@ -11,18 +11,18 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
-from nativelm.data.params import DataParams
+from nativelm.params.data import DataParams
 from nativelm.errors import ParamsError
-from nativelm.evaluate.params import EvaluateParams
-from nativelm.export.params import ExportParams
-from nativelm.fleet.params import FleetParams
-from nativelm.gate.params import GateParams
-from nativelm.model.params import ModelParams
-from nativelm.orchestration.params import ServeParams
-from nativelm.paramsbase import StrictModel
-from nativelm.stack.params import StackParams
-from nativelm.tracking.params import TrackingParams
-from nativelm.train.params import TrainParams
+from nativelm.params.evaluate import EvaluateParams
+from nativelm.params.export import ExportParams
+from nativelm.params.fleet import FleetParams
+from nativelm.params.gate import GateParams
+from nativelm.params.model import ModelParams
+from nativelm.params.serve import ServeParams
+from nativelm.params.base import StrictModel
+from nativelm.params.stack import StackParams
+from nativelm.params.tracking import TrackingParams
+from nativelm.params.train import TrainParams
 from nativelm.yamlio import load_yaml, validation_line
 
 DEFAULT_PARAMS = Path("params.yaml")

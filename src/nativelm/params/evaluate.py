@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from nativelm.paramsbase import StrictModel
+from nativelm.params.base import StrictModel
 
 
 class EvaluateParams(StrictModel):

@@ -2,7 +2,7 @@
 
 from pydantic import Field
 
-from nativelm.paramsbase import StrictModel
+from nativelm.params.base import StrictModel
 
 
 class TrackingParams(StrictModel):
