@@ -86,8 +86,8 @@ def child_export(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from nativelm.export.graph import build_graph
-    from nativelm.params.export import ExportParams
     from nativelm.model import build_model, param_counts
+    from nativelm.params.export import ExportParams
 
     torch.set_num_threads(spec["threads"])
     params = model_params(spec["size"], spec["bench_layers"])

@@ -29,13 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nativelm.params import Params
 from nativelm.fleet.inventory import Inventory, load_inventory
-from nativelm.params.fleet import FleetParams, SimParams
 from nativelm.fleet.provision import provision
 from nativelm.fleet.release import LocalRelease, load_release
 from nativelm.fleet.rollout import RolloutResult, rollout
 from nativelm.fleet.sim import sim_down, sim_status, sim_up
+from nativelm.params import Params
+from nativelm.params.fleet import FleetParams, SimParams
 from nativelm.params.stack import StackParams
 from nativelm.stack.process import port_in_use
 

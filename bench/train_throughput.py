@@ -34,9 +34,9 @@ import torch
 
 from nativelm.model import bitlinear, build_model, preset_params
 from nativelm.model import moe as moe_module
+from nativelm.params.train import TRAIN_PRESETS
 from nativelm.train.metrics import device_peak_flops, flops_per_token, mfu
 from nativelm.train.optim import param_groups
-from nativelm.params.train import TRAIN_PRESETS
 
 
 def configurations(preset: str) -> dict[str, dict]:

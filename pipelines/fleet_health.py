@@ -6,10 +6,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from nativelm.params import load_params
 from nativelm.errors import NativelmError
 from nativelm.fleet.status import render_status
 from nativelm.orchestration import fleet_runs
+from nativelm.params import load_params
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 

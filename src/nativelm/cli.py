@@ -71,7 +71,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nativelm.tracking.runs import stage_run
 
     with stage_run(params, "export", _sections(params, "export")) as run:
-        result = run_export(params, logger=run)
+        result = run_export(Path(params.train.model_file), Path(params.data.out_dir), params.export, logger=run)
     _print_figures(result.metrics, ("top1_agreement", "ppl_rel_diff", "model_bytes", "bits_per_weight"))
     print(f"export: {result.out_dir}")
     return 0
@@ -80,11 +80,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """export folder -> ONNX perplexity, CPU speed, release folder, registered version (DVC stage `evaluate`)."""
     params = params_of(args)
-    from nativelm.evaluate.stage import run_evaluate
-    from nativelm.tracking.runs import stage_run
+    from nativelm.evaluate.stage import Provenance, run_evaluate
+    from nativelm.orchestration.dvc import lock_out_hash
+    from nativelm.tracking.flatten import params_hash
+    from nativelm.tracking.runs import git_commit, stage_run
 
+    provenance = Provenance(git_commit(), lock_out_hash(Path.cwd(), "prepare", params.data.out_dir) or "unknown",
+                            params_hash(params.model_dump(mode="json")))
     with stage_run(params, "evaluate", _sections(params, "evaluate")) as run:
-        result = run_evaluate(params, logger=run)
+        result = run_evaluate(Path(params.export.out_dir), Path(params.data.out_dir), params.evaluate, provenance,
+                              logger=run)
     _print_figures(result.metrics, ("ppl_onnx", "top1_agreement", "model_bytes", "bits_per_weight",
                                     "prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_ms",
                                     "inter_token_latency_p50_ms", "inter_token_latency_p95_ms", "peak_rss_mb"))

@@ -8,8 +8,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -16,14 +16,14 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from nativelm.params import Params
-from nativelm.evaluate.stage import RUNTIME_FILE
 from nativelm.fleet.deploy import BoardResult
 from nativelm.fleet.inventory import Inventory
-from nativelm.params.fleet import FleetParams
 from nativelm.fleet.release import LocalRelease, load_release, resolve_release
 from nativelm.fleet.rollout import RolloutResult, render_rollout, rollback, rollout
 from nativelm.fleet.ssh import BoardSession
+from nativelm.formats.release import RUNTIME_FILE
+from nativelm.params import Params
+from nativelm.params.fleet import FleetParams
 from tests.integration.conftest import SimFleet
 from tests.unit.runtime_model import Dims, make_export, update_manifest
 from tests.unit.test_fleet_rollout import build_release

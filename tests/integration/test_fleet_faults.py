@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 
 from nativelm.fleet.deploy import DeployHooks
-from nativelm.params.fleet import FleetParams
 from nativelm.fleet.release import LocalRelease
 from nativelm.fleet.rollout import (
     RolloutResult,
@@ -44,6 +43,7 @@ from nativelm.fleet.sim import (
     stop_board,
 )
 from nativelm.fleet.ssh import BoardSession
+from nativelm.params.fleet import FleetParams
 from tests.integration.conftest import SimFleet, make_sim_fleet, small_disk
 from tests.integration.test_fleet_deploy import (
     BENCH,

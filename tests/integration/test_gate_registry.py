@@ -6,10 +6,10 @@ import uuid
 
 import pytest
 
-from nativelm.params import Params
 from nativelm.errors import NativelmError
-from nativelm.params.evaluate import EvaluateParams
 from nativelm.gate.promote import REASON_TAG, STATUS_TAG, alias_version, gate_version
+from nativelm.params import Params
+from nativelm.params.evaluate import EvaluateParams
 from nativelm.params.tracking import TrackingParams
 
 

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from nativelm.params import load_params
 from nativelm.fleet.inventory import load_inventory
+from nativelm.params import load_params
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "infra" / "docker"

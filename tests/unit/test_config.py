@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nativelm.params import Params, load_params, parse_params
 from nativelm.errors import ParamsError
+from nativelm.params import Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,17 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nativelm.params import Params
-from nativelm.data.prepare import run_prepare
-from nativelm.data.shards import load_shards, read_manifest
-from nativelm.data.tokenizer import load_tokenizer
 from nativelm.data import prepare as prepare_module
 from nativelm.data.clean import clean_corpus
-from nativelm.params.data import CleanParams, DataParams, SourceParams, SplitParams, TokenizerParams
+from nativelm.data.prepare import run_prepare
 from nativelm.data.sources import read_corpus
 from nativelm.data.split import split_documents
-from nativelm.data.tokenizer import EOT
+from nativelm.data.tokenizer import load_tokenizer
 from nativelm.errors import NativelmError
+from nativelm.formats.prepared import EOT, load_shards, read_manifest
+from nativelm.params import Params
+from nativelm.params.data import CleanParams, DataParams, SourceParams, SplitParams, TokenizerParams
 
 WORDS = ("the king queen lord lady love night day sword crown heart world time death life "
          "speak come go see make know hear fair good great noble sweet true old young").split()

@@ -8,20 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nativelm.params.data import TokenizerParams
-from nativelm.data.shards import (
-    ShardWriter,
+from nativelm.data.shards import ShardWriter, encode_documents, write_split
+from nativelm.data.tokenizer import save_tokenizer, train_tokenizer
+from nativelm.errors import NativelmError
+from nativelm.formats.prepared import (
+    EOT,
+    EOT_ID,
     build_manifest,
-    encode_documents,
     load_shards,
     read_manifest,
     token_dtype,
     write_manifest,
-    write_split,
 )
-from nativelm.data.tokenizer import EOT, EOT_ID, save_tokenizer, train_tokenizer
-from nativelm.errors import NativelmError
 from nativelm.fsutil import sha256_file
+from nativelm.params.data import TokenizerParams
 
 TEXTS = [f"Document {i}: the noble king speaks to the fair queen, line {i}.\nAnd she answers." for i in range(40)]
 

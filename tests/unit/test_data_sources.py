@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from nativelm.data import sources
-from nativelm.params.data import SourceParams
 from nativelm.data.sources import Document, read_corpus
 from nativelm.errors import NativelmError
+from nativelm.params.data import SourceParams
 
 TEXT_A = "Alpha document.\nIt has two lines.\n"
 TEXT_B = "Beta document, with a ligature: \ufb01ne.\n"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from nativelm.data.clean import CleanDocument, text_sha256
-from nativelm.params.data import SplitParams
 from nativelm.data.split import split_documents, split_score
 from nativelm.errors import NativelmError
+from nativelm.params.data import SplitParams
 
 
 def docs(n: int, prefix: str = "doc") -> list[CleanDocument]:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.params.data import TokenizerParams
-from nativelm.data.tokenizer import EOT, EOT_ID, load_tokenizer, save_tokenizer, train_tokenizer
+from nativelm.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from nativelm.errors import NativelmError
+from nativelm.formats.prepared import EOT, EOT_ID
+from nativelm.params.data import TokenizerParams
 
 WORDS = ("the king queen lord lady love night day sword crown heart world time death life speak "
          "come go see make know hear fair good great noble sweet true old young thou thee").split()

@@ -12,18 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.params import Params
-from nativelm.params.data import DataParams
 from nativelm.errors import NativelmError
-from nativelm.params.evaluate import EvaluateParams
-from nativelm.evaluate.stage import RELEASE_MANIFEST, RUNTIME_FILE, run_evaluate
-from nativelm.params.export import ExportParams
-from nativelm.export.stage import MANIFEST, MODEL_FILE, TOKENIZER_FILE, run_export
+from nativelm.evaluate.stage import Provenance, run_evaluate
+from nativelm.export.stage import run_export
+from nativelm.formats.export_folder import MANIFEST, MODEL_FILE, TOKENIZER_FILE
+from nativelm.formats.release import MANIFEST as RELEASE_MANIFEST
+from nativelm.formats.release import RUNTIME_FILE
 from nativelm.fsutil import sha256_file
 from nativelm.model import ModelParams, build_model
+from nativelm.params import Params
+from nativelm.params.data import DataParams
+from nativelm.params.evaluate import EvaluateParams
+from nativelm.params.export import ExportParams
 from nativelm.params.tracking import TrackingParams
-from nativelm.train.loop import torch_threads
 from nativelm.params.train import TrainParams
+from nativelm.train.loop import torch_threads
 from tests.unit.test_export_graph import write_prepared
 
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64, "window": 16,
@@ -36,7 +39,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with prepared data, an (untrained) model and its export, as the stages leave them."""
     import torch
 
-    from nativelm.train.stage import save_model_file
+    from nativelm.formats import trained_model
 
     root = tmp_path_factory.mktemp("evaluate")
     prepared = write_prepared(root / "data/prepared")
@@ -44,13 +47,18 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch_threads(1):
         torch.manual_seed(0)
         model = build_model(ModelParams(**SMALL), manifest["vocab_size"]).eval()
-        save_model_file(root / "models/model.pt", model, model.params,
-                        {"step": 0, "weight_bits": 1.58, "tokenizer_sha256": manifest["sha256"][TOKENIZER_FILE]})
-        run_export(_params(root), ExportParams(
+        trained_model.write(root / "models/model.pt", model.state_dict(), model.params, model.vocab_size,
+                            {"step": 0, "weight_bits": 1.58, "tokenizer_sha256": manifest["sha256"][TOKENIZER_FILE]})
+        run_export(root / "models/model.pt", root / "data/prepared", ExportParams(
             out_dir=str(root / "models/onnx"), metrics_file=str(root / "metrics/export.json"),
             min_top1_agreement=0.5, max_ppl_rel_diff=0.05, parity_tokens=64, cache_check_tokens=8,
             golden_tokens=4, golden_prompts=["anna sees"], threads=1))
     return root
+
+
+def _evaluate(params: Params):  # the stage as the CLI calls it
+    return run_evaluate(Path(params.export.out_dir), Path(params.data.out_dir), params.evaluate,
+                        Provenance("test", "unknown", "test"))
 
 
 def _params(root: Path, **evaluate: object) -> Params:
@@ -64,7 +72,7 @@ def _params(root: Path, **evaluate: object) -> Params:
 
 def test_evaluate_writes_metrics_and_a_verified_release(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(project)
-    result = run_evaluate(_params(project))
+    result = _evaluate(_params(project))
     release = project / "models/release"
     export = project / "models/onnx"
     names = sorted(p.name for p in release.iterdir())
@@ -96,7 +104,7 @@ def test_evaluate_writes_metrics_and_a_verified_release(project: Path, monkeypat
 def test_whole_validation_split_when_ppl_tokens_is_zero(project: Path, monkeypatch: pytest.MonkeyPatch,
                                                          tmp_path: Path) -> None:
     monkeypatch.chdir(project)
-    result = run_evaluate(_params(project, ppl_tokens=0, release_dir=str(tmp_path / "release"),
+    result = _evaluate(_params(project, ppl_tokens=0, release_dir=str(tmp_path / "release"),
                                   metrics_file=str(tmp_path / "evaluate.json")))
     assert result.metrics["ppl_tokens_scored"] > 256 and result.metrics["ppl_onnx"] > 0
 
@@ -110,14 +118,14 @@ def test_a_corrupted_export_stops_with_one_line_and_keeps_the_release(project: P
     shutil.copytree(project / "models/onnx", copy)
     params = _params(project, release_dir=str(tmp_path / "release"), metrics_file=str(tmp_path / "evaluate.json"))
     params = params.model_copy(update={"export": params.export.model_copy(update={"out_dir": str(copy)})})
-    run_evaluate(params)
+    _evaluate(params)
     before = {p.name: p.read_bytes() for p in (tmp_path / "release").iterdir()}
 
     data = bytearray((copy / MODEL_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / MODEL_FILE).write_bytes(bytes(data))
     with pytest.raises(NativelmError) as failure:
-        run_evaluate(params)
+        _evaluate(params)
     message = str(failure.value)
     assert "\n" not in message and MODEL_FILE in message and "sha256" in message
     assert {p.name: p.read_bytes() for p in (tmp_path / "release").iterdir()} == before
@@ -125,8 +133,8 @@ def test_a_corrupted_export_stops_with_one_line_and_keeps_the_release(project: P
 
 
 def test_evaluate_params_are_validated() -> None:
-    from nativelm.params import parse_params
     from nativelm.errors import ParamsError
+    from nativelm.params import parse_params
 
     assert parse_params("evaluate: {bench_repeats: 2}").evaluate.bench_repeats == 2
     with pytest.raises(ParamsError, match="evaluate.bench_new_tokens"):

@@ -19,24 +19,18 @@ import onnx
 import pytest
 import torch
 
-from nativelm.params import Params
-from nativelm.params.data import DataParams, TokenizerParams
 from nativelm.errors import NativelmError
 from nativelm.export import graph as export_graph
 from nativelm.export import ops, parity
 from nativelm.export.graph import build_graph
-from nativelm.params.export import ExportParams
-from nativelm.export.stage import (
-    GENAI_CONFIG,
-    MANIFEST,
-    MODEL_FILE,
-    TOKENIZER_FILE,
-    run_export,
-)
+from nativelm.export.stage import run_export
+from nativelm.formats import prepared as prepared_format
+from nativelm.formats.export_folder import EXTERNAL_DATA, GENAI_CONFIG, MANIFEST, MODEL_FILE, TOKENIZER_FILE
 from nativelm.fsutil import sha256_file
 from nativelm.model import ModelParams, build_model
+from nativelm.params.data import TokenizerParams
+from nativelm.params.export import ExportParams
 from nativelm.train.loop import torch_threads
-from nativelm.params.train import TrainParams
 
 TINY = {"d_model": 256, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "max_seq_len": 128, "window": 16,
         "nope_every": 2, "n_experts": 4, "expert_ffn": 128, "top_k": 2}
@@ -59,8 +53,9 @@ def corpus(sentences: int, seed: int) -> str:
 
 def write_prepared(folder: Path) -> Path:
     """A prepared folder with a real byte-level BPE tokenizer and train/val shards of a synthetic corpus."""
-    from nativelm.data.shards import build_manifest, write_manifest, write_split
+    from nativelm.data.shards import write_split
     from nativelm.data.tokenizer import save_tokenizer, train_tokenizer
+    from nativelm.formats.prepared import build_manifest, write_manifest
 
     folder.mkdir(parents=True)
     texts = {"train": [corpus(1500, 0)], "val": [corpus(200, 1)]}
@@ -92,7 +87,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def shard(folder: Path, split: str) -> np.ndarray:
-    from nativelm.data.shards import load_shards
+    from nativelm.formats.prepared import load_shards
 
     return np.concatenate([np.asarray(s) for s in load_shards(folder, split)])
 
@@ -203,7 +198,7 @@ def test_ternary_tiny_shape_runs_every_quantized_node_prepacked(ternary: export_
 
 def test_ternary_parity_within_thresholds(trained: torch.nn.Module, decoder: parity.OnnxDecoder,
                                           prepared: Path) -> None:
-    windows = parity.validation_windows([shard(prepared, "val")], 512, trained.params.max_seq_len)
+    windows = prepared_format.validation_windows([shard(prepared, "val")], 512, trained.params.max_seq_len)
     assert windows.shape == (4, 128)
     figures = parity.held_out_parity(trained, decoder, windows)
     params = ExportParams()
@@ -361,23 +356,21 @@ def test_thresholds_name_the_failing_figure() -> None:
 
 @pytest.fixture(scope="module")
 def model_file(trained: torch.nn.Module, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from nativelm.train.stage import save_model_file
+    from nativelm.formats import trained_model
 
     tokenizer_sha = json.loads((prepared / MANIFEST).read_text())["sha256"][TOKENIZER_FILE]
     path = tmp_path_factory.mktemp("trained") / "model.pt"
-    return save_model_file(path, trained, trained.params, {"step": 60, "weight_bits": 1.58,
-                                                            "tokenizer_sha256": tokenizer_sha})
+    return trained_model.write(path, trained.state_dict(), trained.params, trained.vocab_size,
+                               {"step": 60, "weight_bits": 1.58, "tokenizer_sha256": tokenizer_sha})
 
 
-def stage_params(prepared: Path, model_file: Path) -> Params:
-    return Params(data=DataParams(out_dir=str(prepared)), train=TrainParams.model_validate({"model_file": str(model_file)}))
 
 
 def test_run_export_writes_a_verified_folder(prepared: Path, model_file: Path, tmp_path: Path) -> None:
     export = ExportParams(out_dir=str(tmp_path / "onnx"), metrics_file=str(tmp_path / "metrics/export.json"),
                           parity_tokens=256, golden_prompts=["anna sees", "the old"], golden_tokens=8,
                           cache_check_tokens=40, threads=1)
-    result = run_export(stage_params(prepared, model_file), export)
+    result = run_export(model_file, prepared, export)
     folder = tmp_path / "onnx"
     assert sorted(p.name for p in folder.iterdir()) == sorted([MODEL_FILE, TOKENIZER_FILE, GENAI_CONFIG, MANIFEST])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
@@ -418,12 +411,11 @@ def test_parity_failure_keeps_the_previous_export(prepared: Path, model_file: Pa
     common: dict[str, Any] = {"out_dir": str(tmp_path / "onnx"), "metrics_file": str(tmp_path / "export.json"),
                               "parity_tokens": 128, "golden_prompts": ["anna"], "golden_tokens": 4,
                               "cache_check_tokens": 8, "threads": 1}
-    params = stage_params(prepared, model_file)
-    run_export(params, ExportParams(variant="fp32", **common))
+    run_export(model_file, prepared, ExportParams(variant="fp32", **common))
     before = {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()}
     metrics_before = (tmp_path / "export.json").read_bytes()
     with pytest.raises(NativelmError, match="perplexity relative difference .* > max_ppl_rel_diff 0.0"):
-        run_export(params, ExportParams(min_top1_agreement=0.0, max_ppl_rel_diff=0.0, **common))
+        run_export(model_file, prepared, ExportParams(min_top1_agreement=0.0, max_ppl_rel_diff=0.0, **common))
     assert {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()} == before
     assert (tmp_path / "export.json").read_bytes() == metrics_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "onnx"]
@@ -436,22 +428,23 @@ def test_large_models_keep_their_weights_in_external_data(prepared: Path, model_
     monkeypatch.setattr(stage, "MAX_INLINE_BYTES", 1)  # as if the weights passed protobuf's 2 GB limit
     export = ExportParams(out_dir=str(tmp_path / "onnx"), metrics_file=str(tmp_path / "export.json"),
                           parity_tokens=128, golden_prompts=["anna"], golden_tokens=4, cache_check_tokens=8, threads=1)
-    manifest = run_export(stage_params(prepared, model_file), export).manifest
+    manifest = run_export(model_file, prepared, export).manifest
     folder = tmp_path / "onnx"
-    assert (folder / MODEL_FILE).stat().st_size < 100_000 < (folder / stage.EXTERNAL_DATA).stat().st_size
-    assert manifest["sha256"][stage.EXTERNAL_DATA] == sha256_file(folder / stage.EXTERNAL_DATA)
+    assert (folder / MODEL_FILE).stat().st_size < 100_000 < (folder / EXTERNAL_DATA).stat().st_size
+    assert manifest["sha256"][EXTERNAL_DATA] == sha256_file(folder / EXTERNAL_DATA)
     assert manifest["sizes"]["model_bytes"] == sum((folder / n).stat().st_size for n in (MODEL_FILE,
-                                                                                         stage.EXTERNAL_DATA))
+                                                                                         EXTERNAL_DATA))
     assert manifest["kernels"]["all_prepacked"] and manifest["parity"]["passed"]
 
 
 def test_run_export_refuses_a_tokenizer_the_model_was_not_trained_with(prepared: Path, trained: torch.nn.Module,
                                                                        tmp_path: Path) -> None:
-    from nativelm.train.stage import save_model_file
+    from nativelm.formats import trained_model
 
-    path = save_model_file(tmp_path / "model.pt", trained, trained.params, {"tokenizer_sha256": "0" * 64})
+    path = trained_model.write(tmp_path / "model.pt", trained.state_dict(), trained.params, trained.vocab_size,
+                               {"tokenizer_sha256": "0" * 64})
     with pytest.raises(NativelmError, match="not the tokenizer the model was trained with"):
-        run_export(stage_params(prepared, path), ExportParams(out_dir=str(tmp_path / "onnx")))
+        run_export(path, prepared, ExportParams(out_dir=str(tmp_path / "onnx")))
     assert not (tmp_path / "onnx").exists()
 
 

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.evaluate import stage as evaluate_stage
-from nativelm.evaluate.stage import RELEASE_MANIFEST, RUNTIME_FILE
 from nativelm.fleet.deploy import BoardResult, DeployHooks, lock_age_s
 from nativelm.fleet.inventory import Board
-from nativelm.params.fleet import FleetParams
 from nativelm.fleet.progress import Progress
 from nativelm.fleet.release import RegistrySpec, ReleaseError, load_release, parse_spec
 from nativelm.fleet.rollout import (
@@ -28,13 +25,17 @@ from nativelm.fleet.rollout import (
     rollout,
     run_waves,
 )
+from nativelm.formats import release as release_format
+from nativelm.formats.release import MANIFEST as RELEASE_MANIFEST
+from nativelm.formats.release import RUNTIME_FILE
 from nativelm.fsutil import sha256_file
+from nativelm.params.fleet import FleetParams
 from tests.unit.runtime_model import Export
 
 
 def build_release(folder: Path, export_dir: Path, note: str = "test") -> Path:
     """A release folder as `nativelm evaluate` builds it (same builder), from an export folder."""
-    evaluate_stage.build_release(folder, export_dir, {"git_commit": "test", "note": note})
+    release_format.build_release(folder, export_dir, {"git_commit": "test", "note": note})
     return folder
 
 

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nativelm.params import parse_params
 from nativelm.errors import ParamsError
 from nativelm.gate.decide import ParityLimits, VersionFigures, decide
+from nativelm.params import parse_params
 from nativelm.params.gate import GateParams
 
 LIMITS = ParityLimits(min_top1_agreement=0.99, max_ppl_rel_diff=0.01)

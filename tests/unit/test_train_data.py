@@ -23,7 +23,7 @@ def write_token_data(folder: Path, vocab: int = 128, train_tokens: int = 30_000,
                      shard_tokens: int = 12_000, seed: int = 0) -> Path:
     """A prepared folder (manifest + uint16 shards) of a learnable synthetic stream: each token is
     followed by one of 4 fixed successors (5% random), so a model beats the unigram entropy fast."""
-    from nativelm.data.shards import build_manifest, shard_name, write_manifest
+    from nativelm.formats.prepared import build_manifest, shard_name, write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -9,10 +9,10 @@ import torch
 
 from nativelm.errors import NativelmError
 from nativelm.model import BitSchedule, ModelParams, build_model, set_weight_bits
+from nativelm.params.train import TrainParams
 from nativelm.train.loop import Trainer, resolve_precision, torch_threads
 from nativelm.train.metrics import flops_per_token, interval_metric_names, mfu, peak_flops
 from nativelm.train.optim import build_optimizer, param_groups
-from nativelm.params.train import TrainParams
 
 VOCAB = 64
 SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "n_experts": 4, "expert_ffn": 16,

@@ -10,14 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from nativelm.params import Params
-from nativelm.params.data import DataParams
 from nativelm.errors import NativelmError, ParamsError
 from nativelm.model import ModelParams
+from nativelm.model.trained import load_trained_model
+from nativelm.params import Params
+from nativelm.params.data import DataParams
+from nativelm.params.train import TrainParams
 from nativelm.train.loop import torch_threads
 from nativelm.train.metrics import FINAL_NAMES, interval_metric_names
-from nativelm.params.train import TrainParams
-from nativelm.train.stage import load_trained_model, run_train
+from nativelm.train.stage import run_train
 from tests.unit.test_train_data import write_token_data
 
 SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "n_experts": 4, "expert_ffn": 16,

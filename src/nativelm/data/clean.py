@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from nativelm.params.data import CleanParams
 from nativelm.data.sources import Document
+from nativelm.params.data import CleanParams
 
 _FLAGS = re.IGNORECASE | re.MULTILINE
 # everything up to and including these lines is a header: modern and old Gutenberg headers

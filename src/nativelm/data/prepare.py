@@ -14,19 +14,12 @@ from typing import TYPE_CHECKING
 
 from nativelm.data.clean import CleanedCorpus, clean_corpus
 from nativelm.data.progress import note
-from nativelm.data.shards import (
-    MANIFEST,
-    TOKENIZER_FILE,
-    build_manifest,
-    shard_name,
-    token_dtype,
-    write_manifest,
-    write_split,
-)
+from nativelm.data.shards import write_split
 from nativelm.data.sources import Corpus, DatasetLoader, read_corpus
 from nativelm.data.split import Split, split_documents
 from nativelm.data.tokenizer import save_tokenizer, train_tokenizer
 from nativelm.errors import NativelmError
+from nativelm.formats.prepared import MANIFEST, TOKENIZER_FILE, build_manifest, shard_name, token_dtype, write_manifest
 from nativelm.fsutil import atomic_dir, atomic_write_text
 
 if TYPE_CHECKING:  # config imports data.params, so importing config here at runtime would be circular

@@ -29,10 +29,10 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from nativelm.params.data import SourceParams
 from nativelm.data.progress import note
 from nativelm.errors import NativelmError
 from nativelm.fsutil import atomic_write_bytes, sha256_file
+from nativelm.params.data import SourceParams
 
 # signature of `datasets.load_dataset` as used here: (name, config, split=...) -> iterable of rows
 DatasetLoader = Callable[..., Iterable[dict[str, Any]]]

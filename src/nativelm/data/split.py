@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nativelm.data.clean import CleanDocument
-from nativelm.params.data import SplitParams
 from nativelm.errors import NativelmError
+from nativelm.params.data import SplitParams
 
 
 @dataclass

@@ -11,11 +11,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nativelm.params.data import TokenizerParams
 from nativelm.errors import NativelmError
-
-EOT = "<|endoftext|>"
-EOT_ID = 0
+from nativelm.formats.prepared import EOT, EOT_ID
+from nativelm.params.data import TokenizerParams
 
 
 def new_tokenizer() -> Tokenizer:

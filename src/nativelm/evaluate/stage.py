@@ -22,28 +22,38 @@ artifact folder, tagged with git_commit, data_hash and params_hash.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from nativelm import runtime
 from nativelm.errors import NativelmError
+from nativelm.formats import prepared
+from nativelm.formats.export_folder import MANIFEST
+from nativelm.formats.release import build_release
+from nativelm.fsutil import atomic_write_text, sha256_file
 from nativelm.params.evaluate import EvaluateParams
-from nativelm.fsutil import atomic_dir, atomic_write_text, sha256_file
+from nativelm.runtime import RuntimeFailure, verify_folder
+from nativelm.runtime.scoring import window_nll
+from nativelm.tracking.registry import register_folder
+from nativelm.tracking.runs import RunLogger
 
-if TYPE_CHECKING:
-    from nativelm.params import Params
-    from nativelm.tracking.runs import RunLogger
 
-RELEASE_MANIFEST = "release.json"
-RUNTIME_FILE = "nativelm-runtime.pyz"
-RELEASE_FORMAT = "nativelm-release"
-RELEASE_FORMAT_VERSION = 1
-REGISTRY_TAGS = ("git_commit", "data_hash", "params_hash")
+@dataclass(frozen=True)
+class Provenance:
+    """Where a release comes from: the registry tags of its version, written into release.json too."""
+
+    git_commit: str
+    data_hash: str  # DVC's hash of the prepared data ("unknown" outside a DVC workspace)
+    params_hash: str
+
+    def tags(self) -> dict[str, str]:
+        return {"git_commit": self.git_commit, "data_hash": self.data_hash, "params_hash": self.params_hash}
+
 
 
 @dataclass
@@ -61,15 +71,8 @@ def _note(message: str) -> None:
     print(f"evaluate: {message}", file=sys.stderr, flush=True)
 
 
-def evaluate_params(params: Params) -> EvaluateParams:
-    section = getattr(params, "evaluate", None)
-    return section if isinstance(section, EvaluateParams) else EvaluateParams()
-
-
 def _verify_export(folder: Path) -> dict[str, Any]:
     """The export manifest, after every file it lists matched its sha256 (one line otherwise)."""
-    from nativelm.runtime import RuntimeFailure, verify_folder
-
     try:
         return verify_folder(folder)
     except RuntimeFailure as exc:
@@ -77,64 +80,30 @@ def _verify_export(folder: Path) -> dict[str, Any]:
                             "(run `nativelm export` again)") from None
 
 
-def onnx_perplexity(model_path: Path, data_dir: Path, n_tokens: int, max_len: int, threads: int) -> dict[str, Any]:
-    """Perplexity of the ONNX decoder (empty KV cache, whole windows) on validation tokens (0: all of them)."""
-    from nativelm.data.shards import load_shards
-    from nativelm.export import parity
-
-    val = load_shards(data_dir, "val")
-    total = sum(len(s) for s in val)
-    wanted = total if n_tokens == 0 else n_tokens
+def onnx_perplexity(export_dir: Path, data_dir: Path, n_tokens: int, max_len: int, threads: int) -> dict[str, Any]:
+    """Perplexity of the exported model through the board runtime (empty KV cache, whole windows)
+    on validation tokens (0: all of them)."""
+    val = prepared.load_shards(data_dir, "val")
+    wanted = sum(len(s) for s in val) if n_tokens == 0 else n_tokens
     try:
-        windows = parity.validation_windows(val, wanted, max_len)
+        windows = prepared.validation_windows(val, wanted, max_len)
     except NativelmError as exc:
-        raise NativelmError(f"evaluate: ppl_tokens {n_tokens}: {str(exc).split(': ', 1)[-1]}") from None
-    decoder = parity.OnnxDecoder(model_path, threads)
-    nll = []
-    for row in windows:
-        logits = decoder.forward(row[None])[0][0]
-        nll.append(parity._nll(logits[:-1], row[1:]))
-    scored = np.concatenate(nll)
+        raise NativelmError(f"evaluate: ppl_tokens {n_tokens}: {exc}") from None
+    try:
+        model = runtime.load_model(export_dir, threads=threads or None, verify=False)
+        scored = window_nll(model, windows)
+    except runtime.RuntimeFailure as exc:
+        raise NativelmError(f"evaluate: {exc}") from None
     mean = float(scored.mean())
     return {"ppl_onnx": float(np.exp(mean)), "nll_onnx": mean, "ppl_tokens_scored": int(scored.size),
             "ppl_windows": int(windows.shape[0]), "ppl_window_length": int(windows.shape[1])}
 
 
-def release_files(folder: Path) -> dict[str, str]:
-    """{file name: sha256} of every file of a release folder but release.json."""
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != RELEASE_MANIFEST}
-
-
-def build_release(release_dir: Path, export_dir: Path, provenance: dict[str, Any]) -> dict[str, Any]:
-    """Write a release folder atomically (export files + board runtime + release.json); return release.json.
-
-    Public because the fleet's tests build real releases with it, exactly as the stage does.
-    """
-    from nativelm.runtime.pack import build_zipapp
-
-    with atomic_dir(release_dir) as folder:
-        for path in sorted(export_dir.iterdir()):
-            if path.is_file():
-                shutil.copyfile(path, folder / path.name)
-        build_zipapp(folder / RUNTIME_FILE)
-        release = {"format": RELEASE_FORMAT, "format_version": RELEASE_FORMAT_VERSION, **provenance,
-                   "sha256": release_files(folder)}
-        (folder / RELEASE_MANIFEST).write_text(json.dumps(release, indent=2, sort_keys=True) + "\n",
-                                               encoding="utf-8")
-    return release
-
-
-def run_evaluate(params: Params, logger: RunLogger | None = None) -> EvaluateResult:
-    """Evaluate `export.out_dir`, build `evaluate.release_dir`, register it; see the module docstring."""
-    from nativelm import runtime
-    from nativelm.orchestration.dvc import lock_out_hash
-    from nativelm.tracking.flatten import params_hash
-    from nativelm.tracking.runs import git_commit
-
+def run_evaluate(export_dir: Path, data_dir: Path, ev: EvaluateParams, provenance: Provenance,
+                 logger: RunLogger | None = None) -> EvaluateResult:
+    """Evaluate `export_dir`, build `ev.release_dir`, register it; see the module docstring."""
     started = time.perf_counter()
-    ev = evaluate_params(params)
-    export_dir, data_dir = Path(params.export.out_dir), Path(params.data.out_dir)
+    export_dir, data_dir = Path(export_dir), Path(data_dir)
     release_dir, metrics_file = Path(ev.release_dir), Path(ev.metrics_file)
     if not export_dir.is_dir():
         raise NativelmError(f"evaluate: {export_dir}: no export folder (run `nativelm export` first)")
@@ -142,10 +111,10 @@ def run_evaluate(params: Params, logger: RunLogger | None = None) -> EvaluateRes
     model_cfg = manifest.get("model", {})
     max_len = int(model_cfg.get("context_length") or model_cfg.get("max_seq_len") or 0)
     if max_len < 2:
-        raise NativelmError(f"evaluate: {export_dir / 'manifest.json'}: records no context length")
+        raise NativelmError(f"evaluate: {export_dir / MANIFEST}: records no context length")
 
     _note(f"ONNX perplexity on {'all' if ev.ppl_tokens == 0 else ev.ppl_tokens} validation tokens")
-    ppl = onnx_perplexity(export_dir / "model.onnx", data_dir, ev.ppl_tokens, max_len, ev.threads)
+    ppl = onnx_perplexity(export_dir, data_dir, ev.ppl_tokens, max_len, ev.threads)
 
     _note(f"benchmark: prompt {ev.bench_prompt_len} tokens, {ev.bench_new_tokens} new tokens, "
           f"{ev.bench_repeats} repeats")
@@ -180,27 +149,19 @@ def run_evaluate(params: Params, logger: RunLogger | None = None) -> EvaluateRes
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
 
-    commit = git_commit()
-    data_hash = lock_out_hash(Path.cwd(), "prepare", params.data.out_dir) or "unknown"
-    p_hash = params_hash(params.model_dump(mode="json"))
-    provenance = {
-        "git_commit": commit, "data_hash": data_hash, "params_hash": p_hash,
-        "source_model_sha256": manifest.get("source", {}).get("model_sha256"),
-        "variant": manifest.get("variant"), "runtime_version": runtime.__version__,
-        "export_manifest_sha256": sha256_file(export_dir / "manifest.json"),
-    }
+    tags = provenance.tags()
     _note(f"building the release folder {release_dir}")
-    release = build_release(release_dir, export_dir, provenance)
+    release = build_release(release_dir, export_dir, {
+        **tags, "source_model_sha256": manifest.get("source", {}).get("model_sha256"),
+        "variant": manifest.get("variant"), "runtime_version": runtime.__version__,
+        "export_manifest_sha256": sha256_file(export_dir / MANIFEST)})
     metrics["release_bytes"] = sum((release_dir / n).stat().st_size for n in release["sha256"])
 
     version = None
     if logger is not None and logger.active:
         logger.log_params({"evaluate": ev.model_dump(mode="json")})
-        logger.set_tags({"git_commit": commit, "data_hash": data_hash, "params_hash": p_hash})
-        from nativelm.tracking.registry import register_folder
-
-        version = register_folder(logger, release_dir, ev.registered_model,
-                                   {"git_commit": commit, "data_hash": data_hash, "params_hash": p_hash})
+        logger.set_tags(tags)
+        version = register_folder(logger, release_dir, ev.registered_model, tags)
         metrics["model_version"] = version
         _note(f"registered {ev.registered_model} version {version}")
     metrics["evaluate_time_s"] = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""The ONNX decoder graph of a NativeLM, built from the operator builders of `ops` (DESIGN §4).
+"""The ONNX decoder graph of a NativeLM, built from the operator builders of `ops` (docs/architecture.md, "The export").
 
 One block of the graph, ternary variant (the PyTorch block of `nativelm.model.transformer`):
 
@@ -14,10 +14,7 @@ One block of the graph, ternary variant (the PyTorch block of `nativelm.model.tr
     y        = QMoE(h2, router)      2-bit experts, ReGLU as fused SwiGLU (alpha 1e6, beta 0), top-k
     logits   = LM head(final norm(x + y))   MatMulNBits 8 (or 4) bits, or fp16/fp32 MatMul
 
-Model I/O (the onnxruntime-genai decoder convention): ``input_ids`` int64 [batch, sequence],
-``attention_mask`` int64 [batch, total], ``past_key_values.{i}.key/value`` float
-[batch, kv_heads, past, head_dim] -> ``logits`` [batch, sequence, vocab], ``present.{i}.key/value``
-[batch, kv_heads, total, head_dim].
+Model I/O: the onnxruntime-genai decoder convention of `nativelm.formats.export_folder`.
 
 Variants (`ExportParams.variant`):
 
@@ -49,18 +46,20 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nativelm.errors import NativelmError
 from nativelm.export import ops, pack
+from nativelm.formats.export_folder import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+)
 from nativelm.params.export import ExportParams
 
 if TYPE_CHECKING:
     from nativelm.model import NativeLM
 
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-LOGITS = "logits"
-PAST_KEY = "past_key_values.%d.key"
-PAST_VALUE = "past_key_values.%d.value"
-PRESENT_KEY = "present.%d.key"
-PRESENT_VALUE = "present.%d.value"
 SEQLENS_K = "attention.seqlens_k"
 TOTAL_LENGTH = "attention.total_sequence_length"
 ROPE = "rope"

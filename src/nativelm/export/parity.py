@@ -27,7 +27,8 @@ import numpy as np
 
 from nativelm.errors import NativelmError
 from nativelm.export import ops
-from nativelm.export.graph import (
+from nativelm.export.graph import QUANTIZED_OPS
+from nativelm.formats.export_folder import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
@@ -35,15 +36,15 @@ from nativelm.export.graph import (
     PAST_VALUE,
     PRESENT_KEY,
     PRESENT_VALUE,
-    QUANTIZED_OPS,
 )
+from nativelm.runtime.scoring import token_nll
 
 if TYPE_CHECKING:
     import onnx
     from tokenizers import Tokenizer
 
-    from nativelm.params.export import ExportParams
     from nativelm.model import NativeLM
+    from nativelm.params.export import ExportParams
 
 
 class OnnxDecoder:
@@ -99,30 +100,6 @@ class OnnxDecoder:
 # --------------------------------------------------------------------------- held-out parity
 
 
-def validation_windows(shards: Sequence[np.ndarray], n_tokens: int, max_len: int) -> np.ndarray:
-    """Evenly spaced windows (rows, length) of the validation split, about `n_tokens` tokens in all.
-
-    length = min(n_tokens, max_len); a window never crosses a shard boundary.
-    """
-    length = min(n_tokens, max_len)
-    starts = [(i, s) for i, shard in enumerate(shards) for s in range(0, len(shard) - length + 1, length)]
-    if length < 2 or not starts:
-        longest = max((len(s) for s in shards), default=0)
-        raise NativelmError(f"export parity: the validation split has no window of {length} tokens (longest shard "
-                            f"{longest} tokens); lower export.parity_tokens or prepare more validation data")
-    rows = min(max(1, n_tokens // length), len(starts))
-    picks = np.linspace(0, len(starts) - 1, rows).round().astype(int)
-    return np.stack([np.asarray(shards[i][s:s + length], dtype=np.int64) for i, s in (starts[p] for p in picks)])
-
-
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per-position negative log-likelihood (float64) of targets under logits (positions, V)."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=-1))
-    return log_norm - z[np.arange(len(targets)), targets]
-
-
 def torch_logits(model: NativeLM, ids: np.ndarray) -> np.ndarray:
     """Logits (B, S, V) of the PyTorch model in eval mode, float32 numpy."""
     import torch
@@ -144,8 +121,8 @@ def held_out_parity(model: NativeLM, decoder: OnnxDecoder, windows: np.ndarray) 
         reference = torch_logits(model, ids)[0]
         logits = decoder.forward(ids)[0][0]
         agree.append(logits.argmax(-1) == reference.argmax(-1))
-        nll_onnx.append(_nll(logits[:-1], row[1:]))
-        nll_torch.append(_nll(reference[:-1], row[1:]))
+        nll_onnx.append(token_nll(logits[:-1], row[1:]))
+        nll_torch.append(token_nll(reference[:-1], row[1:]))
         max_diff = max(max_diff, float(np.abs(logits - reference).max()))
         max_ref = max(max_ref, float(np.abs(reference).max()))
     ppl_onnx = float(np.exp(np.concatenate(nll_onnx).mean()))

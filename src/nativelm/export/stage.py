@@ -1,7 +1,8 @@
 """The `export` stage: trained model -> ONNX folder for boards, checked against PyTorch.
 
-Reads ``train.model_file`` (the model) and ``data.out_dir`` (tokenizer + validation shards) and
-writes, as a whole (a failed check leaves the previous export untouched), ``export.out_dir``:
+Reads a trained-model file and a prepared-data folder (tokenizer + validation shards) and writes,
+as a whole (a failed check leaves the previous export untouched), ``export.out_dir`` (the layout of
+`nativelm.formats.export_folder`):
 
 - ``model.onnx``: the decoder (`graph.build_graph`); weights inside the file below 2 GB, else in
   ``model.onnx.data`` beside it;
@@ -11,8 +12,7 @@ writes, as a whole (a failed check leaves the previous export untouched), ``expo
 - ``manifest.json``: variant, sizes, bits per weight, kernel paths, parity figures, golden
   continuations of fixed prompts (board health checks) and the sha256 of every other file;
 
-and ``export.metrics_file`` (a DVC metrics file). The export parameters come from the `export`
-argument, else ``params.export`` when the params file has that section, else the defaults.
+and ``export.metrics_file`` (a DVC metrics file).
 """
 
 from __future__ import annotations
@@ -27,25 +27,41 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
+import onnxruntime
+from tokenizers import Tokenizer
 
+from nativelm import __version__
 from nativelm.errors import NativelmError
-from nativelm.params.export import ExportParams
+from nativelm.export import parity
+from nativelm.export.graph import ExportGraph, build_graph
+from nativelm.formats import prepared
+from nativelm.formats.export_folder import (
+    ATTENTION_MASK,
+    EOS_TOKEN_ID,
+    EXTERNAL_DATA,
+    FORMAT,
+    FORMAT_VERSION,
+    GENAI_CONFIG,
+    INPUT_IDS,
+    LOGITS,
+    MANIFEST,
+    MODEL_FILE,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    TOKENIZER_FILE,
+    write_manifest,
+)
 from nativelm.fsutil import atomic_dir, atomic_write_text, sha256_file
+from nativelm.model.trained import load_trained_model
+from nativelm.model.transformer import NativeLM
+from nativelm.params.export import ExportParams
 
 if TYPE_CHECKING:
-    from nativelm.params import Params
-    from nativelm.export.graph import ExportGraph
-    from nativelm.model import NativeLM
     from nativelm.tracking.runs import RunLogger
 
-FORMAT = "nativelm-onnx-export"
-FORMAT_VERSION = 1
-MODEL_FILE = "model.onnx"
-EXTERNAL_DATA = "model.onnx.data"
-TOKENIZER_FILE = "tokenizer.json"
-GENAI_CONFIG = "genai_config.json"
-MANIFEST = "manifest.json"
-EOS_TOKEN_ID = 0  # <|endoftext|> (nativelm.data.tokenizer.EOT_ID)
 MAX_INLINE_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB: keep a margin for the graph itself
 
 
@@ -64,26 +80,8 @@ def _note(message: str) -> None:
     print(f"export: {message}", file=sys.stderr, flush=True)
 
 
-def export_params(params: Params, export: ExportParams | None = None) -> ExportParams:
-    """The export section: `export` if given, else `params.export` if the params have one, else defaults."""
-    if export is not None:
-        return export
-    section = getattr(params, "export", None)
-    return section if isinstance(section, ExportParams) else ExportParams()
-
-
 def genai_config(model: NativeLM, context_length: int | None = None) -> dict[str, Any]:
     """onnxruntime-genai's genai_config.json for the exported decoder (greedy search by default)."""
-    from nativelm.export.graph import (
-        ATTENTION_MASK,
-        INPUT_IDS,
-        LOGITS,
-        PAST_KEY,
-        PAST_VALUE,
-        PRESENT_KEY,
-        PRESENT_VALUE,
-    )
-
     p = model.params
     context = int(context_length or p.max_seq_len)
     return {
@@ -138,8 +136,6 @@ def _save_model(graph: ExportGraph, folder: Path) -> list[str]:
 
     Saving with external data moves the weights out of `graph.model` (onnx does it in place).
     """
-    import onnx
-
     path = folder / MODEL_FILE
     if sum(graph.part_bytes().values()) < MAX_INLINE_BYTES:
         onnx.checker.check_model(graph.model)
@@ -151,9 +147,7 @@ def _save_model(graph: ExportGraph, folder: Path) -> list[str]:
 
 
 def _check_tokenizer(data_dir: Path, info: dict[str, Any], vocab_size: int) -> Path:
-    from nativelm.data.shards import read_manifest
-
-    manifest = read_manifest(data_dir)
+    manifest = prepared.read_manifest(data_dir)
     path = data_dir / TOKENIZER_FILE
     if not path.is_file():
         raise NativelmError(f"{path}: not found (run `nativelm prepare` first)")
@@ -167,37 +161,27 @@ def _check_tokenizer(data_dir: Path, info: dict[str, Any], vocab_size: int) -> P
     return path
 
 
-def run_export(params: Params, export: ExportParams | None = None,
-               logger: RunLogger | None = None) -> ExportResult:
-    """Export `train.model_file` as `export.variant` into `export.out_dir`; see the module docstring.
+def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLogger | None = None) -> ExportResult:
+    """Export the trained model `model_file` as `ep.variant` into `ep.out_dir`; see the module docstring.
 
     A parity failure (or any other error) raises NativelmError and leaves the previous export as it was.
     """
-    import onnx
-    import onnxruntime
-    from tokenizers import Tokenizer
-
-    from nativelm import __version__
-    from nativelm.data.shards import load_shards
-    from nativelm.export import parity
-    from nativelm.export.graph import build_graph
-    from nativelm.train.stage import load_trained_model
-
     started = time.perf_counter()
-    ep = export_params(params, export)
-    model_file = Path(params.train.model_file)
-    data_dir = Path(params.data.out_dir)
+    model_file, data_dir = Path(model_file), Path(data_dir)
     out_dir, metrics_file = Path(ep.out_dir), Path(ep.metrics_file)
 
     model, info = load_trained_model(model_file)
     tokenizer_path = _check_tokenizer(data_dir, info, model.vocab_size)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    val = load_shards(data_dir, "val")
+    val = prepared.load_shards(data_dir, "val")
     p = model.params
     if ep.golden_tokens >= p.max_seq_len:
         raise NativelmError(f"export.golden_tokens ({ep.golden_tokens}) must be below model.max_seq_len "
                             f"({p.max_seq_len})")
-    windows = parity.validation_windows(val, ep.parity_tokens, p.max_seq_len)
+    try:
+        windows = prepared.validation_windows(val, ep.parity_tokens, p.max_seq_len)
+    except NativelmError as exc:
+        raise NativelmError(f"export parity: {exc}; lower export.parity_tokens or prepare more validation data") from None
 
     _note(f"building the {ep.variant} graph of {model_file} ({p.n_layers} layers, d_model {p.d_model}, "
           f"vocab {model.vocab_size})")
@@ -268,7 +252,7 @@ def run_export(params: Params, export: ExportParams | None = None,
                        "eos_token_id": EOS_TOKEN_ID, "prompts": golden},
             "sha256": {name: sha256_file(folder / name) for name in sorted(files)},
         }
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_manifest(folder, manifest)
 
     agreement = [g["torch_common_prefix"] / ep.golden_tokens for g in golden]
     metrics = {

@@ -20,8 +20,8 @@ from nativelm.cliargs import at_least, params_of
 from nativelm.params.fleet import NAME_PATTERN
 
 if TYPE_CHECKING:
-    from nativelm.params import Params
     from nativelm.fleet.inventory import Board, Inventory
+    from nativelm.params import Params
 
 
 def names(text: str) -> list[str]:

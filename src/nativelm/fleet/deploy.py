@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
-from nativelm.evaluate.stage import RELEASE_MANIFEST, RUNTIME_FILE
-from nativelm.params.fleet import FleetParams
 from nativelm.fleet.ssh import BoardError, BoardSession, HostKeyError, last_line
+from nativelm.formats.release import MANIFEST as RELEASE_MANIFEST
+from nativelm.formats.release import RUNTIME_FILE
+from nativelm.params.fleet import FleetParams
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory

@@ -19,9 +19,9 @@ from nativelm.fleet.commands import add_board_choice, chosen_boards
 from nativelm.params.fleet import RELEASE_PATTERN
 
 if TYPE_CHECKING:
-    from nativelm.params import Params
     from nativelm.fleet.inventory import Board, Inventory
     from nativelm.fleet.rollout import RolloutResult
+    from nativelm.params import Params
 
 
 class UsageError(NativelmError):

@@ -29,8 +29,8 @@ from pathlib import Path
 from pydantic import Field, ValidationError, field_validator
 
 from nativelm.errors import NativelmError
-from nativelm.params.fleet import NAME_PATTERN
 from nativelm.params.base import StrictModel
+from nativelm.params.fleet import NAME_PATTERN
 from nativelm.yamlio import load_yaml, validation_line
 
 USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"

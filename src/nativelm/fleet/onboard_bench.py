@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nativelm.evaluate.stage import RUNTIME_FILE
 from nativelm.fleet.deploy import (
     StepFailed,
     connect_failure,
@@ -31,10 +30,11 @@ from nativelm.fleet.deploy import (
 )
 from nativelm.fleet.provision import for_each_board
 from nativelm.fleet.ssh import BoardError, BoardSession
+from nativelm.formats.release import RUNTIME_FILE
 
 if TYPE_CHECKING:
-    from nativelm.params import Params
     from nativelm.fleet.inventory import Board, Inventory
+    from nativelm.params import Params
     from nativelm.params.fleet import FleetParams
 
 # runtime bench key -> table column

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nativelm.errors import NativelmError
-from nativelm.evaluate.stage import RELEASE_FORMAT, RELEASE_MANIFEST, RUNTIME_FILE
+from nativelm.formats.release import FORMAT as RELEASE_FORMAT
+from nativelm.formats.release import MANIFEST as RELEASE_MANIFEST
+from nativelm.formats.release import RUNTIME_FILE
 from nativelm.fsutil import atomic_dir, sha256_file
 
 if TYPE_CHECKING:

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from nativelm.errors import NativelmError
 from nativelm.fleet.deploy import BoardResult, DeployHooks, deploy_to, rollback_on
-from nativelm.params.fleet import RELEASE_PATTERN, FleetParams
 from nativelm.fsutil import atomic_write_text
+from nativelm.params.fleet import RELEASE_PATTERN, FleetParams
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory

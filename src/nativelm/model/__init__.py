@@ -25,7 +25,6 @@ from nativelm.model.moe import (
     route,
     z_loss,
 )
-from nativelm.params.model import PRESETS, TERNARY_BITS, ModelParams, preset_params
 from nativelm.model.stats import (
     expert_load_matrix,
     flat_metrics,
@@ -40,6 +39,7 @@ from nativelm.model.transformer import (
     build_model,
     param_counts,
 )
+from nativelm.params.model import PRESETS, TERNARY_BITS, ModelParams, preset_params
 
 __all__ = [
     "PRESETS", "TERNARY_BITS", "Attention", "BitLinear", "BitSchedule", "Block", "DenseFFN", "Dispatch",

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nativelm.params import Params
 from nativelm.orchestration.dvc import (
     ReproResult,
     exp_save,
@@ -19,6 +18,7 @@ from nativelm.orchestration.dvc import (
     read_metrics,
     repro,
 )
+from nativelm.params import Params
 from nativelm.tracking.runs import PARENT_ENV, URI_ENV, RunLogger, tracked_run
 
 if TYPE_CHECKING:

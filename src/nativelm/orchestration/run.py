@@ -17,8 +17,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from nativelm.params import Params
 from nativelm.errors import NativelmError
+from nativelm.params import Params
 
 # the figures the summary shows (every metric is in MLflow)
 SUMMARY_METRICS = (

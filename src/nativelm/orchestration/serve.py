@@ -20,8 +20,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nativelm.params import Params
 from nativelm.errors import NativelmError
+from nativelm.params import Params
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment

@@ -11,15 +11,15 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
-from nativelm.params.data import DataParams
 from nativelm.errors import ParamsError
+from nativelm.params.base import StrictModel
+from nativelm.params.data import DataParams
 from nativelm.params.evaluate import EvaluateParams
 from nativelm.params.export import ExportParams
 from nativelm.params.fleet import FleetParams
 from nativelm.params.gate import GateParams
 from nativelm.params.model import ModelParams
 from nativelm.params.serve import ServeParams
-from nativelm.params.base import StrictModel
 from nativelm.params.stack import StackParams
 from nativelm.params.tracking import TrackingParams
 from nativelm.params.train import TrainParams

@@ -21,8 +21,8 @@ import sys
 import tempfile
 import zipapp
 import zipfile
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 

@@ -21,14 +21,13 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import (IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch,
-                     first_line)
+from .errors import IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line
 
 MANIFEST = "manifest.json"
 GENAI_CONFIG = "genai_config.json"

@@ -45,7 +45,7 @@ class TokenData:
 
 def load_token_data(out_dir: Path | str, verify: bool = True) -> TokenData:
     """Read `data.out_dir` (manifest + shards) written by the `prepare` stage."""
-    from nativelm.data.shards import load_shards, read_manifest
+    from nativelm.formats.prepared import load_shards, read_manifest
 
     manifest = read_manifest(Path(out_dir))
     return TokenData(train=load_shards(Path(out_dir), "train", verify=verify),

@@ -34,11 +34,11 @@ import torch
 from torch import nn
 
 from nativelm.errors import NativelmError
+from nativelm.params.train import ResolvedTrain
 from nativelm.train import checkpoint as ckpt
 from nativelm.train.data import BatchSampler, windows_to_batch
 from nativelm.train.distributed import DistContext, all_reduce_sum, barrier, gather_objects, unwrap
 from nativelm.train.metrics import mfu
-from nativelm.params.train import ResolvedTrain
 from nativelm.train.schedule import make_schedule
 
 MetricSink = Callable[[dict[str, float], int], None]

@@ -4,7 +4,7 @@ Reads ``params.data.out_dir`` (manifest, shards) and the ``model`` and ``train``
 writes (rank 0 only when distributed):
 
 - ``train.checkpoint_dir``: ``step_NNNNNNN.pt`` checkpoints + ``latest`` (resume state);
-- ``train.model_file``: the trained model (``load_trained_model`` reads it back);
+- ``train.model_file``: the trained model (format: `nativelm.formats.trained_model`);
 - ``train.metrics_file``: final metrics (a DVC metrics file);
 - ``train.plots_dir``: ``loss.png`` and ``expert_load.png``;
 
@@ -26,18 +26,17 @@ import numpy as np
 import torch
 
 from nativelm.errors import NativelmError, ParamsError
-from nativelm.fsutil import atomic_open, atomic_write_text
-from nativelm.tracking.flatten import params_hash
+from nativelm.formats import trained_model
+from nativelm.fsutil import atomic_write_text
 from nativelm.params.model import with_preset
 from nativelm.params.train import ResolvedTrain
+from nativelm.tracking.flatten import params_hash
 
 if TYPE_CHECKING:
-    from nativelm.params import Params
     from nativelm.model import ModelParams, NativeLM
+    from nativelm.params import Params
     from nativelm.tracking.runs import RunLogger
 
-MODEL_FORMAT = "nativelm-model"
-MODEL_FORMAT_VERSION = 1
 LOSS_PNG = "loss.png"
 EXPERT_LOAD_PNG = "expert_load.png"
 # settings that change what a run computes; the others (intervals, paths, progress ...) do not
@@ -89,43 +88,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def save_model_file(path: Path, model: NativeLM, model_params: ModelParams, info: dict[str, Any]) -> Path:
-    """The trained model for export/evaluation: weights + model section + vocabulary size (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-            "model_params": model_params.model_dump(mode="json"), "vocab_size": int(model.vocab_size),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **info}
-    with atomic_open(path) as handle:
-        torch.save(data, handle)
-    return path
-
-
-def load_trained_model(path: Path | str, map_location: str | torch.device = "cpu") -> tuple[NativeLM, dict[str, Any]]:
-    """Rebuild the NativeLM saved by the train stage; returns (model in eval mode, the file's other fields)."""
-    from nativelm.model import ModelParams, build_model
-
-    path = Path(path)
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise NativelmError(f"{path}: model file not found (run `nativelm train` first)") from None
-    except Exception as exc:  # noqa: BLE001
-        raise NativelmError(f"{path}: unreadable model file ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
-        raise NativelmError(f"{path}: not a nativelm model file")
-    params = ModelParams.model_validate(data["model_params"])
-    model = build_model(params, int(data["vocab_size"]))
-    model.load_state_dict(data["state_dict"])
-    if "weight_bits" in data:
-        from nativelm.model import set_weight_bits
-
-        set_weight_bits(model, float(data["weight_bits"]))
-    model.eval()
-    info = {k: v for k, v in data.items() if k != "state_dict"}
-    return model, info
 
 
 def _note(message: str) -> None:
@@ -256,7 +218,7 @@ def _finish(params: Params, cfg: ResolvedTrain, ctx: Any, model: NativeLM, model
         metrics["mfu"] = value
     plots: list[Path] = []
     if finished:
-        save_model_file(model_file, model, model_params, {
+        trained_model.write(model_file, model.state_dict(), model_params, model.vocab_size, {
             "step": state.step, "weight_bits": bits, "train_fingerprint": fp, "seed": params.seed,
             "tokenizer_sha256": data.manifest.get("sha256", {}).get("tokenizer.json", ""),
             "val_loss": metrics["val_loss"]})

@@ -1,0 +1,58 @@
+"""The export folder (`export` writes it; `evaluate`, releases and the board runtime read it).
+
+Files: ``model.onnx`` (weights inline below ~1.8 GB, else in ``model.onnx.data`` beside it),
+``tokenizer.json``, ``genai_config.json`` (onnxruntime-genai) and ``manifest.json``: variant,
+sizes, parity figures, golden continuations and the sha256 of every other file. The decoder's
+inputs and outputs follow the onnxruntime-genai decoder convention named below. The board
+runtime (`nativelm.runtime`, which may not import this package) keeps its own copies of the
+names it needs; a test checks they are equal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nativelm.errors import NativelmError
+
+FORMAT = "nativelm-onnx-export"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA = "model.onnx.data"
+TOKENIZER_FILE = "tokenizer.json"
+GENAI_CONFIG = "genai_config.json"
+MANIFEST = "manifest.json"
+EOS_TOKEN_ID = 0  # <|endoftext|> (nativelm.formats.prepared.EOT_ID)
+
+# decoder I/O: input_ids int64 [batch, sequence], attention_mask int64 [batch, total],
+# past_key_values.{i}.key/value float [batch, kv_heads, past, head_dim] -> logits [batch, sequence,
+# vocab], present.{i}.key/value [batch, kv_heads, total, head_dim]
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+PAST_KEY = "past_key_values.%d.key"
+PAST_VALUE = "past_key_values.%d.value"
+PRESENT_KEY = "present.%d.key"
+PRESENT_VALUE = "present.%d.value"
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """manifest.json into a folder being built (sorted keys: the same export gives the same bytes)."""
+    path = Path(folder) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """manifest.json of an export folder (not verified: `nativelm.runtime.verify_folder` checks the hashes)."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NativelmError(f"{path}: not found (run `nativelm export` first)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NativelmError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise NativelmError(f"{path}: not a {FORMAT} manifest")
+    return manifest
