@@ -70,6 +70,13 @@ TINY_TEST_EVALUATE = {"bench_prompt_len": 8, "bench_new_tokens": 4, "bench_repea
                       "threads": 1}
 
 
+def code_deps() -> list[str]:
+    """Every source path a stage of dvc.yaml depends on."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    deps = {d for stage in stages.values() for d in stage.get("deps", []) if d.startswith("src/")}
+    return sorted(deps)
+
+
 def make_project(root: Path, overrides: dict | None = None) -> Path:
     """A git + DVC repository holding the project's pipeline files and a local-corpus params.yaml."""
     root.mkdir(parents=True, exist_ok=True)
@@ -78,9 +85,13 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
     (root / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
     shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
-    for package in ("data", "model", "train", "export", "evaluate", "runtime"):  # the DVC stages' code dependencies
-        shutil.copytree(REPO / "src" / "nativelm" / package, root / "src" / "nativelm" / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    for dep in code_deps():  # the DVC stages' code dependencies, as dvc.yaml lists them
+        source, target = REPO / dep, root / dep
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        else:
+            shutil.copyfile(source, target)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     corpus = write_corpus(root / "corpus")
     params["data"]["source"] = {"kind": "local", "paths": [str(corpus)], "members": "*.txt", "sha256": ""}
