@@ -6,11 +6,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from nativelm.errors import NativelmError
 from nativelm.gate.decide import Decision, ParityLimits, VersionFigures, decide
+from nativelm.tracking.runs import required_tracking_uri
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
 
     from nativelm.params import Params
 
@@ -23,7 +26,6 @@ FIGURES = ("ppl_onnx", "top1_agreement", "ppl_rel_diff", "kv_cache_match")
 @dataclass(frozen=True)
 class GateResult:
     """What the gate did to one version."""
-
     model: str
     version: int
     promoted: bool  # the version is the champion now
@@ -43,8 +45,6 @@ def version_figures(client: MlflowClient, name: str, version: int) -> VersionFig
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> int | None:
     """The version an alias points at, or None when the alias is not set."""
-    from mlflow.exceptions import MlflowException
-
     try:
         return int(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
@@ -52,10 +52,6 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> int | None:
 
 
 def _client(params: Params) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    from nativelm.tracking.runs import required_tracking_uri
-
     return MlflowClient(tracking_uri=required_tracking_uri(params, "gate"))
 
 
@@ -69,8 +65,6 @@ def _record(client: MlflowClient, name: str, version: int, alias: str, decision:
 
 def gate_version(params: Params, version: int) -> GateResult:
     """Promote `version` of evaluate.registered_model to champion if it passes, else mark it candidate."""
-    from mlflow.exceptions import MlflowException
-
     gate = params.gate
     name = params.evaluate.registered_model
     client = _client(params)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+
 from nativelm.tracking.runs import RunLogger
 
 
@@ -13,8 +15,6 @@ def register_folder(logger: RunLogger, folder: Path, name: str, tags: dict[str, 
 
     A plain artifact folder (no MLflow model flavour): the registry version points at it by URI.
     """
-    from mlflow.exceptions import MlflowException
-
     client, run_id = logger.client, logger.run_id
     logger.log_artifacts(folder, artifact_path)
     try:

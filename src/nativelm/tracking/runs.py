@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
 from nativelm.errors import NativelmError
+from nativelm.stack import is_running, mlflow_url
+from nativelm.stack.process import http_ok
 from nativelm.tracking.flatten import flatten, params_hash
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
-
     from nativelm.params import Params
 
 PARENT_ENV = "NATIVELM_PARENT_RUN_ID"
@@ -44,8 +47,6 @@ def resolve_tracking_uri(params: Params) -> str | None:
         return uri
     if os.environ.get(URI_ENV):
         return os.environ[URI_ENV]
-    from nativelm.stack import is_running, mlflow_url
-
     return mlflow_url(params) if is_running(params, "mlflow") else None
 
 
@@ -60,8 +61,6 @@ def required_tracking_uri(params: Params, who: str, error: type[NativelmError] =
 
 
 def _check_reachable(uri: str) -> None:
-    from nativelm.stack.process import http_ok
-
     if uri.startswith(("http://", "https://")) and not http_ok(uri.rstrip("/") + "/health", 3.0, direct=False):
         raise NativelmError(f"MLflow tracking server {uri} does not answer (start it with `nativelm stack up`)")
 
@@ -80,7 +79,6 @@ def git_commit(cwd: Path | None = None) -> str:
 @dataclass
 class RunLogger:
     """Logs to one MLflow run; with no client (tracking off) every call is a no-op."""
-
     client: MlflowClient | None = None
     run_id: str | None = None
     uri: str | None = None
@@ -94,8 +92,6 @@ class RunLogger:
     def log_params(self, values: Mapping[str, Any]) -> None:
         if not self.active:
             return
-        from mlflow.entities import Param
-
         flat = flatten(dict(values))
         items = [Param(k, v) for k, v in sorted(flat.items())]
         for start in range(0, len(items), 100):
@@ -104,10 +100,6 @@ class RunLogger:
     def log_metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
         if not self.active:
             return
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in sorted(values.items())
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -117,8 +109,6 @@ class RunLogger:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if not self.active:
             return
-        from mlflow.entities import RunTag
-
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in sorted(tags.items())])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -131,8 +121,6 @@ class RunLogger:
 
 
 def _client(uri: str) -> MlflowClient:
-    from mlflow import MlflowClient
-
     return MlflowClient(tracking_uri=uri)
 
 
