@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from nativelm.params import parse_params
+from nativelm.params.root import parse_params
 from nativelm.train.stage import run_train
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 100

@@ -34,8 +34,8 @@ from nativelm.fleet.provision import provision
 from nativelm.fleet.release import LocalRelease, load_release
 from nativelm.fleet.rollout import RolloutResult, rollout
 from nativelm.fleet.sim import sim_down, sim_status, sim_up
-from nativelm.params import Params
 from nativelm.params.fleet import FleetParams, SimParams
+from nativelm.params.root import Params
 from nativelm.params.stack import StackParams
 from nativelm.stack.process import port_in_use
 

@@ -9,7 +9,7 @@ from prefect import flow
 from nativelm.errors import NativelmError
 from nativelm.fleet.status import render_status
 from nativelm.orchestration import fleet_runs
-from nativelm.params import load_params
+from nativelm.params.root import load_params
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from nativelm.errors import NativelmError
 from nativelm.fleet.onboard_bench import render_bench
 from nativelm.fleet.rollout import render_rollout, serving_boards
 from nativelm.orchestration import fleet_runs
-from nativelm.params import load_params
+from nativelm.params.root import load_params
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 

@@ -119,7 +119,7 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A real MLflow + Prefect stack on free ports for the whole session; stopped at the end."""
     from nativelm import stack
-    from nativelm.params import Params
+    from nativelm.params.root import Params
     from nativelm.params.stack import StackParams
 
     state = tmp_path_factory.mktemp("stack")

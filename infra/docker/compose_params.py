@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nativelm.params import parse_params
 from nativelm.errors import NativelmError
 from nativelm.fsutil import atomic_write_text
 from nativelm.orchestration.overrides import render_overrides
+from nativelm.params.root import parse_params
 
 COMPOSE_OVERRIDES = {"fleet.inventory": "infra/fleet.compose.yaml"}
 

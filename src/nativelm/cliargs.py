@@ -10,12 +10,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nativelm.params import Params
+    from nativelm.params.root import Params
 
 
 def params_of(args: argparse.Namespace) -> Params:
     """The parameters file of the command line (`--params PATH`, default params.yaml), validated."""
-    from nativelm.params import load_params
+    from nativelm.params.root import load_params
 
     return load_params(getattr(args, "params", None))
 

@@ -120,7 +120,7 @@ def test_unknown_parameter_is_named_with_the_ones_the_form_shows(
 def test_mlflow_compare_view_shows_both_runs(browser_page: Page, local_stack: dict) -> None:
     from playwright.sync_api import expect
 
-    from nativelm.params import Params
+    from nativelm.params.root import Params
     from nativelm.params.tracking import TrackingParams
     from nativelm.tracking.runs import tracked_run
 

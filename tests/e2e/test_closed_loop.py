@@ -34,7 +34,7 @@ def _project(tmp_path: Path, local_stack: dict) -> Path:
 
 def _serving(project: Path) -> dict[str, str | None]:
     from nativelm.orchestration.fleet_runs import choose_boards, health
-    from nativelm.params import load_params
+    from nativelm.params.root import load_params
 
     params = load_params(project / "params.yaml")
     params = params.model_copy(update={"fleet": params.fleet.model_copy(

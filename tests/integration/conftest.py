@@ -21,8 +21,8 @@ import pytest
 from nativelm.fleet.inventory import Inventory, load_inventory
 from nativelm.fleet.provision import provision
 from nativelm.fleet.sim import sim_down, sim_up
-from nativelm.params import Params
 from nativelm.params.fleet import FleetParams, SimParams
+from nativelm.params.root import Params
 from nativelm.params.stack import StackParams
 from nativelm.stack.process import port_in_use
 

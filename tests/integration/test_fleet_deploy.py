@@ -22,8 +22,8 @@ from nativelm.fleet.release import LocalRelease, load_release, resolve_release
 from nativelm.fleet.rollout import RolloutResult, render_rollout, rollback, rollout
 from nativelm.fleet.ssh import BoardSession
 from nativelm.formats.release import RUNTIME_FILE
-from nativelm.params import Params
 from nativelm.params.fleet import FleetParams
+from nativelm.params.root import Params
 from tests.integration.conftest import SimFleet
 from tests.unit.runtime_model import Dims, make_export, update_manifest
 from tests.unit.test_fleet_rollout import build_release

@@ -8,8 +8,8 @@ import pytest
 
 from nativelm.errors import NativelmError
 from nativelm.gate.promote import REASON_TAG, STATUS_TAG, alias_version, gate_version
-from nativelm.params import Params
 from nativelm.params.evaluate import EvaluateParams
+from nativelm.params.root import Params
 from nativelm.params.tracking import TrackingParams
 
 

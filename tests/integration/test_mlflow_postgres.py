@@ -132,7 +132,7 @@ def test_run_and_aliased_model_version_are_stored_in_postgres(mlflow_on_postgres
                                                               postgres: Postgres, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from nativelm.params import Params
+    from nativelm.params.root import Params
     from nativelm.params.tracking import TrackingParams
     from nativelm.tracking.registry import register_folder
     from nativelm.tracking.runs import tracked_run

@@ -23,7 +23,7 @@ DRIVER = '''
 import json, sys
 from pathlib import Path
 import torch
-from nativelm.params import Params
+from nativelm.params.root import Params
 from nativelm.params.data import DataParams
 from nativelm.model import ModelParams
 from nativelm.params.train import TrainParams

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from nativelm.fleet.inventory import load_inventory
-from nativelm.params import load_params
+from nativelm.params.root import load_params
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "infra" / "docker"

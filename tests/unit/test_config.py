@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nativelm.errors import ParamsError
-from nativelm.params import Params, load_params, parse_params
+from nativelm.params.root import Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,8 +18,8 @@ from nativelm.data.split import split_documents
 from nativelm.data.tokenizer import load_tokenizer
 from nativelm.errors import NativelmError
 from nativelm.formats.prepared import EOT, load_shards, read_manifest
-from nativelm.params import Params
 from nativelm.params.data import CleanParams, DataParams, SourceParams, SplitParams, TokenizerParams
+from nativelm.params.root import Params
 
 WORDS = ("the king queen lord lady love night day sword crown heart world time death life "
          "speak come go see make know hear fair good great noble sweet true old young").split()

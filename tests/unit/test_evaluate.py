@@ -20,10 +20,10 @@ from nativelm.formats.release import MANIFEST as RELEASE_MANIFEST
 from nativelm.formats.release import RUNTIME_FILE
 from nativelm.fsutil import sha256_file
 from nativelm.model import ModelParams, build_model
-from nativelm.params import Params
 from nativelm.params.data import DataParams
 from nativelm.params.evaluate import EvaluateParams
 from nativelm.params.export import ExportParams
+from nativelm.params.root import Params
 from nativelm.params.tracking import TrackingParams
 from nativelm.params.train import TrainParams
 from nativelm.train.loop import torch_threads
@@ -134,7 +134,7 @@ def test_a_corrupted_export_stops_with_one_line_and_keeps_the_release(project: P
 
 def test_evaluate_params_are_validated() -> None:
     from nativelm.errors import ParamsError
-    from nativelm.params import parse_params
+    from nativelm.params.root import parse_params
 
     assert parse_params("evaluate: {bench_repeats: 2}").evaluate.bench_repeats == 2
     with pytest.raises(ParamsError, match="evaluate.bench_new_tokens"):

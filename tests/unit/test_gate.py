@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from nativelm.errors import ParamsError
 from nativelm.gate.decide import ParityLimits, VersionFigures, decide
-from nativelm.params import parse_params
 from nativelm.params.gate import GateParams
+from nativelm.params.root import parse_params
 
 LIMITS = ParityLimits(min_top1_agreement=0.99, max_ppl_rel_diff=0.01)
 GATE = GateParams()

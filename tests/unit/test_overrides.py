@@ -40,7 +40,7 @@ def test_unknown_field_is_one_line() -> None:
 
 
 def test_every_form_field_names_a_real_key(params_file: Path) -> None:
-    from nativelm.params import load_params
+    from nativelm.params.root import load_params
 
     dumped = load_params(params_file).model_dump()
     for dotted in FORM_FIELDS.values():

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from nativelm.errors import ParamsError
-from nativelm.params import parse_params
 from nativelm.params.model import PRESETS, ModelParams, with_preset
+from nativelm.params.root import parse_params
 from nativelm.params.train import PRESET_FIELDS, TRAIN_PRESETS, TrainParams
 
 
@@ -45,7 +45,7 @@ def test_bad_values_are_rejected_with_the_field_named(values: dict, fragment: st
 
 
 def test_bad_train_section_is_one_params_error_line() -> None:
-    from nativelm.params import Params, parse_params
+    from nativelm.params.root import Params, parse_params
 
     if "train" not in Params.model_fields:
         pytest.skip("config.Params has no train section yet")

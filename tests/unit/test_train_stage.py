@@ -13,8 +13,8 @@ import torch
 from nativelm.errors import NativelmError, ParamsError
 from nativelm.model import ModelParams
 from nativelm.model.trained import load_trained_model
-from nativelm.params import Params
 from nativelm.params.data import DataParams
+from nativelm.params.root import Params
 from nativelm.params.train import TrainParams
 from nativelm.train.loop import torch_threads
 from nativelm.train.metrics import FINAL_NAMES, interval_metric_names

@@ -23,7 +23,7 @@ from nativelm.formats.prepared import MANIFEST, TOKENIZER_FILE, build_manifest, 
 from nativelm.fsutil import atomic_dir, atomic_write_text
 
 if TYPE_CHECKING:  # config imports data.params, so importing config here at runtime would be circular
-    from nativelm.params import Params
+    from nativelm.params.root import Params
 
 Stats = dict[str, int | float]
 

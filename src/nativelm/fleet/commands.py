@@ -21,7 +21,7 @@ from nativelm.params.fleet import NAME_PATTERN
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory
-    from nativelm.params import Params
+    from nativelm.params.root import Params
 
 
 def names(text: str) -> list[str]:

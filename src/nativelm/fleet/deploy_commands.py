@@ -21,7 +21,7 @@ from nativelm.params.fleet import RELEASE_PATTERN
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory
     from nativelm.fleet.rollout import RolloutResult
-    from nativelm.params import Params
+    from nativelm.params.root import Params
 
 
 class UsageError(NativelmError):

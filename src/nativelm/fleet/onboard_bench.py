@@ -34,8 +34,8 @@ from nativelm.formats.release import RUNTIME_FILE
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory
-    from nativelm.params import Params
     from nativelm.params.fleet import FleetParams
+    from nativelm.params.root import Params
 
 # runtime bench key -> table column
 COLUMNS: dict[str, str] = {

@@ -30,7 +30,7 @@ from nativelm.formats.release import RUNTIME_FILE
 from nativelm.fsutil import atomic_dir, sha256_file
 
 if TYPE_CHECKING:
-    from nativelm.params import Params
+    from nativelm.params.root import Params
 
 # file names a board accepts (the agent checks the same pattern): flat, no hidden files
 FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -49,7 +49,7 @@ from nativelm.stack.process import (
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from nativelm.params import Params
+    from nativelm.params.root import Params
 
 SSHD = Path("/usr/sbin/sshd")
 SIM_HOST = "127.0.0.1"

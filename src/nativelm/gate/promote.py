@@ -15,7 +15,7 @@ from nativelm.tracking.runs import required_tracking_uri
 
 if TYPE_CHECKING:
 
-    from nativelm.params import Params
+    from nativelm.params.root import Params
 
 STATUS_TAG = "gate.status"
 REASON_TAG = "gate.reason"

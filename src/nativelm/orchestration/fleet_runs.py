@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nativelm.params import Params
+from nativelm.params.root import Params
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

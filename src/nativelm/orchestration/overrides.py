@@ -17,7 +17,7 @@ from typing import Any
 
 from nativelm.errors import ParamsError
 from nativelm.fsutil import atomic_write_bytes
-from nativelm.params import Params, parse_params
+from nativelm.params.root import Params, parse_params
 
 # form field of the `retrain` flow -> dotted key of params.yaml
 FORM_FIELDS: dict[str, str] = {

@@ -18,7 +18,7 @@ from nativelm.orchestration.dvc import (
     read_metrics,
     repro,
 )
-from nativelm.params import Params
+from nativelm.params.root import Params
 from nativelm.tracking.runs import PARENT_ENV, URI_ENV, RunLogger, tracked_run
 
 if TYPE_CHECKING:

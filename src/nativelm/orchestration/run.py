@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from nativelm.errors import NativelmError
-from nativelm.params import Params
+from nativelm.params.root import Params
 
 # the figures the summary shows (every metric is in MLflow)
 SUMMARY_METRICS = (

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nativelm.errors import NativelmError
-from nativelm.params import Params
+from nativelm.params.root import Params
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment

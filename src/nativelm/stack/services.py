@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Union
 from nativelm.errors import NativelmError
 
 if TYPE_CHECKING:
-    from nativelm.params import Params
+    from nativelm.params.root import Params
     from nativelm.params.stack import StackParams
 
     AnyParams = Union[Params, StackParams]

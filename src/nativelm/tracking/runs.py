@@ -27,7 +27,7 @@ from nativelm.stack.process import http_ok
 from nativelm.tracking.flatten import flatten, params_hash
 
 if TYPE_CHECKING:
-    from nativelm.params import Params
+    from nativelm.params.root import Params
 
 PARENT_ENV = "NATIVELM_PARENT_RUN_ID"
 STAGE_WALL_METRIC = "stage_wall_s"

@@ -34,7 +34,7 @@ from nativelm.tracking.flatten import params_hash
 
 if TYPE_CHECKING:
     from nativelm.model import ModelParams, NativeLM
-    from nativelm.params import Params
+    from nativelm.params.root import Params
     from nativelm.tracking.runs import RunLogger
 
 LOSS_PNG = "loss.png"
