@@ -74,3 +74,12 @@ def test_a_model_value_written_in_params_yaml_survives_the_gpu_preset() -> None:
     assert resolved.d_model == PRESETS["gpu"]["d_model"] and resolved.n_layers == PRESETS["gpu"]["n_layers"]
     untouched = with_preset(parse_params("train: {preset: gpu}\n").model, "gpu")
     assert untouched.n_heads == PRESETS["gpu"]["n_heads"]
+
+
+def test_a_null_model_shape_key_takes_the_preset_value() -> None:
+    params = parse_params("train: {preset: gpu}\nmodel: {d_model: null, n_layers: 3}\n")
+    resolved = with_preset(params.model, "gpu")
+    assert resolved.d_model == PRESETS["gpu"]["d_model"] and resolved.n_layers == 3
+    assert parse_params("model: {d_model: null}\n").model.d_model == ModelParams().d_model
+    with pytest.raises(ParamsError, match="model.router_aux_weight"):  # null only means "preset" for shape keys
+        parse_params("model: {router_aux_weight: null}\n")

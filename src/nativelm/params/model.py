@@ -89,6 +89,14 @@ class ModelParams(StrictModel):
     # std of the normal init (output projections additionally scaled by 1/sqrt(2 * n_layers))
     init_std: float = Field(0.02, gt=0.0, description="std of the normal weight init")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_preset(cls, data: Any) -> Any:
+        """A shape key written as null is not written: `with_preset` gives it the preset's value."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in PRESET_KEYS)}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelParams:
         if self.d_model % self.n_heads:
@@ -149,6 +157,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "top_k": 4, "dense_ffn": 1536, "expert_quant": "qmoe",
     },
 }
+
+
+PRESET_KEYS = frozenset(key for shape in PRESETS.values() for key in shape)  # what a preset may set
 
 
 def with_preset(model: ModelParams, preset: str) -> ModelParams:

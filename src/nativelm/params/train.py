@@ -4,9 +4,9 @@ The size-dependent knobs (sequence length, batch, steps, learning rate, warmup, 
 be left at ``null``: they then take the value of the chosen ``preset`` (``tiny``: a CPU run of
 a few minutes, ``gpu``: a CUDA run). A value written in params.yaml always wins over the preset.
 :meth:`TrainParams.resolved` returns the effective values; everything the stage does reads
-those. The preset also picks the model's shape: ``gpu`` applies ``nativelm.model.PRESETS["gpu"]``
-to every ``model`` field left at its default (see ``train.stage.effective_model_params``);
-``tiny`` is the model section's defaults, so it uses the section as written.
+those. The preset also picks the model's shape: every shape key of the ``model`` section that
+params.yaml leaves out or null takes ``nativelm.params.model.PRESETS[preset]`` (see
+``nativelm.params.model.with_preset``); a value written there always wins.
 """
 
 from __future__ import annotations
