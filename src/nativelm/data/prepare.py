@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from nativelm.data.clean import CleanedCorpus, clean_corpus
 from nativelm.data.progress import note
@@ -21,9 +20,7 @@ from nativelm.data.tokenizer import save_tokenizer, train_tokenizer
 from nativelm.errors import NativelmError
 from nativelm.formats.prepared import MANIFEST, TOKENIZER_FILE, build_manifest, shard_name, token_dtype, write_manifest
 from nativelm.fsutil import atomic_dir, atomic_write_text
-
-if TYPE_CHECKING:  # config imports data.params, so importing config here at runtime would be circular
-    from nativelm.params.root import Params
+from nativelm.params.data import DataParams
 
 Stats = dict[str, int | float]
 
@@ -44,12 +41,11 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_paths(params: Params, cache_dir: Path) -> None:
+def check_paths(data: DataParams, cache_dir: Path) -> None:
     """Refuse an out_dir whose replacement would delete the working folder, the corpus or the cache.
 
     The whole out_dir is swapped for a new one, so anything else kept inside it would be lost.
     """
-    data = params.data
     out_dir = Path(data.out_dir).resolve()
     name = f"data.out_dir {data.out_dir!r}"
     if _within(Path.cwd().resolve(), out_dir):
@@ -101,9 +97,8 @@ def token_stats(stats: Stats, vocab_size: int, counts: dict[str, list[int]]) -> 
     }
 
 
-def build_outputs(params: Params, split: Split, folder: Path) -> tuple[int, dict[str, list[int]]]:
+def build_outputs(data: DataParams, split: Split, folder: Path) -> tuple[int, dict[str, list[int]]]:
     """Train the tokenizer on the training split and write tokenizer, shards and manifest to `folder`."""
-    data = params.data
     note(f"training byte-level BPE (vocab {data.tokenizer.vocab_size}) on {len(split.train)} documents")
     tokenizer = train_tokenizer([doc.text for doc in split.train], data.tokenizer)
     save_tokenizer(tokenizer, folder / TOKENIZER_FILE)
@@ -118,16 +113,15 @@ def build_outputs(params: Params, split: Split, folder: Path) -> tuple[int, dict
     return vocab_size, counts
 
 
-def run_prepare(params: Params, cache_dir: Path, *, load_dataset: DatasetLoader | None = None) -> PrepareResult:
+def run_prepare(data: DataParams, cache_dir: Path, *, load_dataset: DatasetLoader | None = None) -> PrepareResult:
     """Run the whole stage; write `data.out_dir` (swapped in whole) and `data.metrics_file`.
 
-    Paths in params are relative to the current folder. `load_dataset` stands in for
+    Paths in the section are relative to the current folder. `load_dataset` stands in for
     `datasets.load_dataset` (tests only). Any bad input raises NativelmError with one line.
     """
-    data = params.data
     out_dir = Path(data.out_dir)
     metrics_path = Path(data.metrics_file)
-    check_paths(params, Path(cache_dir))
+    check_paths(data, Path(cache_dir))
 
     corpus = read_corpus(data.source, Path(cache_dir), load_dataset=load_dataset)
     chars = sum(len(doc.text) for doc in corpus.documents)
@@ -139,7 +133,7 @@ def run_prepare(params: Params, cache_dir: Path, *, load_dataset: DatasetLoader 
     stats = corpus_stats(corpus, cleaned, split)
 
     with atomic_dir(out_dir) as folder:
-        vocab_size, counts = build_outputs(params, split, folder)
+        vocab_size, counts = build_outputs(data, split, folder)
         folder.chmod(0o755)  # mkdtemp makes it owner-only; the output is an ordinary folder
     stats = token_stats(stats, vocab_size, counts)
     atomic_write_text(metrics_path, json.dumps(stats, indent=2, sort_keys=True) + "\n")

@@ -1,180 +1,29 @@
-"""The `nativelm` command: one subcommand per stage; each is also a plain function in the library.
+"""The `nativelm` command: the parser of every subcommand, and the dispatch to its handler.
 
-Heavy imports (torch, mlflow, prefect) happen inside the commands so `--help` stays fast.
-Every NativelmError becomes one line on stderr and its exit code (2 for bad parameters).
+A subcommand names its handler as "module:function"; the module (`cli/stages.py`, `cli/loop.py`,
+the fleet's command modules) is imported only when that command runs, so `nativelm --help` does
+not load torch, MLflow or Prefect. Every NativelmError becomes one line on stderr and its exit
+code (2 for bad parameters).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from nativelm import __version__
-from nativelm.cliargs import at_least, params_of
+from nativelm.cliargs import at_least
 from nativelm.errors import NativelmError
+from nativelm.fleet import commands, deploy_commands
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _sections(params, *names: str) -> dict:
-    """The params sections a stage logs as its MLflow params, as plain data."""
-    return {name: getattr(params, name).model_dump(mode="json") for name in names}
-
-
-def _print_figures(metrics: dict, keys: Sequence[str]) -> None:
-    """Print a stage's headline figures (all of them are in its metrics file and in MLflow)."""
-    for key in keys:
-        if key in metrics:
-            value = metrics[key]
-            print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    """corpus -> cleaned documents -> tokenizer.json + token shards + metrics (DVC stage `prepare`)."""
-    params = params_of(args)
-    from nativelm.data.prepare import run_prepare
-    from nativelm.tracking.runs import stage_run
-
-    with stage_run(params, "prepare", _sections(params, "data")) as run:
-        result = run_prepare(params, cache_dir=Path(params.stack.state_dir) / "cache")
-        run.log_metrics(result.stats)
-        run.log_artifact(Path(params.data.metrics_file))
-        run.log_artifact(Path(params.data.out_dir) / "manifest.json")
-    _print_figures(result.stats, list(result.stats))
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    """token shards -> trained model + checkpoints + metrics (DVC stage `train`)."""
-    params = params_of(args)
-    from nativelm.tracking.runs import stage_run
-    from nativelm.train.distributed import env_rank
-    from nativelm.train.stage import run_train
-
-    if env_rank() != 0:  # under torchrun only rank 0 talks to MLflow
-        run_train(params)
-        return 0
-    with stage_run(params, "train", _sections(params, "model", "train")) as run:
-        result = run_train(params, run)
-    _print_figures(result.metrics, ("val_loss", "val_perplexity", "unigram_entropy_val", "tokens_per_s", "wall_time_s"))
-    print(f"model: {result.model_file}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """trained model -> ONNX folder with quantized operators, parity-checked (DVC stage `export`)."""
-    params = params_of(args)
-    from nativelm.export.stage import run_export
-    from nativelm.tracking.runs import stage_run
-
-    with stage_run(params, "export", _sections(params, "export")) as run:
-        result = run_export(Path(params.train.model_file), Path(params.data.out_dir), params.export, logger=run)
-    _print_figures(result.metrics, ("top1_agreement", "ppl_rel_diff", "model_bytes", "bits_per_weight"))
-    print(f"export: {result.out_dir}")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """export folder -> ONNX perplexity, CPU speed, release folder, registered version (DVC stage `evaluate`)."""
-    params = params_of(args)
-    from nativelm.evaluate.stage import Provenance, run_evaluate
-    from nativelm.orchestration.dvc import lock_out_hash
-    from nativelm.tracking.flatten import params_hash
-    from nativelm.tracking.runs import git_commit, stage_run
-
-    provenance = Provenance(git_commit(), lock_out_hash(Path.cwd(), "prepare", params.data.out_dir) or "unknown",
-                            params_hash(params.model_dump(mode="json")))
-    with stage_run(params, "evaluate", _sections(params, "evaluate")) as run:
-        result = run_evaluate(Path(params.export.out_dir), Path(params.data.out_dir), params.evaluate, provenance,
-                              logger=run)
-    _print_figures(result.metrics, ("ppl_onnx", "top1_agreement", "model_bytes", "bits_per_weight",
-                                    "prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_ms",
-                                    "inter_token_latency_p50_ms", "inter_token_latency_p95_ms", "peak_rss_mb"))
-    if result.model_version is not None:
-        print(f"model_version: {params.evaluate.registered_model} {result.model_version}")
-    print(f"release: {result.release_dir}")
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Continue a prompt with an export folder, through the board runtime."""
-    from nativelm import runtime
-
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = params_of(args).export.out_dir
-    try:
-        sampling = runtime.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    seed=args.seed)
-        model = runtime.load_model(model_dir, threads=args.threads)
-        if args.stream:
-            for piece in runtime.stream(model, args.prompt, args.max_new_tokens, sampling):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-        else:
-            print(runtime.generate(model, args.prompt, args.max_new_tokens, sampling).text)
-    except runtime.RuntimeFailure as exc:
-        raise NativelmError(str(exc)) from None
-    return 0
-
-
-def cmd_stack(args: argparse.Namespace) -> int:
-    """Start, stop or show the local MLflow + Prefect servers."""
-    params = params_of(args)
-    from nativelm import stack
-
-    if args.action == "down":  # the runner uses the servers: stop it first
-        from nativelm.orchestration.serve import serve_stop
-
-        serve_stop(params)
-    action = {"up": stack.up, "down": stack.down, "status": stack.status}[args.action]
-    for line in stack.render(action(params)):
-        print(line)
-    return 0
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run the pipeline flow (through Prefect and DVC) on the local stack and print a summary."""
-    params = params_of(args)
-    from nativelm.orchestration.run import run_local, run_pipeline
-
-    run = run_local if args.local else run_pipeline
-    for line in run(params, Path(args.params or "params.yaml"), Path.cwd()):
-        print(line)
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Register the deployments and run them: in the foreground, or as a background process."""
-    params = params_of(args)
-    from nativelm.orchestration import serve
-
-    if args.stop:
-        status = serve.serve_stop(params)
-    elif args.background:
-        status = serve.serve_background(params, Path(args.params or "params.yaml"), Path.cwd())
-    else:
-        serve.serve_foreground(params, Path.cwd())
-        return 0
-    from nativelm import stack
-
-    took = f" in {status.seconds:.1f} s" if status.seconds else ""
-    pid = f"pid {status.pid}  " if status.pid else ""
-    print(f"runner   {status.action}{took}  {pid}log {status.log_path}")
-    if status.running:
-        print(f"deployments: {', '.join(serve.deployment_ref(name) for name in serve.FLOWS)}")
-        print(f"Prefect UI: {stack.prefect_ui_url(params)}/deployments")
-    return 0
-
-
 def _register_plugins(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Subcommands that live with their stage: the fleet and the rollout."""
-    from nativelm.fleet import commands, deploy_commands
-
     commands.register(sub, common)
     deploy_commands.register(sub, common)
 
@@ -196,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "document, train a byte-level BPE tokenizer and write token shards, a manifest "
                                    "and metrics to data.out_dir / data.metrics_file; logs to MLflow when a server "
                                    "is reachable.")
-    p.set_defaults(handler=cmd_prepare)
+    p.set_defaults(handler="nativelm.cli.stages:prepare")
 
     p = sub.add_parser("train", parents=[common], help="token shards -> trained model (DVC stage `train`)",
                        description="Train the sparse 1.58-bit model of params.yaml (model, train) on the token "
@@ -204,14 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "exactly with train.resume: auto), metrics to MLflow, final metrics to "
                                    "train.metrics_file, the model to train.model_file. Under `torchrun` it trains "
                                    "with DDP.")
-    p.set_defaults(handler=cmd_train)
+    p.set_defaults(handler="nativelm.cli.stages:train")
 
     p = sub.add_parser("export", parents=[common], help="trained model -> quantized ONNX folder (DVC stage `export`)",
                        description="Export train.model_file to ONNX with ONNX Runtime's quantized operators "
                                    "(export.variant: ternary = 2-bit MatMulNBits + QMoE, int4, fp32), check it "
                                    "against the PyTorch model on held-out text (top-1 agreement, perplexity, "
                                    "KV cache), record golden continuations and write export.out_dir atomically.")
-    p.set_defaults(handler=cmd_export)
+    p.set_defaults(handler="nativelm.cli.stages:export")
 
     p = sub.add_parser("evaluate", parents=[common],
                        help="ONNX export -> perplexity, CPU speed, release folder, registered version "
@@ -225,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "hash, params hash, source model sha256). With an MLflow server the release is "
                                    "logged as artifacts under release/ and registered as a new version of "
                                    "evaluate.registered_model, tagged git_commit, data_hash, params_hash.")
-    p.set_defaults(handler=cmd_evaluate)
+    p.set_defaults(handler="nativelm.cli.stages:evaluate")
 
     p = sub.add_parser("generate", parents=[common], help="continue a prompt with the exported model",
                        description="Load an export folder with the board runtime (every file's sha256 is "
@@ -243,14 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=at_least(1), default=None, metavar="N",
                    help="ONNX Runtime intra-op threads (default: every CPU this process may use)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    p.set_defaults(handler=cmd_generate)
+    p.set_defaults(handler="nativelm.cli.stages:generate")
 
     p = sub.add_parser("stack", parents=[common], help="start/stop/show the local MLflow + Prefect servers",
                        description="Manage the local stack: an MLflow tracking server (SQLite, local artifacts) "
                                    "and a Prefect server, as background processes with logs and pid files under "
                                    "stack.state_dir. `up` is idempotent; `status` prints the URLs.")
     p.add_argument("action", choices=["up", "down", "status"], help="up: start (idempotent); down: stop; status: show")
-    p.set_defaults(handler=cmd_stack)
+    p.set_defaults(handler="nativelm.cli.loop:stack")
 
     p = sub.add_parser("run", parents=[common], help="the whole loop: retrain, gate, automatic rollout, on-board "
                                                      "benchmark, then a summary",
@@ -265,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "experiment. Needs `nativelm stack up` and a fleet (`nativelm fleet sim up`).")
     p.add_argument("--local", action="store_true",
                    help="run the retrain flow in this process instead (no runner, no rollout)")
-    p.set_defaults(handler=cmd_run)
+    p.set_defaults(handler="nativelm.cli.loop:run")
 
     p = sub.add_parser("serve", parents=[common], help="the dashboard: serve the retrain, rollout and fleet-health "
                                                        "deployments on the local Prefect server",
@@ -280,9 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--background", action="store_true",
                       help="start as a background process (idempotent) and wait until the deployments are ready")
     mode.add_argument("--stop", action="store_true", help="stop the background process")
-    p.set_defaults(handler=cmd_serve)
+    p.set_defaults(handler="nativelm.cli.loop:serve")
     _register_plugins(sub, common)
     return parser
+
+
+def _handler(spec: str | Handler) -> Handler:
+    """The function a subcommand names ("module:function"), its module imported now."""
+    if callable(spec):
+        return spec
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -295,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "params"):
         args.params = None
     try:
-        return args.handler(args)
+        return _handler(args.handler)(args)
     except NativelmError as exc:
         print(f"nativelm: error: {exc}", file=sys.stderr)
         return exc.exit_code
