@@ -1,22 +1,15 @@
-"""Pieces every `nativelm` subcommand shares, wherever it is defined (cli.py, fleet/...).
-
-Only argparse is imported at module level, so `nativelm --help` stays fast.
-"""
+"""Pieces every `nativelm` subcommand shares, wherever it is defined (cli/, fleet/...)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from nativelm.params.root import Params
+from nativelm.params.root import Params, load_params
 
 
 def params_of(args: argparse.Namespace) -> Params:
     """The parameters file of the command line (`--params PATH`, default params.yaml), validated."""
-    from nativelm.params.root import load_params
-
     return load_params(getattr(args, "params", None))
 
 

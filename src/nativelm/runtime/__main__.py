@@ -19,18 +19,18 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .bench import benchmark
 from .errors import RuntimeFailure
+from .generate import Generation, Sampling, generate, stream
+from .health import check_health
+from .session import Model, load_model
 
 
-def _model(args: argparse.Namespace):  # -> session.Model
-    from .session import load_model
-
+def _model(args: argparse.Namespace) -> Model:
     return load_model(args.model, threads=args.threads, verify=not args.no_verify)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import Generation, Sampling, generate, stream
-
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model = _model(args)
     if args.stream and not args.json:
@@ -51,8 +51,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import benchmark
-
     results = benchmark(_model(args), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                         repeats=args.repeats, warmup=args.warmup)
     if args.json:
@@ -64,8 +62,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from .health import check_health
-
     check_health(_model(args))
     print("ok")
     return 0
