@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nativelm.errors import NativelmError
+from nativelm.formats import envelope
 
 FORMAT = "nativelm-onnx-export"
 FORMAT_VERSION = 1
@@ -47,12 +47,5 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """manifest.json of an export folder (not verified: `nativelm.runtime.verify_folder` checks the hashes)."""
     path = Path(folder) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NativelmError(f"{path}: not found (run `nativelm export` first)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NativelmError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise NativelmError(f"{path}: not a {FORMAT} manifest")
-    return manifest
+    return envelope.checked(envelope.read_json(path, "run `nativelm export` first"), path, FORMAT, FORMAT_VERSION,
+                            f"{FORMAT} manifest")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from nativelm.errors import NativelmError
+from nativelm.formats import envelope
 from nativelm.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
@@ -76,18 +77,8 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     """manifest.json of a prepared folder; missing or unreadable is one clear line."""
     path = Path(out_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NativelmError(f"{path}: not found (run `nativelm prepare` first)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NativelmError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise NativelmError(f"{path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        found = manifest.get("format_version")
-        raise NativelmError(f"{path}: format version {found}, this nativelm reads {FORMAT_VERSION}")
-    return manifest
+    return envelope.checked(envelope.read_json(path, "run `nativelm prepare` first"), path, FORMAT, FORMAT_VERSION,
+                            f"{FORMAT} manifest")
 
 
 def verify_file(out_dir: Path, name: str, manifest: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from nativelm.errors import NativelmError
+from nativelm.formats import envelope
 from nativelm.fsutil import atomic_open
 from nativelm.params.model import ModelParams
 
@@ -30,6 +31,16 @@ class TrainedModelFile:
     vocab_size: int
     state_dict: dict[str, torch.Tensor]
     info: dict[str, Any]  # every other field: format, step, weight_bits, provenance ...
+
+
+def load_torch(path: Path, what: str, map_location: str | torch.device = "cpu", missing_hint: str = "") -> Any:
+    """A torch file of tensors only (no arbitrary pickles); any failure to read it is one clear line."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise NativelmError(f"{path}: {what} not found{f' ({missing_hint})' if missing_hint else ''}") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise NativelmError(f"{path}: unreadable {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def write(path: Path, state_dict: dict[str, torch.Tensor], model_params: ModelParams, vocab_size: int,
@@ -48,17 +59,8 @@ def write(path: Path, state_dict: dict[str, torch.Tensor], model_params: ModelPa
 def read(path: Path | str, map_location: str | torch.device = "cpu") -> TrainedModelFile:
     """Read and validate a trained-model file; anything wrong is one NativelmError line naming the file."""
     path = Path(path)
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise NativelmError(f"{path}: model file not found (run `nativelm train` first)") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise NativelmError(f"{path}: unreadable model file ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise NativelmError(f"{path}: not a nativelm model file")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise NativelmError(f"{path}: model file format version {data.get('format_version')}, this nativelm "
-                            f"reads {FORMAT_VERSION}")
+    data = load_torch(path, "model file", map_location, "run `nativelm train` first")
+    envelope.checked(data, path, FORMAT, FORMAT_VERSION, "nativelm model file")
     try:
         params = ModelParams.model_validate(data["model_params"])
         vocab_size = int(data["vocab_size"])

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from nativelm.errors import NativelmError
+from nativelm.formats import envelope
+from nativelm.formats.trained_model import load_torch
 from nativelm.fsutil import atomic_open, atomic_write_text
 
 FORMAT = "nativelm-train-checkpoint"
@@ -119,16 +120,8 @@ def latest_checkpoint(folder: Path | str) -> Path | None:
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Load a checkpoint on CPU (tensors only, no arbitrary pickles); one clear line if it is not one."""
     path = Path(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is "not a checkpoint"
-        raise NativelmError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise NativelmError(f"{path}: not a nativelm training checkpoint")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise NativelmError(f"{path}: checkpoint format version {data.get('format_version')}, "
-                            f"this nativelm reads {FORMAT_VERSION}")
-    return data
+    return envelope.checked(load_torch(path, "checkpoint"), path, FORMAT, FORMAT_VERSION,
+                            "nativelm training checkpoint")
 
 
 def clear_checkpoints(folder: Path | str) -> None:

@@ -1,0 +1,29 @@
+"""What every artifact file shares: a `format` name and a `format_version`, read with one clear line on failure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nativelm.errors import NativelmError
+
+
+def checked(data: Any, path: Path, name: str, version: int, what: str) -> dict[str, Any]:
+    """`data` if it is a mapping of format `name` at `version`; else one NativelmError line naming `path`."""
+    if not isinstance(data, dict) or data.get("format") != name:
+        raise NativelmError(f"{path}: not a {what}")
+    if data.get("format_version") != version:
+        raise NativelmError(f"{path}: {what} format version {data.get('format_version')}, this nativelm reads "
+                            f"{version}")
+    return data
+
+
+def read_json(path: Path, missing_hint: str) -> Any:
+    """A JSON file; missing (with `missing_hint`) or unreadable is one clear line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NativelmError(f"{path}: not found ({missing_hint})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NativelmError(f"{path}: unreadable ({exc})") from None
