@@ -27,3 +27,8 @@ def read_json(path: Path, missing_hint: str) -> Any:
         raise NativelmError(f"{path}: not found ({missing_hint})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise NativelmError(f"{path}: unreadable ({exc})") from None
+
+
+def read_manifest(path: Path, name: str, version: int, missing_hint: str) -> dict[str, Any]:
+    """A JSON manifest of format `name` at `version`; anything wrong is one line naming `path`."""
+    return checked(read_json(path, missing_hint), path, name, version, f"{name} manifest")

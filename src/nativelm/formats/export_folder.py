@@ -47,5 +47,4 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """manifest.json of an export folder (not verified: `nativelm.runtime.verify_folder` checks the hashes)."""
     path = Path(folder) / MANIFEST
-    return envelope.checked(envelope.read_json(path, "run `nativelm export` first"), path, FORMAT, FORMAT_VERSION,
-                            f"{FORMAT} manifest")
+    return envelope.read_manifest(path, FORMAT, FORMAT_VERSION, "run `nativelm export` first")

@@ -77,8 +77,7 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     """manifest.json of a prepared folder; missing or unreadable is one clear line."""
     path = Path(out_dir) / MANIFEST
-    return envelope.checked(envelope.read_json(path, "run `nativelm prepare` first"), path, FORMAT, FORMAT_VERSION,
-                            f"{FORMAT} manifest")
+    return envelope.read_manifest(path, FORMAT, FORMAT_VERSION, "run `nativelm prepare` first")
 
 
 def verify_file(out_dir: Path, name: str, manifest: dict[str, Any]) -> None:
