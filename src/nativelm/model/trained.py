@@ -17,7 +17,7 @@ def load_trained_model(path: Path | str, map_location: str | torch.device = "cpu
     file = trained_model.read(path, map_location)
     model = build_model(file.model_params, file.vocab_size)
     model.load_state_dict(file.state_dict)
-    if "weight_bits" in file.info:
+    if file.model_params.quantize and "weight_bits" in file.info:  # a full-precision model has no weight width
         set_weight_bits(model, float(file.info["weight_bits"]))
     model.eval()
     return model, file.info
