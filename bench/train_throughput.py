@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from nativelm.model import bitlinear, build_model, preset_params
-from nativelm.model import moe as moe_module
+from nativelm.model import dispatch as dispatch_module
 from nativelm.params.train import TRAIN_PRESETS
 from nativelm.train.metrics import device_peak_flops, flops_per_token, mfu
 from nativelm.train.optim import param_groups
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the train preset's)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    parser.add_argument("--moe-backend", choices=moe_module.GROUPED_BACKENDS, default="auto",
+    parser.add_argument("--moe-backend", choices=dispatch_module.GROUPED_BACKENDS, default="auto",
                         help="expert matmuls: grouped_mm where it checks out (auto), or forced")
     parser.add_argument("--fuse", choices=("auto", "off", "on"), default="auto",
                         help="quantizers torch.compile'd (auto: on CUDA) or eager (off); nativelm.model.bitlinear.FUSE")
@@ -143,7 +143,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    moe_module.backend = args.moe_backend
+    dispatch_module.backend = args.moe_backend
     bitlinear.FUSE = args.fuse
     train = TRAIN_PRESETS[args.preset]
     batch = args.batch or int(train["batch_size"])
@@ -189,7 +189,7 @@ def main() -> None:
                "gflop_per_token": fpt / 1e9, "mfu": mfu(tokens / med, fpt, peak)}
         if r.params.ffn == "moe":
             p = r.params
-            row["moe_backend"] = moe_module.grouped_backend(device, torch.bfloat16 if device.type == "cuda"
+            row["moe_backend"] = dispatch_module.grouped_backend(device, torch.bfloat16 if device.type == "cuda"
                                                             else torch.float32, p.d_model, 2 * p.expert_ffn)
         rows.append(row)
     if args.profile and device.type == "cuda":

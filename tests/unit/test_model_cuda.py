@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nativelm.model import ModelParams, MoE, ReGLU, bitlinear, build_model, route
-from nativelm.model import moe as moe_module
+from nativelm.model import dispatch as dispatch_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -54,7 +54,7 @@ def _reference(moe: MoE, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("backend", ["auto", "bmm"])
 @pytest.mark.parametrize("kind", ["qmoe", "bitlinear", "fp"])
 def test_moe_bf16_on_cuda_matches_fp32_cpu_reference(kind: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(moe_module, "backend", backend)
+    monkeypatch.setattr(dispatch_module, "backend", backend)
     kw = {"qmoe": {"norm": False, "act_bits": None}, "bitlinear": {}, "fp": {"quantize": False}}[kind]
     moe = _moe(0, kw)
     x = torch.randn(300, 64)
@@ -77,7 +77,7 @@ def test_grouped_mm_is_used_for_the_gpu_preset_widths() -> None:
     """Information for the benchmark: which expert-matmul backend the gpu preset gets (auto)."""
     p = ModelParams.model_validate({"d_model": 768, "expert_ffn": 384})
     for n_in, n_out in ((p.d_model, 2 * p.expert_ffn), (p.expert_ffn, p.d_model)):
-        backend = moe_module.grouped_backend(CUDA, torch.bfloat16, n_in, n_out)
+        backend = dispatch_module.grouped_backend(CUDA, torch.bfloat16, n_in, n_out)
         print(f"bf16 {n_in}->{n_out}: {backend}")
         assert backend == "grouped_mm"
 
@@ -173,3 +173,29 @@ def test_training_step_has_no_host_sync() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("family", ["ternary-moe", "fp-moe", "ternary-dense", "fp-dense"])
+def test_compiled_training_gradients_match_eager_parameter_by_parameter(family: str) -> None:
+    quantize, ffn = family.startswith("ternary"), family.split("-")[1]
+    params = ModelParams(d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, max_seq_len=256, window=64,
+                         n_experts=16, expert_ffn=128, top_k=2, dense_ffn=256, quantize=quantize, ffn=ffn)
+    ids = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(1)).to(CUDA)
+
+    def gradients(compiled: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        torch._dynamo.reset()
+        model = build_model(params, 512, seed=0).to(CUDA)
+        forward = torch.compile(model) if compiled else model
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = forward(ids, ids)
+        out.loss.backward()
+        return out.loss.item(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+
+    eager_loss, eager = gradients(False)
+    compiled_loss, compiled = gradients(True)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
+    for name, g in eager.items():
+        c = compiled[name]
+        assert c.any() or not g.any(), f"{name}: no gradient when compiled"
+        cosine = float((c * g).sum() / (c.norm() * g.norm()).clamp_min(1e-30))
+        assert cosine > 0.98, f"{name}: compiled gradient differs from eager (cosine {cosine:.4f})"

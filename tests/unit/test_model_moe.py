@@ -19,7 +19,7 @@ from nativelm.model import (
     set_weight_bits,
     weight_codes,
 )
-from nativelm.model import moe as moe_module
+from nativelm.model import dispatch as dispatch_module
 
 
 def test_topk_routing_picks_largest_and_renormalises() -> None:
@@ -118,7 +118,7 @@ EXPERT_KINDS = {
 @pytest.mark.parametrize("kind", sorted(EXPERT_KINDS))
 def test_grouped_experts_match_per_expert_reference_loop(kind: str, bits: float, backend: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(moe_module, "backend", backend)
+    monkeypatch.setattr(dispatch_module, "backend", backend)
     moe = _random_moe(EXPERT_KINDS[kind])
     set_weight_bits(moe, bits)
     refs = _reference_experts(moe)
@@ -181,7 +181,7 @@ def test_grouped_backends_agree_and_cpu_is_deterministic(monkeypatch: pytest.Mon
     logits = torch.randn(3, 7, 6)
     results = {}
     for backend in ("auto", "grouped_mm", "bmm", "auto"):
-        monkeypatch.setattr(moe_module, "backend", backend)
+        monkeypatch.setattr(dispatch_module, "backend", backend)
         moe.zero_grad(set_to_none=True)
         y, _, _ = moe(x, logits)
         y.pow(2).sum().backward()

@@ -13,9 +13,9 @@ from nativelm.model.bitlinear import (
     set_weight_bits,
     weight_codes,
 )
+from nativelm.model.dispatch import Dispatch
 from nativelm.model.moe import (
     DenseFFN,
-    Dispatch,
     Experts,
     MoE,
     ReGLU,

@@ -1,23 +1,18 @@
 """Fine-grained mixture of ReGLU experts, its router, and the dense ReGLU FFN.
 
-Routing follows ORT ``QMoE`` with ``normalize_routing_weights=1`` (DESIGN §4): softmax over
+Routing follows ONNX Runtime's ``QMoE`` with ``normalize_routing_weights=1``: softmax over
 ALL experts, take the top k, renormalise those k weights to sum to 1. An expert is ReGLU:
 ``down(relu(gate(x)) * up(x))``, so many hidden neurons of an active expert are exactly zero.
 
 The experts of a layer are stacked (:class:`~nativelm.model.bitlinear.ExpertLinear`: one
 (E, out, in) weight per projection, each expert's matrix with its own absmean scale, all quantized
-in one fused call per forward) and applied to all tokens at once: the N·k (token, slot)
-assignments are sorted by expert, gate and up are one grouped matmul over the expert groups
-(``torch._grouped_mm``; a zero-padded ``torch.bmm`` where that is unavailable), ReGLU and the
-routing weight one fused elementwise pass (down is linear, so weighting its input is weighting its
-output), down a second grouped matmul, and each token's k rows are summed back in slot order with
-fp32 accumulation. No host synchronisation and no atomics in the dispatch (gathers and reductions
-only: the same result run to run), a constant number of kernels whatever the number of experts.
+in one fused call per forward) and applied to all tokens at once through `dispatch`: gate and up
+are one grouped matmul over the expert groups, ReGLU and the routing weight one fused elementwise
+pass (down is linear, so weighting its input is weighting its output), down a second grouped matmul.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +26,7 @@ from nativelm.model.bitlinear import (
     fused_call,
     quantize_weight_groups,
 )
+from nativelm.model.dispatch import Dispatch, GatherRows, combine_rows, grouped_linear
 
 
 @dataclass
@@ -121,153 +117,6 @@ class DenseFFN(nn.Module):
         """x (B, T, d) -> (B, T, d), stats {neuron_sparsity}."""
         y, zeros = self.ffn(x, weights)
         return y, {"neuron_sparsity": zeros.float() / max(x.shape[:-1].numel() * self.hidden, 1)}
-
-
-# --------------------------------------------------------------------------- grouped expert matmuls
-
-GROUPED_BACKENDS = ("auto", "grouped_mm", "bmm")
-backend = "auto"
-"""How expert matmuls run: ``auto`` (``torch._grouped_mm`` where a one-time check on the device,
-dtype and shape passes, else ``bmm``), or forced ``grouped_mm`` / ``bmm`` (benchmarks)."""
-
-_GROUPED_MM_OK: dict[tuple, bool] = {}
-
-
-@dataclass
-class Dispatch:
-    """The N·k assignments of N tokens to top-k experts, sorted by expert (stable).
-
-    Row r of the sorted layout is assignment ``order[r]`` = (token ``order[r] // k``, slot
-    ``order[r] % k``) and belongs to expert ``row_experts[r]``; expert e owns rows
-    ``offsets[e] - counts[e] .. offsets[e] - 1``.
-    """
-
-    order: Tensor  # (M,) sorted row -> assignment index
-    tokens: Tensor  # (M,) sorted row -> token (order // k)
-    inverse: Tensor  # (M,) assignment index -> sorted row
-    row_experts: Tensor  # (M,) expert of each sorted row
-    counts: Tensor  # (E,) rows per expert (int64)
-    offsets: Tensor  # (E,) int32 cumulative row ends (the `offs` of torch._grouped_mm)
-
-    @classmethod
-    def from_experts(cls, experts: Tensor, n_experts: int) -> Dispatch:
-        """From the chosen experts (N, k); all on the device, no host synchronisation."""
-        flat = experts.reshape(-1)
-        order = flat.argsort(stable=True)
-        row_experts = flat.index_select(0, order)
-        ends = torch.searchsorted(row_experts, torch.arange(1, n_experts + 1, device=flat.device, dtype=flat.dtype))
-        counts = torch.diff(ends, prepend=ends.new_zeros(1))
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return cls(order, order // experts.shape[-1], inverse, row_experts, counts, ends.to(torch.int32))
-
-
-def _grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
-
-
-def _padded_bmm(x: Tensor, w: Tensor, d: Dispatch) -> Tensor:
-    """Fallback: rows scattered into a zero-padded (E, C, in) batch (C = the largest group, one host
-    sync), one bmm against (E, in, out), rows gathered back."""
-    m = x.shape[0]
-    cap = int(d.counts.max()) if m else 0
-    starts = (d.offsets.long() - d.counts).index_select(0, d.row_experts)
-    slot = torch.arange(m, device=x.device) - starts
-    padded = x.new_zeros(w.shape[0], cap, x.shape[1]).index_put((d.row_experts, slot), x)
-    return torch.bmm(padded, w.transpose(-2, -1))[d.row_experts, slot]
-
-
-@torch.compiler.disable
-def _check_grouped_mm(device: torch.device, dtype: torch.dtype, n_in: int, n_out: int) -> bool:
-    """Whether torch._grouped_mm runs here (device, dtype, widths) and matches per-expert matmuls,
-    forward and backward, empty groups included (their weight gradient must be exactly zero)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        gen = torch.Generator().manual_seed(0)
-        counts = [5, 0, 11]
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            x = torch.randn(sum(counts), n_in, generator=gen).to(device, dtype).requires_grad_()
-            w = torch.randn(len(counts), n_out, n_in, generator=gen).to(device, dtype).requires_grad_()
-            g = torch.randn(sum(counts), n_out, generator=gen).to(device, dtype)
-            offsets = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
-            y = _grouped_mm(x, w, offsets)
-            gx, gw = torch.autograd.grad(y, (x, w), g)
-        xs, gs = x.detach().double().split(counts), g.double().split(counts)
-        wd = w.detach().double()
-        ref_y = torch.cat([a @ wd[e].T for e, a in enumerate(xs)])
-        ref_gx = torch.cat([b @ wd[e] for e, b in enumerate(gs)])
-        ref_gw = torch.stack([b.T @ a for a, b in zip(xs, gs)])
-        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-
-        def close(a: Tensor, b: Tensor) -> bool:
-            a = a.detach().double()
-            return bool(torch.isfinite(a).all()) and float((a - b).norm() / b.norm().clamp_min(1e-30)) < tol
-
-        return (tuple(y.shape) == (sum(counts), n_out) and close(y, ref_y) and close(gx, ref_gx)
-                and close(gw[0], ref_gw[0]) and close(gw[2], ref_gw[2]) and not bool(gw[1].any()))
-    except Exception:  # noqa: BLE001 - any failure means: not usable here
-        return False
-
-
-def grouped_backend(device: torch.device, dtype: torch.dtype, n_in: int, n_out: int) -> str:
-    """The backend expert matmuls of these widths use on `device` in `dtype` (checked once, cached)."""
-    if backend != "auto":
-        return backend
-    key = (device.type, device.index, dtype, n_in, n_out)
-    if key not in _GROUPED_MM_OK:
-        _GROUPED_MM_OK[key] = _check_grouped_mm(device, dtype, n_in, n_out)
-        if not _GROUPED_MM_OK[key]:
-            print(f"nativelm.model.moe: torch._grouped_mm unusable for {dtype} {n_in}->{n_out} on {device}; "
-                  "experts use a padded bmm (one host sync per matmul)", file=sys.stderr, flush=True)
-    return "grouped_mm" if _GROUPED_MM_OK[key] else "bmm"
-
-
-@torch.compiler.disable
-def grouped_linear(x: Tensor, w: Tensor, d: Dispatch) -> Tensor:
-    """Rows x (M, in) grouped by expert -> (M, out): row r times ``w[row_experts[r]].T``; w (E, out, in).
-
-    Always eager, also inside a model-wide torch.compile (a graph break): compiled, PyTorch 2.11 lays
-    the weight-gradient grouped matmul out so that expert groups must be multiples of 8 rows and
-    stops on a device-side assert otherwise; eagerly any group size works."""
-    if grouped_backend(x.device, x.dtype, w.shape[-1], w.shape[-2]) == "grouped_mm":
-        return _grouped_mm(x, w, d.offsets)
-    return _padded_bmm(x, w, d)
-
-
-class _GatherRows(torch.autograd.Function):
-    """rows[r] = x[token of sorted row r] (in `dtype`): every token k times, grouped by expert.
-
-    Backward: each token's gradient is the sum of its k rows' gradients, gathered and reduced in
-    fp32 (no atomics: deterministic)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, tokens: Tensor, inverse: Tensor, k: int, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.k, ctx.x_dtype = k, x.dtype
-        return x.to(dtype).index_select(0, tokens)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        (inverse,) = ctx.saved_tensors
-        g = grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1, dtype=torch.float32)
-        return g.to(ctx.x_dtype), None, None, None, None
-
-
-class _CombineRows(torch.autograd.Function):
-    """out[token] = sum of the token's k rows of y (sorted by expert), in slot order, accumulated in
-    fp32 and returned in `dtype`. Backward: each row gets its token's gradient (a gather)."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, tokens: Tensor, inverse: Tensor, k: int, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(tokens)
-        ctx.y_dtype = y.dtype
-        out = y.index_select(0, inverse).view(-1, k, y.shape[-1]).sum(1, dtype=torch.float32)
-        return out.to(dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        (tokens,) = ctx.saved_tensors
-        return grad.to(ctx.y_dtype).index_select(0, tokens), None, None, None, None
 
 
 def _reglu_weighted(gu: Tensor, row_weights: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
@@ -397,9 +246,9 @@ class MoE(nn.Module):
         # every token repeated k times and sorted by expert; weight-only experts read it in the matmul
         # dtype (cast once, before the copy), BitLinear experts normalise it first, in its own precision
         dtype = compute_dtype(flat) if self.experts.weight_only else flat.dtype
-        rows = _GatherRows.apply(flat, d.tokens, d.inverse, k, dtype)
+        rows = GatherRows.apply(flat, d.tokens, d.inverse, k, dtype)
         y, zeros = self.experts(rows, d, routing.weights.reshape(-1).index_select(0, d.order), weights)
-        out = _CombineRows.apply(y, d.tokens, d.inverse, k, flat.dtype)
+        out = combine_rows(y, d, k, flat.dtype)
 
         with torch.no_grad():
             p = routing.probs

@@ -38,6 +38,7 @@ from nativelm.params.train import ResolvedTrain
 from nativelm.train import checkpoint as ckpt
 from nativelm.train.data import BatchSampler, windows_to_batch
 from nativelm.train.distributed import DistContext, all_reduce_sum, barrier, gather_objects, unwrap
+from nativelm.train.guards import check_every_parameter_learns
 from nativelm.train.metrics import mfu
 from nativelm.train.schedule import make_schedule
 
@@ -126,6 +127,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
         self.schedule = make_schedule(self.cfg)
         self.state = LoopState()
+        self._gradients_checked = False
         self._val_positions: list[list[tuple[int, int]]] | None = None
 
     # ---- pieces -----------------------------------------------------------------------------------
@@ -176,6 +178,9 @@ class Trainer:
             if out.aux_loss is not None:
                 aux_sum += out.aux_loss.detach().float()
         self.scaler.unscale_(self.optimizer)
+        if not self._gradients_checked:  # the first step of this process: every parameter must learn
+            check_every_parameter_learns(self.raw_model)
+            self._gradients_checked = True
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
