@@ -1,5 +1,6 @@
 """Short training run of a preset on one device through nativelm.train.stage.run_train (tracking off): prints
-tokens/s and MFU per interval and writes $OUT/train_gpu.json. Usage: python bench/gpu_training.py STEPS [PRESET] [DEVICE]
+tokens/s and MFU per interval and writes $OUT/train_gpu[_compiled].json.
+Usage: python bench/gpu_training.py STEPS [PRESET] [DEVICE] [compile]
 (on the GPU machine: PYTHONPATH=src, data/prepared carried along)."""
 import json
 import os
@@ -15,12 +16,13 @@ from nativelm.train.stage import run_train
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 100
 preset = sys.argv[2] if len(sys.argv) > 2 else "gpu"
 device = sys.argv[3] if len(sys.argv) > 3 else "cuda"
+compiled = len(sys.argv) > 4 and sys.argv[4] == "compile"
 out = Path(os.environ.get("OUT", "/tmp/out"))
 out.mkdir(parents=True, exist_ok=True)
 raw = yaml.safe_load(Path("params.yaml").read_text())
 raw["train"].update({"preset": preset, "max_steps": steps, "warmup_steps": 10, "log_interval": 10,
                      "eval_interval": steps, "checkpoint_interval": steps, "progress": False, "resume": "off",
-                     "device": device, "checkpoint_dir": "/tmp/gpu_run/checkpoints", "model_file": "/tmp/gpu_run/model.pt",
+                     "device": device, "compile": compiled, "checkpoint_dir": "/tmp/gpu_run/checkpoints", "model_file": "/tmp/gpu_run/model.pt",
                      "metrics_file": "/tmp/gpu_run/train.json", "plots_dir": "/tmp/gpu_run/plots"})
 raw["tracking"]["uri"] = "off"
 params = parse_params(yaml.safe_dump(raw))
@@ -59,5 +61,5 @@ summary = {
     "steady_mfu_median": sorted(r.get("mfu", 0) for r in steady)[len(steady) // 2] if steady else None,
     "intervals": rec.rows,
 }
-(out / "train_gpu.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+(out / ("train_gpu_compiled.json" if compiled else "train_gpu.json")).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 print("SUMMARY", json.dumps({k: v for k, v in summary.items() if k != "intervals"}, default=str))
