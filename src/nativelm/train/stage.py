@@ -28,9 +28,16 @@ import torch
 from nativelm.errors import NativelmError, ParamsError
 from nativelm.formats import trained_model
 from nativelm.fsutil import atomic_write_text
+from nativelm.model import BitSchedule, build_model, expert_load_matrix, layer_metrics, model_metrics, set_weight_bits
 from nativelm.params.model import with_preset
 from nativelm.params.train import ResolvedTrain
 from nativelm.tracking.flatten import params_hash
+from nativelm.train import distributed as dist
+from nativelm.train.data import BatchSampler, load_token_data, unigram_entropies
+from nativelm.train.loop import Trainer, resolve_precision, torch_threads
+from nativelm.train.metrics import device_peak_flops, flops_per_token, mfu
+from nativelm.train.optim import build_optimizer
+from nativelm.train.plots import plot_expert_load, plot_loss_curve
 
 if TYPE_CHECKING:
     from nativelm.model import ModelParams, NativeLM
@@ -48,7 +55,6 @@ _TRAJECTORY_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "lr", 
 @dataclass
 class TrainResult:
     """What `run_train` produced."""
-
     metrics: dict[str, Any]  # the content of metrics_file
     model_file: Path
     metrics_file: Path
@@ -96,8 +102,6 @@ def _note(message: str) -> None:
 
 def _summary(val_stats: list[dict[str, torch.Tensor]]) -> tuple[dict[str, float], dict[str, float]]:
     """Per-layer metrics of the final validation pass and their means over layers."""
-    from nativelm.model import layer_metrics
-
     per_layer = layer_metrics(SimpleNamespace(stats=val_stats))
     means: dict[str, float] = {}
     for name in ("expert_load_cv", "router_entropy", "neuron_sparsity"):
@@ -112,14 +116,6 @@ def run_train(params: Params, logger: RunLogger | None = None, *, stop_after: in
 
     `stop_after` ends the run after that many completed steps, as an interruption would (tests).
     """
-    from nativelm.model import BitSchedule, build_model, model_metrics, set_weight_bits
-    from nativelm.model import layer_metrics as model_layer_metrics
-    from nativelm.train import distributed as dist
-    from nativelm.train.data import BatchSampler, load_token_data
-    from nativelm.train.loop import Trainer, resolve_precision, torch_threads
-    from nativelm.train.metrics import device_peak_flops, flops_per_token
-    from nativelm.train.optim import build_optimizer
-
     started = time.perf_counter()
     cfg = params.train.resolved()
     model_params = with_preset(params.model, cfg.preset)
@@ -163,7 +159,7 @@ def run_train(params: Params, logger: RunLogger | None = None, *, stop_after: in
             trainer = Trainer(
                 model=wrapped, optimizer=optimizer, cfg=cfg, sampler=sampler, val_shards=data.val, device=device,
                 precision=precision, ctx=ctx, bits_at=schedule.bits_at, set_bits=set_weight_bits,
-                layer_metrics=model_layer_metrics, model_metrics=model_metrics, fingerprint=fp,
+                layer_metrics=layer_metrics, model_metrics=model_metrics, fingerprint=fp,
                 checkpoint_dir=Path(cfg.checkpoint_dir), sink=logger.log_metrics if logger is not None else None,
                 flops_per_token=flops_per_token(model, cfg.seq_len), peak_flops=device_peak_flops(device),
                 stop_after=stop_after)
@@ -182,11 +178,6 @@ def _finish(params: Params, cfg: ResolvedTrain, ctx: Any, model: NativeLM, model
             trainer: Any, result: Any, counts: dict[str, int], fp: str, logger: RunLogger | None,
             started: float) -> TrainResult:
     """Rank 0: final metrics, model file, plots, artifacts (only once the run reached max_steps)."""
-    from nativelm.model import expert_load_matrix
-    from nativelm.train.data import unigram_entropies
-    from nativelm.train.metrics import mfu
-    from nativelm.train.plots import plot_expert_load, plot_loss_curve
-
     state = trainer.state
     finished = state.step >= cfg.max_steps
     model_file, metrics_file, plots_dir = Path(cfg.model_file), Path(cfg.metrics_file), Path(cfg.plots_dir)
