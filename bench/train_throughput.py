@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from nativelm.model import bitlinear, build_model, preset_params
+from nativelm.model import build_model, compiled, preset_params
 from nativelm.model import dispatch as dispatch_module
 from nativelm.params.train import TRAIN_PRESETS
 from nativelm.train.metrics import device_peak_flops, flops_per_token, mfu
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--moe-backend", choices=dispatch_module.GROUPED_BACKENDS, default="auto",
                         help="expert matmuls: grouped_mm where it checks out (auto), or forced")
     parser.add_argument("--fuse", choices=("auto", "off", "on"), default="auto",
-                        help="quantizers torch.compile'd (auto: on CUDA) or eager (off); nativelm.model.bitlinear.FUSE")
+                        help="quantizers torch.compile'd (auto: on CUDA) or eager (off); nativelm.model.compiled.FUSE")
     parser.add_argument("--compile", action="store_true", help="torch.compile each whole model (train.compile)")
     parser.add_argument("--only", default="", help="comma-separated subset of the configurations")
     parser.add_argument("--profile", action="store_true", help="count CUDA kernels and GPU time of one step each")
@@ -144,7 +144,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     dispatch_module.backend = args.moe_backend
-    bitlinear.FUSE = args.fuse
+    compiled.FUSE = args.fuse
     train = TRAIN_PRESETS[args.preset]
     batch = args.batch or int(train["batch_size"])
     seq = args.seq or int(train["seq_len"])

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nativelm.model import BitLinear, BitSchedule, ModelParams, build_model, set_weight_bits, weight_code_shares
+from nativelm.model import bitlinear as bl
+from nativelm.model import compiled
 from nativelm.model.bitlinear import bitlinears
 
 
@@ -111,23 +113,21 @@ def test_set_weight_bits_on_model() -> None:
 
 def test_compiled_quantizer_is_checked_against_eager_and_dropped_when_it_differs(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from nativelm.model import bitlinear as bl
-
-    monkeypatch.setattr(bl, "FUSE", "on")
-    monkeypatch.setattr(bl, "_COMPILE_FAILED", set())
-    monkeypatch.setattr(bl, "_CHECKED", set())
+    monkeypatch.setattr(compiled, "FUSE", "on")
+    monkeypatch.setattr(compiled, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(compiled, "_CHECKED", set())
     # stand-in for a miscompiled quantizer: the right values but no gradient (seen with PyTorch 2.11)
-    monkeypatch.setattr(bl, "_COMPILED", {"_norm_quantize": lambda *args: bl._norm_quantize(*args).detach(),
+    monkeypatch.setattr(compiled, "_COMPILED", {"_norm_quantize": lambda *args: bl._norm_quantize(*args).detach(),
                                           "_quantize_weight": bl._quantize_weight})
     layer = _layer(6)
     x = torch.randn(5, 16, requires_grad=True)
     y = bl.norm_quantize(x, layer.norm.weight, 1e-5, 8, 1e-5)
     y.pow(2).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0 and layer.norm.weight.grad.abs().sum() > 0
-    assert bl._COMPILE_FAILED == {"_norm_quantize"}
+    assert compiled._COMPILE_FAILED == {"_norm_quantize"}
     assert "unusable" in capsys.readouterr().err
     # a compiled version that agrees is checked once, then used
     w = bl.quantize_weight(layer.weight, 1.58, 1e-5)
-    assert "_quantize_weight" not in bl._COMPILE_FAILED and len(bl._CHECKED) == 1
+    assert "_quantize_weight" not in compiled._COMPILE_FAILED and len(compiled._CHECKED) == 1
     codes, scale = layer.weight_codes()
     assert torch.equal(w, codes.float() * scale)

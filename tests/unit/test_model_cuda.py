@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nativelm.model import ModelParams, MoE, ReGLU, bitlinear, build_model, route
+from nativelm.model import ModelParams, MoE, ReGLU, bitlinear, build_model, compiled, route
 from nativelm.model import dispatch as dispatch_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -88,9 +88,9 @@ def test_compiled_weight_quantizer_gives_exactly_the_eager_codes(monkeypatch: py
     experts = [torch.randn(8, 48, 64, generator=gen) * 0.02 for _ in range(2)]
     groups = [[w.to(CUDA).requires_grad_()] for w in attn] + [[w.to(CUDA).requires_grad_() for w in experts]]
     for bits in (1.58, 4.0):
-        monkeypatch.setattr(bitlinear, "FUSE", "auto")
+        monkeypatch.setattr(compiled, "FUSE", "auto")
         fused = bitlinear.quantize_weight_groups(groups, bits, 1e-5, torch.bfloat16)
-        monkeypatch.setattr(bitlinear, "FUSE", "off")
+        monkeypatch.setattr(compiled, "FUSE", "off")
         eager = bitlinear.quantize_weight_groups(groups, bits, 1e-5, torch.bfloat16)
         for a, b in zip(fused, eager):
             mismatched = int((a != b).sum())
@@ -101,7 +101,7 @@ def test_compiled_weight_quantizer_gives_exactly_the_eager_codes(monkeypatch: py
             for w in group:
                 assert torch.equal(w.grad, torch.ones_like(w))  # straight-through
                 w.grad = None
-    assert not bitlinear._COMPILE_FAILED
+    assert not compiled._COMPILE_FAILED
 
 
 def test_compiled_activation_quantizer_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,7 +111,7 @@ def test_compiled_activation_quantizer_matches_eager(monkeypatch: pytest.MonkeyP
     g_out = [torch.randn(4096, 256, generator=gen).to(CUDA) for _ in range(3)]
     results = {}
     for mode in ("off", "auto"):
-        monkeypatch.setattr(bitlinear, "FUSE", mode)
+        monkeypatch.setattr(compiled, "FUSE", mode)
         x = x0.clone().requires_grad_()
         gains = [g.clone().requires_grad_() for g in gains0]
         outs = bitlinear.norm_quantize_many(x, gains, 1e-5, 8, 1e-5, torch.bfloat16)
@@ -123,7 +123,7 @@ def test_compiled_activation_quantizer_matches_eager(monkeypatch: pytest.MonkeyP
     assert _rel(gx1, gx0) < 1e-3
     for a, b in zip(gg1, gg0):
         assert _rel(a, b) < 1e-3
-    assert not bitlinear._COMPILE_FAILED
+    assert not compiled._COMPILE_FAILED
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -135,14 +135,14 @@ def test_one_layer_model_fused_matches_eager(autocast: bool, monkeypatch: pytest
     ids = torch.randint(0, 100, (4, 33), generator=torch.Generator().manual_seed(1)).to(CUDA)
     results = {}
     for mode in ("off", "auto"):
-        monkeypatch.setattr(bitlinear, "FUSE", mode)
+        monkeypatch.setattr(compiled, "FUSE", mode)
         model = build_model(params, 100, seed=0).to(CUDA)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             out = model(ids[:, :-1], ids[:, 1:])
         out.loss.backward()
         results[mode] = (out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
                                              if p.grad is not None})
-    assert not bitlinear._COMPILE_FAILED
+    assert not compiled._COMPILE_FAILED
     (loss0, g0), (loss1, g1) = results["off"], results["auto"]
     assert abs(float(loss0) - float(loss1)) < (1e-2 if autocast else 1e-5)
     diffs = {n: _rel(g1[n], g0[n]) for n in g0 if g0[n].abs().sum() > 0}

@@ -23,7 +23,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,48 +32,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from nativelm.errors import NativelmError
 from nativelm.params.train import ResolvedTrain
 from nativelm.train import checkpoint as ckpt
-from nativelm.train.data import BatchSampler, windows_to_batch
+from nativelm.train.data import BatchSampler, validation_positions, windows_to_batch
 from nativelm.train.distributed import DistContext, all_reduce_sum, barrier, gather_objects, unwrap
 from nativelm.train.guards import check_every_parameter_learns
 from nativelm.train.metrics import mfu
+from nativelm.train.precision import Precision, resolve_precision, torch_threads
 from nativelm.train.schedule import make_schedule
 
 MetricSink = Callable[[dict[str, float], int], None]
 
-
-@dataclass
-class Precision:
-    """How forward passes run: autocast dtype (None: fp32) and whether losses are scaled (fp16)."""
-
-    name: str  # fp32 | bf16 | fp16
-    device_type: str
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
-
-
-def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """auto: bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU; fp16 needs CUDA."""
-    if requested == "auto":
-        if device.type == "cuda":
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            name = "fp32"
-    else:
-        name = requested
-    if name == "fp16" and device.type != "cuda":
-        raise NativelmError("train.precision fp16 needs a CUDA device (loss scaling); use fp32 or bf16 on CPU")
-    return Precision(name, device.type)
+# resolve_precision and torch_threads live in nativelm.train.precision; importable from here as before
+__all__ = ["LoopResult", "LoopState", "MetricSink", "Precision", "Trainer", "resolve_precision", "torch_threads"]
 
 
 @dataclass
@@ -197,8 +171,6 @@ class Trainer:
     # ---- validation -------------------------------------------------------------------------------
     def val_positions(self) -> list[list[tuple[int, int]]]:
         if self._val_positions is None:
-            from nativelm.train.data import validation_positions
-
             self._val_positions = validation_positions(self.val_shards, self.cfg.eval_batches,
                                                        self.cfg.batch_size, self.cfg.seq_len)
         return self._val_positions
@@ -416,8 +388,6 @@ class _NoBar:
 def _progress(cfg: ResolvedTrain, ctx: DistContext, initial: int) -> Any:
     if not (cfg.progress and ctx.is_main):
         return _NoBar()
-    from tqdm import tqdm
-
     interactive = sys.stderr.isatty()
     return tqdm(total=cfg.max_steps, initial=initial, desc="train", unit="step", file=sys.stderr,
                 dynamic_ncols=True, mininterval=0.5 if interactive else 30.0, smoothing=0.1)
@@ -426,17 +396,3 @@ def _progress(cfg: ResolvedTrain, ctx: DistContext, initial: int) -> Any:
 def _note(ctx: DistContext, message: str) -> None:
     if ctx.is_main:
         print(f"train: {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Fix torch's intra-op thread count for the block (0: leave the default)."""
-    if threads <= 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
