@@ -14,6 +14,7 @@ import yaml
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.runtime import flow_run
 from prefect.testing.utilities import prefect_test_harness
 
 from nativelm.fleet.board_job import BoardContext, BoardResult
@@ -67,8 +68,6 @@ def test_each_board_is_a_task_and_only_connection_failures_are_retried(flows: Mo
 
     @flow(name="rollout-waves")
     def waves() -> tuple[str, object]:
-        from prefect.runtime import flow_run
-
         executor = flows.PrefectExecutor(retries=2, retry_delay_s=0)
         return str(flow_run.id), plan.run(lambda wave: executor.deploy_wave(plan, wave))
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from matplotlib.figure import Figure
+
 from nativelm.fleet.board_job import StepFailed, connect_failure, failure_line, failures_as_steps
 from nativelm.fleet.provision import for_each_board
 from nativelm.fleet.ssh import BoardSession
@@ -178,15 +180,14 @@ def bench_csv(rows: Sequence[BenchRow]) -> str:
 
 
 def bench_chart(rows: Sequence[BenchRow], path: Path) -> Path:
-    """Bar chart of prefill and decode tokens/s per board (boards without figures are left out)."""
-    import matplotlib
+    """Bar chart of prefill and decode tokens/s per board (boards without figures are left out).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Drawn on a bare Figure (no pyplot): no GUI backend, nothing global, safe in any thread.
+    """
     measured = [r for r in rows if r.value("decode_tokens_per_s") is not None]
     names = [r.board for r in measured]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.4 * max(1, len(names))), squeeze=False)
+    fig = Figure(figsize=(10, 1.2 + 0.4 * max(1, len(names))))
+    axes = fig.subplots(1, 2, squeeze=False)
     for ax, key, title in ((axes[0][0], "prefill_tokens_per_s", "prefill tokens/s"),
                            (axes[0][1], "decode_tokens_per_s", "decode tokens/s")):
         ax.barh(names, [r.value(key) for r in measured], color="#4C72B0")
@@ -196,7 +197,6 @@ def bench_chart(rows: Sequence[BenchRow], path: Path) -> Path:
     fig.suptitle(f"on-board benchmark ({len(measured)} of {len(rows)} boards)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
