@@ -253,7 +253,7 @@ def start_board(params: Params, name: str) -> None:
             wait_ready(root, {name: _port(params, name)})
 
 
-def rotatehost_key(params: Params, name: str) -> str:
+def rotate_host_key(params: Params, name: str) -> str:
     """Fault hook: give a board a new host key and restart it, leaving known_hosts pinned to the old one.
 
     Returns the new public key line (what an attacker's or a reinstalled board would offer).
