@@ -7,8 +7,8 @@ from pathlib import Path
 from prefect import flow
 
 from nativelm.errors import NativelmError
+from nativelm.fleet import service
 from nativelm.fleet.status import render_status
-from nativelm.orchestration import fleet_runs
 from nativelm.params.root import load_params
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -22,10 +22,10 @@ def fleet_health(params_file: str = "params.yaml") -> dict:
         params_file: parameters file of the project
     """
     params = load_params(PROJECT_DIR / params_file)
-    rows = fleet_runs.health(params, fleet_runs.choose_boards(params))
+    rows = service.health(params, service.choose_boards(params))
     for line in render_status(rows):
         print(line)
-    problems = fleet_runs.unhealthy(rows)
+    problems = service.unhealthy(rows)
     if problems:
         raise NativelmError(f"{len(problems)} board(s) unhealthy: " + "; ".join(problems))
     return {r.board: {"current": r.current, "decode_tokens_per_s": r.decode_tokens_per_s} for r in rows}

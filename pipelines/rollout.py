@@ -1,54 +1,115 @@
 """Prefect flow `rollout`: a registered version -> every board (canary first) -> on-board benchmark -> MLflow.
 
 The `rollout` deployment is triggered by the gate's promotion event (see nativelm serve), with the
-new champion's version as `model`; it can also be run by hand from the UI. Thin on purpose: the
-logic is in nativelm.orchestration.fleet_runs and nativelm.fleet.
+new champion's version as `model`; it can also be run by hand from the UI. The operation is
+nativelm.fleet.service's `deploy`, the same as `nativelm deploy`; what this file adds is where the
+boards run: each board is its own task run (its state, logs and duration in the UI), the waves and
+abort rules being the service's. A board whose SSH connection failed (refused, no answer, dropped)
+is retried: every step of a board's deploy is idempotent, and the lock is the rollout's own. A
+board that answered with a failure (hash mismatch, failing health check ...) is not.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 
 from nativelm.errors import NativelmError
-from nativelm.fleet.onboard_bench import render_bench
-from nativelm.fleet.rollout import render_rollout, serving_boards
-from nativelm.orchestration import fleet_runs
-from nativelm.params.root import load_params
+from nativelm.fleet import service
+from nativelm.fleet.board_job import BoardResult
+from nativelm.fleet.inventory import Board
+from nativelm.fleet.onboard_bench import BenchOne, BenchRow
+from nativelm.fleet.progress import Progress
+from nativelm.fleet.release import LocalRelease
+from nativelm.fleet.rollout import RolloutPlan, Wave
+from nativelm.params.root import Params, load_params
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+RETRY_DELAY_S = 10.0
+
+
+class BoardFailed(Exception):
+    """A board's task failed (red in the UI); `outcome` is its BoardResult or BenchRow all the same."""
+
+    def __init__(self, board: str, why: str, outcome: BoardResult | BenchRow) -> None:
+        super().__init__(f"{board}: {why}")
+        self.outcome = outcome
+
+
+def connection_failed(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: only a board whose connection failed is tried again."""
+    failure = state.data
+    return isinstance(failure, BoardFailed) and isinstance(failure.outcome, BoardResult) and failure.outcome.transient
 
 
 @task(name="resolve-release", cache_policy=NONE)
-def resolve_release(params, model: str):
+def resolve_release(params: Params, model: str) -> LocalRelease:
     """Download (once) and verify the release of `model`."""
-    return fleet_runs.resolve(params, model)
+    return service.resolve(params, model)
 
 
-@task(name="deploy", cache_policy=NONE)
-def deploy(params, choice, release):
-    """Canary first, then waves; the previous release stays live on any board that fails."""
-    result = fleet_runs.deploy(params, choice, release)
-    for line in render_rollout(result):
-        print(line)
+@task(name="deploy-board", task_run_name="deploy {board.name}", cache_policy=NONE, retry_condition_fn=connection_failed)
+def deploy_board(plan: RolloutPlan, board: Board) -> BoardResult:
+    """One board's deploy; a failed board fails the task (retried when its connection failed)."""
+    result = plan.attempt(board)
+    if result.failed:
+        raise BoardFailed(board.name, f"{result.phase}: {result.reason}", result)
     return result
 
 
-@task(name="onboard-bench", cache_policy=NONE)
-def bench(params, choice, boards):
-    """The runtime benchmark on each board that serves the release."""
-    rows = fleet_runs.bench(params, choice, boards)
-    for line in render_bench(rows):
-        print(line)
-    return rows
+@task(name="bench-board", task_run_name="bench {board.name}", cache_policy=NONE)
+def bench_board(bench_one: BenchOne, board: Board) -> BenchRow:
+    """The runtime benchmark on one board that serves the release."""
+    row = bench_one(board)
+    if row.error:
+        raise BoardFailed(board.name, row.error, row)
+    return row
+
+
+def outcome_of(future: PrefectFuture, board: Board) -> Any:
+    """What a board's task produced, failed or not (a crash is that board's failure, not the flow's)."""
+    outcome = future.result(raise_on_failure=False)
+    if isinstance(outcome, BoardFailed):
+        return outcome.outcome
+    if isinstance(outcome, BaseException):
+        return BoardResult(board.name, "failed", phase="internal", reason=f"{type(outcome).__name__}: {outcome}")
+    return outcome
+
+
+class PrefectExecutor:
+    """Runs each board of a wave as its own task run, at most the plan's max_parallel at once."""
+
+    def __init__(self, retries: int = 2, retry_delay_s: float = RETRY_DELAY_S) -> None:
+        self.deploy_task = deploy_board.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+
+    def deploy_wave(self, plan: RolloutPlan, wave: Wave) -> list[BoardResult]:
+        waiting, running, done = list(wave.boards), {}, {}
+        while waiting or running:
+            while waiting and len(running) < plan.max_parallel:
+                board = waiting.pop(0)
+                running[self.deploy_task.submit(plan, board)] = board
+            finished = next(as_completed(list(running)))
+            board = running.pop(finished)
+            done[board.name] = plan.record(outcome_of(finished, board))
+        return [done[b.name] for b in wave.boards]
+
+    def bench_wave(self, bench_one: BenchOne, boards: Sequence[Board]) -> list[BenchRow]:
+        futures = [(bench_board.submit(bench_one, board), board) for board in boards]
+        rows = [outcome_of(future, board) for future, board in futures]
+        return [row if isinstance(row, BenchRow) else BenchRow(board.name, error=f"internal: {row.reason}")
+                for row, (_, board) in zip(rows, futures)]
 
 
 @flow(name="rollout", log_prints=True)
 def rollout(model: str = "champion", boards: list[str] | None = None, groups: list[str] | None = None,
-            run_bench: bool = True, params_file: str = "params.yaml") -> dict:
+            run_bench: bool = True, params_file: str = "params.yaml", board_retries: int = 2) -> dict:
     """Roll `model` (a version number, an alias such as champion, or a release folder) out to the fleet.
 
     Args:
@@ -57,18 +118,18 @@ def rollout(model: str = "champion", boards: list[str] | None = None, groups: li
         groups: board groups, e.g. canary
         run_bench: benchmark the boards that serve the release afterwards
         params_file: parameters file of the project
+        board_retries: tries more for a board whose SSH connection failed
     """
     params = load_params(PROJECT_DIR / params_file)
-    choice = fleet_runs.choose_boards(params, boards or [], groups or [])
+    choice = service.choose_boards(params, boards or [], groups or [])
     release = resolve_release(params, model)
-    result = deploy(params, choice, release)
-    rows = bench(params, choice, serving_boards(choice.boards, result, release.name)) if run_bench else []
-    run_id = fleet_runs.record(params, result, rows, release, str(flow_run.id) if flow_run.id else None)
-    print(f"MLflow run of this rollout: {run_id}")
-    if not result.ok:
-        raise NativelmError(f"rollout {result.rollout_id} of {release.name}: {len(result.failed)} board(s) failed"
-                            + (f"; aborted: {result.aborted}" if result.aborted else ""))
-    return fleet_runs.summary(result, rows)
+    progress = Progress([b.name for b in choice.boards], sys.stdout, live=False)
+    report = service.deploy(params, choice, release, bench=run_bench, progress=progress,
+                            executor=PrefectExecutor(board_retries),
+                            flow_run_id=str(flow_run.id) if flow_run.id else None)
+    if not report.ok:
+        raise NativelmError(report.failure())
+    return report.summary()
 
 
 if __name__ == "__main__":

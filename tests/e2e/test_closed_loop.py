@@ -33,7 +33,7 @@ def _project(tmp_path: Path, local_stack: dict) -> Path:
 
 
 def _serving(project: Path) -> dict[str, str | None]:
-    from nativelm.orchestration.fleet_runs import choose_boards, health
+    from nativelm.fleet.service import choose_boards, health
     from nativelm.params.root import load_params
 
     params = load_params(project / "params.yaml")

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from nativelm.fleet.deploy import BoardResult
+from nativelm.fleet.board_job import BoardResult
 from nativelm.fleet.inventory import Inventory
 from nativelm.fleet.release import LocalRelease, load_release, resolve_release
 from nativelm.fleet.rollout import RolloutResult, render_rollout, rollback, rollout

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.fleet.deploy import DeployHooks
+from nativelm.fleet.board_job import DeployHooks
 from nativelm.fleet.release import LocalRelease
 from nativelm.fleet.rollout import (
     RolloutResult,

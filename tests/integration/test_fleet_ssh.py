@@ -28,7 +28,9 @@ from nativelm.fleet.provision import (
     provision,
     upload_wheels,
 )
-from nativelm.fleet.ssh import BoardError, BoardSession, HostKeyError, fingerprint
+from nativelm.fleet.sim_sshd import new_ed25519_key
+from nativelm.fleet.ssh import BoardSession
+from nativelm.fleet.ssh_trust import BoardError, HostKeyError, fingerprint
 from nativelm.fleet.status import fleet_status, render_status
 from tests.integration.conftest import SimFleet, make_sim_fleet, sim_params, small_disk
 
@@ -114,7 +116,7 @@ def test_changed_host_key_is_refused_with_both_fingerprints(own_fleet: SimFleet)
 
 def test_wrong_client_key_fails_authentication(sim_fleet: SimFleet, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger_ed25519"
-    sim.new_ed25519_key(stranger, "stranger")
+    new_ed25519_key(stranger, "stranger")
     board = sim_fleet.inventory.board("board-1").model_copy(update={"key": str(stranger)})
     with pytest.raises(BoardError, match=r"board board-1: connect: key authentication failed for user \w+ at "):
         BoardSession(board, sim_fleet.inventory, sim_fleet.params.fleet).connect()

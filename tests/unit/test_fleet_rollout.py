@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.fleet.deploy import BoardResult, DeployHooks, lock_age_s
+from nativelm.fleet.board_job import BoardContext, BoardResult, DeployHooks, lock_age_s
 from nativelm.fleet.inventory import Board
 from nativelm.fleet.progress import Progress
-from nativelm.fleet.release import RegistrySpec, ReleaseError, load_release, parse_spec
+from nativelm.fleet.release import LocalRelease, RegistrySpec, ReleaseError, load_release, parse_spec
 from nativelm.fleet.rollout import (
     Wave,
     log_finished,
@@ -171,11 +171,11 @@ def test_rollout_writes_the_result_log_and_reports_progress(release_dir: Path, t
     boards = [board("c1", "canary"), board("b1"), board("b2")]
     calls: list[tuple] = []
 
-    def fake_deploy(b, inventory, rel, fleet, owner, hooks, is_leftover) -> BoardResult:
-        calls.append((b.name, rel.name, owner))
-        hooks.on_phase(b.name, "upload", "model.onnx")
+    def fake_deploy(b: Board, ctx: BoardContext, rel: LocalRelease) -> BoardResult:
+        calls.append((b.name, rel.name, ctx.owner))
+        ctx.hooks.on_phase(b.name, "upload", "model.onnx")
         for sent in (0, 40, 80, 100):
-            hooks.on_progress(b.name, "model.onnx", sent, 100)
+            ctx.hooks.on_progress(b.name, "model.onnx", sent, 100)
         if b.name == "b2":
             return BoardResult(b.name, "failed", phase="verify", reason="hash mismatch: model.onnx",
                                release=rel.name, live="v2")

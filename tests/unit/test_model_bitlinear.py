@@ -6,9 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nativelm.model import BitLinear, BitSchedule, ModelParams, build_model, set_weight_bits, weight_code_shares
+from nativelm.model import (
+    BitLinear,
+    BitSchedule,
+    ModelParams,
+    build_model,
+    compiled,
+    set_weight_bits,
+    weight_code_shares,
+)
 from nativelm.model import bitlinear as bl
-from nativelm.model import compiled
 from nativelm.model.bitlinear import bitlinears
 
 

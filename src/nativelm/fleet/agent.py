@@ -4,7 +4,8 @@ Installed on each board as ``<root>/bin/nativelm-agent.py`` and run over SSH as
 ``python3 nativelm-agent.py COMMAND ARGS``; ``<root>`` is the folder above ``bin/`` (or
 ``--root DIR`` given before the command, as when the controller pipes this file to ``python3 -``).
 Every command prints one JSON object on stdout and exits 0; a failure prints one line
-``error: ...`` on stderr and exits 1. Every argument is validated here as well as on the controller.
+``error: ...`` on stderr and exits 1. Every argument is validated here as well as on the controller,
+by what its command's usage line calls it (RELEASE, NAME, SHA256, OWNER, STALE_S, KEEP).
 
 Layout under <root>::
 
@@ -15,10 +16,6 @@ Layout under <root>::
     bin/                     this agent
     lock/owner.json          present while a rollout holds the board
     bench/<release>.json     the last on-board benchmark of each release
-
-Commands: facts, hashes RELEASE, wheel-hashes, link RELEASE NAME SHA256, verify RELEASE,
-remove RELEASE NAME, discard RELEASE, lock OWNER STALE_S, unlock OWNER, activate RELEASE,
-rollback [RELEASE], prune KEEP, save-bench RELEASE (JSON on stdin).
 """
 
 from __future__ import annotations
@@ -27,6 +24,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -56,10 +54,6 @@ class AgentError(Exception):
     """A failure reported as one `error: ...` line."""
 
 
-# ----------------------------------------------------------------------------------------------
-# arguments and paths
-
-
 def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
     if not pattern.fullmatch(value) or value in (".", ".."):
         raise AgentError(f"bad {what}: {value!r} (allowed: {pattern.pattern})")
@@ -71,11 +65,6 @@ def release_name(value: str) -> str:
     return _check(RELEASE_PATTERN, value, "release name")
 
 
-def file_name(value: str) -> str:
-    """A plain file name: no folders, no leading dot."""
-    return _check(FILE_PATTERN, value, "file name")
-
-
 def number(value: str, what: str, minimum: float) -> float:
     try:
         result = float(value)
@@ -84,6 +73,35 @@ def number(value: str, what: str, minimum: float) -> float:
     if not math.isfinite(result) or result < minimum:
         raise AgentError(f"bad {what}: {value!r} (must be a finite number >= {minimum:g})")
     return result
+
+
+ARGUMENTS: dict[str, Callable[[str], Any]] = {  # what a usage line calls an argument -> its check
+    "RELEASE": lambda value: release_name(value),
+    "NAME": lambda value: _check(FILE_PATTERN, value, "file name"),
+    "SHA256": lambda value: _check(SHA256_PATTERN, value, "sha256"),
+    "OWNER": lambda value: _check(OWNER_PATTERN, value, "lock owner"),
+    "STALE_S": lambda value: number(value, "STALE_S", 0),
+    "KEEP": lambda value: number(value, "KEEP", 1),
+}
+COMMANDS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {}  # name -> (usage, function)
+
+
+def command(usage: str) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """Register a command under the first word of `usage`; the other words name its arguments ([X]: optional)."""
+
+    def register(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        COMMANDS[usage.split()[0]] = (usage, run)
+        return run
+
+    return register
+
+
+def checked_args(usage: str, args: list[str]) -> list[Any]:
+    """`args` checked against the usage line: their number, then each one by what it is called."""
+    words = usage.split()[1:]
+    if not sum(not w.startswith("[") for w in words) <= len(args) <= len(words):
+        raise AgentError("usage: " + usage)
+    return [ARGUMENTS[word.strip("[]")](value) for word, value in zip(words, args)]
 
 
 class Layout:
@@ -119,10 +137,6 @@ class Layout:
                  and RELEASE_PATTERN.fullmatch(p.name)]
         found.sort(key=lambda p: (p.stat().st_mtime, p.name))
         return [p.name for p in found]
-
-
-# ----------------------------------------------------------------------------------------------
-# files
 
 
 def sha256_file(path: Path) -> str:
@@ -185,21 +199,8 @@ def read_json(path: Path) -> Any:
         raise AgentError(f"cannot read {path}: {exc}") from None
 
 
-def read_json_quiet(path: Path) -> dict[str, Any] | None:
-    """A JSON object from a file, or None when it is missing or unreadable."""
-    try:
-        value = read_json(path)
-    except AgentError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-# ----------------------------------------------------------------------------------------------
-# commands
-
-
-def cmd_facts(lay: Layout, args: list[str]) -> dict[str, Any]:
-    _no_args(args, "facts")
+@command("facts")
+def cmd_facts(lay: Layout) -> dict[str, Any]:
     current = lay.link_target(lay.current)
     probe = lay.root
     while not probe.exists() and probe != probe.parent:
@@ -225,8 +226,8 @@ def _hashes(folder: Path) -> dict[str, str]:
     return {name: sha256_file(path) for name, path in complete_files(folder).items()}
 
 
-def cmd_hashes(lay: Layout, args: list[str]) -> dict[str, Any]:
-    (release,) = _args(args, "hashes RELEASE", 1)
+@command("hashes RELEASE")
+def cmd_hashes(lay: Layout, release: str) -> dict[str, Any]:
     folder = lay.release(release)
     folder.mkdir(parents=True, exist_ok=True)
     partial = {}
@@ -237,15 +238,14 @@ def cmd_hashes(lay: Layout, args: list[str]) -> dict[str, Any]:
     return {"files": _hashes(folder), "partial": partial}
 
 
-def cmd_wheel_hashes(lay: Layout, args: list[str]) -> dict[str, Any]:
-    _no_args(args, "wheel-hashes")
+@command("wheel-hashes")
+def cmd_wheel_hashes(lay: Layout) -> dict[str, Any]:
     lay.wheels.mkdir(parents=True, exist_ok=True)
     return {"files": _hashes(lay.wheels)}
 
 
-def cmd_link(lay: Layout, args: list[str]) -> dict[str, Any]:
-    release, name, sha = _args(args, "link RELEASE NAME SHA256", 3)
-    release_name(release), file_name(name), _check(SHA256_PATTERN, sha, "sha256")
+@command("link RELEASE NAME SHA256")
+def cmd_link(lay: Layout, release: str, name: str, sha: str) -> dict[str, Any]:
     target = lay.release(release) / name
     if target.is_file() and sha256_file(target) == sha:
         return {"linked": True, "from": release}
@@ -266,16 +266,11 @@ def cmd_link(lay: Layout, args: list[str]) -> dict[str, Any]:
 
 def _find_by_hash(lay: Layout, release: str, name: str, sha: str) -> Path | None:
     """A complete file with this sha256 in another release: same name first, then any name of equal size."""
-    others = [r for r in reversed(lay.release_names()) if r != release]
-    for other in others:
-        path = lay.releases / other / name
-        if path.is_file() and not path.is_symlink() and sha256_file(path) == sha:
-            return path
-    for other in others:
-        for candidate_name, path in complete_files(lay.releases / other).items():
-            if candidate_name != name and sha256_file(path) == sha:
-                return path
-    return None
+    others = [lay.releases / r for r in reversed(lay.release_names()) if r != release]
+    same_name = (folder / name for folder in others)
+    any_name = (path for folder in others for other, path in complete_files(folder).items() if other != name)
+    return next((path for path in itertools.chain(same_name, any_name)
+                 if path.is_file() and not path.is_symlink() and sha256_file(path) == sha), None)
 
 
 def verify_release(lay: Layout, release: str) -> int:
@@ -303,24 +298,24 @@ def verify_release(lay: Layout, release: str) -> int:
     return len(listed) + 1
 
 
-def cmd_verify(lay: Layout, args: list[str]) -> dict[str, Any]:
-    (release,) = _args(args, "verify RELEASE", 1)
+@command("verify RELEASE")
+def cmd_verify(lay: Layout, release: str) -> dict[str, Any]:
     return {"ok": True, "files": verify_release(lay, release)}
 
 
-def cmd_remove(lay: Layout, args: list[str]) -> dict[str, Any]:
-    release, name = _args(args, "remove RELEASE NAME", 2)
+@command("remove RELEASE NAME")
+def cmd_remove(lay: Layout, release: str, name: str) -> dict[str, Any]:
     folder = lay.release(release)
     removed = False
-    for path in (folder / file_name(name), folder / (name + PART)):
+    for path in (folder / name, folder / (name + PART)):
         if path.is_file() or path.is_symlink():
             path.unlink()
             removed = True
     return {"removed": removed}
 
 
-def cmd_discard(lay: Layout, args: list[str]) -> dict[str, Any]:
-    (release,) = _args(args, "discard RELEASE", 1)
+@command("discard RELEASE")
+def cmd_discard(lay: Layout, release: str) -> dict[str, Any]:
     folder = lay.release(release)
     for link in (lay.current, lay.previous):
         if lay.link_target(link) == release:
@@ -334,9 +329,10 @@ def _lock_owner(lay: Layout) -> dict[str, Any] | None:
     """owner.json of the lock, {"owner": "unknown", ...} for a lock without one, None when unlocked."""
     if not lay.lock.is_dir():
         return None
-    owner = read_json_quiet(lay.lock / "owner.json")
-    if owner is not None and isinstance(owner.get("owner"), str) and isinstance(owner.get("since"), str):
-        return owner
+    with contextlib.suppress(AgentError):
+        owner = read_json(lay.lock / "owner.json")
+        if isinstance(owner, dict) and isinstance(owner.get("owner"), str) and isinstance(owner.get("since"), str):
+            return owner
     try:
         since = lay.lock.stat().st_mtime
     except FileNotFoundError:
@@ -380,10 +376,8 @@ def _write_lock(lay: Layout, owner: str) -> None:
         shutil.rmtree(str(tmp), ignore_errors=True)
 
 
-def cmd_lock(lay: Layout, args: list[str]) -> dict[str, Any]:
-    owner, stale = _args(args, "lock OWNER STALE_S", 2)
-    _check(OWNER_PATTERN, owner, "lock owner")
-    stale_s = number(stale, "STALE_S", 0)
+@command("lock OWNER STALE_S")
+def cmd_lock(lay: Layout, owner: str, stale_s: float) -> dict[str, Any]:
     with _lock_mutex(lay):
         held = _lock_owner(lay)
         if held is not None and held["owner"] == owner:
@@ -396,9 +390,8 @@ def cmd_lock(lay: Layout, args: list[str]) -> dict[str, Any]:
         return {"locked": True, "took_over": held is not None}
 
 
-def cmd_unlock(lay: Layout, args: list[str]) -> dict[str, Any]:
-    (owner,) = _args(args, "unlock OWNER", 1)
-    _check(OWNER_PATTERN, owner, "lock owner")
+@command("unlock OWNER")
+def cmd_unlock(lay: Layout, owner: str) -> dict[str, Any]:
     with _lock_mutex(lay):
         held = _lock_owner(lay)
         if held is None or held["owner"] != owner:
@@ -419,18 +412,17 @@ def _swap(lay: Layout, release: str) -> dict[str, Any]:
     return {"current": release, "previous": old, "changed": True}
 
 
-def cmd_activate(lay: Layout, args: list[str]) -> dict[str, Any]:
-    (release,) = _args(args, "activate RELEASE", 1)
+@command("activate RELEASE")
+def cmd_activate(lay: Layout, release: str) -> dict[str, Any]:
     folder = lay.release(release)
     if not (folder / RELEASE_MANIFEST).is_file():
         raise AgentError(f"no complete release {release} on this board (missing {RELEASE_MANIFEST})")
     return _swap(lay, release)
 
 
-def cmd_rollback(lay: Layout, args: list[str]) -> dict[str, Any]:
-    if len(args) > 1:
-        raise AgentError("usage: rollback [RELEASE]")
-    target = release_name(args[0]) if args else lay.link_target(lay.previous)
+@command("rollback [RELEASE]")
+def cmd_rollback(lay: Layout, release: str | None = None) -> dict[str, Any]:
+    target = release or lay.link_target(lay.previous)
     if target is None:
         raise AgentError("nothing to roll back to: no previous release")
     try:
@@ -440,9 +432,9 @@ def cmd_rollback(lay: Layout, args: list[str]) -> dict[str, Any]:
     return _swap(lay, target)
 
 
-def cmd_prune(lay: Layout, args: list[str]) -> dict[str, Any]:
-    (keep,) = _args(args, "prune KEEP", 1)
-    keep_n = int(number(keep, "KEEP", 1))
+@command("prune KEEP")
+def cmd_prune(lay: Layout, keep: float) -> dict[str, Any]:
+    keep_n = int(keep)
     names = lay.release_names()
     protected = {lay.link_target(lay.current), lay.link_target(lay.previous)}
     removed = []
@@ -459,9 +451,9 @@ def cmd_prune(lay: Layout, args: list[str]) -> dict[str, Any]:
     return {"removed": removed, "kept": [n for n in names if n not in removed]}
 
 
-def cmd_save_bench(lay: Layout, args: list[str]) -> dict[str, Any]:
-    (release,) = _args(args, "save-bench RELEASE", 1)
-    release_name(release)
+@command("save-bench RELEASE")
+def cmd_save_bench(lay: Layout, release: str) -> dict[str, Any]:
+    """The benchmark JSON comes on stdin."""
     try:
         result = json.loads(sys.stdin.buffer.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -470,33 +462,6 @@ def cmd_save_bench(lay: Layout, args: list[str]) -> dict[str, Any]:
         raise AgentError("save-bench: stdin must hold one JSON object")
     write_atomic(lay.bench / (release + ".json"), json.dumps(result, indent=2).encode())
     return {"saved": True}
-
-
-def _args(args: list[str], usage: str, n: int) -> list[str]:
-    if len(args) != n:
-        raise AgentError("usage: " + usage)
-    return args
-
-
-def _no_args(args: list[str], usage: str) -> None:
-    _args(args, usage, 0)
-
-
-COMMANDS: dict[str, Callable[[Layout, list[str]], dict[str, Any]]] = {
-    "facts": cmd_facts,
-    "hashes": cmd_hashes,
-    "wheel-hashes": cmd_wheel_hashes,
-    "link": cmd_link,
-    "verify": cmd_verify,
-    "remove": cmd_remove,
-    "discard": cmd_discard,
-    "lock": cmd_lock,
-    "unlock": cmd_unlock,
-    "activate": cmd_activate,
-    "rollback": cmd_rollback,
-    "prune": cmd_prune,
-    "save-bench": cmd_save_bench,
-}
 
 
 def main(argv: list[str]) -> int:
@@ -511,7 +476,8 @@ def main(argv: list[str]) -> int:
             raise AgentError("--root DIR is needed when the agent is read from stdin")
         if not argv or argv[0] not in COMMANDS:
             raise AgentError("usage: nativelm-agent.py COMMAND ARGS (commands: {})".format(", ".join(COMMANDS)))
-        reply = COMMANDS[argv[0]](Layout(root), argv[1:])
+        usage, run = COMMANDS[argv[0]]
+        reply = run(Layout(root), *checked_args(usage, argv[1:]))
     except AgentError as exc:
         print(f"error: {exc}".replace("\n", " "), file=sys.stderr)
         return 1

@@ -6,22 +6,21 @@
     fleet status [--boards a,b] [--groups g] [--inventory PATH]
     fleet provision [--boards a,b] [--groups g] [--inventory PATH]
 
-Only argparse is imported here; each handler imports what it runs, so `nativelm --help` stays fast.
+Only the parsers are built here: the handlers (nativelm.fleet.handlers, with SSH, MLflow and the
+rest) are imported when a command runs, so `nativelm --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from nativelm.cliargs import at_least, params_of
+from nativelm.cliargs import at_least
 from nativelm.params.fleet import NAME_PATTERN
 
-if TYPE_CHECKING:
-    from nativelm.fleet.inventory import Board, Inventory
-    from nativelm.params.root import Params
+HANDLERS = "nativelm.fleet.handlers"
 
 
 def names(text: str) -> list[str]:
@@ -34,58 +33,14 @@ def names(text: str) -> list[str]:
     return parts
 
 
-def chosen_boards(args: argparse.Namespace, params: Params) -> tuple[Inventory, list[Board]]:
-    """The inventory (--inventory or fleet.inventory) and the boards --boards / --groups select (default all)."""
-    from nativelm.fleet.inventory import load_inventory, select_boards
+def handler(name: str) -> Callable[[argparse.Namespace], int]:
+    """The handler `name` of nativelm.fleet.handlers, imported only when its command runs."""
 
-    inventory = load_inventory(Path(args.inventory or params.fleet.inventory))
-    return inventory, select_boards(inventory, args.boards or (), args.groups or ())
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(HANDLERS), name)(args)
 
-
-def cmd_sim(args: argparse.Namespace) -> int:
-    """Start, stop or show the simulated fleet."""
-    params = params_of(args)
-    from nativelm.fleet import sim
-
-    if args.action == "up":
-        boards = sim.sim_up(params, args.boards, args.canary)
-    elif args.action == "down":
-        boards = sim.sim_down(params, purge=args.purge)
-    else:
-        boards = sim.sim_status(params)
-    for line in sim.render_sim(boards):
-        print(line)
-    if args.action == "up":
-        inventory = sim.sim_dir(params) / "fleet.yaml"
-        print(f"inventory: {inventory}")
-        if Path(params.fleet.inventory).absolute() != inventory:
-            print(f"note: fleet.inventory is {params.fleet.inventory}; pass --inventory {inventory} to use the "
-                  f"simulated fleet")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print the status table; exit 1 when a chosen board is unreachable."""
-    params = params_of(args)
-    from nativelm.fleet.status import fleet_status, render_status
-
-    inventory, boards = chosen_boards(args, params)
-    rows = fleet_status(inventory, boards, params.fleet)
-    for line in render_status(rows):
-        print(line)
-    return 0 if all(row.reachable for row in rows) else 1
-
-
-def cmd_provision(args: argparse.Namespace) -> int:
-    """Provision the chosen boards; exit 1 when any failed."""
-    params = params_of(args)
-    from nativelm.fleet.provision import provision, render_provision
-
-    inventory, boards = chosen_boards(args, params)
-    results = provision(inventory, boards, params.fleet, Path(params.stack.state_dir))
-    for line in render_provision(results):
-        print(line)
-    return 0 if all(r.ok for r in results) else 1
+    run.__name__ = run.__qualname__ = name
+    return run
 
 
 def add_board_choice(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +71,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--canary", type=at_least(0, 64), default=None, metavar="N",
                    help="boards in group `canary` (default fleet.sim.canary)")
     p.add_argument("--purge", action="store_true", help="with down: also delete the simulated fleet's folder")
-    p.set_defaults(handler=cmd_sim)
+    p.set_defaults(handler=handler("cmd_sim"))
 
     p = actions.add_parser("status", parents=[common], help="reachability, platform, disk, release, benchmark",
                            description="Connect to each board (pinned host keys, key authentication) and show "
@@ -124,7 +79,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                        "virtualenv, lock holder and last on-board decode speed. Read-only. Exits "
                                        "1 when a board is unreachable.")
     add_board_choice(p)
-    p.set_defaults(handler=cmd_status)
+    p.set_defaults(handler=handler("cmd_status"))
 
     p = actions.add_parser("provision", parents=[common], help="prepare boards: Python check, layout, runtime venv",
                            description="On each board: check Python >= 3.9, create the layout under "
@@ -133,4 +88,4 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                        "board's platform and uploads (boards need no internet). Idempotent: a "
                                        "second run installs nothing.")
     add_board_choice(p)
-    p.set_defaults(handler=cmd_provision)
+    p.set_defaults(handler=handler("cmd_provision"))

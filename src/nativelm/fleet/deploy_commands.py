@@ -2,32 +2,17 @@
 
 Each prints per-board progress on stderr and a summary table on stdout, and exits 1 when any board
 failed (2 for bad input: parameters, inventory, release). `register` adds them to the `nativelm`
-parser; the handlers are plain functions of the parsed arguments.
+parser; their handlers are in nativelm.fleet.handlers, imported when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from nativelm.cliargs import at_least, params_of
-from nativelm.errors import NativelmError
-from nativelm.fleet.commands import add_board_choice, chosen_boards
+from nativelm.cliargs import at_least
+from nativelm.fleet.commands import add_board_choice, handler
 from nativelm.params.fleet import RELEASE_PATTERN
-
-if TYPE_CHECKING:
-    from nativelm.fleet.inventory import Board, Inventory
-    from nativelm.fleet.rollout import RolloutResult
-    from nativelm.params.root import Params
-
-
-class UsageError(NativelmError):
-    """The command line asks for something it cannot mean."""
-
-    exit_code = 2
 
 
 def release_name(text: str) -> str:
@@ -35,84 +20,6 @@ def release_name(text: str) -> str:
     if not re.fullmatch(RELEASE_PATTERN, text):
         raise argparse.ArgumentTypeError(f"not a release name (such as v3 or sha-0123456789ab): {text!r}")
     return text
-
-
-def _progress(boards: list[Board]):  # -> Progress
-    from nativelm.fleet.progress import Progress
-
-    return Progress([b.name for b in boards], sys.stderr)
-
-
-def _finish(result: RolloutResult) -> int:
-    from nativelm.fleet.rollout import render_rollout
-
-    for line in render_rollout(result):
-        print(line)
-    return 0 if result.ok else 1
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    """Roll a release out to the chosen boards, then benchmark the boards that serve it."""
-    from nativelm.fleet.release import resolve_release
-    from nativelm.fleet.rollout import rollout, serving_boards
-
-    params = params_of(args)
-    release = resolve_release(args.model or params.evaluate.release_dir, params)
-    inventory, boards = chosen_boards(args, params)
-    print(f"deploy: {release.name} ({release.folder}, {release.total_bytes / 2**20:.1f} MiB) to "
-          f"{len(boards)} boards", file=sys.stderr)
-    result = rollout(inventory, boards, release, params.fleet, Path(params.stack.state_dir),
-                     progress=_progress(boards))
-    status = _finish(result)
-    if not args.no_bench:
-        _bench(params, inventory, serving_boards(boards, result, release.name), args.no_mlflow, result.rollout_id,
-               release.name, release.version)
-    return status
-
-
-def cmd_rollback(args: argparse.Namespace) -> int:
-    """Restore the previous release (or --to RELEASE) on the chosen boards."""
-    from nativelm.fleet.rollout import rollback
-
-    params = params_of(args)
-    if not (args.boards or args.groups or args.all):
-        raise UsageError("rollback: choose the boards: --boards a,b, --groups g or --all")
-    inventory, boards = chosen_boards(args, params)
-    result = rollback(inventory, boards, params.fleet, Path(params.stack.state_dir), to=args.to,
-                      progress=_progress(boards))
-    return _finish(result)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmark the live release of the chosen boards; table on stdout, one MLflow run."""
-    from nativelm.fleet.rollout import new_rollout_id
-
-    params = params_of(args)
-    inventory, boards = chosen_boards(args, params)
-    rows = _bench(params, inventory, boards, args.no_mlflow, new_rollout_id("bench"), None, None,
-                  parallel=args.parallel)
-    return 1 if any(row.error for row in rows) else 0
-
-
-def _bench(params: Params, inventory: Inventory, boards: list[Board], no_mlflow: bool, rollout_id: str,
-           release: str | None, version: int | None, parallel: int | None = None) -> list:
-    from nativelm.fleet.onboard_bench import bench_fleet, log_bench_run, render_bench
-
-    if not boards:
-        return []
-    print(f"bench: {len(boards)} boards (prompt {params.fleet.bench_prompt_len} tokens, "
-          f"{params.fleet.bench_new_tokens} new tokens, {params.fleet.bench_repeats} repeats)", file=sys.stderr)
-    rows = bench_fleet(inventory, boards, params.fleet, parallel)
-    for line in render_bench(rows):
-        print(line)
-    if not no_mlflow:
-        releases = sorted({row.release for row in rows if row.release})
-        run_id = log_bench_run(params, rows, rollout_id=rollout_id,
-                               release=release or (releases[0] if len(releases) == 1 else ",".join(releases)),
-                               version=version)
-        if run_id:
-            print(f"bench: MLflow run {run_id}")
-    return rows
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -125,15 +32,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                     "uploads resume; on each board every file is verified and the golden health check passes "
                     "before `current` is switched atomically (a failure keeps or restores the previous "
                     "release). More than fleet.max_failed_boards failed boards abort the rollout. Then the "
-                    "boards serving the release are benchmarked (one MLflow run). Result log: "
+                    "boards serving the release are benchmarked and the rollout is recorded (one MLflow run, nested "
+                    "under the pipeline run that registered the version). Result log: "
                     "<stack.state_dir>/rollouts/<id>.json. Exit status 1 when any board failed.")
     p.add_argument("--model", metavar="SPEC", default=None,
                    help="registered version (3), alias (champion), models:/NAME/3 or models:/NAME@alias "
                         "(downloaded from MLflow), or a release folder (default: evaluate.release_dir)")
     add_board_choice(p)
     p.add_argument("--no-bench", action="store_true", help="skip the on-board benchmark after the rollout")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log the benchmark to MLflow")
-    p.set_defaults(handler=cmd_deploy)
+    p.add_argument("--no-mlflow", action="store_true", help="do not record the rollout and its benchmark in MLflow")
+    p.set_defaults(handler=handler("cmd_deploy"))
 
     p = sub.add_parser(
         "rollback", parents=[common], help="restore the previous release on chosen boards",
@@ -144,7 +52,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--all", action="store_true", help="every board of the inventory")
     p.add_argument("--to", type=release_name, default=None, metavar="RELEASE",
                    help="release to restore, such as v3 (default: each board's previous release)")
-    p.set_defaults(handler=cmd_rollback)
+    p.set_defaults(handler=handler("cmd_rollback"))
 
     p = sub.add_parser(
         "bench", parents=[common], help="benchmark the live release on each board",
@@ -154,7 +62,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                     "board could not be benchmarked.")
     add_board_choice(p)
     p.add_argument("--parallel", type=at_least(1), default=None, metavar="N",
-                   help="boards benchmarked at once (default: fleet.max_parallel; 1 for simulated boards that "
-                        "share this machine's CPUs)")
+                   help="boards benchmarked at once (default: fleet.max_parallel; boards on one host, such as "
+                        "the simulated fleet's, are benchmarked one at a time whatever N)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.set_defaults(handler=cmd_bench)
+    p.set_defaults(handler=handler("cmd_bench"))

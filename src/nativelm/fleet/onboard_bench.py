@@ -5,9 +5,9 @@ on the release `current` points at (fleet.bench_prompt_len / bench_new_tokens / 
 keeps the JSON as ``<root>/bench/<release>.json`` (agent `save-bench`), which `fleet status` shows.
 The controller prints a table and logs one MLflow run per rollout: metrics named
 ``board.<board>.<metric>`` (plus fleet-wide minimum and median decode speed), the table as
-markdown and CSV, the raw JSON and a bar chart. Boards share nothing, so they run in parallel
-(fleet.max_parallel at once; simulated boards on one machine share its CPUs: bench them serially
-for figures worth comparing).
+markdown and CSV, the raw JSON and a bar chart. Boards on different hosts run in parallel
+(fleet.max_parallel at once); boards on one host (the simulated fleet) share its CPUs, so they are
+benchmarked one after the other, for figures worth comparing.
 """
 
 from __future__ import annotations
@@ -17,20 +17,19 @@ import io
 import json
 import statistics
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nativelm.fleet.deploy import (
-    StepFailed,
-    connect_failure,
-    failure_line,
-    failures_as_steps,
-)
+from matplotlib.figure import Figure
+
+from nativelm.fleet.board_job import StepFailed, connect_failure, failure_line, failures_as_steps
 from nativelm.fleet.provision import for_each_board
-from nativelm.fleet.ssh import BoardError, BoardSession
+from nativelm.fleet.ssh import BoardSession
+from nativelm.fleet.ssh_trust import BoardError
 from nativelm.formats.release import RUNTIME_FILE
+from nativelm.tracking.runs import tracked_run
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory
@@ -61,6 +60,10 @@ class BenchRow:
     def value(self, key: str) -> float | None:
         value = self.results.get(key)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+BenchOne = Callable[["Board"], BenchRow]
+BenchWave = Callable[[BenchOne, Sequence["Board"]], list[BenchRow]]
 
 
 def bench_argv(session: BoardSession, release: str, fleet: FleetParams) -> list[str]:
@@ -113,10 +116,30 @@ def bench_on(board: Board, inventory: Inventory, fleet: FleetParams) -> BenchRow
         return BenchRow(board.name, error=f"{failed.phase}: {failed.reason}")
 
 
-def bench_fleet(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams,
-                parallel: int | None = None) -> list[BenchRow]:
-    """Benchmark `boards` (up to `parallel`, default fleet.max_parallel, at once), in inventory order."""
-    return for_each_board(boards, parallel or fleet.max_parallel, lambda b: bench_on(b, inventory, fleet))
+def bench_waves(boards: Sequence[Board], parallel: int) -> list[tuple[Board, ...]]:
+    """Boards benchmarked at the same time: at most `parallel`, never two on one host (they would share its CPUs)."""
+    waves: list[list[Board]] = []
+    for board in boards:
+        wave = next((w for w in waves if len(w) < parallel and all(b.host != board.host for b in w)), None)
+        if wave is None:
+            waves.append([board])
+        else:
+            wave.append(board)
+    return [tuple(wave) for wave in waves]
+
+
+def in_threads(bench_one: BenchOne, wave: Sequence[Board]) -> list[BenchRow]:
+    """Every board of a wave at the same time, in this process's threads."""
+    return for_each_board(wave, len(wave), bench_one)
+
+
+def bench_fleet(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams, parallel: int | None = None,
+                run_wave: BenchWave = in_threads) -> list[BenchRow]:
+    """Benchmark `boards` wave after wave of `bench_waves` (`run_wave` runs one); rows in the order of `boards`."""
+    rows: dict[str, BenchRow] = {}
+    for wave in bench_waves(boards, parallel or fleet.max_parallel):
+        rows.update((row.board, row) for row in run_wave(lambda b: bench_on(b, inventory, fleet), wave))
+    return [rows[b.name] for b in boards]
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,15 +180,14 @@ def bench_csv(rows: Sequence[BenchRow]) -> str:
 
 
 def bench_chart(rows: Sequence[BenchRow], path: Path) -> Path:
-    """Bar chart of prefill and decode tokens/s per board (boards without figures are left out)."""
-    import matplotlib
+    """Bar chart of prefill and decode tokens/s per board (boards without figures are left out).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Drawn on a bare Figure (no pyplot): no GUI backend, nothing global, safe in any thread.
+    """
     measured = [r for r in rows if r.value("decode_tokens_per_s") is not None]
     names = [r.board for r in measured]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.4 * max(1, len(names))), squeeze=False)
+    fig = Figure(figsize=(10, 1.2 + 0.4 * max(1, len(names))))
+    axes = fig.subplots(1, 2, squeeze=False)
     for ax, key, title in ((axes[0][0], "prefill_tokens_per_s", "prefill tokens/s"),
                            (axes[0][1], "decode_tokens_per_s", "decode tokens/s")):
         ax.barh(names, [r.value(key) for r in measured], color="#4C72B0")
@@ -175,7 +197,6 @@ def bench_chart(rows: Sequence[BenchRow], path: Path) -> Path:
     fig.suptitle(f"on-board benchmark ({len(measured)} of {len(rows)} boards)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -202,8 +223,6 @@ def log_bench_run(params: Params, rows: Sequence[BenchRow], *, rollout_id: str, 
 
     Returns the run id (None when tracking is off). Nothing from the inventory but board names is logged.
     """
-    from nativelm.tracking.runs import tracked_run
-
     run_tags = {"rollout_id": rollout_id, "release": release or "", "model_version": "" if version is None
                 else str(version), **(tags or {})}
     with tracked_run(params, f"bench {rollout_id}", "onboard-bench", parent_run_id=parent_run_id,

@@ -10,12 +10,11 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
-if TYPE_CHECKING:
-    from tqdm import tqdm
+from tqdm import tqdm
 
-    from nativelm.fleet.deploy import BoardResult, DeployHooks
+from nativelm.fleet.board_job import BoardResult, DeployHooks
 
 UPLOAD_STEPS = 4  # plain-line mode: report an upload at 25%, 50%, 75%, 100%
 BAR_WIDTH = 20  # terminal mode: characters of each board's bar
@@ -32,8 +31,6 @@ class Progress:
         self._reported: dict[tuple[str, str], int] = {}  # (board, file) -> quarters already printed
         self._bars: dict[str, tqdm] = {}
         if self.live:
-            from tqdm import tqdm
-
             for position, board in enumerate(boards):
                 self._bars[board] = tqdm(total=100, position=position, file=self.stream, leave=True,
                                          bar_format="{desc}")
@@ -82,8 +79,6 @@ class Progress:
 
     def hooks(self, user: DeployHooks | None = None) -> DeployHooks:
         """Deploy hooks that report here and still call the caller's own hooks (tests inject faults there)."""
-        from nativelm.fleet.deploy import DeployHooks
-
         user = user or DeployHooks()
 
         def on_phase(board: str, phase: str, detail: str) -> None:

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from nativelm.errors import NativelmError
 from nativelm.fleet.agent import AGENT_FILE, PACKAGES_FILE
-from nativelm.fleet.ssh import BoardError, BoardSession, last_line
+from nativelm.fleet.ssh import BoardSession, last_line
+from nativelm.fleet.ssh_trust import BoardError
 from nativelm.fsutil import atomic_dir, atomic_write_text, sha256_file
 from nativelm.stack.process import file_lock
 

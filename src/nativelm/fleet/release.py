@@ -23,11 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import mlflow.artifacts
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from nativelm.errors import NativelmError
 from nativelm.formats.release import FORMAT as RELEASE_FORMAT
 from nativelm.formats.release import MANIFEST as RELEASE_MANIFEST
 from nativelm.formats.release import RUNTIME_FILE
 from nativelm.fsutil import atomic_dir, sha256_file
+from nativelm.tracking.runs import required_tracking_uri
 
 if TYPE_CHECKING:
     from nativelm.params.root import Params
@@ -152,9 +157,6 @@ def parse_spec(spec: str, registered_model: str) -> RegistrySpec | Path:
 
 
 def _model_version(uri: str, spec: RegistrySpec) -> Any:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient(tracking_uri=uri)
     try:
         if spec.version is not None:
@@ -168,8 +170,6 @@ def _model_version(uri: str, spec: RegistrySpec) -> Any:
 
 def _download(uri: str, source: str, target: Path, version: int) -> LocalRelease:
     """Download a version's release folder into `target` atomically, verified before it is renamed."""
-    import mlflow.artifacts
-
     with atomic_dir(target) as tmp:
         staging = tmp / ".download"
         staging.mkdir()
@@ -196,8 +196,6 @@ def _cached(target: Path, version: int) -> LocalRelease | None:
 
 def fetch_registered(params: Params, spec: RegistrySpec) -> LocalRelease:
     """A registered version's release folder under <stack.state_dir>/releases/v<N>/, downloaded once."""
-    from nativelm.tracking.runs import required_tracking_uri
-
     uri = required_tracking_uri(params, str(spec), ReleaseError, hint="; or pass a release folder")
     found = _model_version(uri, spec)
     version = int(found.version)

@@ -7,7 +7,11 @@
 
 Every board's result goes to ``<stack.state_dir>/rollouts/<rollout id>.json`` (rewritten atomically
 as boards finish, ``"finished": true`` at the end), which is also how a later rollout recognises a
-board lock left behind by this one (see `deploy.BoardJob.take_over_leftover`).
+board lock left behind by this one (see `board_job.BoardJob.take_over_leftover`).
+
+`plan_rollout` gives the rollout as a `RolloutPlan`: its waves and the step of one board. `run`
+drives the waves in this process (a thread pool per wave); a caller with its own executor (the
+Prefect flow: one task per board) passes `run_wave`, and the abort rules stay the ones here.
 """
 
 from __future__ import annotations
@@ -25,20 +29,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nativelm.errors import NativelmError
-from nativelm.fleet.deploy import BoardResult, DeployHooks, deploy_to, rollback_on
+from nativelm.fleet.board_job import BoardContext, BoardResult, DeployHooks
+from nativelm.fleet.deploy import deploy_to, rollback_on
+from nativelm.fleet.progress import Progress
 from nativelm.fsutil import atomic_write_text
 from nativelm.params.fleet import RELEASE_PATTERN, FleetParams
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory
-    from nativelm.fleet.progress import Progress
     from nativelm.fleet.release import LocalRelease
 
 CANARY_GROUP = "canary"
 _ID = re.compile(r"^(rollout|rollback)-\d{8}-\d{6}-[0-9a-f]{6}$")
 
 RunOne = Callable[["Board"], BoardResult]
-Deploy = Callable[..., BoardResult]
+Deploy = Callable[["Board", BoardContext, "LocalRelease"], BoardResult]
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ def plan_waves(boards: Sequence[Board], max_parallel: int, canary_group: str = C
     return waves
 
 
+RunWave = Callable[[Wave], list[BoardResult]]  # every board of the wave, results in the wave's order
+
+
 def safe_run(run_one: RunOne, board: Board) -> BoardResult:
     """`run_one(board)`, with an unexpected exception recorded as that board's failure."""
     try:
@@ -70,25 +78,31 @@ def safe_run(run_one: RunOne, board: Board) -> BoardResult:
 
 def run_waves(waves: Sequence[Wave], run_one: RunOne, *, max_parallel: int,
               max_failed: int) -> tuple[list[BoardResult], str | None]:
-    """Run the waves in order, each with up to `max_parallel` boards at once.
+    """Run the waves in order in this process, each with up to `max_parallel` boards at once (threads)."""
+    with ThreadPoolExecutor(max_workers=max(1, max_parallel), thread_name_prefix="board") as pool:
+        return drive_waves(waves, lambda wave: list(pool.map(lambda b: safe_run(run_one, b), wave.boards)),
+                           max_failed)
+
+
+def drive_waves(waves: Sequence[Wave], run_wave: RunWave, max_failed: int) -> tuple[list[BoardResult], str | None]:
+    """Run the waves in order with `run_wave`, stopping per the rules of the module docstring.
 
     Returns every board's result (skipped ones included, in wave order) and the abort reason (None: none).
     """
     results: list[BoardResult] = []
     abort: str | None = None
-    with ThreadPoolExecutor(max_workers=max(1, max_parallel), thread_name_prefix="board") as pool:
-        for wave in waves:
-            if abort is not None:
-                results += [skipped(b, abort) for b in wave.boards]
-                continue
-            done = list(pool.map(lambda b: safe_run(run_one, b), wave.boards))
-            results += done
-            failed_here = [r.board for r in done if r.failed]
-            failed_total = sum(r.failed for r in results)
-            if wave.gate and failed_here:
-                abort = f"canary failed on {', '.join(failed_here)}"
-            elif failed_total > max_failed:
-                abort = f"{failed_total} boards failed (more than fleet.max_failed_boards = {max_failed})"
+    for wave in waves:
+        if abort is not None:
+            results += [skipped(b, abort) for b in wave.boards]
+            continue
+        done = run_wave(wave)
+        results += done
+        failed_here = [r.board for r in done if r.failed]
+        failed_total = sum(r.failed for r in results)
+        if wave.gate and failed_here:
+            abort = f"canary failed on {', '.join(failed_here)}"
+        elif failed_total > max_failed:
+            abort = f"{failed_total} boards failed (more than fleet.max_failed_boards = {max_failed})"
     return results, abort
 
 
@@ -186,61 +200,101 @@ class RolloutLog:
         return self.result
 
 
-def _orchestrate(log: RolloutLog, waves: list[Wave], job: RunOne, fleet: FleetParams, max_failed: int,
-                 progress: Progress | None) -> RolloutResult:
-    started = time.perf_counter()
+@dataclass
+class RolloutPlan:
+    """A rollout ready to run: its waves, one board's job, and the log kept as boards finish.
 
-    def one(board: Board) -> BoardResult:
-        result = safe_run(job, board)
-        log.record(result)
-        if progress is not None:
-            progress.done(result)
+    `attempt` tries one board (never raises); `record` files a board's final result (log, progress);
+    `step` is both, for executors without retries.
+    """
+
+    log: RolloutLog
+    waves: list[Wave]
+    job: RunOne
+    max_parallel: int
+    max_failed: int
+    progress: Progress | None = None
+
+    @property
+    def rollout_id(self) -> str:
+        return self.log.result.rollout_id
+
+    def attempt(self, board: Board) -> BoardResult:
+        return safe_run(self.job, board)
+
+    def record(self, result: BoardResult) -> BoardResult:
+        self.log.record(result)
+        if self.progress is not None:
+            self.progress.done(result)
         return result
 
-    try:
-        results, aborted = run_waves(waves, one, max_parallel=fleet.max_parallel, max_failed=max_failed)
-        for result in results:
-            if result.outcome == "skipped" and progress is not None:
-                progress.done(result)
-    finally:
-        if progress is not None:
-            progress.close()
-    return log.finish(results, aborted, time.perf_counter() - started)
+    def step(self, board: Board) -> BoardResult:
+        return self.record(self.attempt(board))
+
+    def run(self, run_wave: RunWave | None = None) -> RolloutResult:
+        """Run every wave (this process's threads, or `run_wave`); finish the log; never raises for boards."""
+        started = time.perf_counter()
+        try:
+            if run_wave is None:
+                results, aborted = run_waves(self.waves, self.step, max_parallel=self.max_parallel,
+                                             max_failed=self.max_failed)
+            else:
+                results, aborted = drive_waves(self.waves, run_wave, self.max_failed)
+            for result in results:
+                if result.outcome == "skipped" and self.progress is not None:
+                    self.progress.done(result)
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+        return self.log.finish(results, aborted, time.perf_counter() - started)
 
 
-def rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRelease, fleet: FleetParams,
-            state_dir: Path, *, hooks: DeployHooks | None = None, progress: Progress | None = None,
-            rollout_id: str | None = None, deploy: Deploy = deploy_to) -> RolloutResult:
-    """Deploy `release` to `boards`: canary first, then waves; see the module docstring."""
+def board_context(inventory: Inventory, fleet: FleetParams, state_dir: Path, owner: str,
+                  hooks: DeployHooks | None, progress: Progress | None) -> BoardContext:
+    """The context of every board of one rollout: its id owns the locks, finished rollouts' locks are leftovers."""
+    shown = progress.hooks(hooks) if progress is not None else (hooks or DeployHooks())
+    return BoardContext(inventory, fleet, owner, shown, lambda other: log_finished(state_dir, other))
+
+
+def plan_rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRelease, fleet: FleetParams,
+                 state_dir: Path, *, hooks: DeployHooks | None = None, progress: Progress | None = None,
+                 rollout_id: str | None = None, deploy: Deploy = deploy_to) -> RolloutPlan:
+    """The deploy of `release` to `boards` (canary first, then waves); its log is started here."""
     rid = rollout_id or new_rollout_id("rollout")
     settings = {"max_parallel": fleet.max_parallel, "max_failed_boards": fleet.max_failed_boards,
                 "keep_releases": fleet.keep_releases}
     log = RolloutLog(state_dir, RolloutResult(rid, "deploy", release.name, release.version, _now(),
                                               settings=settings))
-    board_hooks = progress.hooks(hooks) if progress is not None else hooks
-
-    def job(board: Board) -> BoardResult:
-        return deploy(board, inventory, release, fleet, rid, board_hooks, lambda o: log_finished(state_dir, o))
-
-    waves = plan_waves(boards, fleet.max_parallel)
-    return _orchestrate(log, waves, job, fleet, fleet.max_failed_boards, progress)
+    ctx = board_context(inventory, fleet, state_dir, rid, hooks, progress)
+    return RolloutPlan(log, plan_waves(boards, fleet.max_parallel), lambda board: deploy(board, ctx, release),
+                       fleet.max_parallel, fleet.max_failed_boards, progress)
 
 
-def rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams, state_dir: Path, *,
-             to: str | None = None, progress: Progress | None = None) -> RolloutResult:
+def rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRelease, fleet: FleetParams,
+            state_dir: Path, *, hooks: DeployHooks | None = None, progress: Progress | None = None,
+            rollout_id: str | None = None, deploy: Deploy = deploy_to) -> RolloutResult:
+    """Deploy `release` to `boards` in this process: canary first, then waves; see the module docstring."""
+    return plan_rollout(inventory, boards, release, fleet, state_dir, hooks=hooks, progress=progress,
+                        rollout_id=rollout_id, deploy=deploy).run()
+
+
+def plan_rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams, state_dir: Path, *,
+                  to: str | None = None, progress: Progress | None = None) -> RolloutPlan:
     """Restore the previous release (or `to`) on `boards`, up to fleet.max_parallel at once; never aborts."""
     if to is not None and not re.fullmatch(RELEASE_PATTERN, to):
         raise NativelmError(f"rollback: {to!r} is not a release name (such as v3 or sha-0123456789ab)")
     rid = new_rollout_id("rollback")
     log = RolloutLog(state_dir, RolloutResult(rid, "rollback", to or "previous", None, _now(),
                                               settings={"max_parallel": fleet.max_parallel}))
-    hooks = progress.hooks() if progress is not None else None
+    ctx = board_context(inventory, fleet, state_dir, rid, None, progress)
+    return RolloutPlan(log, [Wave("all", tuple(boards))], lambda board: rollback_on(board, ctx, to),
+                       fleet.max_parallel, len(boards), progress)
 
-    def job(board: Board) -> BoardResult:
-        return rollback_on(board, inventory, fleet, rid, to, hooks, lambda o: log_finished(state_dir, o))
 
-    waves = [Wave("all", tuple(boards))]
-    return _orchestrate(log, waves, job, fleet, len(boards), progress)
+def rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams, state_dir: Path, *,
+             to: str | None = None, progress: Progress | None = None) -> RolloutResult:
+    """Restore the previous release (or `to`) on `boards` in this process; see `plan_rollback`."""
+    return plan_rollback(inventory, boards, fleet, state_dir, to=to, progress=progress).run()
 
 
 def serving_boards(boards: Sequence[Board], result: RolloutResult, release: str) -> list[Board]:

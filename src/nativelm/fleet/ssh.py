@@ -13,16 +13,13 @@ Security rules kept here so no caller can forget them:
 
 from __future__ import annotations
 
-import base64
 import errno
-import hashlib
 import io
 import json
 import posixpath
 import re
 import select
 import shlex
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +28,17 @@ from typing import TYPE_CHECKING, Self
 
 import paramiko
 
-from nativelm.errors import NativelmError, ParamsError
+from nativelm.errors import ParamsError
+from nativelm.fleet.agent import AGENT_FILE
+from nativelm.fleet.ssh_trust import (
+    BoardError,
+    HostKeyError,
+    RefuseUnknown,
+    connect_reason,
+    connection_dropped,
+    fingerprint,
+    load_private_key,
+)
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory
@@ -43,23 +50,6 @@ AGENT_REMOTE = ("bin", "nativelm-agent.py")  # where ensure_agent puts the agent
 _CHUNK = 256 * 1024
 
 
-class BoardError(NativelmError):
-    """Something failed on or while talking to one board; `phase` says what was being done."""
-
-    def __init__(self, board: str, phase: str, reason: str) -> None:
-        self.board = board
-        self.phase = phase
-        self.reason = reason
-        super().__init__(f"board {board}: {phase}: {reason}")
-
-    def __reduce__(self):  # picklable across processes despite the three-argument constructor
-        return (type(self), (self.board, self.phase, self.reason))
-
-
-class HostKeyError(BoardError):
-    """The board's host key is not pinned, or differs from the pinned one: the connection is refused."""
-
-
 @dataclass(frozen=True)
 class CommandResult:
     """Exit status and decoded output of one remote command."""
@@ -69,60 +59,10 @@ class CommandResult:
     stderr: str
 
 
-def fingerprint(key: paramiko.PKey) -> str:
-    """`SHA256:...` as `ssh-keygen -lf` and `ssh` print it."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
 def last_line(text: str) -> str:
     """The last non-empty line of `text` (stripped), or ''."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
-
-
-class _RefuseUnknown(paramiko.RejectPolicy):
-    """RejectPolicy that says which key was offered and where it would have to be pinned."""
-
-    def __init__(self, board: str, known_hosts: Path) -> None:
-        self.board = board
-        self.known_hosts = known_hosts
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        raise HostKeyError(self.board, "host key",
-                           f"{hostname} offered {key.get_name()} key {fingerprint(key)}, which is not pinned in "
-                           f"{self.known_hosts}: refused (verify the fingerprint out of band, then add the key "
-                           f"there)")
-
-
-def _connect_reason(exc: BaseException, board: Board, timeout: float) -> str:
-    where = f"{board.host}:{board.port}"
-    if isinstance(exc, paramiko.AuthenticationException):
-        return f"key authentication failed for user {board.user} at {where}"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return f"no answer from {where} within {timeout:g} s"
-    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
-        return f"connection refused by {where}"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve host {board.host}: {exc.strerror}"
-    if isinstance(exc, OSError):
-        return f"{where}: {exc.strerror or exc}"
-    return f"{where}: {exc}"
-
-
-def load_private_key(path: Path, board: str) -> paramiko.PKey:
-    """The inventory's private key for `board` (BoardError naming the file, never its contents)."""
-    try:
-        return paramiko.PKey.from_path(path)
-    except FileNotFoundError:
-        reason = f"private key not found: {path}"
-    except PermissionError:
-        reason = f"cannot read private key {path}: permission denied"
-    except paramiko.PasswordRequiredException:
-        reason = f"private key {path} is encrypted; use a key without a passphrase for the fleet"
-    except (paramiko.SSHException, ValueError, OSError) as exc:
-        reason = f"cannot load private key {path}: {type(exc).__name__}"
-    raise BoardError(board, "connect", reason)
 
 
 class BoardSession:
@@ -161,7 +101,7 @@ class BoardSession:
         except (OSError, paramiko.SSHException) as exc:
             raise BoardError(board.name, "connect", f"cannot read known_hosts {self.inventory.known_hosts}: "
                                                     f"{getattr(exc, 'strerror', None) or exc}") from None
-        client.set_missing_host_key_policy(_RefuseUnknown(board.name, self.inventory.known_hosts))
+        client.set_missing_host_key_policy(RefuseUnknown(board.name, self.inventory.known_hosts))
         timeout = fleet.connect_timeout_s
         try:
             client.connect(board.host, port=board.port, username=board.user, pkey=pkey, timeout=timeout,
@@ -180,7 +120,8 @@ class BoardSession:
                                ) from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
-            raise BoardError(board.name, "connect", _connect_reason(exc, board, timeout)) from None
+            raise BoardError(board.name, "connect", connect_reason(exc, board, timeout),
+                             transient=connection_dropped(exc)) from None
         transport = client.get_transport()
         if transport is not None and fleet.keepalive_s:
             transport.set_keepalive(fleet.keepalive_s)
@@ -249,8 +190,8 @@ class BoardSession:
         try:
             channel = self._require_client().get_transport().open_session(timeout=self.fleet.connect_timeout_s)
         except (paramiko.SSHException, OSError, EOFError, AttributeError) as exc:
-            raise BoardError(self.board.name, "command", f"cannot open a channel: {exc or type(exc).__name__}"
-                             ) from None
+            raise BoardError(self.board.name, "command", f"cannot open a channel: {exc or type(exc).__name__}",
+                             transient=True) from None
         try:
             channel.exec_command(command)
             if stdin:
@@ -261,7 +202,8 @@ class BoardSession:
                 raise BoardError(self.board.name, "command", f"timed out after {limit:g} s")
             rc = channel.recv_exit_status()
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise BoardError(self.board.name, "command", f"connection lost: {exc or type(exc).__name__}") from None
+            raise BoardError(self.board.name, "command", f"connection lost: {exc or type(exc).__name__}",
+                             transient=True) from None
         finally:
             channel.close()
         result = CommandResult(rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
@@ -280,8 +222,6 @@ class BoardSession:
         if inline:
             if stdin is not None:
                 raise ValueError("an inline agent command cannot take stdin")
-            from nativelm.fleet.agent import AGENT_FILE
-
             argv = [self.board.python, "-", "--root", self.root, command, *args]
             stdin = AGENT_FILE.read_bytes()
         else:
@@ -310,7 +250,8 @@ class BoardSession:
             try:
                 self._sftp = self._require_client().open_sftp()
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                raise BoardError(self.board.name, "sftp", f"cannot open SFTP: {exc or type(exc).__name__}") from None
+                raise BoardError(self.board.name, "sftp", f"cannot open SFTP: {exc or type(exc).__name__}",
+                                 transient=connection_dropped(exc)) from None
         return self._sftp
 
     def remote_size(self, remote: str) -> int | None:
@@ -357,8 +298,9 @@ class BoardSession:
         except BoardError:
             raise
         except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise BoardError(self.board.name, "upload", self._upload_failure(
-                remote, size - offset - sent, str(exc) or type(exc).__name__, exc)) from None
+            reason = self._upload_failure(remote, size - offset - sent, str(exc) or type(exc).__name__, exc)
+            raise BoardError(self.board.name, "upload", reason,
+                             transient=connection_dropped(exc) and "no space left" not in reason) from None
         return sent
 
     def write_bytes(self, remote: str, data: bytes) -> None:

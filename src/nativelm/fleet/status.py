@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from nativelm.errors import NativelmError
 from nativelm.fleet.provision import check_packages, for_each_board
-from nativelm.fleet.ssh import BoardError, BoardSession
+from nativelm.fleet.ssh import BoardSession
+from nativelm.fleet.ssh_trust import BoardError
 
 if TYPE_CHECKING:
     from nativelm.fleet.inventory import Board, Inventory

@@ -1,0 +1,265 @@
+"""What every job on one board shares: its context, the result, failures as steps, the lock, health.
+
+A job (deploy, rollback) runs on one connected `BoardSession`; anything the board or the
+connection raises becomes a `StepFailed` named after the step that was running, and ends up as
+(phase, one-line reason) in the `BoardResult` instead of an exception. A failure of the
+connection itself (refused, no answer, dropped) is marked `transient`: trying the board again
+is safe, since every step is idempotent and a lock held by the same owner is taken again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import paramiko
+
+from nativelm.fleet.provision import ensure_agent
+from nativelm.fleet.ssh import BoardSession, last_line
+from nativelm.fleet.ssh_trust import BoardError, HostKeyError, connection_dropped
+from nativelm.formats.release import RUNTIME_FILE
+
+if TYPE_CHECKING:
+    from nativelm.fleet.inventory import Board, Inventory
+    from nativelm.params.fleet import FleetParams
+
+PhaseHook = Callable[[str, str, str], None]  # board, phase, detail
+ProgressHook = Callable[[str, str, int, int], None]  # board, file, bytes sent so far, file size
+SessionHook = Callable[[BoardSession], None]
+LeftoverCheck = Callable[[str], bool]  # lock owner -> True when that owner is known to be finished
+
+TRANSPORT_ERRORS = (paramiko.SSHException, EOFError, OSError, socket.timeout)
+
+
+@dataclass(frozen=True)
+class DeployHooks:
+    """Callbacks at exact moments of a board's deploy: progress display, and fault injection in tests."""
+
+    on_phase: PhaseHook | None = None
+    on_progress: ProgressHook | None = None
+    after_upload: SessionHook | None = None  # every file is on the board, nothing verified yet
+    before_activate: SessionHook | None = None  # the new release passed its health check
+
+
+@dataclass(frozen=True)
+class BoardContext:
+    """What every board job of one rollout shares: where boards are, the fleet settings, the lock owner, hooks.
+
+    `is_leftover` says whether a lock owner is a finished rollout of this controller (its lock may be
+    taken over).
+    """
+
+    inventory: Inventory
+    fleet: FleetParams
+    owner: str
+    hooks: DeployHooks = field(default_factory=DeployHooks)
+    is_leftover: LeftoverCheck | None = None
+
+    def phase(self, board: str, phase: str, detail: str = "") -> None:
+        if self.hooks.on_phase:
+            self.hooks.on_phase(board, phase, detail)
+
+
+@dataclass
+class BoardResult:
+    """What happened on one board; `live` is the release it serves afterwards (None: unknown).
+
+    `transient` (not part of the result log): the board failed because the connection did, so a
+    retry may succeed.
+    """
+
+    board: str
+    outcome: str  # updated | unchanged | rolled-back | failed | skipped
+    phase: str = ""  # the step that failed (or the last one reached)
+    reason: str = ""  # one line, empty when it went well
+    release: str = ""
+    previous: str | None = None  # the release that was live before
+    live: str | None = None
+    bytes_sent: int = 0
+    files_sent: int = 0
+    files_linked: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # removed releases, lock take-over ...
+    transient: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome == "failed"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["transient"]
+        return data
+
+
+class StepFailed(Exception):
+    """A step of a board job failed: (phase, reason) go to the BoardResult."""
+
+    def __init__(self, phase: str, reason: str, transient: bool = False) -> None:
+        super().__init__(f"{phase}: {reason}")
+        self.phase, self.reason, self.transient = phase, reason, transient
+
+
+def connection_reason(exc: BaseException) -> str:
+    """One line for a dropped or refused SSH connection (paramiko's messages can be empty)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"connection lost: {text}"
+
+
+@contextlib.contextmanager
+def failures_as_steps(current_phase: Callable[[], str]) -> Iterator[None]:
+    """Turn what a board or the connection raises into StepFailed, named after the step that was running."""
+    try:
+        yield
+    except StepFailed:
+        raise
+    except BoardError as exc:
+        raise StepFailed(current_phase(), exc.reason, exc.transient) from None
+    except TRANSPORT_ERRORS as exc:
+        raise StepFailed(current_phase(), connection_reason(exc), connection_dropped(exc)) from None
+
+
+def failure_line(text: str) -> str:
+    """The last line a failed board command printed, without the runtime's `error: ` prefix."""
+    line = last_line(text) or "no output"
+    return line.removeprefix("error: ")
+
+
+def lock_age_s(lock: dict[str, Any]) -> float | None:
+    """Seconds since a board lock was taken (owner.json's `since`: ISO time or epoch seconds)."""
+    since = lock.get("since")
+    try:
+        if isinstance(since, (int, float)) and not isinstance(since, bool):
+            taken = float(since)
+        elif isinstance(since, str):
+            moment = datetime.fromisoformat(since)  # Python 3.11 reads a trailing Z too
+            taken = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+        else:
+            return None
+    except ValueError:
+        return None
+    return time.time() - taken
+
+
+class BoardJob:
+    """What every job on a board shares: its session, the lock, phases, health checks, the result.
+
+    Subclasses implement `body` (taking the lock with `locked()` around what changes the board);
+    `run` installs the agent first and records any failure in the result instead of raising it.
+    """
+
+    def __init__(self, session: BoardSession, ctx: BoardContext, release: str = "") -> None:
+        self.session, self.ctx = session, ctx
+        self.board = session.board.name
+        self.result = BoardResult(self.board, "failed", release=release)
+
+    def note(self, phase: str, detail: str = "") -> None:
+        self.result.phase = phase
+        self.ctx.phase(self.board, phase, detail)
+
+    def health(self, folder: str) -> str | None:
+        """Run the runtime's health check on a release folder of the board; None when it passed."""
+        argv = [self.session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder]
+        done = self.session.run(argv, check=False)
+        return None if done.rc == 0 else failure_line(done.stderr or done.stdout)
+
+    def run(self) -> BoardResult:
+        """Run the job; any failure is recorded in the result, never raised."""
+        started = time.perf_counter()
+        try:
+            with failures_as_steps(lambda: self.result.phase):
+                self.note("agent")
+                ensure_agent(self.session)
+                self.body()
+        except StepFailed as exc:
+            self.result.outcome, self.result.phase, self.result.reason = "failed", exc.phase, exc.reason
+            self.result.transient = exc.transient
+        finally:
+            self.result.seconds = time.perf_counter() - started
+        return self.result
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the board's lock for the block; it is released however the block ends (if the board answers)."""
+        self.lock()
+        try:
+            yield
+        finally:
+            self.unlock()
+
+    def body(self) -> None:
+        raise NotImplementedError
+
+    def lock(self) -> None:
+        self.note("lock")
+        try:
+            reply = self.session.agent("lock", self.ctx.owner, str(self.ctx.fleet.lock_stale_s))
+        except BoardError as exc:
+            reply = self.take_over_leftover(exc)
+        self.result.extra["lock_taken_over"] = bool(reply.get("took_over"))
+
+    def take_over_leftover(self, refused: BoardError) -> dict[str, Any]:
+        """Take over a lock whose owner is a finished rollout (it could not unlock); re-raise otherwise.
+
+        The stale limit passed is half the lock's age, so a lock taken by someone else meanwhile
+        (younger than that) is still refused by the agent.
+        """
+        lock = self.session.agent("facts").get("lock") or {}
+        owner, age = lock.get("owner"), lock_age_s(lock)
+        leftover = self.ctx.is_leftover
+        if not (leftover and isinstance(owner, str) and owner != self.ctx.owner and leftover(owner)
+                and age is not None and age > 0):
+            raise refused
+        self.note("lock", f"taking over the lock left by finished rollout {owner}")
+        return self.session.agent("lock", self.ctx.owner, f"{age / 2:.3f}")
+
+    def unlock(self) -> None:
+        with contextlib.suppress(BoardError, *TRANSPORT_ERRORS):
+            self.session.agent("unlock", self.ctx.owner)
+
+    def facts(self) -> dict[str, Any]:
+        """The board's facts; a board without the runtime virtualenv stops here."""
+        self.note("facts")
+        facts = self.session.agent("facts")
+        self.result.previous = self.result.live = facts.get("current")
+        if not facts.get("runtime_python"):
+            raise StepFailed("facts", f"not provisioned (no runtime virtualenv): run "
+                                      f"`nativelm fleet provision --boards {self.board}`")
+        return facts
+
+
+def connect_failure(board: str, exc: BaseException, release: str = "") -> BoardResult:
+    """The result of a board that could not be reached or refused our connection."""
+    if isinstance(exc, HostKeyError):
+        return BoardResult(board, "failed", phase="connect", release=release,
+                           reason=exc.reason if "refused" in exc.reason else f"refused: {exc.reason}")
+    if isinstance(exc, BoardError):
+        return BoardResult(board, "failed", phase="connect", reason=exc.reason, release=release,
+                           transient=exc.transient)
+    return BoardResult(board, "failed", phase="connect", reason=connection_reason(exc), release=release,
+                       transient=connection_dropped(exc))
+
+
+def on_board(board: Board, ctx: BoardContext, job: Callable[[BoardSession], BoardResult],
+             release: str = "") -> BoardResult:
+    """Connect to `board`, run `job` on the session and close it; an unreachable board is a failed result."""
+    started = time.perf_counter()
+    ctx.phase(board.name, "connect", f"{board.host}:{board.port}")
+    session = BoardSession(board, ctx.inventory, ctx.fleet)
+    try:
+        session.connect()
+    except (BoardError, *TRANSPORT_ERRORS) as exc:
+        result = connect_failure(board.name, exc, release)
+    else:
+        try:
+            result = job(session)
+        finally:
+            with contextlib.suppress(Exception):
+                session.close()
+    result.seconds = time.perf_counter() - started  # the connection included
+    return result

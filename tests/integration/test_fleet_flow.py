@@ -1,0 +1,100 @@
+"""The `rollout` flow under a throwaway Prefect server: one task run per board, retries only for
+connection failures, the same result log as `nativelm deploy`, and the real flow on the simulated fleet."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.runtime import flow_run
+from prefect.testing.utilities import prefect_test_harness
+
+from nativelm.fleet.board_job import BoardContext, BoardResult
+from nativelm.fleet.inventory import Board
+from nativelm.fleet.release import LocalRelease
+from nativelm.fleet.rollout import plan_rollout
+from nativelm.params.fleet import FleetParams
+from tests.integration.conftest import SimFleet
+from tests.integration.test_fleet_deploy import BENCH, Releases, releases  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def flows() -> Iterator[ModuleType]:
+    """pipelines/rollout.py, loaded as the served deployment loads it, against a throwaway Prefect server."""
+    spec = importlib.util.spec_from_file_location("rollout_flow", REPO / "pipelines" / "rollout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield module
+
+
+def task_runs(flow_run_id: str) -> dict[str, tuple[str, int]]:
+    """{task run name: (final state, run count)} of one flow run."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: (run.state_type.value, run.run_count) for run in runs}
+
+
+def board(name: str, *groups: str) -> Board:
+    return Board(name=name, host="127.0.0.1", port=2200, user="nativelm", key="key", groups=list(groups))
+
+
+def test_each_board_is_a_task_and_only_connection_failures_are_retried(flows: ModuleType, tmp_path: Path) -> None:
+    boards = [board("c1", "canary"), board("b1"), board("b2"), board("b3")]
+    release = type("Release", (), {"name": "v3", "version": 3})()
+    tries: dict[str, int] = {}
+
+    def deploy(b: Board, ctx: BoardContext, rel: LocalRelease) -> BoardResult:
+        tries[b.name] = tries.get(b.name, 0) + 1
+        if b.name == "b1" and tries[b.name] == 1:
+            return BoardResult(b.name, "failed", phase="upload", reason="connection lost: EOFError", transient=True)
+        if b.name == "b2":
+            return BoardResult(b.name, "failed", phase="verify", reason="hash mismatch: model.onnx", live="v2")
+        return BoardResult(b.name, "updated", release="v3", live="v3")
+
+    plan = plan_rollout(None, boards, release, FleetParams(max_parallel=2, max_failed_boards=1), tmp_path,
+                        deploy=deploy)
+
+    @flow(name="rollout-waves")
+    def waves() -> tuple[str, object]:
+        executor = flows.PrefectExecutor(retries=2, retry_delay_s=0)
+        return str(flow_run.id), plan.run(lambda wave: executor.deploy_wave(plan, wave))
+
+    flow_run_id, result = waves()
+    assert tries == {"c1": 1, "b1": 2, "b2": 1, "b3": 1}  # b1 retried once; the hash mismatch never
+    assert task_runs(flow_run_id) == {"deploy c1": ("COMPLETED", 1), "deploy b1": ("COMPLETED", 2),
+                                      "deploy b2": ("FAILED", 1), "deploy b3": ("COMPLETED", 1)}
+    log = json.loads(result.log_path.read_text())
+    assert [(b["board"], b["outcome"]) for b in log["boards"]] == [
+        ("c1", "updated"), ("b1", "updated"), ("b2", "failed"), ("b3", "updated")]
+    assert log["finished"] and log["aborted"] is None and log["settings"] == {
+        "max_parallel": 2, "max_failed_boards": 1, "keep_releases": 3}
+
+
+def test_the_rollout_flow_on_the_simulated_fleet(flows: ModuleType, sim_fleet: SimFleet, releases: Releases,
+                                                 tmp_path: Path) -> None:
+    data = sim_fleet.params.model_dump(mode="json")
+    data["fleet"].update(BENCH)
+    data["tracking"]["uri"] = "off"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(data))
+    state = flows.rollout(model=str(releases.old.folder), params_file=str(params_file), return_state=True)
+    summary = state.result()
+    boards = [b.name for b in sim_fleet.inventory.boards]
+    assert summary["ok"] and set(summary["boards"]) == set(boards)
+    assert all(summary["decode_tokens_per_s"][name] > 0 for name in boards)
+    runs = task_runs(str(state.state_details.flow_run_id))
+    assert {name for name in runs if name.startswith("deploy ")} == {f"deploy {name}" for name in boards}
+    assert {name for name in runs if name.startswith("bench ")} == {f"bench {name}" for name in boards}
+    assert all(state == "COMPLETED" for state, _ in runs.values())
