@@ -6,7 +6,7 @@ A process is started in its own session (so it is the leader of its own process 
 Ctrl-C in the terminal does not reach it), with stdout and stderr appended to
 ``<state_dir>/<name>.log``. Its pid goes to ``<state_dir>/<name>.pid`` (the pid alone, so
 ``kill $(cat name.pid)`` works) and ``<state_dir>/<name>.json`` records how it was started,
-including its *start identity* (boot id + start time on Linux), so that a pid recycled by the
+including its ``create_time`` (from psutil), so that a pid recycled by the
 kernel for an unrelated program is never mistaken for ours, let alone signalled.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.client
+import fcntl
 import json
 import os
 import re
@@ -29,14 +30,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+import psutil
+
 from nativelm.errors import NativelmError
 from nativelm.fsutil import atomic_write_text
 
 LOG_TAIL_LINES = 15
 _LOG_ROTATE_BYTES = 8 << 20
-_HAVE_PROC = Path("/proc/self/stat").exists()
+_CTIME_SLACK_S = 0.005  # under one clock tick: create times come in whole ticks
 _START_MARK = "--- nativelm "  # first line written to the log at each start
-_NOT_OURS = "unverifiable"  # start identity that never matches a live process
 
 # Children started by this interpreter: polling them reaps them, so a dead child is not kept
 # as a zombie (which would still answer os.kill(pid, 0)) and its exit code is known.
@@ -60,7 +62,7 @@ class ProcessRecord:
     """How a background process was started (the contents of ``<name>.json``)."""
 
     pid: int
-    start_id: str | None  # None: the platform could not tell; the pid alone is trusted
+    create_time: float | None  # None: unverifiable (record missing or bad), never taken for ours
     argv: tuple[str, ...]
     cwd: str | None
     started_at: float  # epoch seconds
@@ -96,40 +98,28 @@ class ReadyResult:
 # process table helpers
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, pgrp, session, starttime) from /proc/<pid>/stat, or None if there is no such process."""
+def _process(pid: int) -> psutil.Process | None:
+    """The live (non-zombie) process `pid`, or None."""
     try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except psutil.NoSuchProcess:
         return None
+    except psutil.AccessDenied:
+        return psutil.Process(pid)
+
+
+def process_create_time(pid: int) -> float | None:
+    """When `pid` was created (epoch seconds): two processes that had the same pid differ here."""
     try:
-        rest = data[data.rindex(b")") + 2 :].split()  # the command name may hold spaces and ')'
-        return rest[0].decode(), int(rest[2]), int(rest[3]), int(rest[19])
-    except (ValueError, IndexError):
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def process_start_id(pid: int) -> str | None:
-    """A string that differs between two processes that had the same pid; None if pid is not alive."""
-    if _HAVE_PROC:
-        stat = _proc_stat(pid)
-        if stat is None:
-            return None
-        return f"linux:{_boot_id()}:{stat[3]}"
-    try:
-        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True,
-                             timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    started = out.stdout.strip()
-    return f"ps:{started}" if out.returncode == 0 and started else None
+def same_process(recorded: float | None, now: float | None) -> bool:
+    """True if two create times (psutil, whole clock ticks after boot) name one process."""
+    return recorded is not None and now is not None and abs(recorded - now) < _CTIME_SLACK_S
 
 
 def pid_alive(pid: int) -> bool:
@@ -141,16 +131,7 @@ def pid_alive(pid: int) -> bool:
             _CHILDREN.pop(pid, None)
             _EXIT_CODES[pid] = code
             return False
-    if _HAVE_PROC:
-        stat = _proc_stat(pid)
-        return stat is not None and stat[0] not in ("Z", "X", "x")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _process(pid) is not None
 
 
 def exit_code(pid: int) -> int | None:
@@ -162,35 +143,18 @@ def exit_code(pid: int) -> int | None:
 def session_members(sid: int) -> list[int]:
     """Live processes whose session or process group is `sid` (the leader itself included if alive)."""
     members: list[int] = []
-    if _HAVE_PROC:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            stat = _proc_stat(int(entry.name))
-            if stat and stat[0] not in ("Z", "X", "x") and sid in (stat[1], stat[2]):
-                members.append(int(entry.name))
-        return sorted(members)
-    try:
-        out = subprocess.run(["ps", "-A", "-o", "pid=,pgid=,stat="], capture_output=True, text=True,
-                             timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return members
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[1] == str(sid) and not parts[2].startswith("Z"):
-            members.append(int(parts[0]))
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):
+            if sid in (os.getsid(pid), os.getpgid(pid)) and _process(pid) is not None:
+                members.append(pid)
     return sorted(members)
 
 
 def describe_pid(pid: int, width: int = 80) -> str:
     """'pid 123: python -m http.server 8000' (the command line shortened), best effort."""
     cmd = ""
-    with contextlib.suppress(OSError):
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    if not cmd and not _HAVE_PROC:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            cmd = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
-                                 timeout=10, check=False).stdout.strip()
+    with contextlib.suppress(psutil.Error):
+        cmd = " ".join(psutil.Process(pid).cmdline()).strip()
     if len(cmd) > width:
         cmd = cmd[: width - 3] + "..."
     return f"pid {pid}: {cmd}" if cmd else f"pid {pid}"
@@ -219,27 +183,11 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def port_owner(port: int) -> str | None:
-    """'pid 123: <command>' of the process listening on TCP `port` (Linux, own processes), else None."""
-    if not _HAVE_PROC:
-        return None
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                cols = line.split()
-                if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(cols[9])
-    if not inodes:
-        return None
-    targets = {f"socket:[{inode}]" for inode in inodes}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in (entry / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) in targets:
-                        return describe_pid(int(entry.name))
+    """'pid 123: <command>' of the process listening on TCP `port` (own processes), else None."""
+    with contextlib.suppress(psutil.Error, OSError):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return describe_pid(conn.pid)
     return None
 
 
@@ -294,11 +242,6 @@ def format_tail(lines: Sequence[str], indent: str = "    | ") -> str:
 def file_lock(path: Path) -> Iterator[None]:
     """Exclusive advisory lock on `path` (created if missing), so two `up`/`down` never interleave."""
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -342,16 +285,16 @@ class BackgroundProcess:
         try:
             pid = int(text)
         except ValueError:
-            return ProcessRecord(pid=0, start_id=_NOT_OURS, argv=(), cwd=None, started_at=0.0)
+            return ProcessRecord(pid=0, create_time=None, argv=(), cwd=None, started_at=0.0)
         try:
             raw = json.loads(self.record_path.read_text())
             if int(raw["pid"]) != pid:
                 raise ValueError("record is for another pid")
-            return ProcessRecord(pid=pid, start_id=raw.get("start_id"), argv=tuple(raw.get("argv", ())),
+            return ProcessRecord(pid=pid, create_time=float(raw["create_time"]), argv=tuple(raw.get("argv", ())),
                                  cwd=raw.get("cwd"), started_at=float(raw.get("started_at", 0.0)),
                                  meta=dict(raw.get("meta", {})))
         except (OSError, ValueError, KeyError, TypeError):
-            return ProcessRecord(pid=pid, start_id=_NOT_OURS, argv=(), cwd=None, started_at=0.0)
+            return ProcessRecord(pid=pid, create_time=None, argv=(), cwd=None, started_at=0.0)
 
     def status(self) -> ProcessStatus:
         """Check the pid file against the process table: running, stopped or dead (and why)."""
@@ -362,16 +305,16 @@ class BackgroundProcess:
             return ProcessStatus(self.name, ProcState.DEAD, None, rec, self.log_path,
                                  detail=f"pid file {self.pid_path} is unreadable")
         if pid_alive(rec.pid):
-            if rec.start_id is None or process_start_id(rec.pid) == rec.start_id:
+            if same_process(rec.create_time, process_create_time(rec.pid)):
                 return ProcessStatus(self.name, ProcState.RUNNING, rec.pid, rec, self.log_path)
-            why = ("now belongs to another program" if rec.start_id != _NOT_OURS
+            why = ("now belongs to another program" if rec.create_time is not None
                    else f"is alive but cannot be verified as ours ({self.record_path} missing or bad)")
             return ProcessStatus(self.name, ProcState.DEAD, rec.pid, rec, self.log_path,
                                  detail=f"process {rec.pid} is gone (pid {rec.pid} {why}; left alone)")
         code = exit_code(rec.pid)
         detail = f"process {rec.pid} is gone" + (f" (exit code {code})" if code is not None else "")
         leftovers: tuple[int, ...] = ()
-        if rec.start_id != _NOT_OURS:
+        if rec.create_time is not None:
             # While any process still belongs to session `pid`, the kernel cannot hand that pid to
             # a new process, so whatever is left of the session is ours.
             leftovers = tuple(session_members(rec.pid))
@@ -423,13 +366,10 @@ class BackgroundProcess:
                 raise NativelmError(f"cannot start {self.name}: {argv[0]}: {exc.strerror or exc}") from None
         _CHILDREN[child.pid] = child
         _EXIT_CODES.pop(child.pid, None)
-        start_id = process_start_id(child.pid)
-        if start_id is None and _HAVE_PROC:
-            start_id = _NOT_OURS  # already exited and reaped: never match a later process with this pid
-        rec = ProcessRecord(pid=child.pid, start_id=start_id, argv=tuple(argv),
+        rec = ProcessRecord(pid=child.pid, create_time=process_create_time(child.pid), argv=tuple(argv),
                             cwd=None if cwd is None else str(cwd), started_at=time.time(), meta=dict(meta or {}))
         atomic_write_text(self.record_path, json.dumps({
-            "pid": rec.pid, "start_id": rec.start_id, "argv": list(rec.argv), "cwd": rec.cwd,
+            "pid": rec.pid, "create_time": rec.create_time, "argv": list(rec.argv), "cwd": rec.cwd,
             "started_at": rec.started_at, "meta": rec.meta}, indent=2) + "\n")
         atomic_write_text(self.pid_path, f"{rec.pid}\n")
         return rec
