@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -394,19 +393,29 @@ class BackgroundProcess:
 # stopping and waiting, several processes at once
 
 
-def _signal_all(group: int, pids: Sequence[int], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, sig)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+def _tree(pid: int, running: bool, leftovers: Sequence[int]) -> list[psutil.Process]:
+    """The leader (when it is ours and alive), all its descendants, and what is left of its session."""
+    procs: dict[int, psutil.Process] = {}
+    if running and (leader := _process(pid)) is not None:
+        procs[pid] = leader
+        with contextlib.suppress(psutil.Error):
+            procs.update({c.pid: c for c in leader.children(recursive=True)})
+    for member in (*leftovers, *session_members(pid)):
+        if member not in procs and (proc := _process(member)) is not None:
+            procs[member] = proc
+    return list(procs.values())
 
 
-def _remaining(leader: int, check_leader: bool) -> list[int]:
-    left = session_members(leader)
-    if check_leader and pid_alive(leader) and leader not in left:
-        left.append(leader)
-    return left
+def _signal(procs: Sequence[psutil.Process], kill: bool) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill() if kill else proc.terminate()  # psutil checks the pid is still that process
+
+
+def _alive(procs: Sequence[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Those of `procs` still alive after waiting up to `timeout_s` (zombies count as gone)."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    return [p for p in alive if _process(p.pid) is not None]
 
 
 def stop_processes(procs: Sequence[BackgroundProcess], timeout_s: float = 15.0) -> dict[str, str]:
@@ -414,43 +423,40 @@ def stop_processes(procs: Sequence[BackgroundProcess], timeout_s: float = 15.0) 
 
     Outcomes: "stopped" (exited after SIGTERM), "killed" (needed SIGKILL), "not running"
     (no pid file), "stale" (pid file of a process already gone: removed). Only processes proven
-    ours are signalled: the recorded leader with a matching start identity and its process
-    group/session, or what is left of that session after the leader died.
+    ours are signalled: the recorded leader with a matching create_time, its descendants and its
+    session, or what is left of that session after the leader died.
     Raises NativelmError if something survives SIGKILL.
     """
     outcomes: dict[str, str] = {}
-    targets: dict[str, tuple[BackgroundProcess, int, bool]] = {}
+    targets: dict[str, tuple[BackgroundProcess, list[psutil.Process]]] = {}
     for proc in procs:
         st = proc.status()
         if st.state is ProcState.STOPPED:
             outcomes[proc.name] = "not running"
         elif st.state is ProcState.RUNNING or st.leftovers:
             assert st.pid is not None
-            targets[proc.name] = (proc, st.pid, st.state is ProcState.RUNNING)
-            _signal_all(st.pid, st.leftovers, signal.SIGTERM)
+            targets[proc.name] = (proc, _tree(st.pid, st.state is ProcState.RUNNING, st.leftovers))
         else:
             proc.clear()
             outcomes[proc.name] = "stale"
-
-    def wait(deadline: float) -> dict[str, list[int]]:
-        while True:
-            left = {name: _remaining(leader, alive) for name, (_, leader, alive) in targets.items()}
-            left = {name: pids for name, pids in left.items() if pids}
-            if not left or time.monotonic() >= deadline:
-                return left
-            time.sleep(0.1)
-
-    left = wait(time.monotonic() + timeout_s)
-    for name, pids in left.items():
-        _signal_all(targets[name][1], pids, signal.SIGKILL)
-    survivors = wait(time.monotonic() + 10.0) if left else {}
-    for name, (proc, _, _) in targets.items():
-        if name not in survivors:
-            proc.clear()
-            outcomes[name] = "killed" if name in left else "stopped"
-    if survivors:
-        what = "; ".join(f"{name}: {', '.join(describe_pid(p) for p in pids)}" for name, pids in survivors.items())
-        raise NativelmError(f"processes survived SIGKILL: {what}")
+    everyone = [p for _, tree in targets.values() for p in tree]
+    _signal(everyone, kill=False)
+    left = {p.pid for p in _alive(everyone, timeout_s)}
+    stubborn = [p for p in everyone if p.pid in left]
+    _signal(stubborn, kill=True)
+    survivors = {p.pid for p in _alive(stubborn, 10.0)} if stubborn else set()
+    failed: list[str] = []
+    for name, (proc, tree) in targets.items():
+        pids = {p.pid for p in tree}
+        for pid in pids:
+            pid_alive(pid)  # reap our own children
+        if pids & survivors:
+            failed.append(f"{name}: {', '.join(describe_pid(p) for p in sorted(pids & survivors))}")
+            continue
+        proc.clear()
+        outcomes[name] = "killed" if pids & left else "stopped"
+    if failed:
+        raise NativelmError(f"processes survived SIGKILL: {'; '.join(failed)}")
     return {proc.name: outcomes[proc.name] for proc in procs}
 
 
