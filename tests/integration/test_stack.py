@@ -283,10 +283,30 @@ def test_a_recycled_pid_is_never_taken_for_ours(tmp_path: Path) -> None:
     try:
         proc = BackgroundProcess("svc", tmp_path)
         proc.pid_path.write_text(f"{stranger.pid}\n")
-        proc.record_path.write_text(json.dumps({"pid": stranger.pid, "start_id": "linux:other-boot:1",
+        proc.record_path.write_text(json.dumps({"pid": stranger.pid, "create_time": 1.0,
                                                 "argv": ["svc"], "started_at": 0}))
         st = proc.status()
         assert st.state is ProcState.DEAD and "another program" in st.detail and not st.leftovers
+        assert proc.stop(timeout_s=1) == "stale"
+        assert stranger.poll() is None  # never signalled
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_pid_now_owned_by_another_process_is_not_running(tmp_path: Path) -> None:
+    proc = BackgroundProcess("svc", tmp_path)
+    ours = proc.start([sys.executable, "-c", "import time; time.sleep(60)"])
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        assert proc.is_running() and ours.create_time is not None
+        assert proc.stop() == "stopped"
+        # the kernel handed our recorded pid to another program: same pid, another create_time
+        proc.pid_path.write_text(f"{stranger.pid}\n")
+        proc.record_path.write_text(json.dumps({"pid": stranger.pid, "create_time": ours.create_time,
+                                                "argv": list(ours.argv), "started_at": ours.started_at}))
+        st = proc.status()
+        assert st.state is ProcState.DEAD and "another program" in st.detail and not proc.is_running()
         assert proc.stop(timeout_s=1) == "stale"
         assert stranger.poll() is None  # never signalled
     finally:

@@ -1,42 +1,37 @@
 """Generic background processes: start detached with a log and a pid file, check, wait, stop.
 
-Nothing here knows about MLflow or Prefect; the same code runs one sshd per simulated board.
-
-A process is started in its own session (so it is the leader of its own process group and a
-Ctrl-C in the terminal does not reach it), with stdout and stderr appended to
-``<state_dir>/<name>.log``. Its pid goes to ``<state_dir>/<name>.pid`` (the pid alone, so
-``kill $(cat name.pid)`` works) and ``<state_dir>/<name>.json`` records how it was started,
-including its *start identity* (boot id + start time on Linux), so that a pid recycled by the
-kernel for an unrelated program is never mistaken for ours, let alone signalled.
+Nothing here knows about MLflow or Prefect (the same code runs one sshd per simulated board). The
+record ``<name>.json`` keeps the psutil ``create_time`` so a pid the kernel recycled for another
+program is never taken for ours, let alone signalled.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import http.client
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+import psutil
+
 from nativelm.errors import NativelmError
 from nativelm.fsutil import atomic_write_text
+from nativelm.stack.hostio import (LOG_TAIL_LINES, describe_pid, file_lock, format_tail, http_ok, port_in_use,
+                                    port_owner, tail_lines)
 
-LOG_TAIL_LINES = 15
+__all__ = ["LOG_TAIL_LINES", "BackgroundProcess", "ProcState", "ProcessRecord", "ProcessStatus", "ReadyResult",
+           "describe_pid", "exit_code", "failure_message", "file_lock", "format_tail", "http_ok", "pid_alive",
+           "port_in_use", "port_owner", "stop_processes", "tail_lines", "wait_http", "wait_ready"]
+
 _LOG_ROTATE_BYTES = 8 << 20
-_HAVE_PROC = Path("/proc/self/stat").exists()
+_CTIME_SLACK_S = 0.005  # under one clock tick: create times come in whole ticks
 _START_MARK = "--- nativelm "  # first line written to the log at each start
-_NOT_OURS = "unverifiable"  # start identity that never matches a live process
 
 # Children started by this interpreter: polling them reaps them, so a dead child is not kept
 # as a zombie (which would still answer os.kill(pid, 0)) and its exit code is known.
@@ -60,7 +55,7 @@ class ProcessRecord:
     """How a background process was started (the contents of ``<name>.json``)."""
 
     pid: int
-    start_id: str | None  # None: the platform could not tell; the pid alone is trusted
+    create_time: float | None  # None: unverifiable (record missing or bad), never taken for ours
     argv: tuple[str, ...]
     cwd: str | None
     started_at: float  # epoch seconds
@@ -96,40 +91,28 @@ class ReadyResult:
 # process table helpers
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, pgrp, session, starttime) from /proc/<pid>/stat, or None if there is no such process."""
+def _process(pid: int) -> psutil.Process | None:
+    """The live (non-zombie) process `pid`, or None."""
     try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except psutil.NoSuchProcess:
         return None
+    except psutil.AccessDenied:
+        return psutil.Process(pid)
+
+
+def process_create_time(pid: int) -> float | None:
+    """When `pid` was created (epoch seconds): two processes that had the same pid differ here."""
     try:
-        rest = data[data.rindex(b")") + 2 :].split()  # the command name may hold spaces and ')'
-        return rest[0].decode(), int(rest[2]), int(rest[3]), int(rest[19])
-    except (ValueError, IndexError):
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def process_start_id(pid: int) -> str | None:
-    """A string that differs between two processes that had the same pid; None if pid is not alive."""
-    if _HAVE_PROC:
-        stat = _proc_stat(pid)
-        if stat is None:
-            return None
-        return f"linux:{_boot_id()}:{stat[3]}"
-    try:
-        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True,
-                             timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    started = out.stdout.strip()
-    return f"ps:{started}" if out.returncode == 0 and started else None
+def same_process(recorded: float | None, now: float | None) -> bool:
+    """True if two create times (psutil, whole clock ticks after boot) name one process."""
+    return recorded is not None and now is not None and abs(recorded - now) < _CTIME_SLACK_S
 
 
 def pid_alive(pid: int) -> bool:
@@ -141,16 +124,7 @@ def pid_alive(pid: int) -> bool:
             _CHILDREN.pop(pid, None)
             _EXIT_CODES[pid] = code
             return False
-    if _HAVE_PROC:
-        stat = _proc_stat(pid)
-        return stat is not None and stat[0] not in ("Z", "X", "x")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _process(pid) is not None
 
 
 def exit_code(pid: int) -> int | None:
@@ -162,152 +136,11 @@ def exit_code(pid: int) -> int | None:
 def session_members(sid: int) -> list[int]:
     """Live processes whose session or process group is `sid` (the leader itself included if alive)."""
     members: list[int] = []
-    if _HAVE_PROC:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            stat = _proc_stat(int(entry.name))
-            if stat and stat[0] not in ("Z", "X", "x") and sid in (stat[1], stat[2]):
-                members.append(int(entry.name))
-        return sorted(members)
-    try:
-        out = subprocess.run(["ps", "-A", "-o", "pid=,pgid=,stat="], capture_output=True, text=True,
-                             timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return members
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[1] == str(sid) and not parts[2].startswith("Z"):
-            members.append(int(parts[0]))
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):
+            if sid in (os.getsid(pid), os.getpgid(pid)) and _process(pid) is not None:
+                members.append(pid)
     return sorted(members)
-
-
-def describe_pid(pid: int, width: int = 80) -> str:
-    """'pid 123: python -m http.server 8000' (the command line shortened), best effort."""
-    cmd = ""
-    with contextlib.suppress(OSError):
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    if not cmd and not _HAVE_PROC:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            cmd = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
-                                 timeout=10, check=False).stdout.strip()
-    if len(cmd) > width:
-        cmd = cmd[: width - 3] + "..."
-    return f"pid {pid}: {cmd}" if cmd else f"pid {pid}"
-
-
-# --------------------------------------------------------------------------------------------
-# ports and HTTP
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """True if something already listens on host:port (checked by binding, as the server will)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise NativelmError(f"cannot resolve host {host!r}: {exc.strerror}") from None
-    for family, kind, proto, _, addr in infos:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT leftovers
-            try:
-                sock.bind(addr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return True
-                raise NativelmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return False
-
-
-def port_owner(port: int) -> str | None:
-    """'pid 123: <command>' of the process listening on TCP `port` (Linux, own processes), else None."""
-    if not _HAVE_PROC:
-        return None
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                cols = line.split()
-                if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(cols[9])
-    if not inodes:
-        return None
-    targets = {f"socket:[{inode}]" for inode in inodes}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in (entry / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) in targets:
-                        return describe_pid(int(entry.name))
-    return None
-
-
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-
-
-def http_ok(url: str, timeout_s: float = 2.0, *, direct: bool = True) -> bool:
-    """True if GET `url` answers 2xx within `timeout_s`.
-
-    `direct` (our loopback servers) bypasses proxies from the environment; a remote server (a team
-    stack's MLflow or Prefect) is asked with direct=False, through them as any client would.
-    """
-    opener = _DIRECT if direct else urllib.request.build_opener()
-    try:
-        with opener.open(url, timeout=timeout_s) as reply:  # noqa: S310 - http(s) URLs
-            return 200 <= reply.status < 300
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
-        return False
-
-
-# --------------------------------------------------------------------------------------------
-# logs
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def tail_lines(path: Path, n: int = LOG_TAIL_LINES, width: int = 300) -> list[str]:
-    """The last `n` non-empty lines of a text file (ANSI colours removed, long lines cut); [] if none."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 64 * 1024))
-            data = handle.read()
-    except OSError:
-        return []
-    lines = [_ANSI.sub("", line).rstrip() for line in data.decode("utf-8", errors="replace").splitlines()]
-    lines = [line if len(line) <= width else line[: width - 3] + "..." for line in lines if line.strip()]
-    return lines[-n:]
-
-
-def format_tail(lines: Sequence[str], indent: str = "    | ") -> str:
-    """Log lines as an indented block (empty string for no lines)."""
-    return "\n".join(indent + line for line in lines)
-
-
-# --------------------------------------------------------------------------------------------
-# locking
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on `path` (created if missing), so two `up`/`down` never interleave."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise NativelmError(f"cannot create lock file {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,16 +175,16 @@ class BackgroundProcess:
         try:
             pid = int(text)
         except ValueError:
-            return ProcessRecord(pid=0, start_id=_NOT_OURS, argv=(), cwd=None, started_at=0.0)
+            return ProcessRecord(pid=0, create_time=None, argv=(), cwd=None, started_at=0.0)
         try:
             raw = json.loads(self.record_path.read_text())
             if int(raw["pid"]) != pid:
                 raise ValueError("record is for another pid")
-            return ProcessRecord(pid=pid, start_id=raw.get("start_id"), argv=tuple(raw.get("argv", ())),
+            return ProcessRecord(pid=pid, create_time=float(raw["create_time"]), argv=tuple(raw.get("argv", ())),
                                  cwd=raw.get("cwd"), started_at=float(raw.get("started_at", 0.0)),
                                  meta=dict(raw.get("meta", {})))
         except (OSError, ValueError, KeyError, TypeError):
-            return ProcessRecord(pid=pid, start_id=_NOT_OURS, argv=(), cwd=None, started_at=0.0)
+            return ProcessRecord(pid=pid, create_time=None, argv=(), cwd=None, started_at=0.0)
 
     def status(self) -> ProcessStatus:
         """Check the pid file against the process table: running, stopped or dead (and why)."""
@@ -362,16 +195,16 @@ class BackgroundProcess:
             return ProcessStatus(self.name, ProcState.DEAD, None, rec, self.log_path,
                                  detail=f"pid file {self.pid_path} is unreadable")
         if pid_alive(rec.pid):
-            if rec.start_id is None or process_start_id(rec.pid) == rec.start_id:
+            if same_process(rec.create_time, process_create_time(rec.pid)):
                 return ProcessStatus(self.name, ProcState.RUNNING, rec.pid, rec, self.log_path)
-            why = ("now belongs to another program" if rec.start_id != _NOT_OURS
+            why = ("now belongs to another program" if rec.create_time is not None
                    else f"is alive but cannot be verified as ours ({self.record_path} missing or bad)")
             return ProcessStatus(self.name, ProcState.DEAD, rec.pid, rec, self.log_path,
                                  detail=f"process {rec.pid} is gone (pid {rec.pid} {why}; left alone)")
         code = exit_code(rec.pid)
         detail = f"process {rec.pid} is gone" + (f" (exit code {code})" if code is not None else "")
         leftovers: tuple[int, ...] = ()
-        if rec.start_id != _NOT_OURS:
+        if rec.create_time is not None:
             # While any process still belongs to session `pid`, the kernel cannot hand that pid to
             # a new process, so whatever is left of the session is ours.
             leftovers = tuple(session_members(rec.pid))
@@ -423,13 +256,10 @@ class BackgroundProcess:
                 raise NativelmError(f"cannot start {self.name}: {argv[0]}: {exc.strerror or exc}") from None
         _CHILDREN[child.pid] = child
         _EXIT_CODES.pop(child.pid, None)
-        start_id = process_start_id(child.pid)
-        if start_id is None and _HAVE_PROC:
-            start_id = _NOT_OURS  # already exited and reaped: never match a later process with this pid
-        rec = ProcessRecord(pid=child.pid, start_id=start_id, argv=tuple(argv),
+        rec = ProcessRecord(pid=child.pid, create_time=process_create_time(child.pid), argv=tuple(argv),
                             cwd=None if cwd is None else str(cwd), started_at=time.time(), meta=dict(meta or {}))
         atomic_write_text(self.record_path, json.dumps({
-            "pid": rec.pid, "start_id": rec.start_id, "argv": list(rec.argv), "cwd": rec.cwd,
+            "pid": rec.pid, "create_time": rec.create_time, "argv": list(rec.argv), "cwd": rec.cwd,
             "started_at": rec.started_at, "meta": rec.meta}, indent=2) + "\n")
         atomic_write_text(self.pid_path, f"{rec.pid}\n")
         return rec
@@ -454,19 +284,29 @@ class BackgroundProcess:
 # stopping and waiting, several processes at once
 
 
-def _signal_all(group: int, pids: Sequence[int], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, sig)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+def _tree(pid: int, running: bool, leftovers: Sequence[int]) -> list[psutil.Process]:
+    """The leader (when it is ours and alive), all its descendants, and what is left of its session."""
+    procs: dict[int, psutil.Process] = {}
+    if running and (leader := _process(pid)) is not None:
+        procs[pid] = leader
+        with contextlib.suppress(psutil.Error):
+            procs.update({c.pid: c for c in leader.children(recursive=True)})
+    for member in (*leftovers, *session_members(pid)):
+        if member not in procs and (proc := _process(member)) is not None:
+            procs[member] = proc
+    return list(procs.values())
 
 
-def _remaining(leader: int, check_leader: bool) -> list[int]:
-    left = session_members(leader)
-    if check_leader and pid_alive(leader) and leader not in left:
-        left.append(leader)
-    return left
+def _signal(procs: Sequence[psutil.Process], kill: bool) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill() if kill else proc.terminate()  # psutil checks the pid is still that process
+
+
+def _alive(procs: Sequence[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Those of `procs` still alive after waiting up to `timeout_s` (zombies count as gone)."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    return [p for p in alive if _process(p.pid) is not None]
 
 
 def stop_processes(procs: Sequence[BackgroundProcess], timeout_s: float = 15.0) -> dict[str, str]:
@@ -474,43 +314,40 @@ def stop_processes(procs: Sequence[BackgroundProcess], timeout_s: float = 15.0) 
 
     Outcomes: "stopped" (exited after SIGTERM), "killed" (needed SIGKILL), "not running"
     (no pid file), "stale" (pid file of a process already gone: removed). Only processes proven
-    ours are signalled: the recorded leader with a matching start identity and its process
-    group/session, or what is left of that session after the leader died.
+    ours are signalled: the recorded leader with a matching create_time, its descendants and its
+    session, or what is left of that session after the leader died.
     Raises NativelmError if something survives SIGKILL.
     """
     outcomes: dict[str, str] = {}
-    targets: dict[str, tuple[BackgroundProcess, int, bool]] = {}
+    targets: dict[str, tuple[BackgroundProcess, list[psutil.Process]]] = {}
     for proc in procs:
         st = proc.status()
         if st.state is ProcState.STOPPED:
             outcomes[proc.name] = "not running"
         elif st.state is ProcState.RUNNING or st.leftovers:
             assert st.pid is not None
-            targets[proc.name] = (proc, st.pid, st.state is ProcState.RUNNING)
-            _signal_all(st.pid, st.leftovers, signal.SIGTERM)
+            targets[proc.name] = (proc, _tree(st.pid, st.state is ProcState.RUNNING, st.leftovers))
         else:
             proc.clear()
             outcomes[proc.name] = "stale"
-
-    def wait(deadline: float) -> dict[str, list[int]]:
-        while True:
-            left = {name: _remaining(leader, alive) for name, (_, leader, alive) in targets.items()}
-            left = {name: pids for name, pids in left.items() if pids}
-            if not left or time.monotonic() >= deadline:
-                return left
-            time.sleep(0.1)
-
-    left = wait(time.monotonic() + timeout_s)
-    for name, pids in left.items():
-        _signal_all(targets[name][1], pids, signal.SIGKILL)
-    survivors = wait(time.monotonic() + 10.0) if left else {}
-    for name, (proc, _, _) in targets.items():
-        if name not in survivors:
-            proc.clear()
-            outcomes[name] = "killed" if name in left else "stopped"
-    if survivors:
-        what = "; ".join(f"{name}: {', '.join(describe_pid(p) for p in pids)}" for name, pids in survivors.items())
-        raise NativelmError(f"processes survived SIGKILL: {what}")
+    everyone = [p for _, tree in targets.values() for p in tree]
+    _signal(everyone, kill=False)
+    left = {p.pid for p in _alive(everyone, timeout_s)}
+    stubborn = [p for p in everyone if p.pid in left]
+    _signal(stubborn, kill=True)
+    survivors = {p.pid for p in _alive(stubborn, 10.0)} if stubborn else set()
+    failed: list[str] = []
+    for name, (proc, tree) in targets.items():
+        pids = {p.pid for p in tree}
+        for pid in pids:
+            pid_alive(pid)  # reap our own children
+        if pids & survivors:
+            failed.append(f"{name}: {', '.join(describe_pid(p) for p in sorted(pids & survivors))}")
+            continue
+        proc.clear()
+        outcomes[name] = "killed" if pids & left else "stopped"
+    if failed:
+        raise NativelmError(f"processes survived SIGKILL: {'; '.join(failed)}")
     return {proc.name: outcomes[proc.name] for proc in procs}
 
 
