@@ -7,17 +7,14 @@ board's on-board speed (from MLflow).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
-import sys
 import time
 from datetime import UTC
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from nativelm.errors import NativelmError
+from nativelm.orchestration.clients import load_flow_module, use_local_stack
 from nativelm.params.root import Params
 
 # the figures the summary shows (every metric is in MLflow)
@@ -31,45 +28,6 @@ STAGES = ("prepare", "train", "export", "evaluate")
 BOARD_FIGURES = {"decode_tokens_per_s": "decode tok/s", "prefill_tokens_per_s": "prefill tok/s",
                  "time_to_first_token_ms": "TTFT ms", "peak_rss_mb": "peak RSS MB"}
 _BOARD_METRIC = re.compile(r"^board[./](?P<board>[^./]+)[./](?P<name>.+)$")
-
-
-def load_flow_module(project_dir: Path, relpath: str) -> ModuleType:
-    """Import a flow file from the project's pipelines/ folder (it is not an installed package)."""
-    path = project_dir / relpath
-    if not path.exists():
-        raise NativelmError(f"{path}: flow file not found (run from the project folder)")
-    spec = importlib.util.spec_from_file_location(f"nativelm_pipelines_{path.stem}", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Prefect finds a flow's file through its module when deploying it
-    spec.loader.exec_module(module)
-    return module
-
-
-def _external_stack() -> bool:
-    """True when $PREFECT_API_URL and $MLFLOW_TRACKING_URI name servers that answer (the team stack)."""
-    from nativelm.stack.process import http_ok
-
-    prefect, mlflow = os.environ.get("PREFECT_API_URL"), os.environ.get("MLFLOW_TRACKING_URI")
-    if not (prefect and mlflow and mlflow.startswith(("http://", "https://"))):
-        return False
-    return all(http_ok(f"{url.rstrip('/')}/health", direct=False) for url in (prefect, mlflow))
-
-
-def use_local_stack(params: Params) -> None:
-    """Point this process's Prefect and MLflow clients at the local stack, or say how to start it.
-
-    With $PREFECT_API_URL and $MLFLOW_TRACKING_URI set to servers that answer (the team stack of
-    docker-compose.yml), those are used as they are.
-    """
-    from nativelm import stack
-
-    if _external_stack():
-        return
-    missing = [name for name in ("mlflow", "prefect") if not stack.is_running(params, name)]
-    if missing:
-        raise NativelmError(f"local stack not running ({', '.join(missing)}): start it with `nativelm stack up`")
-    os.environ.update(stack.client_env(params))
 
 
 def _board_figures(metrics: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nativelm.errors import NativelmError
+from nativelm.orchestration.clients import load_flow_module, use_local_stack
 from nativelm.params.root import Params
 
 if TYPE_CHECKING:
@@ -42,8 +43,6 @@ def deployment_ref(name: str) -> str:
 
 
 def _flow(project_dir: Path, name: str) -> Any:
-    from nativelm.orchestration.run import load_flow_module
-
     relpath, function = FLOWS[name]
     return getattr(load_flow_module(project_dir, relpath), function)
 
@@ -73,8 +72,6 @@ def build_deployments(params: Params, project_dir: Path) -> list[RunnerDeploymen
 def serve_foreground(params: Params, project_dir: Path) -> None:
     """Register the deployments and run their flow runs until interrupted."""
     from prefect import serve
-
-    from nativelm.orchestration.run import use_local_stack
 
     use_local_stack(params)
     deployments = build_deployments(params, project_dir)
@@ -111,8 +108,6 @@ def deployments_ready(names: list[str]) -> list[str]:
 
 def serve_background(params: Params, params_path: Path, project_dir: Path) -> ServeStatus:
     """Start `nativelm serve` as a background process (idempotent) and wait until every deployment is ready."""
-    from nativelm.orchestration.run import use_local_stack
-
     use_local_stack(params)
     proc = _runner_process(params)
     if proc.is_running():
