@@ -134,10 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _handler(spec: str | Handler) -> Handler:
+def _handler(spec: str) -> Handler:
     """The function a subcommand names ("module:function"), its module imported now."""
-    if callable(spec):
-        return spec
     module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)
 

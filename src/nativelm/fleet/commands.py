@@ -13,9 +13,7 @@ rest) are imported when a command runs, so `nativelm --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import importlib
 import re
-from collections.abc import Callable
 
 from nativelm.cliargs import at_least
 from nativelm.params.fleet import NAME_PATTERN
@@ -33,14 +31,9 @@ def names(text: str) -> list[str]:
     return parts
 
 
-def handler(name: str) -> Callable[[argparse.Namespace], int]:
-    """The handler `name` of nativelm.fleet.handlers, imported only when its command runs."""
-
-    def run(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(HANDLERS), name)(args)
-
-    run.__name__ = run.__qualname__ = name
-    return run
+def handler(name: str) -> str:
+    """The CLI's "module:function" name of handler `name` of nativelm.fleet.handlers (imported when it runs)."""
+    return f"{HANDLERS}:{name}"
 
 
 def add_board_choice(parser: argparse.ArgumentParser) -> None:
