@@ -28,6 +28,42 @@ def _register_plugins(sub: argparse._SubParsersAction, common: argparse.Argument
     deploy_commands.register(sub, common)
 
 
+STAGE_COMMANDS: tuple[tuple[str, str, str], ...] = (  # name, --help line, description (the DVC stages)
+    ("prepare",
+     "corpus -> tokenizer + token shards (DVC stage `prepare`)",
+     "Fetch the corpus chosen in params.yaml (data.source), clean it, split it by "
+     "document, train a byte-level BPE tokenizer and write token shards, a manifest "
+     "and metrics to data.out_dir / data.metrics_file; logs to MLflow when a server "
+     "is reachable."),
+    ("train",
+     "token shards -> trained model (DVC stage `train`)",
+     "Train the sparse 1.58-bit model of params.yaml (model, train) on the token "
+     "shards of data.out_dir: periodic atomic checkpoints (a killed run resumes "
+     "exactly with train.resume: auto), metrics to MLflow, final metrics to "
+     "train.metrics_file, the model to train.model_file. Under `torchrun` it trains "
+     "with DDP. train.preset (tiny | gpu) fills every train size knob and model shape key left null; "
+     "a value written in params.yaml always wins."),
+    ("export",
+     "trained model -> quantized ONNX folder (DVC stage `export`)",
+     "Export train.model_file to ONNX with ONNX Runtime's quantized operators "
+     "(export.variant: ternary = 2-bit MatMulNBits + QMoE, int4, fp32), check it "
+     "against the PyTorch model on held-out text (top-1 agreement, perplexity, "
+     "KV cache), record golden continuations and write export.out_dir atomically."),
+    ("evaluate",
+     "ONNX export -> perplexity, CPU speed, release folder, registered version "
+     "(DVC stage `evaluate`)",
+     "Verify export.out_dir against its manifest, score the ONNX model's perplexity on "
+     "evaluate.ppl_tokens validation tokens (0: all), copy the export's parity figures, "
+     "benchmark it on this CPU with the board runtime (prefill/decode tokens/s, time "
+     "to first token, latency p50/p95, peak RSS) and write evaluate.metrics_file. "
+     "Then build evaluate.release_dir atomically: the export's files, "
+     "nativelm-runtime.pyz and release.json (sha256 of every file, git commit, data "
+     "hash, params hash, source model sha256). With an MLflow server the release is "
+     "logged as artifacts under release/ and registered as a new version of "
+     "evaluate.registered_model, tagged git_commit, data_hash, params_hash."),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; `--params` is accepted before or after the subcommand."""
     common = argparse.ArgumentParser(add_help=False)
@@ -40,41 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nativelm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("prepare", parents=[common], help="corpus -> tokenizer + token shards (DVC stage `prepare`)",
-                       description="Fetch the corpus chosen in params.yaml (data.source), clean it, split it by "
-                                   "document, train a byte-level BPE tokenizer and write token shards, a manifest "
-                                   "and metrics to data.out_dir / data.metrics_file; logs to MLflow when a server "
-                                   "is reachable.")
-    p.set_defaults(handler="nativelm.cli.stages:prepare")
-
-    p = sub.add_parser("train", parents=[common], help="token shards -> trained model (DVC stage `train`)",
-                       description="Train the sparse 1.58-bit model of params.yaml (model, train) on the token "
-                                   "shards of data.out_dir: periodic atomic checkpoints (a killed run resumes "
-                                   "exactly with train.resume: auto), metrics to MLflow, final metrics to "
-                                   "train.metrics_file, the model to train.model_file. Under `torchrun` it trains "
-                                   "with DDP.")
-    p.set_defaults(handler="nativelm.cli.stages:train")
-
-    p = sub.add_parser("export", parents=[common], help="trained model -> quantized ONNX folder (DVC stage `export`)",
-                       description="Export train.model_file to ONNX with ONNX Runtime's quantized operators "
-                                   "(export.variant: ternary = 2-bit MatMulNBits + QMoE, int4, fp32), check it "
-                                   "against the PyTorch model on held-out text (top-1 agreement, perplexity, "
-                                   "KV cache), record golden continuations and write export.out_dir atomically.")
-    p.set_defaults(handler="nativelm.cli.stages:export")
-
-    p = sub.add_parser("evaluate", parents=[common],
-                       help="ONNX export -> perplexity, CPU speed, release folder, registered version "
-                            "(DVC stage `evaluate`)",
-                       description="Verify export.out_dir against its manifest, score the ONNX model's perplexity on "
-                                   "evaluate.ppl_tokens validation tokens (0: all), copy the export's parity figures, "
-                                   "benchmark it on this CPU with the board runtime (prefill/decode tokens/s, time "
-                                   "to first token, latency p50/p95, peak RSS) and write evaluate.metrics_file. "
-                                   "Then build evaluate.release_dir atomically: the export's files, "
-                                   "nativelm-runtime.pyz and release.json (sha256 of every file, git commit, data "
-                                   "hash, params hash, source model sha256). With an MLflow server the release is "
-                                   "logged as artifacts under release/ and registered as a new version of "
-                                   "evaluate.registered_model, tagged git_commit, data_hash, params_hash.")
-    p.set_defaults(handler="nativelm.cli.stages:evaluate")
+    for name, summary, description in STAGE_COMMANDS:
+        stage = sub.add_parser(name, parents=[common], help=summary, description=description)
+        stage.set_defaults(handler=f"nativelm.cli.stages:{name}")
 
     p = sub.add_parser("generate", parents=[common], help="continue a prompt with the exported model",
                        description="Load an export folder with the board runtime (every file's sha256 is "
