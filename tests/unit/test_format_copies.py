@@ -1,11 +1,12 @@
-"""The board-side copies of format constants equal the format modules' (the board code may not import them)."""
+"""The board runtime's copies of format constants equal the format modules' (it may not import them).
+
+The board agent's copies are checked in tests/unit/test_fleet_plan.py."""
 
 from __future__ import annotations
 
 import re
 
-from nativelm.fleet import agent
-from nativelm.formats import export_folder, prepared, release
+from nativelm.formats import export_folder, prepared
 from nativelm.runtime import session
 
 
@@ -22,7 +23,3 @@ def test_the_runtime_feeds_the_decoder_io_names_of_the_format() -> None:
     source = open(session.__file__, encoding="utf-8").read()
     for name in (export_folder.INPUT_IDS, export_folder.ATTENTION_MASK):
         assert re.search(rf'"{name}"', source), name
-
-
-def test_the_board_agent_checks_the_release_manifest_the_evaluate_stage_writes() -> None:
-    assert agent.RELEASE_MANIFEST == release.MANIFEST
