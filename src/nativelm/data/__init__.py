@@ -1,5 +1,5 @@
 """The `prepare` stage: corpus sources, cleaning, split, tokenizer training, token shards.
 
-`prepare.run_prepare` runs the stage; `shards.load_shards` / `shards.read_manifest` are what
-training reads back (the prepared-data contract, see docs/architecture.md).
+`prepare.run_prepare` runs the stage; what it writes is the prepared-data format of
+`nativelm.formats.prepared` (see docs/architecture.md).
 """

@@ -28,15 +28,7 @@ import numpy as np
 from nativelm.errors import NativelmError
 from nativelm.export import ops
 from nativelm.export.graph import QUANTIZED_OPS
-from nativelm.formats.export_folder import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    LOGITS,
-    PAST_KEY,
-    PAST_VALUE,
-    PRESENT_KEY,
-    PRESENT_VALUE,
-)
+from nativelm.formats import export_folder as io
 from nativelm.runtime.scoring import token_nll
 
 if TYPE_CHECKING:
@@ -78,13 +70,13 @@ class OnnxDecoder:
         ids = np.asarray(ids, dtype=np.int64)
         past = past if past is not None else self.empty_past(ids.shape[0])
         past_len = next(iter(past.values())).shape[2] if past else 0
-        feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((ids.shape[0], past_len + ids.shape[1]), np.int64), **past}
+        feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: np.ones((ids.shape[0], past_len + ids.shape[1]), np.int64), **past}
         outputs = dict(zip(self.output_names, self.session.run(None, feeds)))
         present = {}
         for i in range(self.n_layers):
-            present[PAST_KEY % i] = outputs[PRESENT_KEY % i]
-            present[PAST_VALUE % i] = outputs[PRESENT_VALUE % i]
-        return outputs[LOGITS], present
+            present[io.PAST_KEY % i] = outputs[io.PRESENT_KEY % i]
+            present[io.PAST_VALUE % i] = outputs[io.PRESENT_VALUE % i]
+        return outputs[io.LOGITS], present
 
     def greedy(self, prompt: Sequence[int], n: int) -> tuple[list[int], np.ndarray]:
         """Greedy continuation of `prompt` (n tokens) with the KV cache: (tokens, logits of each step (n, V))."""

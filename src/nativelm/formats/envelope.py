@@ -1,4 +1,5 @@
-"""What every artifact file shares: a `format` name and a `format_version`, read with one clear line on failure."""
+"""What every artifact file shares: a `format` name and a `format_version`, JSON manifests written the same
+way, and one clear line for anything that cannot be read."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def read_json(path: Path, missing_hint: str) -> Any:
         raise NativelmError(f"{path}: unreadable ({exc})") from None
 
 
-def read_manifest(path: Path, name: str, version: int, missing_hint: str) -> dict[str, Any]:
-    """A JSON manifest of format `name` at `version`; anything wrong is one line naming `path`."""
-    return checked(read_json(path, missing_hint), path, name, version, f"{name} manifest")
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """A manifest into a folder being built (sorted keys: the same content gives the same bytes)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path

@@ -10,7 +10,6 @@ names it needs; a test checks they are equal.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,5 @@ PRESENT_VALUE = "present.%d.value"
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """manifest.json into a folder being built (sorted keys: the same export gives the same bytes)."""
-    path = Path(folder) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """manifest.json of an export folder (not verified: `nativelm.runtime.verify_folder` checks the hashes)."""
-    path = Path(folder) / MANIFEST
-    return envelope.read_manifest(path, FORMAT, FORMAT_VERSION, "run `nativelm export` first")
+    """manifest.json into a folder being built (the board runtime's `verify_folder` reads it)."""
+    return envelope.write_json(Path(folder) / MANIFEST, manifest)

@@ -9,7 +9,6 @@ from a partial or edited one. `tokenizer.json` beside them is the tokenizer they
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,15 +68,14 @@ def build_manifest(out_dir: Path, vocab_size: int, dtype: np.dtype, shard_tokens
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     """Write manifest.json (sorted keys: the same outputs give the same bytes) into a folder being built."""
-    path = out_dir / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+    return envelope.write_json(out_dir / MANIFEST, manifest)
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     """manifest.json of a prepared folder; missing or unreadable is one clear line."""
     path = Path(out_dir) / MANIFEST
-    return envelope.read_manifest(path, FORMAT, FORMAT_VERSION, "run `nativelm prepare` first")
+    return envelope.checked(envelope.read_json(path, "run `nativelm prepare` first"), path, FORMAT, FORMAT_VERSION,
+                            f"{FORMAT} manifest")
 
 
 def verify_file(out_dir: Path, name: str, manifest: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from nativelm.errors import NativelmError
+from nativelm.formats.prepared import load_shards, read_manifest
 
 
 @dataclass
@@ -45,8 +46,6 @@ class TokenData:
 
 def load_token_data(out_dir: Path | str, verify: bool = True) -> TokenData:
     """Read `data.out_dir` (manifest + shards) written by the `prepare` stage."""
-    from nativelm.formats.prepared import load_shards, read_manifest
-
     manifest = read_manifest(Path(out_dir))
     return TokenData(train=load_shards(Path(out_dir), "train", verify=verify),
                      val=load_shards(Path(out_dir), "val", verify=verify),
