@@ -37,7 +37,6 @@ from nativelm.formats.export_folder import MANIFEST
 from nativelm.formats.release import build_release
 from nativelm.fsutil import atomic_write_text, sha256_file
 from nativelm.params.evaluate import EvaluateParams
-from nativelm.runtime import RuntimeFailure, verify_folder
 from nativelm.runtime.scoring import window_nll
 from nativelm.tracking.registry import register_folder
 from nativelm.tracking.runs import RunLogger
@@ -71,16 +70,22 @@ def _note(message: str) -> None:
     print(f"evaluate: {message}", file=sys.stderr, flush=True)
 
 
-def _verify_export(folder: Path) -> dict[str, Any]:
-    """The export manifest, after every file it lists matched its sha256 (one line otherwise)."""
+def _load_export(folder: Path, threads: int) -> runtime.Model:
+    """The export through the board runtime, after every file it lists matched its sha256 (one line otherwise).
+
+    Loaded once for perplexity and benchmark: every file is hashed here, not again by each use."""
     try:
-        return verify_folder(folder)
-    except RuntimeFailure as exc:
+        runtime.verify_folder(folder)
+    except runtime.RuntimeFailure as exc:
         raise NativelmError(f"evaluate: export folder {folder} does not verify: {exc} "
                             "(run `nativelm export` again)") from None
+    try:
+        return runtime.load_model(folder, threads=threads or None, verify=False)
+    except runtime.RuntimeFailure as exc:
+        raise NativelmError(f"evaluate: {exc}") from None
 
 
-def onnx_perplexity(export_dir: Path, data_dir: Path, n_tokens: int, max_len: int, threads: int) -> dict[str, Any]:
+def onnx_perplexity(model: runtime.Model, data_dir: Path, n_tokens: int, max_len: int) -> dict[str, Any]:
     """Perplexity of the exported model through the board runtime (empty KV cache, whole windows)
     on validation tokens (0: all of them)."""
     val = prepared.load_shards(data_dir, "val")
@@ -90,7 +95,6 @@ def onnx_perplexity(export_dir: Path, data_dir: Path, n_tokens: int, max_len: in
     except NativelmError as exc:
         raise NativelmError(f"evaluate: ppl_tokens {n_tokens}: {exc}") from None
     try:
-        model = runtime.load_model(export_dir, threads=threads or None, verify=False)
         scored = window_nll(model, windows)
     except runtime.RuntimeFailure as exc:
         raise NativelmError(f"evaluate: {exc}") from None
@@ -107,20 +111,21 @@ def run_evaluate(export_dir: Path, data_dir: Path, ev: EvaluateParams, provenanc
     release_dir, metrics_file = Path(ev.release_dir), Path(ev.metrics_file)
     if not export_dir.is_dir():
         raise NativelmError(f"evaluate: {export_dir}: no export folder (run `nativelm export` first)")
-    manifest = _verify_export(export_dir)
+    model = _load_export(export_dir, ev.threads)
+    manifest = model.manifest
     model_cfg = manifest.get("model", {})
     max_len = int(model_cfg.get("context_length") or model_cfg.get("max_seq_len") or 0)
     if max_len < 2:
         raise NativelmError(f"evaluate: {export_dir / MANIFEST}: records no context length")
 
     _note(f"ONNX perplexity on {'all' if ev.ppl_tokens == 0 else ev.ppl_tokens} validation tokens")
-    ppl = onnx_perplexity(export_dir, data_dir, ev.ppl_tokens, max_len, ev.threads)
+    ppl = onnx_perplexity(model, data_dir, ev.ppl_tokens, max_len)
 
     _note(f"benchmark: prompt {ev.bench_prompt_len} tokens, {ev.bench_new_tokens} new tokens, "
           f"{ev.bench_repeats} repeats")
     try:
-        bench = runtime.benchmark(export_dir, prompt_len=ev.bench_prompt_len, new_tokens=ev.bench_new_tokens,
-                                  repeats=ev.bench_repeats, threads=ev.threads or None)
+        bench = runtime.benchmark(model, prompt_len=ev.bench_prompt_len, new_tokens=ev.bench_new_tokens,
+                                  repeats=ev.bench_repeats)
     except runtime.RuntimeFailure as exc:
         raise NativelmError(f"evaluate: benchmark: {exc}") from None
 
