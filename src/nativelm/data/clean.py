@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from nativelm.data.sources import Document
+from nativelm.data.documents import Document
 from nativelm.params.data import CleanParams
 
 _FLAGS = re.IGNORECASE | re.MULTILINE

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nativelm.data.clean import CleanedCorpus, clean_corpus
+from nativelm.data.documents import Corpus
 from nativelm.data.progress import note
 from nativelm.data.shards import write_split
-from nativelm.data.sources import Corpus, DatasetLoader, read_corpus
+from nativelm.data.sources import DatasetLoader, read_corpus
 from nativelm.data.split import Split, split_documents
 from nativelm.data.tokenizer import save_tokenizer, train_tokenizer
 from nativelm.errors import NativelmError
