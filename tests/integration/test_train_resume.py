@@ -23,20 +23,13 @@ DRIVER = '''
 import json, sys
 from pathlib import Path
 import torch
-from nativelm.params.root import Params
-from nativelm.params.data import DataParams
 from nativelm.model import ModelParams
 from nativelm.params.train import TrainParams
-from nativelm.train.stage import run_train
-
-class StageParams(Params):
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
+from nativelm.train.stage import TrainOutputs, run_train
 
 spec = json.loads(Path(sys.argv[1]).read_text())
-params = StageParams(data=DataParams(**spec["data"]), model=ModelParams(**spec["model"]),
-                     train=TrainParams.model_validate(spec["train"]))
-result = run_train(params)
+train = TrainParams.model_validate(spec["train"])
+result = run_train(ModelParams(**spec["model"]), train, 1234, Path(spec["data"]["out_dir"]), TrainOutputs.of(train))
 if len(sys.argv) > 2:  # every rank writes its final weights
     import os
     torch.save(result.model.state_dict(), Path(sys.argv[2]) / f"rank{os.environ.get('RANK', '0')}.pt")

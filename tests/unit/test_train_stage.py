@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -13,23 +13,25 @@ import torch
 from nativelm.errors import NativelmError, ParamsError
 from nativelm.model import ModelParams
 from nativelm.model.trained import load_trained_model
-from nativelm.params.data import DataParams
-from nativelm.params.root import Params
 from nativelm.params.train import TrainParams
 from nativelm.train.loop import torch_threads
 from nativelm.train.metrics import FINAL_NAMES, interval_metric_names
-from nativelm.train.stage import run_train
+from nativelm.train.stage import TrainOutputs, TrainResult, run_train
 from tests.unit.test_train_data import write_token_data
 
 SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "n_experts": 4, "expert_ffn": 16,
          "top_k": 2, "window": 8, "max_seq_len": 64}
 
 
-class StageParams(Params):
-    """Params with the sections the stage reads (config.Params gains them when the stage is wired)."""
+SEED = 1234  # params.yaml's default
 
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
+
+class StageInputs(NamedTuple):
+    """What the stage takes besides the logger, as the CLI resolves it from params.yaml."""
+
+    model: ModelParams
+    train: TrainParams
+    data_dir: Path
 
 
 class RecordingLogger:
@@ -55,6 +57,13 @@ class RecordingLogger:
         self.artifacts.append((Path(path), artifact_path))
 
 
+def train_stage(inputs: StageInputs, logger: RecordingLogger | None = None, *,
+                stop_after: int | None = None) -> TrainResult:
+    """The stage as the CLI calls it: the outputs are the train section's paths."""
+    return run_train(inputs.model, inputs.train, SEED, inputs.data_dir, TrainOutputs.of(inputs.train), logger,
+                     stop_after=stop_after)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     with torch_threads(1):
@@ -66,20 +75,19 @@ def token_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_token_data(tmp_path_factory.mktemp("tokens") / "prepared")
 
 
-def make_params(token_dir: Path, out: Path, model: dict | None = None, **train: Any) -> StageParams:
+def make_params(token_dir: Path, out: Path, model: dict | None = None, **train: Any) -> StageInputs:
     values = {"seq_len": 32, "batch_size": 8, "max_steps": 40, "warmup_steps": 4, "log_interval": 5,
               "eval_interval": 20, "eval_batches": 2, "checkpoint_interval": 10, "threads": 1, "progress": False,
               "checkpoint_dir": str(out / "checkpoints"), "model_file": str(out / "models/model.pt"),
               "metrics_file": str(out / "metrics/train.json"), "plots_dir": str(out / "plots"), **train}
-    return StageParams(data=DataParams(out_dir=str(token_dir)), model=ModelParams(**{**SMALL, **(model or {})}),
-                       train=TrainParams.model_validate(values))
+    return StageInputs(ModelParams(**{**SMALL, **(model or {})}), TrainParams.model_validate(values), token_dir)
 
 
 def test_stage_writes_model_metrics_plots_and_logs_fixed_names(token_dir: Path, tmp_path: Path) -> None:
     logger = RecordingLogger()
     params = make_params(token_dir, tmp_path, model={"bit_schedule": [[0.0, 8.0], [0.5, 1.58]]}, max_steps=60,
                          lr=1e-2)
-    result = run_train(params, logger)
+    result = train_stage(params, logger)
 
     metrics = json.loads((tmp_path / "metrics/train.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics))
@@ -115,29 +123,29 @@ def test_stage_writes_model_metrics_plots_and_logs_fixed_names(token_dir: Path, 
 
 
 def test_interrupted_run_resumes_to_identical_weights(token_dir: Path, tmp_path: Path) -> None:
-    straight = run_train(make_params(token_dir, tmp_path / "a"))
+    straight = train_stage(make_params(token_dir, tmp_path / "a"))
     interrupted = make_params(token_dir, tmp_path / "b")
-    partial = run_train(interrupted, stop_after=27)  # stops after step 27; last checkpoint at 20
+    partial = train_stage(interrupted, stop_after=27)  # stops after step 27; last checkpoint at 20
     assert partial.steps == 27 and not (tmp_path / "b/models/model.pt").exists()
-    resumed = run_train(interrupted)
+    resumed = train_stage(interrupted)
     assert resumed.resumed_from == 20
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["val_loss"] == straight.metrics["val_loss"]
     # a finished run resumes to the end at once and reports the same figures
-    again = run_train(interrupted)
+    again = train_stage(interrupted)
     assert again.resumed_from == 40 and again.metrics["val_loss"] == straight.metrics["val_loss"]
 
 
 def test_changed_settings_start_fresh_and_require_refuses(token_dir: Path, tmp_path: Path) -> None:
-    run_train(make_params(token_dir, tmp_path), stop_after=10)
-    fresh = run_train(make_params(token_dir, tmp_path, lr=1e-3, max_steps=10, warmup_steps=2))
+    train_stage(make_params(token_dir, tmp_path), stop_after=10)
+    fresh = train_stage(make_params(token_dir, tmp_path, lr=1e-3, max_steps=10, warmup_steps=2))
     assert fresh.resumed_from is None and fresh.steps == 10
     with pytest.raises(NativelmError, match="made with different settings"):
-        run_train(make_params(token_dir, tmp_path, lr=2e-3, resume="require"))
+        train_stage(make_params(token_dir, tmp_path, lr=2e-3, resume="require"))
     with pytest.raises(NativelmError, match="holds no checkpoint"):
-        run_train(make_params(token_dir, tmp_path / "empty", resume="require"))
-    off = run_train(make_params(token_dir, tmp_path, lr=1e-3, max_steps=10, warmup_steps=2, resume="off"))
+        train_stage(make_params(token_dir, tmp_path / "empty", resume="require"))
+    off = train_stage(make_params(token_dir, tmp_path, lr=1e-3, max_steps=10, warmup_steps=2, resume="off"))
     assert off.resumed_from is None
 
 
@@ -151,7 +159,7 @@ def test_unusable_model_file_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_seq_len_longer_than_the_model_is_a_params_error(token_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="exceeds model.max_seq_len"):
-        run_train(make_params(token_dir, tmp_path, seq_len=128))
+        train_stage(make_params(token_dir, tmp_path, seq_len=128))
 
 
 def test_compile_flag_wraps_the_model(token_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,5 +170,5 @@ def test_compile_flag_wraps_the_model(token_dir: Path, tmp_path: Path, monkeypat
         return module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    run_train(make_params(token_dir, tmp_path, compile=True, max_steps=2, warmup_steps=0, decay_frac=0.5))
+    train_stage(make_params(token_dir, tmp_path, compile=True, max_steps=2, warmup_steps=0, decay_frac=0.5))
     assert len(compiled) == 1

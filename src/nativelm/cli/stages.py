@@ -7,6 +7,7 @@ stage with its own section and explicit paths.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from nativelm.params.root import Params
 from nativelm.tracking.flatten import params_hash
 from nativelm.tracking.runs import git_commit, stage_run
 from nativelm.train.distributed import env_rank
-from nativelm.train.stage import run_train
+from nativelm.train.stage import TrainOutputs, run_train
 
 
 def _sections(params: Params, *names: str) -> dict:
@@ -53,11 +54,13 @@ def prepare(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     """token shards -> trained model + checkpoints + metrics (DVC stage `train`)."""
     params = params_of(args)
+    train_here = functools.partial(run_train, params.model, params.train, params.seed, Path(params.data.out_dir),
+                                   TrainOutputs.of(params.train))
     if env_rank() != 0:  # under torchrun only rank 0 talks to MLflow
-        run_train(params)
+        train_here()
         return 0
     with stage_run(params, "train", _sections(params, "model", "train")) as run:
-        result = run_train(params, run)
+        result = train_here(logger=run)
     _print_figures(result.metrics, ("val_loss", "val_perplexity", "unigram_entropy_val", "tokens_per_s", "wall_time_s"))
     print(f"model: {result.model_file}")
     return 0

@@ -1,12 +1,13 @@
 """The `train` stage: token shards -> trained model, checkpoints, metrics, plots.
 
-Reads ``params.data.out_dir`` (manifest, shards) and the ``model`` and ``train`` sections;
-writes (rank 0 only when distributed):
+Takes the ``model`` and ``train`` sections, the seed, the prepared-data folder (manifest, shards)
+and the `TrainOutputs` (in params.yaml: the ``train`` section's paths); writes (rank 0 only when
+distributed):
 
-- ``train.checkpoint_dir``: ``step_NNNNNNN.pt`` checkpoints + ``latest`` (resume state);
-- ``train.model_file``: the trained model (format: `nativelm.formats.trained_model`);
-- ``train.metrics_file``: final metrics (a DVC metrics file);
-- ``train.plots_dir``: ``loss.png`` and ``expert_load.png``;
+- ``checkpoint_dir``: ``step_NNNNNNN.pt`` checkpoints + ``latest`` (resume state);
+- ``model_file``: the trained model (format: `nativelm.formats.trained_model`);
+- ``metrics_file``: final metrics (a DVC metrics file);
+- ``plots_dir``: ``loss.png`` and ``expert_load.png``;
 
 and logs per-interval metrics, the effective settings and the PNGs to the given RunLogger.
 """
@@ -30,7 +31,7 @@ from nativelm.formats import trained_model
 from nativelm.fsutil import atomic_write_text
 from nativelm.model import BitSchedule, build_model, expert_load_matrix, layer_metrics, model_metrics, set_weight_bits
 from nativelm.params.model import with_preset
-from nativelm.params.train import ResolvedTrain
+from nativelm.params.train import ResolvedTrain, TrainParams
 from nativelm.tracking.flatten import params_hash
 from nativelm.train import distributed as dist
 from nativelm.train.data import BatchSampler, load_token_data, unigram_entropies
@@ -41,7 +42,6 @@ from nativelm.train.plots import plot_expert_load, plot_loss_curve
 
 if TYPE_CHECKING:
     from nativelm.model import ModelParams, NativeLM
-    from nativelm.params.root import Params
     from nativelm.tracking.runs import RunLogger
 
 LOSS_PNG = "loss.png"
@@ -50,6 +50,21 @@ EXPERT_LOAD_PNG = "expert_load.png"
 _TRAJECTORY_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps", "schedule",
                       "decay_frac", "decay_shape", "min_lr_ratio", "optimizer", "beta1", "beta2", "eps",
                       "weight_decay", "grad_clip")
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where the stage writes; the CLI takes them from the ``train`` section of params.yaml."""
+
+    model_file: Path
+    checkpoint_dir: Path
+    metrics_file: Path
+    plots_dir: Path
+
+    @classmethod
+    def of(cls, train: TrainParams) -> TrainOutputs:
+        """The paths a ``train`` section names."""
+        return cls(Path(train.model_file), Path(train.checkpoint_dir), Path(train.metrics_file), Path(train.plots_dir))
 
 
 @dataclass
@@ -111,14 +126,15 @@ def _summary(val_stats: list[dict[str, torch.Tensor]]) -> tuple[dict[str, float]
     return per_layer, means
 
 
-def run_train(params: Params, logger: RunLogger | None = None, *, stop_after: int | None = None) -> TrainResult:
-    """Train the model of `params` on `params.data.out_dir`; see the module docstring for outputs.
+def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_dir: Path, out: TrainOutputs,
+              logger: RunLogger | None = None, *, stop_after: int | None = None) -> TrainResult:
+    """Train the model of `model_section` on the shards in `data_dir`; the module docstring lists outputs.
 
     `stop_after` ends the run after that many completed steps, as an interruption would (tests).
     """
     started = time.perf_counter()
-    cfg = params.train.resolved()
-    model_params = with_preset(params.model, cfg.preset)
+    cfg = train.resolved()
+    model_params = with_preset(model_section, cfg.preset)
     if cfg.seq_len > model_params.max_seq_len:
         raise ParamsError(f"train.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_params.max_seq_len})")
     device = resolve_device(cfg.device)
@@ -130,15 +146,15 @@ def run_train(params: Params, logger: RunLogger | None = None, *, stop_after: in
     try:
         precision = resolve_precision(cfg.precision, device)
         with torch_threads(cfg.threads):
-            _seed_everything(params.seed)
-            data = load_token_data(params.data.out_dir)
-            model = build_model(model_params, data.vocab_size, seed=params.seed).to(device)
+            _seed_everything(seed)
+            data = load_token_data(data_dir)
+            model = build_model(model_params, data.vocab_size, seed=seed).to(device)
             optimizer = build_optimizer(model, cfg, fused=True if device.type == "cuda" else None)
             wrapped: torch.nn.Module = dist.wrap_ddp(model, ctx, device)
             if cfg.compile:
                 wrapped = torch.compile(wrapped)
-            sampler = BatchSampler(data.train, cfg.batch_size, cfg.seq_len, seed=params.seed, rank=ctx.rank)
-            fp = fingerprint(cfg, model_params, params.seed, ctx.world_size, data.vocab_size, data.manifest,
+            sampler = BatchSampler(data.train, cfg.batch_size, cfg.seq_len, seed=seed, rank=ctx.rank)
+            fp = fingerprint(cfg, model_params, seed, ctx.world_size, data.vocab_size, data.manifest,
                              precision.name)
             counts = {"total_params": model.num_params(), "active_params": model.active_params(),
                       "non_embedding_params": model.num_params(non_embedding=True)}
@@ -160,7 +176,7 @@ def run_train(params: Params, logger: RunLogger | None = None, *, stop_after: in
                 model=wrapped, optimizer=optimizer, cfg=cfg, sampler=sampler, val_shards=data.val, device=device,
                 precision=precision, ctx=ctx, bits_at=schedule.bits_at, set_bits=set_weight_bits,
                 layer_metrics=layer_metrics, model_metrics=model_metrics, fingerprint=fp,
-                checkpoint_dir=Path(cfg.checkpoint_dir), sink=logger.log_metrics if logger is not None else None,
+                checkpoint_dir=out.checkpoint_dir, sink=logger.log_metrics if logger is not None else None,
                 flops_per_token=flops_per_token(model, cfg.seq_len), peak_flops=device_peak_flops(device),
                 stop_after=stop_after)
             result = trainer.run()
@@ -168,22 +184,21 @@ def run_train(params: Params, logger: RunLogger | None = None, *, stop_after: in
                 result.last_val, result.val_stats = trainer.validate()
             if not result.last_train:
                 result.last_train = next((h for h in reversed(trainer.state.history) if "train/loss" in h), {})
-            return _finish(params, cfg, ctx, model, model_params, data, trainer, result, counts, fp, logger,
+            return _finish(cfg, out, seed, ctx, model, model_params, data, trainer, result, counts, fp, logger,
                            started)
     finally:
         dist.shutdown(ctx)
 
 
-def _finish(params: Params, cfg: ResolvedTrain, ctx: Any, model: NativeLM, model_params: ModelParams, data: Any,
-            trainer: Any, result: Any, counts: dict[str, int], fp: str, logger: RunLogger | None,
+def _finish(cfg: ResolvedTrain, out: TrainOutputs, seed: int, ctx: Any, model: NativeLM, model_params: ModelParams,
+            data: Any, trainer: Any, result: Any, counts: dict[str, int], fp: str, logger: RunLogger | None,
             started: float) -> TrainResult:
     """Rank 0: final metrics, model file, plots, artifacts (only once the run reached max_steps)."""
     state = trainer.state
     finished = state.step >= cfg.max_steps
-    model_file, metrics_file, plots_dir = Path(cfg.model_file), Path(cfg.metrics_file), Path(cfg.plots_dir)
-    checkpoint_dir = Path(cfg.checkpoint_dir)
+    model_file, metrics_file, plots_dir = out.model_file, out.metrics_file, out.plots_dir
     if not ctx.is_main:
-        return TrainResult({}, model_file, metrics_file, [], checkpoint_dir, state.step, state.resumed_from,
+        return TrainResult({}, model_file, metrics_file, [], out.checkpoint_dir, state.step, state.resumed_from,
                            is_main=False, model=model)
     per_layer, means = _summary(result.val_stats)
     unigram = unigram_entropies(data)
@@ -210,7 +225,7 @@ def _finish(params: Params, cfg: ResolvedTrain, ctx: Any, model: NativeLM, model
     plots: list[Path] = []
     if finished:
         trained_model.write(model_file, model.state_dict(), model_params, model.vocab_size, {
-            "step": state.step, "weight_bits": bits, "train_fingerprint": fp, "seed": params.seed,
+            "step": state.step, "weight_bits": bits, "train_fingerprint": fp, "seed": seed,
             "tokenizer_sha256": data.manifest.get("sha256", {}).get("tokenizer.json", ""),
             "val_loss": metrics["val_loss"]})
         reference = {"unigram x-entropy (val)": unigram["unigram_xent_val"]}
@@ -228,5 +243,5 @@ def _finish(params: Params, cfg: ResolvedTrain, ctx: Any, model: NativeLM, model
             logger.log_artifact(metrics_file)
         _note(f"done: {state.step} steps, val loss {metrics['val_loss']:.4f} (unigram x-entropy "
               f"{unigram['unigram_xent_val']:.4f}), {metrics['tokens_per_s']:,.0f} tokens/s; model in {model_file}")
-    return TrainResult(metrics, model_file, metrics_file, plots, checkpoint_dir, state.step, state.resumed_from,
+    return TrainResult(metrics, model_file, metrics_file, plots, out.checkpoint_dir, state.step, state.resumed_from,
                        model=model)
