@@ -1,10 +1,11 @@
 """Prefect flow `retrain`: corpus -> tokenizer + shards -> trained model -> quantized ONNX -> release -> gate.
 
-Thin on purpose: each stage is a `nativelm` command run by `dvc repro` (an unchanged stage is
-skipped); the form fields below are the parameters a user may change in the Prefect UI for one
-run (empty = params.yaml's value). The logic lives in nativelm.orchestration: overrides applied
-for the run only, one MLflow parent run with nested stage runs, the workspace saved as a DVC
-experiment, then the gate, whose promotion event triggers the `rollout` deployment.
+Thin on purpose: the pipeline is one DVC experiment (`dvc exp run`; an unchanged stage is
+skipped), each stage a `nativelm` command; the form fields below are the parameters a user may
+change in the Prefect UI for one run (empty = params.yaml's value). The logic lives in
+nativelm.orchestration: the overrides validated and handed to `dvc exp run --set-param` (a
+temporary workspace: params.yaml is never written), one MLflow parent run with nested stage runs,
+then the gate, whose promotion event triggers the `rollout` deployment.
 """
 
 from __future__ import annotations
@@ -16,23 +17,20 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
-from nativelm.orchestration.overrides import overridden_params, overrides_from_form
+from nativelm.orchestration.overrides import (
+    overrides_from_form,
+    set_param_args,
+    validated_params,
+)
 from nativelm.orchestration.pipeline import PipelineRun, experiment_name, pipeline_run
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
-@task(name="dvc-repro", task_run_name="dvc-repro-{stage}", cache_policy=NONE)
-def repro_stage(run: PipelineRun, stage: str, metrics_file: str) -> str:
-    """`dvc repro STAGE`; returns 'ran' or 'skipped'."""
-    run.run_stage(stage, metrics_file)
-    return run.stages[stage]
-
-
-@task(name="dvc-exp-save", cache_policy=NONE)
-def save_experiment(run: PipelineRun, name: str) -> str:
-    """Record this run's workspace as a DVC experiment; returns its commit."""
-    return run.save_experiment(name)
+@task(name="dvc-exp-run", task_run_name="dvc-exp-run-{name}", cache_policy=NONE)
+def run_experiment(run: PipelineRun, name: str, set_params: list[str]) -> dict[str, str]:
+    """The stages as DVC experiment `name`; returns what each stage did ('ran' or 'skipped')."""
+    return run.run_experiment(name, set_params).stages
 
 
 @task(name="gate", cache_policy=NONE)
@@ -56,12 +54,11 @@ def retrain(
     corpus_version: str | None = None,
     seed: int | None = None,
     max_ppl_regression: float | None = None,
-    params_file: str = "params.yaml",
 ) -> dict:
     """Rebuild the model through DVC with the given overrides, register it and gate it.
 
-    Empty fields keep the value of params.yaml; what is filled in applies to this run only and is
-    saved with it as a DVC experiment.
+    Empty fields keep the value of params.yaml; what is filled in applies to this run only (DVC runs
+    it in a temporary copy of the project) and is saved with it as a DVC experiment.
 
     Args:
         train_steps: optimizer steps of the run (train.max_steps)
@@ -77,23 +74,22 @@ def retrain(
         corpus_version: its version (data.source.version)
         seed: seed of the whole run
         max_ppl_regression: gate: perplexity regression allowed against the champion (gate.max_ppl_regression)
-        params_file: parameters file of the project
     """
-    form = {key: value for key, value in locals().items() if key != "params_file"}
+    form = dict(locals())
     overrides = overrides_from_form(form)
-    with overridden_params(PROJECT_DIR / params_file, overrides) as params:
-        with pipeline_run(params, "retrain", PROJECT_DIR, overrides) as run:
-            print(f"overrides: {overrides or 'none'}")
-            print(f"stage prepare: {repro_stage(run, 'prepare', params.data.metrics_file)}")
-            run.tag_data_hash("prepare", params.data.out_dir)
-            print(f"stage train: {repro_stage(run, 'train', params.train.metrics_file)}")
-            print(f"stage export: {repro_stage(run, 'export', params.export.metrics_file)}")
-            print(f"stage evaluate: {repro_stage(run, 'evaluate', params.evaluate.metrics_file)}")
-            print(f"DVC experiment: {save_experiment(run, experiment_name(flow_run.id))}")
-            version = run.registered_version()
-            if version is not None:
-                print(f"model version {version}: {gate(run, version)}")
-            return run.summary()
+    params_file = PROJECT_DIR / "params.yaml"
+    params = validated_params(params_file, overrides)
+    set_params = set_param_args(params_file.read_text(encoding="utf-8"), overrides)
+    with pipeline_run(params, "retrain", PROJECT_DIR, overrides) as run:
+        print(f"overrides: {overrides or 'none'}")
+        name = experiment_name(flow_run.id)
+        stages = run_experiment(run, name, set_params)
+        print("stages: " + ", ".join(f"{stage} {outcome}" for stage, outcome in stages.items()))
+        print(f"DVC experiment: {name} ({'temporary workspace' if set_params else 'workspace'})")
+        version = run.registered_version()
+        if version is not None:
+            print(f"model version {version}: {gate(run, version)}")
+        return run.summary()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Dashboard overrides: mapped to params keys, validated before writing, the file restored byte for byte."""
+"""Dashboard overrides: mapped to params keys, validated against params.yaml, handed to DVC as --set-param values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from nativelm.errors import ParamsError
-from nativelm.orchestration.overrides import FORM_FIELDS, overridden_params, overrides_from_form
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from nativelm.orchestration.overrides import FORM_FIELDS, overrides_from_form, set_param_args, validated_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,27 +52,30 @@ def test_every_form_field_names_a_real_key(params_file: Path) -> None:
             node = node[key]
 
 
-def test_applied_during_the_block_and_restored_after(params_file: Path) -> None:
+def test_validated_without_writing_anything(params_file: Path) -> None:
     before = params_file.read_bytes()
     overrides = overrides_from_form({"train_steps": 60, "bit_schedule": [[0.0, 8.0], [0.5, 1.58]]})
-    with overridden_params(params_file, overrides) as params:
-        assert params.train.max_steps == 60
-        assert params.model.bit_schedule == [[0.0, 8.0], [0.5, 1.58]]
-        text = params_file.read_text()
-        assert "max_steps: 60" in text
-        assert "# stage `evaluate`" in text  # comments survive the round trip
+    params = validated_params(params_file, overrides)
+    assert params.train.max_steps == 60
+    assert params.model.bit_schedule == [[0.0, 8.0], [0.5, 1.58]]
     assert params_file.read_bytes() == before
 
 
-def test_restored_when_the_run_fails(params_file: Path) -> None:
-    before = params_file.read_bytes()
-    with pytest.raises(RuntimeError), overridden_params(params_file, {"train.max_steps": 70}):
-        raise RuntimeError("stage failed")
-    assert params_file.read_bytes() == before
+def test_bad_value_is_one_line_naming_the_field(params_file: Path) -> None:
+    with pytest.raises(ParamsError, match=r"train\.max_steps"):
+        validated_params(params_file, {"train.max_steps": -1})
 
 
-def test_bad_value_is_refused_before_anything_is_written(params_file: Path) -> None:
-    before = params_file.read_bytes()
-    with pytest.raises(ParamsError, match=r"train\.max_steps"), overridden_params(params_file, {"train.max_steps": -1}):
-        pass
-    assert params_file.read_bytes() == before
+def test_set_params_read_back_by_hydra_as_the_same_values(params_file: Path) -> None:
+    overrides = {"train.max_steps": 60, "train.lr": 2e-3, "model.quantize": False, "model.n_experts": None,
+                 "model.bit_schedule": [[0.0, 8.0], [0.5, 1.58]], "data.source.sha256": "",
+                 "data.source.version": "0.6", "data.source.package": "it's \"quoted\""}
+    args = set_param_args(params_file.read_text(), overrides)
+    parsed = OverridesParser.create().parse_overrides(args)
+    assert {o.key_or_group: o.value() for o in parsed} == overrides
+    assert all(not a.startswith("+") for a in args)  # every key exists in params.yaml
+
+
+def test_a_key_params_yaml_lacks_is_added() -> None:
+    text = "train:\n  lr: 0.001  # peak\n"
+    assert set_param_args(text, {"train.lr": 0.002, "train.max_steps": 5}) == ["train.lr=0.002", "+train.max_steps=5"]

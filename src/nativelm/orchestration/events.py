@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from prefect.events import emit_event
 
-if TYPE_CHECKING:
-    from nativelm.gate.promote import GateResult
+from nativelm.gate.promote import GateResult
 
 
 def promotion_resource(model: str, version: int) -> dict[str, str]:
@@ -17,8 +16,6 @@ def promotion_resource(model: str, version: int) -> dict[str, str]:
 
 def emit_promotion(event_name: str, result: GateResult) -> str | None:
     """Announce that `result.version` became the champion; returns the event id (None: no Prefect API)."""
-    from prefect.events import emit_event
-
     event = emit_event(event=event_name, resource=promotion_resource(result.model, result.version),
                        payload={"model": result.model, "version": str(result.version),
                                 "previous_champion": result.previous_champion, "reason": result.reason})

@@ -1,22 +1,25 @@
-"""Parameter overrides from the dashboard: applied to params.yaml for one run, then put back.
+"""Parameter overrides from the dashboard, handed to DVC's own `dvc exp run --set-param`.
 
 The `retrain` form in the Prefect UI has typed fields (training steps, preset, learning rate ...);
-each maps to one key of params.yaml. A run applies them to params.yaml (comments kept, written
-atomically, validated first so a bad value is one line and nothing changes), runs the stages,
-saves the workspace as a DVC experiment and then restores the file byte for byte: the experiment,
-not the working copy, is where that run's parameters live.
+each maps to one key of params.yaml. The overrides are validated first against params.yaml (the
+typed sections: a bad value is one line and nothing runs), then passed to DVC, which applies them in
+a temporary copy of the project: params.yaml in the workspace is never written, and the DVC
+experiment is where that run's parameters live.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-from collections.abc import Iterator, Mapping
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from ruamel.yaml import YAML
+
 from nativelm.errors import ParamsError
-from nativelm.fsutil import atomic_write_bytes
 from nativelm.params.root import Params, parse_params
 
 # form field of the `retrain` flow -> dotted key of params.yaml
@@ -63,8 +66,6 @@ def _set_dotted(tree: Any, dotted: str, value: Any) -> None:
 
 def render_overrides(text: str, overrides: Mapping[str, Any]) -> str:
     """params.yaml text with `overrides` applied, comments and layout kept (ruamel round trip)."""
-    from ruamel.yaml import YAML
-
     yaml = YAML()
     yaml.preserve_quotes = True
     tree = yaml.load(text) or {}
@@ -75,21 +76,40 @@ def render_overrides(text: str, overrides: Mapping[str, Any]) -> str:
     return out.getvalue()
 
 
-@contextlib.contextmanager
-def overridden_params(path: Path, overrides: Mapping[str, Any]) -> Iterator[Params]:
-    """Params with `overrides` applied to the file at `path` for the duration of the block.
-
-    The new text is validated before anything is written (ParamsError names the field); the
-    original bytes are restored afterwards, whatever happened inside.
-    """
-    original = path.read_bytes()
+def validated_params(path: Path, overrides: Mapping[str, Any]) -> Params:
+    """The Params a run with `overrides` will read; ParamsError (one line, naming the field) if invalid."""
+    text = path.read_text(encoding="utf-8")
     if not overrides:
-        yield parse_params(original.decode("utf-8"), str(path))
-        return
-    text = render_overrides(original.decode("utf-8"), overrides)
-    params = parse_params(text, f"{path} with overrides {dict(overrides)}")
-    atomic_write_bytes(path, text.encode("utf-8"))
-    try:
-        yield params
-    finally:
-        atomic_write_bytes(path, original)
+        return parse_params(text, str(path))
+    return parse_params(render_overrides(text, overrides), f"{path} with overrides {dict(overrides)}")
+
+
+def _has_key(tree: Any, dotted: str) -> bool:
+    node = tree
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def set_param_args(params_text: str, overrides: Mapping[str, Any]) -> list[str]:
+    """`dvc exp run --set-param` values for `overrides` (DVC reads them with Hydra's override grammar).
+
+    Each value is written as JSON (numbers, booleans, null, lists, quoted strings) and parsed back
+    with Hydra's own parser; one that would not come back equal is refused with one line. A key
+    params.yaml does not have yet is added (Hydra's `+key=value`).
+    """
+    tree = YAML(typ="safe").load(params_text) or {}
+    parser = OverridesParser.create()
+    args = []
+    for dotted, value in overrides.items():
+        arg = f"{'' if _has_key(tree, dotted) else '+'}{dotted}={json.dumps(value, ensure_ascii=False)}"
+        try:
+            parsed = parser.parse_overrides([arg])[0].value()
+        except HydraException as exc:
+            raise ParamsError(f"override {dotted}={value!r}: DVC cannot pass this value ({exc})") from None
+        if json.loads(json.dumps(parsed)) != json.loads(json.dumps(value)):
+            raise ParamsError(f"override {dotted}={value!r}: DVC would read it as {parsed!r}")
+        args.append(arg)
+    return args

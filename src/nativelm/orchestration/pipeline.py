@@ -1,4 +1,4 @@
-"""One pipeline run = one MLflow parent run; DVC stages run under it and log nested runs."""
+"""One pipeline run = one MLflow parent run and one DVC experiment; the stages log nested runs under it."""
 
 from __future__ import annotations
 
@@ -9,20 +9,23 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run
+
+from nativelm.gate.promote import GateResult, gate_version
 from nativelm.orchestration.dvc import (
-    ReproResult,
-    exp_save,
+    ExperimentRun,
+    exp_run,
     lock_out_hash,
     read_metrics,
-    repro,
 )
+from nativelm.orchestration.events import emit_promotion
 from nativelm.params.root import Params
 from nativelm.tracking.runs import PARENT_ENV, URI_ENV, RunLogger, tracked_run
 
-if TYPE_CHECKING:
-    from nativelm.gate.promote import GateResult
+GATE_LIMIT = "nativelm-gate"  # Prefect global concurrency limit (1, made by `nativelm serve`): gates take turns
 
 
 @dataclass
@@ -42,16 +45,28 @@ class PipelineRun:
             return {}
         return {PARENT_ENV: str(self.run.run_id), URI_ENV: str(self.run.uri)}
 
-    def run_stage(self, stage: str, metrics_file: str) -> ReproResult:
-        """`dvc repro` one stage, then copy its DVC metrics into the parent run as `<stage>/<name>`."""
-        started = time.perf_counter()
-        result = repro(stage, self.project_dir, self.child_env())
-        self.run.log_metrics({f"timing/{stage}_repro_s": time.perf_counter() - started})
-        self.stages[stage] = "skipped" if result.skipped else "ran"
-        stage_metrics = {f"{stage}/{k}": v for k, v in read_metrics(self.project_dir, metrics_file).items()}
-        self.metrics.update(stage_metrics)
-        self.run.log_metrics(stage_metrics)
-        self.run.set_tags({f"stage.{stage}": self.stages[stage]})
+    def run_experiment(self, name: str, set_params: list[str]) -> ExperimentRun:
+        """The pipeline as DVC experiment `name`, then each stage's DVC metrics copied in as `<stage>/<name>`.
+
+        The metrics and the data hash are read at the experiment's commit, so a run in a temporary
+        workspace reports its own figures, not the workspace's.
+        """
+        result = exp_run(name, set_params, self.project_dir, self.child_env())
+        self.run.set_tags({"dvc_experiment": name, "dvc_experiment_rev": result.rev})
+        self.summary_extra["dvc_experiment"] = name
+        p = self.params
+        stage_metrics = {"prepare": p.data.metrics_file, "train": p.train.metrics_file,
+                         "export": p.export.metrics_file, "evaluate": p.evaluate.metrics_file}
+        for stage, metrics_file in stage_metrics.items():
+            self.stages[stage] = result.stages.get(stage, "skipped")
+            self.run.log_metrics({f"timing/{stage}_repro_s": result.seconds.get(stage, 0.0)})
+            found = {f"{stage}/{k}": v for k, v in read_metrics(self.project_dir, metrics_file, result.rev).items()}
+            self.metrics.update(found)
+            self.run.log_metrics(found)
+        self.run.set_tags({f"stage.{stage}": outcome for stage, outcome in self.stages.items()})
+        digest = lock_out_hash(self.project_dir, "prepare", p.data.out_dir, result.rev)
+        if digest:
+            self.run.set_tags({"data_hash": digest})
         return result
 
     def summary(self) -> dict[str, object]:
@@ -59,19 +74,13 @@ class PipelineRun:
         return {"stages": dict(self.stages), "metrics": dict(self.metrics),
                 "mlflow_run_id": self.run.run_id, "experiment_id": self.run.experiment_id, **self.summary_extra}
 
-    def save_experiment(self, name: str) -> str:
-        """Save the workspace as DVC experiment `name` and tag the run with it (how to reproduce the run)."""
-        rev = exp_save(name, self.project_dir)
-        self.run.set_tags({"dvc_experiment": name, "dvc_experiment_rev": rev})
-        self.summary_extra["dvc_experiment"] = name
-        return rev
-
     def gate(self, version: int) -> GateResult:
-        """Gate the registered `version`; on promotion announce it (the rollout deployment reacts)."""
-        from nativelm.gate.promote import gate_version
-        from nativelm.orchestration.events import emit_promotion
+        """Gate the registered `version`; on promotion announce it (the rollout deployment reacts).
 
-        result = gate_version(self.params, version)
+        Retrains running at once take turns here, so each compares against the champion the other left.
+        """
+        with concurrency(GATE_LIMIT, occupy=1, strict=False):
+            result = gate_version(self.params, version)
         self.run.set_tags({"gate.status": result.alias, "gate.reason": result.reason[:5000],
                            "gate.changed": str(result.changed).lower(), "model_version": str(version)})
         self.run.log_metrics({"gate/promoted": float(result.promoted)})
@@ -87,20 +96,9 @@ class PipelineRun:
         value = self.metrics.get("evaluate/model_version")
         return int(value) if value is not None else None
 
-    def tag_data_hash(self, stage: str, out_path: str) -> None:
-        """Tag the run with the DVC hash of a stage output (which data the model came from)."""
-        digest = lock_out_hash(self.project_dir, stage, out_path)
-        if digest:
-            self.run.set_tags({"data_hash": digest})
-
 
 def _flow_run_tags() -> dict[str, str]:
-    try:
-        from prefect.runtime import flow_run
-
-        return {"prefect.flow_run_id": str(flow_run.id)} if flow_run.id else {}
-    except Exception:  # not inside a Prefect flow run
-        return {}
+    return {"prefect.flow_run_id": str(flow_run.id)} if flow_run.id else {}
 
 
 def experiment_name(flow_run_id: object | None) -> str:

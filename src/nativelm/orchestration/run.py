@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
+
+from nativelm import stack
 from nativelm.errors import NativelmError
 from nativelm.orchestration.clients import load_flow_module, use_local_stack
+from nativelm.orchestration.loop import (
+    follow,
+    mlflow_run_of,
+    stage_walls,
+    trigger,
+    wait_triggered,
+)
+from nativelm.orchestration.serve import deployment_ref, serve_background
 from nativelm.params.root import Params
+from nativelm.tracking.runs import resolve_tracking_uri
 
 # the figures the summary shows (every metric is in MLflow)
 SUMMARY_METRICS = (
@@ -42,8 +54,6 @@ def _board_figures(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
 
 def timing_lines(client: Any, parent: Any, flow_seconds: float) -> list[str]:
     """Per-stage wall time (through DVC, and the stage's own), and the orchestration overhead ratio."""
-    from nativelm.orchestration.loop import stage_walls
-
     metrics, walls = parent.data.metrics, stage_walls(client, parent)
     lines = []
     for stage in STAGES:
@@ -63,8 +73,6 @@ def timing_lines(client: Any, parent: Any, flow_seconds: float) -> list[str]:
 def summary_lines(params: Params, headline: str, client: Any, parent: Any, flow_seconds: float,
                   rollout: Any = None, rollout_run: Any = None) -> list[str]:
     """Human summary of one loop: stages, figures, gate, boards, where to look."""
-    from nativelm import stack
-
     lines = [headline]
     if parent is not None:
         lines += timing_lines(client, parent, flow_seconds)
@@ -98,9 +106,6 @@ def _rollout(params: Params, parent: Any, since: Any) -> Any:
     A version that already was the champion triggers nothing; rolling it out again is a hash check per
     board (boards that miss it get it), so the loop always ends with the fleet on the champion.
     """
-    from nativelm.orchestration.loop import follow, trigger, wait_triggered
-    from nativelm.orchestration.serve import deployment_ref
-
     sp = params.serve
     tags = parent.data.tags
     version = tags.get("model_version")
@@ -119,16 +124,10 @@ def _rollout(params: Params, parent: Any, since: Any) -> Any:
 
 def run_pipeline(params: Params, params_path: Path, project_dir: Path) -> list[str]:
     """Trigger the served retrain deployment, follow it and the rollout it causes; return the summary."""
-    from datetime import datetime
-
-    from nativelm import stack
-    from nativelm.orchestration.loop import follow, mlflow_run_of, trigger
-    from nativelm.orchestration.serve import deployment_ref, serve_background
-
     serve_background(params, params_path, project_dir)  # points this process at the stack too
     since = datetime.now(UTC)
     started = time.monotonic()
-    run = trigger(deployment_ref("retrain"), {"params_file": str(params_path)})
+    run = trigger(deployment_ref("retrain"), {})
     print(f"retrain: flow run {run.name}: {stack.prefect_ui_url(params)}/runs/flow-run/{run.id}", flush=True)
     retrain = follow(run.id, params.serve.retrain_timeout_s)
     if not retrain.ok:
@@ -149,10 +148,6 @@ def run_pipeline(params: Params, params_path: Path, project_dir: Path) -> list[s
 
 def _mlflow(params: Params) -> Any:
     """An MLflow client of the tracking server, or None when tracking is off."""
-    from mlflow import MlflowClient
-
-    from nativelm.tracking.runs import resolve_tracking_uri
-
     uri = resolve_tracking_uri(params)
     return MlflowClient(tracking_uri=uri) if uri else None
 
@@ -162,7 +157,7 @@ def run_local(params: Params, params_path: Path, project_dir: Path) -> list[str]
     use_local_stack(params)
     retrain = load_flow_module(project_dir, "pipelines/retrain.py").retrain
     started = time.monotonic()
-    result = retrain(params_file=str(params_path))
+    result = retrain()
     seconds = time.monotonic() - started
     client = _mlflow(params)
     parent = client.get_run(result["mlflow_run_id"]) if client and result.get("mlflow_run_id") else None

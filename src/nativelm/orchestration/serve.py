@@ -1,7 +1,8 @@
 """`nativelm serve`: register the deployments of pipelines/ and execute their runs (the dashboard).
 
 Three deployments against the Prefect server of the local stack:
-- ``retrain/retrain``: the form a user fills in the Prefect UI (one run at a time);
+- ``retrain/retrain``: the form a user fills in the Prefect UI (``serve.retrain_concurrency`` runs at
+  once, each a DVC experiment of its own; their gates take turns);
 - ``rollout/rollout``: started by a trigger on the gate's promotion event (an automation), with the
   promoted version as its ``model`` parameter: the new champion reaches the fleet with no human step;
 - ``fleet-health/fleet-health``: every ``serve.fleet_health_every_min`` minutes.
@@ -18,14 +19,19 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from prefect import get_client, serve
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.deployments.runner import RunnerDeployment
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 from nativelm.errors import NativelmError
 from nativelm.orchestration.clients import load_flow_module, use_local_stack
+from nativelm.orchestration.pipeline import GATE_LIMIT
 from nativelm.params.root import Params
-
-if TYPE_CHECKING:
-    from prefect.deployments.runner import RunnerDeployment
+from nativelm.stack import stack_dir
+from nativelm.stack.process import BackgroundProcess
 
 # deployment name -> (flow file under the project, flow function)
 FLOWS: dict[str, tuple[str, str]] = {
@@ -49,12 +55,10 @@ def _flow(project_dir: Path, name: str) -> Any:
 
 def build_deployments(params: Params, project_dir: Path) -> list[RunnerDeployment]:
     """The three deployments, with the rollout trigger and the fleet-health schedule."""
-    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
-
     sp = params.serve
     params_file = {"params_file": "params.yaml"}
     retrain = _flow(project_dir, "retrain").to_deployment(
-        name="retrain", tags=TAGS, concurrency_limit=1, parameters=params_file,
+        name="retrain", tags=TAGS, concurrency_limit=sp.retrain_concurrency,
         description="Retrain from the corpus through DVC, register, gate. Empty fields keep params.yaml's values.")
     trigger = DeploymentEventTrigger(
         name="rollout-on-promotion", expect={params.gate.event},
@@ -71,17 +75,14 @@ def build_deployments(params: Params, project_dir: Path) -> list[RunnerDeploymen
 
 def serve_foreground(params: Params, project_dir: Path) -> None:
     """Register the deployments and run their flow runs until interrupted."""
-    from prefect import serve
-
     use_local_stack(params)
+    with get_client(sync_client=True) as client:  # one gate at a time, whatever runs at once
+        client.upsert_global_concurrency_limit_by_name(GATE_LIMIT, 1)
     deployments = build_deployments(params, project_dir)
     serve(*deployments, limit=params.serve.limit, print_starting_message=True)
 
 
-def _runner_process(params: Params):  # -> BackgroundProcess
-    from nativelm.stack import stack_dir
-    from nativelm.stack.process import BackgroundProcess
-
+def _runner_process(params: Params) -> BackgroundProcess:
     return BackgroundProcess(RUNNER, stack_dir(params))
 
 
@@ -98,9 +99,6 @@ class ServeStatus:
 
 def deployments_ready(names: list[str]) -> list[str]:
     """Those of our deployments that exist on the Prefect server with a runner polling them."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
     with get_client(sync_client=True) as client:
         found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
     return sorted(d.name for d in found if str(getattr(d.status, "value", d.status)).upper() == "READY")
