@@ -26,7 +26,7 @@ Variants (`ExportParams.variant`):
   it is the PyTorch forward, op for op), the MoE as a dense computation of all experts weighted by the
   routing weights (zero for the experts a token does not use). Embedding and head stay fp32.
 
-QMoE fallbacks (never a failure): when `ops.qmoe_is_fast` rejects 2-bit experts at the chosen block,
+QMoE fallbacks (never a failure): when `kernels.qmoe_is_fast` rejects 2-bit experts at the chosen block,
 the other fast blocks are tried, then the ternary codes are stored as 4-bit codes (exact, twice the
 memory), then row-wise scales (exact, slow). Every choice lands in `ExportGraph.choices` / `notes`.
 
@@ -45,7 +45,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from nativelm.errors import NativelmError
-from nativelm.export import ops, pack
+from nativelm.export import kernels, ops, pack
+from nativelm.export.kernels import FAST_BLOCKS, QUANTIZED_OPS
 from nativelm.formats.export_folder import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -64,8 +65,6 @@ SEQLENS_K = "attention.seqlens_k"
 TOTAL_LENGTH = "attention.total_sequence_length"
 ROPE = "rope"
 TERNARY_WIDTHS = (1.58, 2.0)  # symmetric 2-bit codes are the ternary quantizer (BitLinear docstring)
-QUANTIZED_OPS = ("MatMulNBits", "QMoE")  # the nodes whose weights must be prepacked (fast kernels)
-FAST_BLOCKS = (128, 64, 32)
 
 
 @dataclass
@@ -231,7 +230,7 @@ class _Builder:
             return self.node("MatMul", [h, weight], output)
         bits = 2 if self.variant == "ternary" else 4
         w_int, scales = self.integer_weight(lin, bits, self.params.block_size)
-        fast = ops.matmul_nbits_is_fast(bits, self.params.block_size, self.params.accuracy_level)
+        fast = kernels.matmul_nbits_is_fast(bits, self.params.block_size, self.params.accuracy_level)
         self.add(self.guard(lin.name, lambda: ops.matmul_nbits(
             lin.name, h, w_int, scales, bits, self.params.block_size, self.params.accuracy_level, output=output,
             allow_slow_kernel=True)), part)
@@ -327,7 +326,7 @@ class _Builder:
             level = self.params.accuracy_level
             self.add(self.guard("lm_head", lambda: ops.matmul_nbits("lm_head", h, w_int, scales, bits, block, level,
                                                                      output=LOGITS, allow_slow_kernel=True)), "lm_head")
-            fast = ops.matmul_nbits_is_fast(bits, block, level)
+            fast = kernels.matmul_nbits_is_fast(bits, block, level)
             self.choices["lm_head"] = {"op": "MatMulNBits", "bits": bits, "block_size": block,
                                        "accuracy_level": level, "fast_kernel": fast}
             if not fast:
@@ -460,7 +459,7 @@ class _Builder:
         blocks = [wanted] + [b for b in FAST_BLOCKS if b != wanted]
         plan: tuple[int, int | None, bool] | None = None
         for b in blocks:
-            if ops.qmoe_is_fast(bits, b, hidden, inter):
+            if kernels.qmoe_is_fast(bits, b, hidden, inter):
                 plan = (bits, b, True)
                 if b != wanted:
                     self.notes.append(f"QMoE: {bits}-bit experts at block {wanted} miss ORT's fast-kernel rules for "
@@ -468,7 +467,7 @@ class _Builder:
                 break
         if plan is None and bits == 2:
             for b in blocks:
-                if ops.qmoe_is_fast(4, b, hidden, inter):
+                if kernels.qmoe_is_fast(4, b, hidden, inter):
                     plan = (4, b, True)
                     self.notes.append(f"QMoE: no 2-bit fast kernel for d_model {hidden}, expert_ffn {inter} "
                                       f"(ops.qmoe_is_fast); the ternary expert codes are stored as 4-bit codes at "
