@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnxruntime as ort
+import torch
 
 from nativelm.errors import NativelmError
 from nativelm.export import kernels
@@ -46,8 +48,6 @@ class OnnxDecoder:
     """
 
     def __init__(self, model: str | Path | bytes, threads: int = 0) -> None:
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -94,8 +94,6 @@ class OnnxDecoder:
 
 def torch_logits(model: NativeLM, ids: np.ndarray) -> np.ndarray:
     """Logits (B, S, V) of the PyTorch model in eval mode, float32 numpy."""
-    import torch
-
     was_training = model.training
     model.eval()
     try:
