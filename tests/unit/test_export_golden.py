@@ -32,7 +32,7 @@ GOLDEN = Path(__file__).parent / "golden" / "export_graphs.json"
 REGEN = os.environ.get("NATIVELM_REGEN_GOLDEN") == "1"
 VOCAB = 96
 
-# d_model 128, expert_ffn 128: 2-bit QMoE is fast at the default moe_block_size 64 (ops.qmoe_is_fast)
+# d_model 128, expert_ffn 128: 2-bit QMoE is fast at the default moe_block_size 64 (kernels.qmoe_is_fast)
 BASE: dict[str, Any] = {"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64,
                         "window": 16, "nope_every": 2, "n_experts": 4, "expert_ffn": 128, "top_k": 2}
 DENSE = {"ffn": "dense", "dense_ffn": 128}
