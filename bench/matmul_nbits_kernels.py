@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from nativelm.export import ops, pack
+from nativelm.export import kernels, ops, pack
 
 
 def model_of(parts: ops.Parts, k: int, n: int) -> onnx.ModelProto:
@@ -65,8 +65,8 @@ def main() -> None:
     options.intra_op_num_threads = args.threads
     sessions, prepacked = {}, {}
     for label, model in models.items():
-        run = ops.profile_kernels(model, feeds)[0]
-        prepacked[label] = "mm.weight" in ops.prepacked_inputs(model, run) if run.op_type == "MatMulNBits" else None
+        run = kernels.profile_kernels(model, feeds)[0]
+        prepacked[label] = "mm.weight" in kernels.prepacked_inputs(model, run) if run.op_type == "MatMulNBits" else None
         sessions[label] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         for _ in range(3):
             sessions[label].run(None, feeds)

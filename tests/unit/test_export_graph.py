@@ -1,7 +1,7 @@
 """The exported decoder graph, its parity with PyTorch, and the export stage end to end.
 
 Models are built in the tests (`build_model`), at the ternary tiny shape where it matters for the
-kernel path (d_model 256, expert_ffn 128: `ops.qmoe_is_fast` holds) but with two layers and a small
+kernel path (d_model 256, expert_ffn 128: `kernels.qmoe_is_fast` holds) but with two layers and a small
 vocabulary. Parity thresholds are checked on a model trained for a few dozen steps on a synthetic
 corpus: with random weights most next-token predictions are near-ties, and a top-1 figure would
 measure noise rather than the export.

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from nativelm.export import ops, pack
+from nativelm.export import kernels, ops, pack
 
 RNG_SEED = 1234
 ValueInfo = tuple[str, int, list]
@@ -180,7 +180,7 @@ def test_matmul_nbits_4_and_8_bit(bits: int, accuracy_level: int) -> None:
 def test_matmul_nbits_refuses_slow_configurations() -> None:
     w_int, scales = pack.ternarize_blocks(np.ones((4, 64)), 32)
     for bits, block_size, level in [(2, 32, 0), (2, 16, 4), (2, 256, 4), (8, 32, 0)]:
-        assert not ops.matmul_nbits_is_fast(bits, block_size, level)
+        assert not kernels.matmul_nbits_is_fast(bits, block_size, level)
         with pytest.raises(ValueError, match="generic"):
             ops.matmul_nbits("p", "x", w_int, pack.block_scales(1.0, 4, 64, block_size), bits, block_size, level)
 
@@ -195,33 +195,33 @@ FAST_CASES = [(2, 32, 4), (2, 64, 4), (2, 128, 4), (4, 32, 0), (4, 32, 4), (4, 1
 def test_matmul_nbits_runs_prepacked_cpu_kernel(bits: int, block_size: int, accuracy_level: int) -> None:
     """The weights every emitted MatMulNBits configuration carries are prepacked by the CPU kernel (fast path)."""
     model, feeds, _, _ = matmul_case(bits, block_size, accuracy_level, zero_point=1 if bits == 2 else None, bias=True)
-    (run,) = ops.profile_kernels(model, feeds)
+    (run,) = kernels.profile_kernels(model, feeds)
     assert (run.node, run.op_type, run.provider) == ("proj", "MatMulNBits", "CPUExecutionProvider")
-    assert "proj.weight" in ops.prepacked_inputs(model, run)
+    assert "proj.weight" in kernels.prepacked_inputs(model, run)
 
 
 @pytest.mark.parametrize(("bits", "block_size", "accuracy_level"), [(2, 32, 0), (2, 16, 4), (8, 32, 0)])
 def test_profile_exposes_the_generic_fallback(bits: int, block_size: int, accuracy_level: int) -> None:
     """Negative control: the slow configurations keep reading the packed bytes, so the check has teeth."""
     model, feeds, _, _ = matmul_case(bits, block_size, accuracy_level, allow_slow=True)
-    (run,) = ops.profile_kernels(model, feeds)
+    (run,) = kernels.profile_kernels(model, feeds)
     assert run.provider == "CPUExecutionProvider"
-    assert ops.prepacked_inputs(model, run) == []
+    assert kernels.prepacked_inputs(model, run) == []
     assert ("uint8", tuple(model.graph.initializer[0].dims)) in run.inputs
 
 
 def test_profile_kernels_reads_a_path_a_session_and_refuses_one_without_profiling(tmp_path) -> None:
     model, feeds, _, _ = matmul_case(2, 32, 4)
     onnx.save(model, tmp_path / "model.onnx")
-    (run,) = ops.profile_kernels(tmp_path / "model.onnx", feeds)
+    (run,) = kernels.profile_kernels(tmp_path / "model.onnx", feeds)
     assert run.op_type == "MatMulNBits" and run.inputs[0] == ("float", (2, 3, 160))
     options = ort.SessionOptions()
     options.enable_profiling = True
-    runs = ops.profile_kernels(ort.InferenceSession(model.SerializeToString(), options,
+    runs = kernels.profile_kernels(ort.InferenceSession(model.SerializeToString(), options,
                                                     providers=["CPUExecutionProvider"]), feeds, runs=2)
     assert [r.node for r in runs] == ["proj", "proj"] and all(r.duration_us >= 0 for r in runs)
     with pytest.raises(ValueError, match="enable_profiling"):
-        ops.profile_kernels(session(model), feeds)
+        kernels.profile_kernels(session(model), feeds)
 
 
 # --------------------------------------------------------------------------- QMoE
@@ -280,9 +280,9 @@ def moe_case(bits: int = 2, activation: str = "reglu", block_size: int | None = 
 def test_qmoe_ternary_lut_fast_path_is_within_one_percent(activation: str) -> None:
     """2-bit block-wise experts run MLAS LUT GEMM (prepacked): fast, approximate to ~1% of the output scale."""
     model, feeds, reference = moe_case(activation=activation, inter=128 if activation == "relu" else 64)
-    (run,) = ops.profile_kernels(model, feeds)
+    (run,) = kernels.profile_kernels(model, feeds)
     assert (run.op_type, run.provider) == ("QMoE", "CPUExecutionProvider")
-    assert ops.prepacked_inputs(model, run) == ["moe.fc1.weight", "moe.fc2.weight"]
+    assert kernels.prepacked_inputs(model, run) == ["moe.fc1.weight", "moe.fc2.weight"]
     y = session(model).run(None, feeds)[0]
     assert_close(y, reference, rel=3e-2)
     assert np.abs(y - reference).max() > 1e-4 * np.abs(reference).max()  # not exact: if it becomes so, say so
@@ -295,16 +295,16 @@ def test_qmoe_ternary_fallback_is_exact(activation: str, block_size: int | None)
         moe_case(activation=activation, block_size=block_size, hidden=64, inter=32)
     model, feeds, reference = moe_case(activation=activation, block_size=block_size, hidden=64, inter=32,
                                        allow_slow=True)
-    (run,) = ops.profile_kernels(model, feeds)
-    assert ops.prepacked_inputs(model, run) == []
+    (run,) = kernels.profile_kernels(model, feeds)
+    assert kernels.prepacked_inputs(model, run) == []
     assert_close(session(model).run(None, feeds)[0], reference)
 
 
 def test_qmoe_4bit_experts_are_exact_and_prepacked() -> None:
     """Ternary experts as 4-bit codes: the exact fast alternative (float32 activations at accuracy_level 0)."""
     model, feeds, reference = moe_case(bits=4)
-    (run,) = ops.profile_kernels(model, feeds)
-    assert ops.prepacked_inputs(model, run) == ["moe.fc1.weight", "moe.fc2.weight"]
+    (run,) = kernels.profile_kernels(model, feeds)
+    assert kernels.prepacked_inputs(model, run) == ["moe.fc1.weight", "moe.fc2.weight"]
     assert_close(session(model).run(None, feeds)[0], reference)
 
 
@@ -326,14 +326,14 @@ def test_qmoe_single_token_top1_and_all_experts() -> None:
 
 
 def test_qmoe_is_fast_rules() -> None:
-    assert ops.qmoe_is_fast(2, 32, 1536, 768)  # SmallThinker 4B shapes
-    assert ops.qmoe_is_fast(2, 64, 128, 128) and ops.qmoe_is_fast(4, 32, 64, 32)
-    assert not ops.qmoe_is_fast(2, 64, 128, 64)  # fc2 K = one block of 64: not prepacked
-    assert not ops.qmoe_is_fast(2, None, 1536, 768)  # row-wise scales
-    assert not ops.qmoe_is_fast(2, 16, 1536, 768)
-    assert not ops.qmoe_is_fast(2, 32, 192, 64)  # hidden % 128
-    assert not ops.qmoe_is_fast(2, 32, 128, 96, "relu")  # gate rows % 128
-    assert not ops.qmoe_is_fast(2, 128, 128, 256)  # K = one block: not prepacked
+    assert kernels.qmoe_is_fast(2, 32, 1536, 768)  # SmallThinker 4B shapes
+    assert kernels.qmoe_is_fast(2, 64, 128, 128) and kernels.qmoe_is_fast(4, 32, 64, 32)
+    assert not kernels.qmoe_is_fast(2, 64, 128, 64)  # fc2 K = one block of 64: not prepacked
+    assert not kernels.qmoe_is_fast(2, None, 1536, 768)  # row-wise scales
+    assert not kernels.qmoe_is_fast(2, 16, 1536, 768)
+    assert not kernels.qmoe_is_fast(2, 32, 192, 64)  # hidden % 128
+    assert not kernels.qmoe_is_fast(2, 32, 128, 96, "relu")  # gate rows % 128
+    assert not kernels.qmoe_is_fast(2, 128, 128, 256)  # K = one block: not prepacked
 
 
 @pytest.mark.parametrize(("bits", "block_size", "hidden", "inter", "activation"), [
@@ -343,9 +343,9 @@ def test_qmoe_is_fast_matches_the_profile(bits: int, block_size: int, hidden: in
     """`qmoe_is_fast` agrees with what ORT prepacks (block-wise scales; row-wise 4-bit prepacks but stays slow)."""
     model, feeds, _ = moe_case(bits=bits, activation=activation, block_size=block_size, hidden=hidden, inter=inter,
                                tokens=2, allow_slow=True)
-    (run,) = ops.profile_kernels(model, feeds)
-    both = ops.prepacked_inputs(model, run) == ["moe.fc1.weight", "moe.fc2.weight"]
-    assert both == ops.qmoe_is_fast(bits, block_size, hidden, inter, activation)
+    (run,) = kernels.profile_kernels(model, feeds)
+    both = kernels.prepacked_inputs(model, run) == ["moe.fc1.weight", "moe.fc2.weight"]
+    assert both == kernels.qmoe_is_fast(bits, block_size, hidden, inter, activation)
 
 
 def test_qmoe_builder_rejects_bad_arguments() -> None:

@@ -2,5 +2,5 @@
 
 Lowest layer first: `pack` turns integer weights into the byte layouts ONNX Runtime 1.32's quantized
 contrib operators read (pure numpy); `ops` wraps each operator in one function returning its nodes
-and initializers, and `ops.profile_kernels` tells which kernel path a node really ran on.
+and initializers, and `kernels` says which kernel path a node takes (rules) and really ran on (profiler).
 """

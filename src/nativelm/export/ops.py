@@ -1,4 +1,4 @@
-"""One builder per ONNX Runtime operator the exporter emits, and a kernel-path profiler.
+"""One pure builder per ONNX Runtime operator the exporter emits (`kernels` says which path ORT takes).
 
 Every builder returns `(nodes, initializers)`; constant tensors are named `<name>.<role>`, so one
 unique node name per call keeps a graph free of clashes. Target: ONNX Runtime 1.32, CPU provider,
@@ -10,14 +10,14 @@ What ORT 1.32 (CPU) does with these operators, measured and pinned by tests/unit
   weights are fast only with accuracy_level=4 (int8 activations, quantized per block of K) and
   block_size 32, 64 or 128 (128 is ~3x faster than 32; with a per-tensor ternary scale the block
   size changes only how finely the activations are quantized); 8-bit only with accuracy_level=4;
-  4-bit always. `matmul_nbits` refuses the slow combinations unless asked. `profile_kernels` and
-  `prepacked_inputs` tell the paths apart. Fast kernels measured on x86 AVX-512/VNNI.
+  4-bit always. `matmul_nbits` refuses the slow combinations unless asked. `kernels.profile_kernels` and
+  `kernels.prepacked_inputs` tell the paths apart. Fast kernels measured on x86 AVX-512/VNNI.
 - QMoE on CPU: no separate gate matrix (fc3); SwiGLU only fused (gate/up rows interleaved). ReGLU
   is SwiGLU with activation_alpha=1e6, activation_beta=0. Routing is always softmax over all
   experts, renormalised over the top k (normalize_routing_weights 0 and 1 give the same result).
   Row-wise scales dequantize every expert per call (exact, ~80x slower): experts need block-wise
   scales. Block-wise 2-bit experts run MLAS LUT GEMM — fast but approximate (~1% of the output
-  scale) and only for shapes `qmoe_is_fast` accepts; block-wise 4-bit experts are exact with
+  scale) and only for shapes `kernels.qmoe_is_fast` accepts; block-wise 4-bit experts are exact with
   float32 activations (accuracy_level 0), so ternary experts stored as 4-bit codes are the exact
   alternative at twice the memory.
 - GroupQueryAttention: float32 and float16; local_window_size=w lets query i see keys
@@ -29,18 +29,14 @@ What ORT 1.32 (CPU) does with these operators, measured and pinned by tests/unit
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from nativelm.export import pack
+from nativelm.export.kernels import matmul_nbits_is_fast, qmoe_is_fast
 
 MS_DOMAIN = "com.microsoft"
 AI_ONNX_OPSET = 23  # first opset with RMSNormalization; ORT 1.32 knows opsets up to 28
@@ -55,19 +51,6 @@ def opset_imports() -> list[onnx.OperatorSetIdProto]:
 
 
 # --------------------------------------------------------------------------- MatMulNBits
-
-
-def matmul_nbits_is_fast(bits: int, block_size: int, accuracy_level: int) -> bool:
-    """Whether ORT 1.32 CPU runs this MatMulNBits configuration on its prepacked MLAS kernel.
-
-    Measured: 2-bit needs accuracy_level=4 and block_size 32/64/128 (else a generic kernel,
-    ~50-100x slower); 8-bit needs accuracy_level=4; 4-bit is fast at every level.
-    """
-    if bits == 2:
-        return accuracy_level == 4 and block_size in (32, 64, 128)
-    if bits == 8:
-        return accuracy_level == 4
-    return bits == 4
 
 
 def matmul_nbits(name: str, x: str, w_int: np.ndarray, scales: np.ndarray, bits: int, block_size: int,
@@ -106,24 +89,6 @@ def matmul_nbits(name: str, x: str, w_int: np.ndarray, scales: np.ndarray, bits:
 
 
 # --------------------------------------------------------------------------- QMoE
-
-
-def qmoe_is_fast(bits: int, block_size: int | None, hidden: int, inter: int, activation: str = "reglu") -> bool:
-    """Whether ORT 1.32 CPU runs both expert GEMMs of this QMoE on a prepacked fast kernel.
-
-    Measured: row-wise scales (no block_size) always dequantize every expert to float32 per call
-    (exact but ~80x slower). Block-wise 4/8-bit run MLAS QNBit kernels. Block-wise 2-bit runs MLAS
-    LUT GEMM, prepacked when each GEMM has N % 128 == 0 and K >= 2 * block_size (block 32/64/128);
-    LUT GEMM is approximate (~1% of the output scale), not exact. (Row-wise 4-bit weights are
-    prepacked too, yet still dequantized per call: a prepacked profile is not proof there.)
-    """
-    if block_size is None or hidden % block_size or inter % block_size:
-        return False
-    if bits != 2:
-        return bits in (4, 8)
-    fc1_rows = 2 * inter if activation == "reglu" else inter
-    return (block_size in (32, 64, 128) and fc1_rows % 128 == 0 and hidden % 128 == 0
-            and min(hidden, inter) >= 2 * block_size)
 
 
 def qmoe(name: str, x: str, router_logits: str, *, gate: np.ndarray, gate_scales: np.ndarray,
@@ -170,7 +135,8 @@ def qmoe(name: str, x: str, router_logits: str, *, gate: np.ndarray, gate_scales
              numpy_helper.from_array(fc2_scales, f"{name}.fc2.scales")]
     inputs = [x, router_logits, f"{name}.fc1.weight", f"{name}.fc1.scales", "",
               f"{name}.fc2.weight", f"{name}.fc2.scales"]
-    attrs: dict[str, object] = dict(k=k, expert_weight_bits=bits, normalize_routing_weights=normalize_routing_weights)
+    attrs: dict[str, object] = {"k": k, "expert_weight_bits": bits,
+                               "normalize_routing_weights": normalize_routing_weights}
     if activation == "reglu":
         attrs.update(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1e6, activation_beta=0.0)
     else:
@@ -250,8 +216,8 @@ def group_query_attention(name: str, query: str, key: str, value: str, past_key:
         if not cos_cache or not sin_cache:
             raise ValueError(f"{name}: do_rotary needs cos_cache and sin_cache")
         inputs += [cos_cache, sin_cache]
-    attrs: dict[str, object] = dict(num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=int(do_rotary),
-                                    local_window_size=local_window_size)
+    attrs: dict[str, object] = {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "do_rotary": int(do_rotary),
+                               "local_window_size": local_window_size}
     if do_rotary and rotary_interleaved:
         attrs["rotary_interleaved"] = 1
     if scale is not None:
@@ -326,86 +292,3 @@ def gather_fp16(name: str, indices: str, table: np.ndarray, *, output: str | Non
     nodes = [helper.make_node("Gather", [init.name, indices], [f"{name}.fp16"], name=f"{name}.gather", axis=0),
              helper.make_node("Cast", [f"{name}.fp16"], [output or name], name=name, to=TensorProto.FLOAT)]
     return nodes, [init]
-
-
-# --------------------------------------------------------------------------- kernel paths
-
-
-class KernelRun(NamedTuple):
-    """One node execution in an ORT profile."""
-
-    node: str
-    op_type: str
-    provider: str
-    duration_us: int
-    inputs: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of the inputs the kernel still received
-
-
-def profile_kernels(session_or_model: object, feeds: Mapping[str, np.ndarray], runs: int = 1) -> list[KernelRun]:
-    """Run `feeds` through a model with ORT profiling on; one KernelRun per node execution.
-
-    Accepts a model path, serialized bytes, a ModelProto (a CPU session is made with profiling on),
-    or an InferenceSession created with `enable_profiling` (its profile is ended). A weight the
-    kernel prepacked at session start is missing from `inputs`: see `prepacked_inputs`.
-    """
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="nativelm-profile-") as folder:
-        if isinstance(session_or_model, ort.InferenceSession):
-            session = session_or_model
-            if not session.get_session_options().enable_profiling:
-                raise ValueError("profile_kernels needs a session created with SessionOptions.enable_profiling = True")
-        else:
-            source = session_or_model
-            if isinstance(source, onnx.ModelProto):
-                source = source.SerializeToString()
-            elif isinstance(source, os.PathLike):
-                source = os.fspath(source)
-            options = ort.SessionOptions()
-            options.enable_profiling = True
-            options.profile_file_prefix = str(Path(folder) / "profile")
-            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        for _ in range(runs):
-            session.run(None, dict(feeds))
-        profile = Path(session.end_profiling())
-        try:
-            events = json.loads(profile.read_text())
-        finally:
-            profile.unlink(missing_ok=True)
-    records = []
-    for event in events:
-        args = event.get("args", {})
-        if event.get("cat") != "Node" or "op_name" not in args:
-            continue
-        inputs = tuple((dtype, tuple(shape)) for entry in args.get("input_type_shape", [])
-                       for dtype, shape in entry.items())
-        node = event["name"].removesuffix("_kernel_time")
-        records.append(KernelRun(node, args["op_name"], args.get("provider", ""), int(event.get("dur", 0)), inputs))
-    return records
-
-
-_PROFILE_DTYPES = {TensorProto.FLOAT: "float", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
-                   TensorProto.DOUBLE: "double", TensorProto.UINT8: "uint8", TensorProto.INT8: "int8",
-                   TensorProto.INT32: "int32", TensorProto.INT64: "int64", TensorProto.BOOL: "bool"}
-
-
-def prepacked_inputs(model: onnx.ModelProto, run: KernelRun) -> list[str]:
-    """Initializers of `run`'s node that its kernel prepacked (consumed at session start).
-
-    ORT drops a prepacked weight from the node's profiled inputs. For MatMulNBits a prepacked B
-    means the fast MLAS path; the generic fallback keeps reading the packed bytes every call.
-    """
-    node = next((n for n in model.graph.node if n.name == run.node), None)
-    if node is None:
-        raise ValueError(f"node {run.node!r} of the profile is not in the model (renamed by a graph optimization?)")
-    initializers = {init.name: init for init in model.graph.initializer}
-    position = 0
-    consumed = []
-    for name in (i for i in node.input if i):
-        init = initializers.get(name)
-        expected = (_PROFILE_DTYPES.get(init.data_type), tuple(init.dims)) if init is not None else None
-        if position < len(run.inputs) and (expected is None or run.inputs[position] == expected):
-            position += 1
-        elif init is not None:
-            consumed.append(name)
-    return consumed

@@ -14,7 +14,7 @@
   cache, as a board runs it), stored in the manifest for board health checks; how many leading tokens
   PyTorch's greedy decoding shares is recorded beside them (information, not a gate).
 - **Kernel paths**: one profiled run tells which MatMulNBits / QMoE nodes had their weights prepacked
-  (ORT's fast kernels) — `ops.profile_kernels`.
+  (ORT's fast kernels) — `kernels.profile_kernels`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnxruntime as ort
+import torch
 
 from nativelm.errors import NativelmError
-from nativelm.export import ops
-from nativelm.export.graph import QUANTIZED_OPS
+from nativelm.export import kernels
+from nativelm.export.kernels import QUANTIZED_OPS
 from nativelm.formats import export_folder as io
 from nativelm.runtime.scoring import token_nll
 
@@ -46,8 +48,6 @@ class OnnxDecoder:
     """
 
     def __init__(self, model: str | Path | bytes, threads: int = 0) -> None:
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -94,8 +94,6 @@ class OnnxDecoder:
 
 def torch_logits(model: NativeLM, ids: np.ndarray) -> np.ndarray:
     """Logits (B, S, V) of the PyTorch model in eval mode, float32 numpy."""
-    import torch
-
     was_training = model.training
     model.eval()
     try:
@@ -185,13 +183,13 @@ def kernel_paths(model: onnx.ModelProto, source: str | Path | bytes, quantized_n
                  feeds: dict[str, np.ndarray]) -> dict[str, Any]:
     """Profile one run of `source` (the saved model) and tell, per MatMulNBits / QMoE node, whether its
     weights were prepacked at session start (ORT's fast kernels). `model` gives the initializers."""
-    runs = ops.profile_kernels(Path(source) if isinstance(source, str) else source, feeds)
+    runs = kernels.profile_kernels(Path(source) if isinstance(source, str) else source, feeds)
     nodes: dict[str, dict[str, Any]] = {}
     for run in runs:
         if run.op_type not in QUANTIZED_OPS:
             continue
         try:
-            packed = ops.prepacked_inputs(model, run)
+            packed = kernels.prepacked_inputs(model, run)
         except ValueError:  # renamed by a graph optimization: unknown path
             nodes[run.node] = {"op": run.op_type, "provider": run.provider, "prepacked": None}
             continue

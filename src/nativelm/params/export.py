@@ -44,7 +44,7 @@ class ExportParams(StrictModel):
     # 2-bit is fast only for 32/64/128 (128 fastest); ternary scales are per matrix, so it only sets
     # how finely activations are quantized
     block_size: int = Field(128, description="MatMulNBits block size (16..256, power of two; fast: 32/64/128)")
-    # block size of QMoE expert weights; if the 2-bit fast-kernel rules (ops.qmoe_is_fast) fail for it,
+    # block size of QMoE expert weights; if the 2-bit fast-kernel rules (kernels.qmoe_is_fast) fail for it,
     # the exporter tries the other fast blocks, then 4-bit experts, then the exact slow path (recorded)
     moe_block_size: int = Field(64, description="QMoE expert block size (32/64/128; 2-bit needs min(d, ffn) >= 2x)")
     # MatMulNBits/QMoE accuracy_level: 4 = int8 activations per block (the fast 2- and 8-bit kernels);
