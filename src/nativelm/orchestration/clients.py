@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from prefect.context import refresh_global_settings_context
+
 from nativelm import stack
 from nativelm.errors import NativelmError
 from nativelm.params.root import Params
@@ -47,3 +49,4 @@ def use_local_stack(params: Params) -> None:
     if missing:
         raise NativelmError(f"local stack not running ({', '.join(missing)}): start it with `nativelm stack up`")
     os.environ.update(stack.client_env(params))
+    refresh_global_settings_context()  # Prefect read its settings when it was imported

@@ -119,7 +119,7 @@ def exp_run(name: str, set_params: list[str], project_dir: Path, env: dict[str, 
     is what `dvc exp apply NAME && dvc repro` rebuilds the run from.
     """
     temp = ["--temp", *(arg for value in set_params for arg in ("--set-param", value))] if set_params else []
-    output, timed = _dvc(["exp", "run", "--force", "-n", name, *temp], project_dir,
+    output, timed = _dvc(["exp", "run", "-n", name, *temp], project_dir,
                          {**_git_identity_env(project_dir), **(env or {})}, echo)
     stages, seconds = stage_outcomes(timed, time.monotonic())
     return ExperimentRun(name, experiment_rev(name, project_dir), stages, seconds, output)
