@@ -228,10 +228,16 @@ def health(params: Params, choice: FleetChoice) -> list[BoardStatus]:
     return fleet_status(choice.inventory, choice.boards, params.fleet)
 
 
+def board_problem(row: BoardStatus) -> str | None:
+    """Why a board is unhealthy (unreachable or serving nothing), in one line; None when it is healthy."""
+    if not row.reachable:
+        return row.reason
+    return None if row.current else "no live release"
+
+
 def unhealthy(rows: Sequence[BoardStatus]) -> list[str]:
     """One line per board that is unreachable or serves nothing."""
-    return [f"{r.board}: {r.reason}" if not r.reachable else f"{r.board}: no live release"
-            for r in rows if not r.reachable or not r.current]
+    return [f"{row.board}: {problem}" for row in rows if (problem := board_problem(row)) is not None]
 
 
 def stderr_console() -> Console:
