@@ -3,7 +3,6 @@ connection failures, and the real flow on simulated boards (one healthy, one sto
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from nativelm.fleet.provision import ensure_agent
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fleet.ssh_trust import BoardError
 from nativelm.fleet.status import BoardStatus
+from nativelm.orchestration.clients import load_flow_module
 from nativelm.params.fleet import FleetParams
 from tests.integration.conftest import make_sim_fleet
 from tests.integration.test_fleet_flow import board, task_runs
@@ -34,9 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def flows() -> Iterator[ModuleType]:
     """pipelines/fleet_health.py, loaded as the served deployment loads it, against a throwaway Prefect server."""
-    spec = importlib.util.spec_from_file_location("fleet_health_flow", REPO / "pipelines" / "fleet_health.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_flow_module(REPO, "pipelines/fleet_health.py")
     with prefect_test_harness(server_startup_timeout=120):
         yield module
 
