@@ -2,7 +2,7 @@
 
 The `rollout` deployment is triggered by the gate's promotion event (see nativelm serve), with the
 new champion's version as `model`; it can also be run by hand from the UI. The operation is
-nativelm.fleet.service's `deploy`, the same as `nativelm deploy`; what this file adds is where the
+nativelm.fleet.deploy_service's `deploy`, the same as `nativelm deploy`; what this file adds is where the
 boards run: each board is its own task run (its state, logs and duration in the UI), the waves and
 abort rules being the service's. A board whose SSH connection failed (refused, no answer, dropped)
 is retried: every step of a board's deploy is idempotent, and the lock is the rollout's own. A
@@ -20,7 +20,7 @@ from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
 from nativelm.errors import NativelmError
-from nativelm.fleet import service
+from nativelm.fleet import deploy_service, service
 from nativelm.fleet.board_job import BoardResult
 from nativelm.fleet.inventory import Board
 from nativelm.fleet.onboard_bench import BenchOne, BenchRow
@@ -42,7 +42,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 @task(name="resolve-release", cache_policy=NONE)
 def resolve_release(params: Params, model: str) -> LocalRelease:
     """Download (once) and verify the release of `model`."""
-    return service.resolve(params, model)
+    return deploy_service.resolve(params, model)
 
 
 @task(name="deploy-board", task_run_name="deploy {board.name}", cache_policy=NONE, retry_condition_fn=connection_failed)
@@ -105,7 +105,7 @@ def rollout(model: str = "champion", boards: list[str] | None = None, groups: li
     choice = service.choose_boards(params, boards or [], groups or [])
     release = resolve_release(params, model)
     progress = Progress([b.name for b in choice.boards], sys.stdout, live=False)
-    report = service.deploy(params, choice, release, bench=run_bench, progress=progress,
+    report = deploy_service.deploy(params, choice, release, bench=run_bench, progress=progress,
                             executor=PrefectExecutor(board_retries),
                             flow_run_id=str(flow_run.id) if flow_run.id else None)
     if not report.ok:
