@@ -2,7 +2,7 @@
 
 The `rollout` deployment is triggered by the gate's promotion event (see nativelm serve), with the
 new champion's version as `model`; it can also be run by hand from the UI. The operation is
-nativelm.fleet.service's `deploy`, the same as `nativelm deploy`; what this file adds is where the
+nativelm.fleet.deploy_service's `deploy`, the same as `nativelm deploy`; what this file adds is where the
 boards run: each board is its own task run (its state, logs and duration in the UI), the waves and
 abort rules being the service's. A board whose SSH connection failed (refused, no answer, dropped)
 is retried: every step of a board's deploy is idempotent, and the lock is the rollout's own. A
@@ -14,45 +14,35 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
-from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 
 from nativelm.errors import NativelmError
-from nativelm.fleet import service
+from nativelm.fleet import deploy_service, service
 from nativelm.fleet.board_job import BoardResult
 from nativelm.fleet.inventory import Board
 from nativelm.fleet.onboard_bench import BenchOne, BenchRow
 from nativelm.fleet.progress import Progress
 from nativelm.fleet.release import LocalRelease
 from nativelm.fleet.rollout import RolloutPlan, Wave
+from nativelm.orchestration.board_tasks import (
+    RETRY_DELAY_S,
+    BoardFailed,
+    connection_failed,
+    outcome_of,
+    run_board_tasks,
+)
 from nativelm.params.root import Params, load_params
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-RETRY_DELAY_S = 10.0
-
-
-class BoardFailed(Exception):
-    """A board's task failed (red in the UI); `outcome` is its BoardResult or BenchRow all the same."""
-
-    def __init__(self, board: str, why: str, outcome: BoardResult | BenchRow) -> None:
-        super().__init__(f"{board}: {why}")
-        self.outcome = outcome
-
-
-def connection_failed(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect's retry condition: only a board whose connection failed is tried again."""
-    failure = state.data
-    return isinstance(failure, BoardFailed) and isinstance(failure.outcome, BoardResult) and failure.outcome.transient
 
 
 @task(name="resolve-release", cache_policy=NONE)
 def resolve_release(params: Params, model: str) -> LocalRelease:
     """Download (once) and verify the release of `model`."""
-    return service.resolve(params, model)
+    return deploy_service.resolve(params, model)
 
 
 @task(name="deploy-board", task_run_name="deploy {board.name}", cache_policy=NONE, retry_condition_fn=connection_failed)
@@ -60,8 +50,13 @@ def deploy_board(plan: RolloutPlan, board: Board) -> BoardResult:
     """One board's deploy; a failed board fails the task (retried when its connection failed)."""
     result = plan.attempt(board)
     if result.failed:
-        raise BoardFailed(board.name, f"{result.phase}: {result.reason}", result)
+        raise BoardFailed(board.name, f"{result.phase}: {result.reason}", result, transient=result.transient)
     return result
+
+
+def crashed_deploy(board: Board, why: str) -> BoardResult:
+    """A deploy task that crashed: that board failed, the rollout goes on."""
+    return BoardResult(board.name, "failed", phase="internal", reason=why)
 
 
 @task(name="bench-board", task_run_name="bench {board.name}", cache_policy=NONE)
@@ -73,14 +68,9 @@ def bench_board(bench_one: BenchOne, board: Board) -> BenchRow:
     return row
 
 
-def outcome_of(future: PrefectFuture, board: Board) -> Any:
-    """What a board's task produced, failed or not (a crash is that board's failure, not the flow's)."""
-    outcome = future.result(raise_on_failure=False)
-    if isinstance(outcome, BoardFailed):
-        return outcome.outcome
-    if isinstance(outcome, BaseException):
-        return BoardResult(board.name, "failed", phase="internal", reason=f"{type(outcome).__name__}: {outcome}")
-    return outcome
+def crashed_bench(board: Board, why: str) -> BenchRow:
+    """A bench task that crashed: that board's row says why."""
+    return BenchRow(board.name, error=f"internal: {why}")
 
 
 class PrefectExecutor:
@@ -90,21 +80,12 @@ class PrefectExecutor:
         self.deploy_task = deploy_board.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
 
     def deploy_wave(self, plan: RolloutPlan, wave: Wave) -> list[BoardResult]:
-        waiting, running, done = list(wave.boards), {}, {}
-        while waiting or running:
-            while waiting and len(running) < plan.max_parallel:
-                board = waiting.pop(0)
-                running[self.deploy_task.submit(plan, board)] = board
-            finished = next(as_completed(list(running)))
-            board = running.pop(finished)
-            done[board.name] = plan.record(outcome_of(finished, board))
-        return [done[b.name] for b in wave.boards]
+        return run_board_tasks(wave.boards, plan.max_parallel, lambda board: self.deploy_task.submit(plan, board),
+                               lambda board, done: plan.record(outcome_of(done, board, crashed_deploy)))
 
     def bench_wave(self, bench_one: BenchOne, boards: Sequence[Board]) -> list[BenchRow]:
-        futures = [(bench_board.submit(bench_one, board), board) for board in boards]
-        rows = [outcome_of(future, board) for future, board in futures]
-        return [row if isinstance(row, BenchRow) else BenchRow(board.name, error=f"internal: {row.reason}")
-                for row, (_, board) in zip(rows, futures)]
+        return run_board_tasks(boards, len(boards), lambda board: bench_board.submit(bench_one, board),
+                               lambda board, done: outcome_of(done, board, crashed_bench))
 
 
 @flow(name="rollout", log_prints=True)
@@ -124,7 +105,7 @@ def rollout(model: str = "champion", boards: list[str] | None = None, groups: li
     choice = service.choose_boards(params, boards or [], groups or [])
     release = resolve_release(params, model)
     progress = Progress([b.name for b in choice.boards], sys.stdout, live=False)
-    report = service.deploy(params, choice, release, bench=run_bench, progress=progress,
+    report = deploy_service.deploy(params, choice, release, bench=run_bench, progress=progress,
                             executor=PrefectExecutor(board_retries),
                             flow_run_id=str(flow_run.id) if flow_run.id else None)
     if not report.ok:

@@ -3,7 +3,6 @@ connection failures, the same result log as `nativelm deploy`, and the real flow
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from nativelm.fleet.board_job import BoardContext, BoardResult
 from nativelm.fleet.inventory import Board
 from nativelm.fleet.release import LocalRelease
 from nativelm.fleet.rollout import plan_rollout
+from nativelm.orchestration.clients import load_flow_module
 from nativelm.params.fleet import FleetParams
 from tests.integration.conftest import SimFleet
 from tests.integration.test_fleet_deploy import BENCH, Releases, releases  # noqa: F401 - the fixture
@@ -33,9 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def flows() -> Iterator[ModuleType]:
     """pipelines/rollout.py, loaded as the served deployment loads it, against a throwaway Prefect server."""
-    spec = importlib.util.spec_from_file_location("rollout_flow", REPO / "pipelines" / "rollout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_flow_module(REPO, "pipelines/rollout.py")
     with prefect_test_harness(server_startup_timeout=120):
         yield module
 

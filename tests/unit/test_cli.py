@@ -68,3 +68,11 @@ def test_params_option_before_or_after_subcommand(tmp_path: Path, capsys: pytest
     assert main(["stack", "status", "--params", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count(str(bad)) == 2
+
+
+@pytest.mark.parametrize("command", [["fleet", "status"], ["fleet", "provision"], ["fleet", "sim", "status"]])
+def test_fleet_commands_that_record_nothing_do_not_load_mlflow(command: list[str]) -> None:
+    module = build_parser().parse_args(command).handler.split(":")[0]
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow')[:1])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]", module

@@ -1,4 +1,5 @@
-"""The board-side agent, run as a board runs it: a subprocess on a board-like root, standard library only."""
+"""The board-side agent, run as a board runs it: its zipapp in a subprocess on a board-like root, standard
+library only."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import ast
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,17 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.fleet.agent import AGENT_FILE
+from nativelm.fleet.agent import AGENT_NAME
+from nativelm.fleet.agent_pack import agent_bytes, archive_files, inline_source
 
 
 class Board:
-    """A board's remote root in a temp folder, with the agent installed at bin/nativelm-agent.py."""
+    """A board's remote root in a temp folder, with the agent installed at bin/nativelm-agent.pyz."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "bin").mkdir(parents=True)
-        self.agent = root / "bin" / "nativelm-agent.py"
-        shutil.copy(AGENT_FILE, self.agent)
+        self.agent = root / "bin" / AGENT_NAME
+        self.agent.write_bytes(agent_bytes())
 
     def call(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
         # -I -S: no site-packages, no environment: only the standard library is importable
@@ -73,14 +74,20 @@ def age(folder: Path, seconds_ago: float) -> None:
     os.utime(folder, (then, then))
 
 
-def test_agent_is_one_stdlib_file_for_python_3_9() -> None:
-    source = AGENT_FILE.read_text()
+@pytest.mark.parametrize("name", [*sorted(n for n in archive_files() if n.endswith(".py")), "inline"])
+def test_agent_is_stdlib_only_for_python_3_9(name: str) -> None:
+    source = inline_source() if name == "inline" else archive_files()[name]
     tree = ast.parse(source, feature_version=(3, 9))
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported - set(sys.stdlib_module_names)
+                 if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__", "nativelm_agent"}, \
+        imported - set(sys.stdlib_module_names)
+
+
+def test_the_agent_zipapp_is_reproducible() -> None:
+    assert agent_bytes() == agent_bytes.__wrapped__()
 
 
 def test_facts_of_a_fresh_board(board: Board) -> None:
@@ -95,9 +102,9 @@ def test_facts_from_stdin_with_an_explicit_root(board: Board) -> None:
     board.release("v1")
     board.ok("activate", "v1")
     done = subprocess.run([sys.executable, "-I", "-S", "-", "--root", str(board.root), "facts"],
-                          input=AGENT_FILE.read_bytes(), capture_output=True, check=True)
+                          input=inline_source(), capture_output=True, check=True)
     assert json.loads(done.stdout)["current"] == "v1"
-    missing = subprocess.run([sys.executable, "-I", "-S", "-", "facts"], input=AGENT_FILE.read_bytes(),
+    missing = subprocess.run([sys.executable, "-I", "-S", "-", "facts"], input=inline_source(),
                              capture_output=True, check=False)
     assert missing.returncode == 1 and b"--root DIR is needed" in missing.stderr
 
@@ -290,8 +297,8 @@ def test_save_bench_is_shown_for_the_current_release(board: Board) -> None:
     (["facts", "extra"], "usage: facts"),
     (["hashes"], "usage: hashes RELEASE"),
     (["rollback", "v1", "v2"], "usage: rollback [RELEASE]"),
-    (["format-disk"], "usage: nativelm-agent.py COMMAND ARGS"),
-    ([], "usage: nativelm-agent.py COMMAND ARGS"),
+    (["format-disk"], "usage: nativelm-agent.pyz COMMAND ARGS"),
+    ([], "usage: nativelm-agent.pyz COMMAND ARGS"),
 ])
 def test_bad_arguments_are_refused_with_one_line(board: Board, args: list[str], problem: str) -> None:
     assert problem in board.error(*args)

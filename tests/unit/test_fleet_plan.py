@@ -30,7 +30,7 @@ def board(name: str, *groups: str, host: str = "127.0.0.1") -> Board:
 def test_the_agent_copies_of_format_constants_match_the_formats() -> None:
     assert agent.RELEASE_MANIFEST == release_format.MANIFEST
     assert agent.RELEASE_PATTERN.pattern == RELEASE_PATTERN.removeprefix("^").removesuffix("$")
-    assert AGENT_REMOTE[-1] == "nativelm-agent.py" and agent.AGENT_FILE.name == "agent.py"
+    assert AGENT_REMOTE[-1] == agent.AGENT_NAME == "nativelm-agent.pyz"
 
 
 def test_the_plan_exposes_canary_then_waves_and_one_step_per_board(tmp_path: Path) -> None:

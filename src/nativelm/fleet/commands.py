@@ -6,8 +6,8 @@
     fleet status [--boards a,b] [--groups g] [--inventory PATH]
     fleet provision [--boards a,b] [--groups g] [--inventory PATH]
 
-Only the parsers are built here: the handlers (nativelm.fleet.handlers, with SSH, MLflow and the
-rest) are imported when a command runs, so `nativelm --help` stays fast.
+Only the parsers are built here: the handlers (nativelm.fleet.handlers, with SSH and the rest) are
+imported when a command runs, so `nativelm --help` stays fast.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def names(text: str) -> list[str]:
     return parts
 
 
-def handler(name: str) -> str:
-    """The CLI's "module:function" name of handler `name` of nativelm.fleet.handlers (imported when it runs)."""
-    return f"{HANDLERS}:{name}"
+def handler(name: str, module: str = HANDLERS) -> str:
+    """The CLI's "module:function" name of handler `name` of `module` (imported when it runs)."""
+    return f"{module}:{name}"
 
 
 def add_board_choice(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@
     -> lock -> facts -> hashes -> link / upload (resumed) -> disk check -> verify
     -> health of the new release -> activate -> health of `current` (failure: roll back) -> prune -> unlock
 
-Every step runs on the board through the agent (`fleet/agent.py`) or the release's own runtime;
+Every step runs on the board through the agent (`fleet/agent/`) or the release's own runtime;
 `current` only moves in `activate`, after the new release's files verified and its golden
 continuation matched, so any failure before that leaves the previous release live untouched, and a
 failure after it rolls back. Each failure is recorded as (phase, one-line reason) in the

@@ -2,7 +2,7 @@
 
 Each prints per-board progress on stderr and a summary table on stdout, and exits 1 when any board
 failed (2 for bad input: parameters, inventory, release). `register` adds them to the `nativelm`
-parser; their handlers are in nativelm.fleet.handlers, imported when a command runs.
+parser; their handlers are in nativelm.fleet.deploy_handlers, imported when a command runs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import re
 from nativelm.cliargs import at_least
 from nativelm.fleet.commands import add_board_choice, handler
 from nativelm.params.fleet import RELEASE_PATTERN
+
+DEPLOY_HANDLERS = "nativelm.fleet.deploy_handlers"
 
 
 def release_name(text: str) -> str:
@@ -41,7 +43,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add_board_choice(p)
     p.add_argument("--no-bench", action="store_true", help="skip the on-board benchmark after the rollout")
     p.add_argument("--no-mlflow", action="store_true", help="do not record the rollout and its benchmark in MLflow")
-    p.set_defaults(handler=handler("cmd_deploy"))
+    p.set_defaults(handler=handler("cmd_deploy", DEPLOY_HANDLERS))
 
     p = sub.add_parser(
         "rollback", parents=[common], help="restore the previous release on chosen boards",
@@ -52,7 +54,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--all", action="store_true", help="every board of the inventory")
     p.add_argument("--to", type=release_name, default=None, metavar="RELEASE",
                    help="release to restore, such as v3 (default: each board's previous release)")
-    p.set_defaults(handler=handler("cmd_rollback"))
+    p.set_defaults(handler=handler("cmd_rollback", DEPLOY_HANDLERS))
 
     p = sub.add_parser(
         "bench", parents=[common], help="benchmark the live release on each board",
@@ -65,4 +67,4 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="boards benchmarked at once (default: fleet.max_parallel; boards on one host, such as "
                         "the simulated fleet's, are benchmarked one at a time whatever N)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.set_defaults(handler=handler("cmd_bench"))
+    p.set_defaults(handler=handler("cmd_bench", DEPLOY_HANDLERS))

@@ -1,7 +1,7 @@
-"""What the fleet's `nativelm` commands do once parsed: `fleet sim|status|provision`, `deploy`, `rollback`, `bench`.
+"""What the fleet's `nativelm fleet sim|status|provision` commands do once parsed (without MLflow).
 
-Registered by `fleet.commands` and `fleet.deploy_commands`, which import this module only when a
-command runs. Tables go to stdout, progress and notes to stderr; exit status 1 when a board failed
+Registered by `fleet.commands`, which imports this module only when a command runs; `deploy`,
+`rollback` and `bench` are nativelm.fleet.deploy_handlers. Tables go to stdout, progress and notes to stderr; exit status 1 when a board failed
 (2 for bad input: parameters, inventory, release, a command line that cannot mean anything).
 """
 
@@ -32,7 +32,8 @@ def chosen(args: argparse.Namespace, params: Params) -> FleetChoice:
     return service.choose_boards(params, args.boards or (), args.groups or (), args.inventory)
 
 
-def _progress(choice: FleetChoice) -> Progress:
+def progress_of(choice: FleetChoice) -> Progress:
+    """Live per-board progress on stderr."""
     return Progress([b.name for b in choice.boards], sys.stderr)
 
 
@@ -73,33 +74,3 @@ def cmd_provision(args: argparse.Namespace) -> int:
     for line in render_provision(results):
         print(line)
     return 0 if all(r.ok for r in results) else 1
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    """Roll a release out to the chosen boards, then benchmark the boards that serve it."""
-    params = params_of(args)
-    release = service.resolve(params, args.model)
-    choice = chosen(args, params)
-    print(f"deploy: {release.name} ({release.folder}, {release.total_bytes / 2**20:.1f} MiB) to "
-          f"{len(choice.boards)} boards", file=sys.stderr)
-    report = service.deploy(params, choice, release, bench=not args.no_bench, record=not args.no_mlflow,
-                            progress=_progress(choice), console=service.stderr_console())
-    return 0 if report.ok else 1
-
-
-def cmd_rollback(args: argparse.Namespace) -> int:
-    """Restore the previous release (or --to RELEASE) on the chosen boards."""
-    params = params_of(args)
-    if not (args.boards or args.groups or args.all):
-        raise UsageError("rollback: choose the boards: --boards a,b, --groups g or --all")
-    choice = chosen(args, params)
-    result = service.rollback(params, choice, args.to, _progress(choice), service.stderr_console())
-    return 0 if result.ok else 1
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmark the live release of the chosen boards; table on stdout, one MLflow run."""
-    params = params_of(args)
-    report = service.bench(params, chosen(args, params), parallel=args.parallel, record=not args.no_mlflow,
-                           console=service.stderr_console())
-    return 0 if report.ok else 1

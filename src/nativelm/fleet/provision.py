@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from nativelm.errors import NativelmError
-from nativelm.fleet.agent import AGENT_FILE, PACKAGES_FILE
+from nativelm.fleet.agent import AGENT_NAME, PACKAGES_FILE
+from nativelm.fleet.agent_pack import agent_bytes
 from nativelm.fleet.ssh import BoardSession, last_line
 from nativelm.fleet.ssh_trust import BoardError
 from nativelm.fsutil import atomic_dir, atomic_write_text, sha256_file
@@ -81,13 +83,16 @@ def ensure_layout(session: BoardSession) -> None:
 
 
 def ensure_agent(session: BoardSession) -> bool:
-    """Upload the agent to <root>/bin/nativelm-agent.py unless the board already has this version."""
-    local = AGENT_FILE.read_bytes()
+    """Upload the agent to <root>/bin/nativelm-agent.pyz unless the board already has this version."""
+    local = agent_bytes()
     remote = session.read_bytes(session.agent_path)
     if remote == local:
         return False
     session.run(["mkdir", "-p", session.path("bin")])
-    session.put_file(AGENT_FILE, session.agent_path, resume=False)
+    with tempfile.TemporaryDirectory(prefix="nativelm-agent-") as staging:
+        upload = Path(staging) / AGENT_NAME
+        upload.write_bytes(local)
+        session.put_file(upload, session.agent_path, resume=False)
     return True
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import time
 from pathlib import Path
 
+import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -171,21 +171,12 @@ def wait_ready(root: Path, boards: dict[str, int], timeout_s: float = START_TIME
         raise NativelmError("\n".join(failures))
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and every live descendant of it (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                data = (entry / "stat").read_bytes()
-                ppid = int(data[data.rindex(b")") + 2:].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    return tree
+def process_tree(pid: int) -> set[psutil.Process]:
+    """`pid` and every live descendant of it (empty when `pid` is gone)."""
+    with contextlib.suppress(psutil.Error):
+        leader = psutil.Process(pid)
+        return {leader, *leader.children(recursive=True)}
+    return set()
 
 
 def kill_board(root: Path, name: str) -> str:
@@ -194,18 +185,18 @@ def kill_board(root: Path, name: str) -> str:
     status = proc.status()
     if status.state is not ProcState.RUNNING or status.pid is None:
         return proc.stop() if status.state is ProcState.DEAD else "not running"
-    frozen: set[int] = set()
+    frozen: set[psutil.Process] = set()
     while True:  # freeze the tree first, so nothing forks while it is being killed
-        tree = set(process_tree(status.pid)) if Path("/proc").is_dir() else {status.pid}
+        tree = process_tree(status.pid)
         if tree <= frozen:
             break
-        for pid in tree - frozen:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGSTOP)
+        for member in tree - frozen:
+            with contextlib.suppress(psutil.Error):
+                member.suspend()  # psutil signals only if the pid is still that process
         frozen |= tree
-    for pid in frozen:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    for member in frozen:
+        with contextlib.suppress(psutil.Error):
+            member.kill()
     deadline = time.monotonic() + 10.0
     while pid_alive(status.pid) and time.monotonic() < deadline:
         time.sleep(0.05)

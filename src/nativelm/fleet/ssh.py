@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Self
 import paramiko
 
 from nativelm.errors import ParamsError
-from nativelm.fleet.agent import AGENT_FILE
+from nativelm.fleet.agent import AGENT_NAME
+from nativelm.fleet.agent_pack import inline_source
 from nativelm.fleet.ssh_trust import (
     BoardError,
     HostKeyError,
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 
 PART_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one component of a remote path
 _HOME_PATTERN = re.compile(r"/[A-Za-z0-9._/@+-]*")
-AGENT_REMOTE = ("bin", "nativelm-agent.py")  # where ensure_agent puts the agent, under the root
+AGENT_REMOTE = ("bin", AGENT_NAME)  # where ensure_agent puts the agent, under the root
 _CHUNK = 256 * 1024
 
 
@@ -223,7 +224,7 @@ class BoardSession:
             if stdin is not None:
                 raise ValueError("an inline agent command cannot take stdin")
             argv = [self.board.python, "-", "--root", self.root, command, *args]
-            stdin = AGENT_FILE.read_bytes()
+            stdin = inline_source()
         else:
             argv = [self.board.python, self.agent_path, command, *args]
         result = self.run(argv, stdin=stdin, timeout=timeout, check=False)

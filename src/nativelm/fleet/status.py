@@ -72,18 +72,29 @@ def board_status(session: BoardSession) -> BoardStatus:
         decode_tokens_per_s=bench_figure(facts.get("last_bench")))
 
 
+def check_board(inv: Inventory, board: Board, fleet: FleetParams) -> BoardStatus:
+    """One board's status; BoardError (or NativelmError) when it cannot be asked."""
+    with BoardSession(board, inv, fleet) as session:
+        return board_status(session)
+
+
+def unreachable(board: Board, exc: NativelmError) -> BoardStatus:
+    """The status of a board that could not be asked: only why (one line)."""
+    if isinstance(exc, BoardError):
+        reason = exc.reason if exc.phase in ("connect", "host key") else f"{exc.phase}: {exc.reason}"
+    else:
+        reason = str(exc)
+    return BoardStatus(board.name, f"{board.host}:{board.port}", tuple(board.groups), False, reason)
+
+
 def fleet_status(inv: Inventory, boards: Sequence[Board], fleet: FleetParams) -> list[BoardStatus]:
     """Status of every board, asked in parallel (fleet.max_parallel at once), in inventory order."""
 
     def one(board: Board) -> BoardStatus:
         try:
-            with BoardSession(board, inv, fleet) as session:
-                return board_status(session)
-        except BoardError as exc:
-            reason = exc.reason if exc.phase in ("connect", "host key") else f"{exc.phase}: {exc.reason}"
+            return check_board(inv, board, fleet)
         except NativelmError as exc:
-            reason = str(exc)
-        return BoardStatus(board.name, f"{board.host}:{board.port}", tuple(board.groups), False, reason)
+            return unreachable(board, exc)
 
     return for_each_board(boards, fleet.max_parallel, one)
 

@@ -52,7 +52,8 @@ def archive_files() -> dict[str, bytes]:
     return files
 
 
-def _zip_bytes(files: dict[str, bytes]) -> bytes:
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    """A reproducible zip of `files` (sorted, fixed dates); with a `__main__.py` it is a zipapp."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(files):
@@ -71,7 +72,7 @@ def build_zipapp(out: str | os.PathLike[str] = DEFAULT_OUT, interpreter: str | N
     tmp_out = Path(f"{tmp_zip[:-4]}.pyz")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(_zip_bytes(archive_files()))
+            handle.write(zip_bytes(archive_files()))
         # from an existing archive create_archive copies it, adding the interpreter line (#!)
         zipapp.create_archive(tmp_zip, tmp_out, interpreter=interpreter)
         if interpreter:  # runnable as ./nativelm-runtime.pyz too

@@ -1,0 +1,92 @@
+"""nativelm-agent: the board side of the fleet (standard library only, Python 3.9 or newer).
+
+Shipped to each board as one zipapp, ``<root>/bin/nativelm-agent.pyz`` (built by
+`nativelm.fleet.agent_pack`), and run over SSH as ``python3 nativelm-agent.pyz COMMAND ARGS``;
+``<root>`` is the folder above ``bin/`` (or ``--root DIR`` given before the command, as when the
+controller pipes the agent to ``python3 -``). Every command prints one JSON object on stdout and
+exits 0; a failure prints one line ``error: ...`` on stderr and exits 1. Every argument is validated
+here as well as on the controller, by what its command's usage line calls it (RELEASE, NAME,
+SHA256, OWNER, STALE_S, KEEP).
+
+Layout under <root>::
+
+    releases/<release>/...   one folder per release (files arrive as NAME.part, then are renamed)
+    current, previous        symlinks to releases/<release>, swapped atomically
+    venv/                    the runtime virtualenv (venv/nativelm-packages.json: the pins installed)
+    wheels/                  the wheelhouse provisioning installs from
+    bin/                     this agent
+    lock/owner.json          present while a rollout holds the board
+    bench/<release>.json     the last on-board benchmark of each release
+
+This package imports only relatively (it runs on the board under its own name).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+AGENT_NAME = "nativelm-agent.pyz"
+RELEASE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+FILE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+OWNER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+RELEASE_MANIFEST = "release.json"
+PACKAGES_FILE = "nativelm-packages.json"
+PART = ".part"
+
+
+class AgentError(Exception):
+    """A failure reported as one `error: ...` line."""
+
+
+def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
+    if not pattern.fullmatch(value) or value in (".", ".."):
+        raise AgentError(f"bad {what}: {value!r} (allowed: {pattern.pattern})")
+    return value
+
+
+def release_name(value: str) -> str:
+    """A release name (the same pattern as the controller's RELEASE_PATTERN)."""
+    return _check(RELEASE_PATTERN, value, "release name")
+
+
+def number(value: str, what: str, minimum: float) -> float:
+    try:
+        result = float(value)
+    except ValueError:
+        raise AgentError(f"bad {what}: {value!r} is not a number") from None
+    if not math.isfinite(result) or result < minimum:
+        raise AgentError(f"bad {what}: {value!r} (must be a finite number >= {minimum:g})")
+    return result
+
+
+ARGUMENTS: dict[str, Callable[[str], Any]] = {  # what a usage line calls an argument -> its check
+    "RELEASE": release_name,
+    "NAME": lambda value: _check(FILE_PATTERN, value, "file name"),
+    "SHA256": lambda value: _check(SHA256_PATTERN, value, "sha256"),
+    "OWNER": lambda value: _check(OWNER_PATTERN, value, "lock owner"),
+    "STALE_S": lambda value: number(value, "STALE_S", 0),
+    "KEEP": lambda value: number(value, "KEEP", 1),
+}
+COMMANDS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {}  # name -> (usage, function)
+
+
+def command(usage: str) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """Register a command under the first word of `usage`; the other words name its arguments ([X]: optional)."""
+
+    def register(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        COMMANDS[usage.split()[0]] = (usage, run)
+        return run
+
+    return register
+
+
+def checked_args(usage: str, args: list[str]) -> list[Any]:
+    """`args` checked against the usage line: their number, then each one by what it is called."""
+    words = usage.split()[1:]
+    if not sum(not w.startswith("[") for w in words) <= len(args) <= len(words):
+        raise AgentError("usage: " + usage)
+    return [ARGUMENTS[word.strip("[]")](value) for word, value in zip(words, args)]

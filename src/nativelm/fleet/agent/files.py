@@ -1,0 +1,146 @@
+"""The board's folders and the file operations every command builds on: hashes, atomic writes,
+atomic symlink swaps, verification against release.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import (
+    FILE_PATTERN,
+    PART,
+    RELEASE_MANIFEST,
+    RELEASE_PATTERN,
+    AgentError,
+    release_name,
+)
+
+
+class Layout:
+    """The folders and links under one root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.releases = root / "releases"
+        self.current = root / "current"
+        self.previous = root / "previous"
+        self.lock = root / "lock"
+        self.bench = root / "bench"
+        self.wheels = root / "wheels"
+        self.venv = root / "venv"
+
+    def release(self, name: str) -> Path:
+        return self.releases / release_name(name)
+
+    def link_target(self, link: Path) -> str | None:
+        """The release name a `current`/`previous` link points to, or None."""
+        try:
+            target = os.readlink(str(link))
+        except OSError:
+            return None
+        name = os.path.basename(target.rstrip("/"))
+        return name if RELEASE_PATTERN.fullmatch(name) else None
+
+    def release_names(self) -> list[str]:
+        """Release folders, oldest first (by last change: upload or activation), ties by name."""
+        if not self.releases.is_dir():
+            return []
+        found = [p for p in self.releases.iterdir() if p.is_dir() and not p.is_symlink()
+                 and RELEASE_PATTERN.fullmatch(p.name)]
+        found.sort(key=lambda p: (p.stat().st_mtime, p.name))
+        return [p.name for p in found]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(str(path), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, str(path))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder: renamed aside first, so a half-deleted folder never keeps its name."""
+    if not path.exists() and not path.is_symlink():
+        return
+    aside = path.with_name(f".{path.name}.del-{os.getpid()}")
+    os.rename(str(path), str(aside))
+    shutil.rmtree(str(aside), ignore_errors=True)
+
+
+def point_link(link: Path, target: str) -> None:
+    """Make `link` a symlink to `target` atomically (a new link under a temp name, then rename)."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, str(tmp))
+    os.replace(str(tmp), str(link))
+
+
+def complete_files(folder: Path) -> dict[str, Path]:
+    """Regular files with valid names that are not partial uploads."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir())
+            if FILE_PATTERN.fullmatch(p.name) and not p.name.endswith(PART) and p.is_file() and not p.is_symlink()}
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(str(path), encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"cannot read {path}: {exc}") from None
+
+
+def verify_release(lay: Layout, release: str) -> int:
+    """Check every file release.json lists; return how many files were checked (release.json included)."""
+    folder = lay.release(release)
+    if not folder.is_dir():
+        raise AgentError(f"no release {release} on this board")
+    manifest = read_json(folder / RELEASE_MANIFEST)
+    if manifest is None:
+        raise AgentError("missing file: " + RELEASE_MANIFEST)
+    listed = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or not listed:
+        raise AgentError(f"{RELEASE_MANIFEST} has no \"sha256\" map of the release's files")
+    problems = []
+    for name in sorted(listed):
+        if not isinstance(name, str) or not FILE_PATTERN.fullmatch(name) or name == RELEASE_MANIFEST:
+            raise AgentError(f"bad file name in {RELEASE_MANIFEST}: {name!r}")
+        path = folder / name
+        if not path.is_file():
+            problems.append("missing file: " + name)
+        elif sha256_file(path) != listed[name]:
+            problems.append("hash mismatch: " + name)
+    if problems:
+        raise AgentError("; ".join(problems))
+    return len(listed) + 1
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of each complete file in `folder`."""
+    return {name: sha256_file(path) for name, path in complete_files(folder).items()}

@@ -1,0 +1,60 @@
+"""Each board as its own Prefect task run (its state, logs and duration in the UI), tried again only
+when its SSH connection failed: the pattern the `rollout` and `fleet-health` flows share.
+
+A board task that fails raises `BoardFailed` carrying what the board produced all the same (a
+result row), so the flow still reports every board; `transient` (the connection failed: refused,
+no answer, dropped, see fleet/ssh_trust.py) is what `connection_failed` retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from prefect.futures import PrefectFuture, as_completed
+
+from nativelm.fleet.inventory import Board
+
+RETRY_DELAY_S = 10.0
+T = TypeVar("T")
+
+
+class BoardFailed(Exception):
+    """A board's task failed (red in the UI); `outcome` is its result row all the same."""
+
+    def __init__(self, board: str, why: str, outcome: Any, transient: bool = False) -> None:
+        super().__init__(f"{board}: {why}")
+        self.outcome = outcome
+        self.transient = transient
+
+
+def connection_failed(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: only a board whose connection failed is tried again."""
+    failure = state.data
+    return isinstance(failure, BoardFailed) and failure.transient
+
+
+def outcome_of(future: PrefectFuture, board: Board, crashed: Callable[[Board, str], T]) -> Any:
+    """What a board's task produced, failed or not; a crash is that board's failure (`crashed` makes its
+    row from the error line), not the flow's."""
+    outcome = future.result(raise_on_failure=False)
+    if isinstance(outcome, BoardFailed):
+        return outcome.outcome
+    if isinstance(outcome, BaseException):
+        return crashed(board, f"{type(outcome).__name__}: {outcome}")
+    return outcome
+
+
+def run_board_tasks(boards: Sequence[Board], max_parallel: int, submit: Callable[[Board], PrefectFuture],
+                    done: Callable[[Board, PrefectFuture], T]) -> list[T]:
+    """Submit one task per board, at most `max_parallel` running at once; `done` turns each finished
+    task into its row as it finishes. The rows in board order."""
+    waiting, running, rows = list(boards), {}, {}
+    while waiting or running:
+        while waiting and len(running) < max(1, max_parallel):
+            board = waiting.pop(0)
+            running[submit(board)] = board
+        finished = next(as_completed(list(running)))
+        board = running.pop(finished)
+        rows[board.name] = done(board, finished)
+    return [rows[b.name] for b in boards]
