@@ -1,4 +1,4 @@
-"""Run the pipeline as DVC experiments, and read what they recorded through `dvc.api`.
+"""Run the pipeline as DVC experiments, and read what they recorded.
 
 A run without overrides is `dvc exp run` in the workspace (its outputs land where `nativelm deploy`
 and `generate` look); a run with overrides is `dvc exp run --temp --set-param ...`: DVC copies the
@@ -10,6 +10,7 @@ as a named experiment: a git commit under `refs/exps` holding its params, dvc.lo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -152,7 +153,14 @@ def lock_out_hash(project_dir: Path, stage: str, out_path: str, rev: str | None 
 
 
 def read_metrics(project_dir: Path, path: str, rev: str) -> dict[str, float]:
-    """Numeric values of one DVC metrics file at `rev`, flattened with '/' (empty if it has none)."""
+    """Numeric values of one DVC metrics file at `rev`, flattened with '/' (empty if it has none).
+
+    Read from git: a metrics file is a git-tracked (cache: false) output, and DVC 3.67's own reader
+    cannot find one at an experiment commit whose baseline never held it.
+    """
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=project_dir, capture_output=True, check=False)
+    if shown.returncode != 0:
+        return {}
     flat: dict[str, float] = {}
 
     def walk(node: object, prefix: str) -> None:
@@ -162,10 +170,7 @@ def read_metrics(project_dir: Path, path: str, rev: str) -> dict[str, float]:
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
             flat[prefix.rstrip("/")] = float(node)
 
-    try:  # a target is a path from the current directory, whatever `repo` is
-        walk(dvc.api.metrics_show(str(project_dir.resolve() / path), repo=str(project_dir), rev=rev), "")
-    except FileNotFoundError:
-        return {}
+    walk(json.loads(shown.stdout), "")
     return flat
 
 
