@@ -89,7 +89,7 @@ async def _follow(flow_run_id: Any, out: _Echo) -> FlowRun:
 
     async with get_logs_subscriber(filter=logs_of_run) as stream, get_client() as client:
         await read_all(client)
-        ended = asyncio.ensure_future(wait_for_flow_run(flow_run_id, timeout=None, poll_interval=1, client=client))
+        ended = asyncio.ensure_future(wait_for_flow_run(flow_run_id, timeout=None, client=client))
         while not ended.done():
             nxt = asyncio.ensure_future(anext(stream))
             await asyncio.wait({ended, nxt}, return_when=asyncio.FIRST_COMPLETED)
