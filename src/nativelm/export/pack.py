@@ -226,7 +226,7 @@ def pack_matmul_nbits(w_int: np.ndarray, scales: np.ndarray, bits: int, block_si
 
     `zero_point=None` (recommended) stores q = w + 2**(bits-1) and emits no zero-point tensor; an
     integer stores q = w + zero_point and returns the packed zero points (e.g. 1 for ternary, the
-    DESIGN §4 variant). Both dequantize exactly and both keep the fast kernel on ORT 1.32.
+    native variant). Both dequantize exactly and both keep the fast kernel on ORT 1.32.
     """
     _check_bits(bits)
     _check_block_size(block_size)

@@ -1,6 +1,6 @@
 """Grouped-query attention with RoPE + sliding window, or NoPE global causal attention.
 
-Conventions match ONNX Runtime's ``GroupQueryAttention`` (DESIGN §4):
+Conventions match ONNX Runtime's ``GroupQueryAttention`` (docs/architecture.md, "The export"):
 - query head h uses key/value head h // (n_heads / n_kv_heads);
 - RoPE is the non-interleaved ("rotate half") form, ``rotary_interleaved=0``, with cos/sin
   tables of shape (max_seq_len, head_dim / 2);

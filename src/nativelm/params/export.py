@@ -29,7 +29,7 @@ DEFAULT_GOLDEN_PROMPTS = (
 class ExportParams(StrictModel):
     """The whole `export` section."""
 
-    # ternary: 2-bit MatMulNBits + 2-bit QMoE (the native 1.58-bit model, DESIGN §4);
+    # ternary: 2-bit MatMulNBits + 2-bit QMoE (the native 1.58-bit model);
     # fp32: plain MatMul everywhere, MoE as standard ONNX ops (dense, masked by the routing weights);
     # int4: 4-bit MatMulNBits + 4-bit QMoE, weights quantized symmetric per block
     variant: Variant = Field("ternary", description="how weights are stored: ternary | fp32 | int4")

@@ -143,7 +143,7 @@ class ModelParams(StrictModel):
 PRESETS: dict[str, dict[str, Any]] = {
     # vocab 4096: 8.02M total (1.05M tied embedding), 1.46M active non-embedding params per token.
     # About 0.9 s per step of 16 x 256 tokens on 2 CPU cores. Widths are multiples of 128 (hidden)
-    # and 64 (expert) so ORT's fast 2-bit QMoE kernel applies to the export (DESIGN §4).
+    # and 64 (expert) so ORT's fast 2-bit QMoE kernel applies to the export.
     "tiny": {
         "d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "max_seq_len": 512,
         "window": 64, "nope_every": 4, "ffn": "moe", "n_experts": 16, "expert_ffn": 128,
