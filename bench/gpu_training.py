@@ -1,65 +1,104 @@
-"""Short training run of a preset on one device through nativelm.train.stage.run_train (tracking off): prints
-tokens/s and MFU per interval and writes $OUT/train_gpu[_compiled].json.
-Usage: python bench/gpu_training.py STEPS [PRESET] [DEVICE] [compile]
-(on the GPU machine: PYTHONPATH=src, data/prepared carried along)."""
+"""A real training run of a preset on one device through `nativelm.train.stage.run_train` (tracking off).
+
+    python bench/gpu_training.py --steps 400 [--preset gpu] [--device cuda] [--compile]
+                                 [--set model.d_model=512 --set train.batch_size=16 ...] [--name NAME]
+
+Prints tokens/s, step time, MFU and the MoE's expert-load spread per log interval and writes
+`$OUT/NAME.json` (every interval, and medians over the first and the last quarter of the run, so a
+step time that drifts during training shows as a ratio). On the GPU machine: PYTHONPATH=src and
+data/prepared carried along.
+"""
+
+from __future__ import annotations
+
+import argparse
 import json
 import os
-import sys
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from nativelm.params.root import parse_params
-from nativelm.train.stage import run_train
+from nativelm.train.stage import TrainOutputs, run_train
 
-steps = int(sys.argv[1]) if len(sys.argv) > 1 else 100
-preset = sys.argv[2] if len(sys.argv) > 2 else "gpu"
-device = sys.argv[3] if len(sys.argv) > 3 else "cuda"
-compiled = len(sys.argv) > 4 and sys.argv[4] == "compile"
-out = Path(os.environ.get("OUT", "/tmp/out"))
-out.mkdir(parents=True, exist_ok=True)
-raw = yaml.safe_load(Path("params.yaml").read_text())
-raw["train"].update({"preset": preset, "max_steps": steps, "warmup_steps": 10, "log_interval": 10,
-                     "eval_interval": steps, "checkpoint_interval": steps, "progress": False, "resume": "off",
-                     "device": device, "compile": compiled, "checkpoint_dir": "/tmp/gpu_run/checkpoints", "model_file": "/tmp/gpu_run/model.pt",
-                     "metrics_file": "/tmp/gpu_run/train.json", "plots_dir": "/tmp/gpu_run/plots"})
-raw["tracking"]["uri"] = "off"
-params = parse_params(yaml.safe_dump(raw))
+SHOWN = ("train/loss", "tokens_per_s", "step_time_s", "mfu", "expert_load_cv", "val/loss")
 
 
 class Recorder:
-    def __init__(self):
-        self.rows = []
+    """A RunLogger that keeps every logged interval in memory and prints the headline figures."""
 
-    def log_params(self, *a, **k):
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def log_params(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def set_tags(self, *a, **k):
+    def set_tags(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def log_artifact(self, *a, **k):
+    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def log_metrics(self, metrics, step=None):
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         self.rows.append(row)
-        keys = ("train/loss", "tokens_per_s", "step_time_s", "mfu", "val/loss")
-        print("step", step, " ".join(f"{k}={row[k]:.4g}" for k in keys if k in row), flush=True)
+        print("step", step, " ".join(f"{k}={row[k]:.4g}" for k in SHOWN if k in row), flush=True)
 
 
-rec = Recorder()
-t0 = time.time()
-result = run_train(params, rec)
-wall = time.time() - t0
-steady = [r for r in rec.rows if "tokens_per_s" in r and r["step"] > 10]
-summary = {
-    "steps": result.steps, "wall_s": wall,
-    "final": {k: v for k, v in result.metrics.items() if k != "per_layer"},
-    "steady_tokens_per_s_median": sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2] if steady else None,
-    "steady_step_time_s_median": sorted(r["step_time_s"] for r in steady)[len(steady) // 2] if steady else None,
-    "steady_mfu_median": sorted(r.get("mfu", 0) for r in steady)[len(steady) // 2] if steady else None,
-    "intervals": rec.rows,
-}
-(out / ("train_gpu_compiled.json" if compiled else "train_gpu.json")).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-print("SUMMARY", json.dumps({k: v for k, v in summary.items() if k != "intervals"}, default=str))
+def _value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--preset", default="gpu")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--name", default="train_gpu")
+    args = parser.parse_args()
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    run_dir = Path("/tmp/gpu_run") / args.name
+    raw["train"].update({"preset": args.preset, "max_steps": args.steps, "warmup_steps": 10, "log_interval": 10,
+                         "eval_interval": args.steps, "checkpoint_interval": args.steps, "progress": False,
+                         "resume": "off", "device": args.device, "compile": args.compile})
+    for item in args.set:
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        raw[section][key] = _value(value)
+    raw["tracking"]["uri"] = "off"
+    params = parse_params(yaml.safe_dump(raw))
+    outputs = TrainOutputs(run_dir / "model.pt", run_dir / "checkpoints", run_dir / "train.json", run_dir / "plots")
+    rec = Recorder()
+    started = time.time()
+    result = run_train(params.model, params.train, params.seed, Path(params.data.out_dir), outputs, rec)
+    steady = [r for r in rec.rows if "step_time_s" in r and r["step"] > 10]
+    quarter = max(1, len(steady) // 4)
+
+    def median(rows: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in rows if key in r]
+        return statistics.median(values) if values else None
+
+    first, last = median(steady[:quarter], "step_time_s"), median(steady[-quarter:], "step_time_s")
+    summary = {
+        "name": args.name, "steps": result.steps, "wall_s": time.time() - started, "sets": args.set,
+        "compile": args.compile,
+        "final": {k: v for k, v in result.metrics.items() if k != "per_layer"},
+        "step_time_s_median": median(steady, "step_time_s"), "tokens_per_s_median": median(steady, "tokens_per_s"),
+        "mfu_median": median(steady, "mfu"),
+        "step_time_first_quarter_s": first, "step_time_last_quarter_s": last,
+        "drift_last_over_first": (last / first) if first and last else None,
+        "intervals": rec.rows,
+    }
+    (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print("SUMMARY", json.dumps({k: v for k, v in summary.items() if k != "intervals"}, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
