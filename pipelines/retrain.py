@@ -80,9 +80,9 @@ def retrain(
     params_file = PROJECT_DIR / "params.yaml"
     params = validated_params(params_file, overrides)
     set_params = set_param_args(params_file.read_text(encoding="utf-8"), overrides)
-    with pipeline_run(params, "retrain", PROJECT_DIR, overrides) as run:
+    name = experiment_name(flow_run.id)
+    with pipeline_run(params, f"retrain {name}", PROJECT_DIR, overrides) as run:
         print(f"overrides: {overrides or 'none'}")
-        name = experiment_name(flow_run.id)
         stages = run_experiment(run, name, set_params)
         print("stages: " + ", ".join(f"{stage} {outcome}" for stage, outcome in stages.items()))
         print(f"DVC experiment: {name} ({'temporary workspace' if set_params else 'workspace'})")

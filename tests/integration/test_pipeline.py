@@ -68,7 +68,8 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
 
     section = local_stack["section"]
     project = make_project(tmp_path / "proj", {f"stack.{k}": v for k, v in section.items()}
-                           | {"tracking.experiment": "flow-test", "evaluate.registered_model": "flow-test"})
+                           | {"tracking.experiment": "flow-test", "evaluate.registered_model": "flow-test",
+                              "tracking.system_metrics_every_s": 0.2})
     first = run_checked([str(BIN / "nativelm"), "run", "--local"], project)
     assert all(re.search(rf"{s}\s+ran\s", first.stdout) for s in STAGES)
     assert (project / "models/model.pt").exists() and (project / "plots/train/loss.png").exists()
@@ -88,6 +89,12 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if r.data.tags.get("nativelm.kind") == "pipeline"]
     stages = [r for r in runs if r.data.tags.get("nativelm.kind") == "stage"]
+    # MLflow's UI opens the experiment on these runs; each run's name says what it is
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert all(p.info.run_name == f"retrain {p.data.tags['dvc_experiment']}" for p in parents)
+    trains = [s for s in stages if s.data.tags["nativelm.stage"] == "train"]
+    assert all(re.fullmatch(r"train ternary moe \d+x\d+ \d+ steps", t.info.run_name) for t in trains)
+    assert all(any(k.startswith("system/") for k in t.data.metrics) for t in trains)  # CPU / memory samples
     assert len(parents) == 3 and len(stages) == 8  # the skipped run has no stage runs of its own
     for stage_name in STAGES:
         assert [p.data.tags[f"stage.{stage_name}"] for p in parents] == ["ran", "skipped", "ran"]

@@ -19,6 +19,7 @@ from nativelm.errors import NativelmError
 from nativelm.evaluate.stage import Provenance, run_evaluate
 from nativelm.export.stage import run_export
 from nativelm.orchestration.dvc import lock_out_hash
+from nativelm.params.model import with_preset
 from nativelm.params.root import Params
 from nativelm.tracking.flatten import params_hash
 from nativelm.tracking.runs import git_commit, stage_run
@@ -59,17 +60,26 @@ def train(args: argparse.Namespace) -> int:
     if env_rank() != 0:  # under torchrun only rank 0 talks to MLflow
         train_here()
         return 0
-    with stage_run(params, "train", _sections(params, "model", "train")) as run:
+    with stage_run(params, "train", _sections(params, "model", "train"), name=train_run_name(params),
+                   with_system_metrics=True) as run:
         result = train_here(logger=run)
     _print_figures(result.metrics, ("val_loss", "val_perplexity", "unigram_entropy_val", "tokens_per_s", "wall_time_s"))
     print(f"model: {result.model_file}")
     return 0
 
 
+def train_run_name(params: Params) -> str:
+    """What a training run is, as its MLflow name: precision, FFN kind, shape and length."""
+    cfg = params.train.resolved()
+    model = with_preset(params.model, cfg.preset)
+    kind = f"{'ternary' if model.quantize else 'fp'} {model.ffn}"
+    return f"train {kind} {model.d_model}x{model.n_layers} {cfg.max_steps} steps"
+
+
 def export(args: argparse.Namespace) -> int:
     """trained model -> ONNX folder with quantized operators, parity-checked (DVC stage `export`)."""
     params = params_of(args)
-    with stage_run(params, "export", _sections(params, "export")) as run:
+    with stage_run(params, "export", _sections(params, "export"), name=f"export {params.export.variant}") as run:
         result = run_export(Path(params.train.model_file), Path(params.data.out_dir), params.export, logger=run)
     _print_figures(result.metrics, ("top1_agreement", "ppl_rel_diff", "model_bytes", "bits_per_weight"))
     print(f"export: {result.out_dir}")

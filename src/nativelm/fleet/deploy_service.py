@@ -173,7 +173,8 @@ def record_rollout(params: Params, result: RolloutResult, rows: Sequence[BenchRo
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
     run_id = log_bench_run(params, rows, rollout_id=result.rollout_id, release=release.name,
-                           version=release.version, tags=tags, parent_run_id=parent)
+                           version=release.version, tags=tags, parent_run_id=parent,
+                           name=f"rollout v{release.version}" if release.version is not None else f"rollout {release.name}")
     if run_id is None:
         return None
     rollout_metrics = {"rollout.seconds": result.seconds, "rollout.boards_failed": float(len(result.failed))}

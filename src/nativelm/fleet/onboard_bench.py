@@ -218,14 +218,16 @@ def bench_metrics(rows: Sequence[BenchRow]) -> dict[str, float]:
 
 def log_bench_run(params: Params, rows: Sequence[BenchRow], *, rollout_id: str, release: str | None,
                   version: int | None = None, tags: Mapping[str, str] | None = None,
-                  parent_run_id: str | None = None) -> str | None:
+                  parent_run_id: str | None = None, name: str | None = None) -> str | None:
     """One MLflow run for a rollout's benchmark: metrics, table (markdown + CSV), raw JSON, chart.
+
+    `name` is the run's name in the MLflow UI (default ``bench <rollout id>``).
 
     Returns the run id (None when tracking is off). Nothing from the inventory but board names is logged.
     """
     run_tags = {"rollout_id": rollout_id, "release": release or "", "model_version": "" if version is None
                 else str(version), **(tags or {})}
-    with tracked_run(params, f"bench {rollout_id}", "onboard-bench", parent_run_id=parent_run_id,
+    with tracked_run(params, name or f"bench {rollout_id}", "onboard-bench", parent_run_id=parent_run_id,
                      tags=run_tags) as run:
         if not run.active:
             return None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from nativelm.errors import NativelmError
 from nativelm.stack import is_running, mlflow_url
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 PARENT_ENV = "NATIVELM_PARENT_RUN_ID"
 STAGE_WALL_METRIC = "stage_wall_s"
 URI_ENV = "MLFLOW_TRACKING_URI"
+# MLflow 3's UI opens an experiment of this kind on its training runs (not on the GenAI overview)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def resolve_tracking_uri(params: Params) -> str | None:
@@ -125,16 +128,19 @@ def _client(uri: str) -> MlflowClient:
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created (typed as model development) if it does not exist yet."""
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # created concurrently by another stage
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        try:
+            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+        except Exception:  # created concurrently by another stage
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    key, kind = EXPERIMENT_KIND
+    if found.tags.get(key) != kind:  # an experiment made before the kind was set
+        client.set_experiment_tag(found.experiment_id, key, kind)
+    return found.experiment_id
 
 
 def base_tags(params: Params, kind: str) -> dict[str, str]:
@@ -173,12 +179,32 @@ def tracked_run(params: Params, name: str, kind: str, parent_run_id: str | None 
 
 
 @contextlib.contextmanager
-def stage_run(params: Params, stage: str, section: Mapping[str, Any]) -> Iterator[RunLogger]:
-    """The MLflow run of one stage: nested under the pipeline run named in $NATIVELM_PARENT_RUN_ID."""
+def system_metrics(run: RunLogger, every_s: float) -> Iterator[None]:
+    """MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU when pynvml is installed)."""
+    if not run.active or every_s <= 0:
+        yield
+        return
+    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=every_s, tracking_uri=run.uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+@contextlib.contextmanager
+def stage_run(params: Params, stage: str, section: Mapping[str, Any], name: str | None = None,
+              with_system_metrics: bool = False) -> Iterator[RunLogger]:
+    """The MLflow run of one stage: nested under the pipeline run named in $NATIVELM_PARENT_RUN_ID.
+
+    `name` is the run's name in the MLflow UI (default: the stage); `with_system_metrics` samples the
+    machine during the stage (training).
+    """
     parent = os.environ.get(PARENT_ENV) or None
-    with tracked_run(params, stage, "stage", parent_run_id=parent, tags={"nativelm.stage": stage}) as run:
+    with tracked_run(params, name or stage, "stage", parent_run_id=parent, tags={"nativelm.stage": stage}) as run:
         run.log_params({"seed": params.seed, **section})
         started = time.perf_counter()
-        yield run
+        with system_metrics(run, params.tracking.system_metrics_every_s if with_system_metrics else 0.0):
+            yield run
         # the stage's own time, without interpreter start-up and imports: what orchestration overhead is measured against
         run.log_metrics({STAGE_WALL_METRIC: time.perf_counter() - started})
