@@ -9,6 +9,7 @@ is kept as a screenshot under test-artifacts/.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def _project(tmp_path: Path, local_stack: dict) -> Path:
         "fleet.bench_prompt_len": 8, "fleet.bench_new_tokens": 4, "fleet.bench_repeats": 1,
         "gate.max_ppl_regression": 100.0,  # a 6-step model: the loop, not the learning, is under test
         "serve.fleet_health_every_min": 0.0,
+        "train.progress": True,  # the bar `nativelm run` forwards to its terminal
     })
 
 
@@ -67,6 +69,9 @@ def test_retrain_from_the_dashboard_reaches_every_board(tmp_path: Path, local_st
         run_checked([str(BIN / "nativelm"), "fleet", "provision"], project)
         first = run_checked([str(BIN / "nativelm"), "run"], project)  # starts `serve --background` itself
         assert "model version 1: champion" in first.stdout
+        # the terminal that started the loop saw the stages as they ran, training progress included
+        assert "Running stage 'train'" in first.stdout and re.search(r"train:\s+100%\|", first.stdout), first.stdout
+        assert re.search(r"rollout: .*board-1", first.stdout)
         assert all(f"{board}: decode tok/s" in first.stdout for board in BOARDS), first.stdout
         assert _serving(project) == {board: "v1" for board in BOARDS}
 

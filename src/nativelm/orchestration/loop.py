@@ -9,6 +9,7 @@ come from MLflow: the pipeline's parent run (found by its Prefect flow-run tag) 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from nativelm.errors import NativelmError
 from nativelm.tracking.runs import STAGE_WALL_METRIC
 
 _TASK_NOISE = ("Finished in state", "Created task run", "Executing")  # per-task state lines
+_BAR = re.compile(r"\d+%\|")  # a tqdm progress line (a stage's bar, forwarded line by line)
 
 
 @dataclass
@@ -60,10 +62,16 @@ def trigger(deployment: str, parameters: dict[str, Any]) -> FlowRun:
 
 
 class _Echo:
-    """The log lines of one flow run, each shown once (the live stream and a read can overlap)."""
+    """The log lines of one flow run, each shown once (the live stream and a read can overlap).
+
+    On a terminal a progress bar's successive lines redraw one line (a live bar); elsewhere (CI
+    logs, a pipe) each is a line of its own.
+    """
 
     def __init__(self, echo: TextIO | None, prefix: str) -> None:
         self.echo, self.prefix = echo, prefix
+        self.live = bool(echo is not None and echo.isatty())
+        self.bar_open = False
         self.seen: set[Any] = set()
         self.lines: list[str] = []
 
@@ -75,8 +83,17 @@ class _Echo:
             return
         line = f"{self.prefix}{log.message}"
         self.lines.append(line)
-        if self.echo is not None:
-            print(line, file=self.echo, flush=True)
+        if self.echo is None:
+            return
+        if self.live and _BAR.search(line):
+            self.echo.write(f"\r{line}\x1b[K")
+            self.echo.flush()
+            self.bar_open = True
+            return
+        if self.bar_open:
+            self.echo.write("\n")
+            self.bar_open = False
+        print(line, file=self.echo, flush=True)
 
 
 async def _follow(flow_run_id: Any, out: _Echo) -> FlowRun:

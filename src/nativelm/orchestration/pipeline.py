@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
+import re
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -12,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from nativelm.gate.promote import GateResult, gate_version
@@ -26,6 +32,40 @@ from nativelm.params.root import Params
 from nativelm.tracking.runs import PARENT_ENV, URI_ENV, RunLogger, tracked_run
 
 GATE_LIMIT = "nativelm-gate"  # Prefect global concurrency limit (1, made by `nativelm serve`): gates take turns
+
+
+class _LogLines(io.TextIOBase):
+    """Text written here becomes one log record per line (a progress bar's redraws too: split on CR)."""
+
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        self.logger, self.pending = logger, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = re.split(r"[\r\n]", self.pending + text)
+        for line in lines:
+            if line.strip():
+                self.logger.info(line.rstrip())
+        return len(text)
+
+    def close(self) -> None:
+        self.write("\n")
+        super().close()
+
+
+@contextlib.contextmanager
+def stage_output() -> Iterator[io.TextIOBase | Any]:
+    """Where DVC's output goes: the Prefect run's log inside a flow (so `nativelm run` and the UI show
+    the running stage as it goes, progress included), else this process's stderr."""
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        yield sys.stderr
+        return
+    lines = _LogLines(logger)
+    try:
+        yield lines
+    finally:
+        lines.close()
 
 
 @dataclass
@@ -51,7 +91,8 @@ class PipelineRun:
         The metrics and the data hash are read at the experiment's commit, so a run in a temporary
         workspace reports its own figures, not the workspace's.
         """
-        result = exp_run(name, set_params, self.project_dir, self.child_env())
+        with stage_output() as echo:
+            result = exp_run(name, set_params, self.project_dir, self.child_env(), echo)
         self.run.set_tags({"dvc_experiment": name, "dvc_experiment_rev": result.rev})
         self.summary_extra["dvc_experiment"] = name
         p = self.params

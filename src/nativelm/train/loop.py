@@ -390,7 +390,7 @@ def _progress(cfg: ResolvedTrain, ctx: DistContext, initial: int) -> Any:
         return _NoBar()
     interactive = sys.stderr.isatty()
     return tqdm(total=cfg.max_steps, initial=initial, desc="train", unit="step", file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5 if interactive else 30.0, smoothing=0.1)
+                dynamic_ncols=True, mininterval=0.5 if interactive else 10.0, smoothing=0.1)
 
 
 def _note(ctx: DistContext, message: str) -> None:
