@@ -16,16 +16,25 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime_genai as og  # a test extra: what a user may load a release with
 import pytest
 import torch
 
+from nativelm import runtime
 from nativelm.errors import NativelmError
 from nativelm.export import graph as export_graph
 from nativelm.export import ops, parity
 from nativelm.export.graph import build_graph
 from nativelm.export.stage import run_export
 from nativelm.formats import prepared as prepared_format
-from nativelm.formats.export_folder import EXTERNAL_DATA, GENAI_CONFIG, MANIFEST, MODEL_FILE, TOKENIZER_FILE
+from nativelm.formats.export_folder import (
+    EXTERNAL_DATA,
+    GENAI_CONFIG,
+    MANIFEST,
+    MODEL_FILE,
+    TOKENIZER_CONFIG,
+    TOKENIZER_FILE,
+)
 from nativelm.fsutil import sha256_file
 from nativelm.model import ModelParams, build_model
 from nativelm.params.data import TokenizerParams
@@ -372,11 +381,13 @@ def test_run_export_writes_a_verified_folder(prepared: Path, model_file: Path, t
                           cache_check_tokens=40, threads=1)
     result = run_export(model_file, prepared, export)
     folder = tmp_path / "onnx"
-    assert sorted(p.name for p in folder.iterdir()) == sorted([MODEL_FILE, TOKENIZER_FILE, GENAI_CONFIG, MANIFEST])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MODEL_FILE, TOKENIZER_FILE, GENAI_CONFIG,
+                                                               TOKENIZER_CONFIG, MANIFEST])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest == result.manifest
-    assert manifest["sha256"] == {n: sha256_file(folder / n) for n in (GENAI_CONFIG, MODEL_FILE, TOKENIZER_FILE)}
+    assert manifest["sha256"] == {n: sha256_file(folder / n)
+                                  for n in (GENAI_CONFIG, MODEL_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE)}
     assert (folder / TOKENIZER_FILE).read_bytes() == (prepared / TOKENIZER_FILE).read_bytes()
     assert manifest["variant"] == "ternary" and manifest["kernels"]["all_prepacked"]
     assert manifest["parity"]["passed"] and manifest["parity"]["kv_cache"]["match"]
@@ -405,6 +416,30 @@ def test_run_export_writes_a_verified_folder(prepared: Path, model_file: Path, t
     assert metrics == result.metrics
     assert metrics["kv_cache_match"] == 1 and metrics["all_prepacked"] == 1
     assert metrics["model_bytes"] == (folder / MODEL_FILE).stat().st_size
+
+
+def test_onnxruntime_genai_generates_what_the_board_runtime_does(prepared: Path, model_file: Path,
+                                                                  tmp_path: Path) -> None:
+    """The export folder is an onnxruntime-genai model as it is: same greedy continuation as the runtime."""
+    run_export(model_file, prepared, ExportParams(out_dir=str(tmp_path / "onnx"), variant="int4", threads=1,
+                                                 metrics_file=str(tmp_path / "export.json"), parity_tokens=64,
+                                                 cache_check_tokens=16))
+    folder, prompt, new = tmp_path / "onnx", "anna sees the", 12
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    ids = tokenizer.encode(prompt)
+    search = og.GeneratorParams(model)
+    search.set_search_options(max_length=len(ids) + new, do_sample=False)
+    generator = og.Generator(model, search)
+    generator.append_tokens(ids)
+    tokens: list[int] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    board = runtime.generate(runtime.load_model(folder, threads=1), prompt, new, runtime.Sampling(temperature=0.0))
+    assert list(ids) == list(board.prompt_ids)
+    assert tokens[:len(board.token_ids)] == list(board.token_ids) and len(board.token_ids) > 0
+    assert tokenizer.decode(tokens[:len(board.token_ids)]) == board.text
 
 
 def test_parity_failure_keeps_the_previous_export(prepared: Path, model_file: Path, tmp_path: Path) -> None:

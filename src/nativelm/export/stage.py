@@ -8,7 +8,8 @@ as a whole (a failed check leaves the previous export untouched), ``export.out_d
   ``model.onnx.data`` beside it;
 - ``tokenizer.json``: copied from the prepared data;
 - ``genai_config.json``: the onnxruntime-genai configuration (decoder, context length, heads,
-  input/output names, eos id 0, greedy search defaults);
+  input/output names, eos id 0, greedy search defaults), and ``tokenizer_config.json``, the
+  tokenizer description onnxruntime-genai reads beside ``tokenizer.json``;
 - ``manifest.json``: variant, sizes, bits per weight, kernel paths, parity figures, golden
   continuations of fixed prompts (board health checks) and the sha256 of every other file;
 
@@ -51,9 +52,11 @@ from nativelm.formats.export_folder import (
     PAST_VALUE,
     PRESENT_KEY,
     PRESENT_VALUE,
+    TOKENIZER_CONFIG,
     TOKENIZER_FILE,
     write_manifest,
 )
+from nativelm.formats.prepared import EOT
 from nativelm.fsutil import atomic_dir, atomic_write_text, sha256_file
 from nativelm.model.trained import load_trained_model
 from nativelm.model.transformer import NativeLM
@@ -78,6 +81,12 @@ class ExportResult:
 
 def _note(message: str) -> None:
     print(f"export: {message}", file=sys.stderr, flush=True)
+
+
+def tokenizer_config(model: NativeLM) -> dict[str, Any]:
+    """The Hugging Face tokenizer description onnxruntime-genai needs: a fast tokenizer, <|endoftext|> only."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "pad_token": EOT,
+            "add_bos_token": False, "add_eos_token": False, "model_max_length": int(model.params.max_seq_len)}
 
 
 def genai_config(model: NativeLM, context_length: int | None = None) -> dict[str, Any]:
@@ -193,7 +202,8 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         files = _save_model(graph, folder)
         shutil.copyfile(tokenizer_path, folder / TOKENIZER_FILE)
         (folder / GENAI_CONFIG).write_text(json.dumps(genai_config(model), indent=2) + "\n", encoding="utf-8")
-        files += [TOKENIZER_FILE, GENAI_CONFIG]
+        (folder / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config(model), indent=2) + "\n", encoding="utf-8")
+        files += [TOKENIZER_FILE, GENAI_CONFIG, TOKENIZER_CONFIG]
         if EXTERNAL_DATA in files:  # the checker reads the external weights from the path
             onnx.checker.check_model(str(folder / MODEL_FILE))
 

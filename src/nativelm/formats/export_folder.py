@@ -1,7 +1,7 @@
 """The export folder (`export` writes it; `evaluate`, releases and the board runtime read it).
 
 Files: ``model.onnx`` (weights inline below ~1.8 GB, else in ``model.onnx.data`` beside it),
-``tokenizer.json``, ``genai_config.json`` (onnxruntime-genai) and ``manifest.json``: variant,
+``tokenizer.json``, ``genai_config.json`` and ``tokenizer_config.json`` (onnxruntime-genai) and ``manifest.json``: variant,
 sizes, parity figures, golden continuations and the sha256 of every other file. The decoder's
 inputs and outputs follow the onnxruntime-genai decoder convention named below. The board
 runtime (`nativelm.runtime`, which may not import this package) keeps its own copies of the
@@ -21,6 +21,7 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 GENAI_CONFIG = "genai_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # what onnxruntime-genai reads beside tokenizer.json
 MANIFEST = "manifest.json"
 EOS_TOKEN_ID = 0  # <|endoftext|> (nativelm.formats.prepared.EOT_ID)
 
