@@ -237,6 +237,21 @@ def screenshot_mlflow_compare(page: Page, mlflow_url: str, run_ids: Sequence[str
     return Path(path)
 
 
+def screenshot_mlflow_experiment(page: Page, url: str, run_names: Sequence[str], path: Path) -> Path:
+    """Open the experiment page at `url` (the link `nativelm run` prints) and wait until the runs table
+    shows every name in `run_names`: MLflow 3's GenAI overview lists no runs. Saves a screenshot to
+    `path` (written whole, through a temporary file)."""
+    page.goto(url)
+    for name in run_names:
+        page.get_by_text(name, exact=True).first.wait_for(timeout=UI_TIMEOUT_MS)
+    close_assistant = page.get_by_role("button", name="Close").first  # the "MLflow Assistant" side panel
+    if close_assistant.is_visible():
+        close_assistant.click()
+    fit_viewport_to_content(page)
+    atomic_write_bytes(Path(path), page.screenshot(full_page=True))
+    return Path(path)
+
+
 # how much taller the page's main scrolling panel is than its box (the largest box that scrolls:
 # tables inside it may scroll on their own, virtualised, and must not count)
 _HIDDEN_HEIGHT_JS = """() => {

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN, free_port, make_project, run_checked
-from tests.e2e.browser import artifact_path, screenshot_mlflow_compare, trigger_deployment_run, wait_flow_run
+from tests.e2e.browser import (
+    artifact_path,
+    screenshot_mlflow_compare,
+    screenshot_mlflow_experiment,
+    trigger_deployment_run,
+    wait_flow_run,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BOARDS = ("board-1", "board-2", "board-3")
@@ -105,6 +111,12 @@ def test_retrain_from_the_dashboard_reaches_every_board(tmp_path: Path, local_st
         shot = screenshot_mlflow_compare(browser_page, env["MLFLOW_TRACKING_URI"], [p.info.run_id for p in parents],
                                          artifact_path("mlflow-compare-two-retrains"), expect=shown)
         assert shot.stat().st_size > 10_000
+        # the experiment as a user first opens it: its runs, named by what they are (not the GenAI overview)
+        names = [p.info.run_name for p in parents]
+        assert all(name.startswith("retrain retrain-") for name in names)
+        link = re.search(r"MLflow experiment: (\S+)", first.stdout)[1]  # what the terminal hands the user
+        first_view = screenshot_mlflow_experiment(browser_page, link, names, artifact_path("mlflow-experiment-first-view"))
+        assert "/overview" not in browser_page.url and first_view.stat().st_size > 10_000
     finally:
         run_checked([str(BIN / "nativelm"), "serve", "--stop"], project)
         run_checked([str(BIN / "nativelm"), "fleet", "sim", "down"], project)

@@ -27,7 +27,7 @@ from nativelm.orchestration.loop import (
 )
 from nativelm.orchestration.serve import deployment_ref, serve_background
 from nativelm.params.root import Params
-from nativelm.tracking.runs import resolve_tracking_uri
+from nativelm.tracking.runs import resolve_tracking_uri, ui_url
 
 # the figures the summary shows (every metric is in MLflow)
 SUMMARY_METRICS = (
@@ -86,8 +86,8 @@ def summary_lines(params: Params, headline: str, client: Any, parent: Any, flow_
         if tags.get("dvc_experiment"):
             lines.append(f"  DVC experiment: {tags['dvc_experiment']} (`dvc exp apply {tags['dvc_experiment']}` "
                          "then `dvc repro` rebuilds it)")
-        lines.append(f"  MLflow run: {stack.mlflow_url(params)}/#/experiments/{parent.info.experiment_id}"
-                     f"/runs/{parent.info.run_id}")
+        lines.append(f"  MLflow run: {ui_url(stack.mlflow_url(params), parent.info.experiment_id, parent.info.run_id)}")
+        lines.append(f"  MLflow experiment: {ui_url(stack.mlflow_url(params), parent.info.experiment_id)}")
     if rollout is not None:
         lines.append(f"  rollout run {rollout.flow_run.name}: {rollout.flow_run.state_name} "
                      f"({rollout.seconds:.1f} s)")

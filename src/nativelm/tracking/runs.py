@@ -37,6 +37,13 @@ URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A page of MLflow's UI in its model-training mode (MLflow 3 otherwise opens on its GenAI overview,
+    which lists no training runs); the mode then sticks in the user's browser."""
+    run = f"/runs/{run_id}" if run_id else ""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{run}?workflowType=machine_learning"
+
+
 def resolve_tracking_uri(params: Params) -> str | None:
     """The MLflow server to log to: params, else $MLFLOW_TRACKING_URI, else the running local stack.
 
