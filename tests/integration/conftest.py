@@ -14,13 +14,16 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import pytest
+from prefect.testing.utilities import prefect_test_harness
 
 from nativelm.fleet.inventory import Inventory, load_inventory
 from nativelm.fleet.provision import provision
 from nativelm.fleet.sim import sim_down, sim_up
+from nativelm.orchestration.clients import load_flow_module
 from nativelm.params.fleet import FleetParams, SimParams
 from nativelm.params.root import Params
 from nativelm.params.stack import StackParams
@@ -100,3 +103,11 @@ def small_disk(folder: Path, size: str) -> Iterator[Path]:
         folder.rmdir()
         if existed:
             os.rename(aside, folder)
+
+
+@contextlib.contextmanager
+def served_flow(relpath: str) -> Iterator[ModuleType]:
+    """A flow file of pipelines/, loaded as the served deployment loads it, against a throwaway Prefect server."""
+    module = load_flow_module(Path(__file__).resolve().parents[2], relpath)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield module

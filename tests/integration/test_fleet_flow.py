@@ -15,26 +15,22 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.runtime import flow_run
-from prefect.testing.utilities import prefect_test_harness
 
 from nativelm.fleet.board_job import BoardContext, BoardResult
 from nativelm.fleet.inventory import Board
 from nativelm.fleet.release import LocalRelease
 from nativelm.fleet.rollout import plan_rollout
-from nativelm.orchestration.clients import load_flow_module
 from nativelm.params.fleet import FleetParams
-from tests.integration.conftest import SimFleet
+from tests.integration.conftest import SimFleet, served_flow
 from tests.integration.test_fleet_deploy import BENCH, Releases, releases  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def flows() -> Iterator[ModuleType]:
     """pipelines/rollout.py, loaded as the served deployment loads it, against a throwaway Prefect server."""
-    module = load_flow_module(REPO, "pipelines/rollout.py")
-    with prefect_test_harness(server_startup_timeout=120):
+    with served_flow("pipelines/rollout.py") as module:
         yield module
 
 

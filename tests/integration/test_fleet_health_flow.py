@@ -14,7 +14,6 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.runtime import flow_run
-from prefect.testing.utilities import prefect_test_harness
 
 from nativelm.fleet import service, sim
 from nativelm.fleet.inventory import Board, Inventory
@@ -22,20 +21,17 @@ from nativelm.fleet.provision import ensure_agent
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fleet.ssh_trust import BoardError
 from nativelm.fleet.status import BoardStatus
-from nativelm.orchestration.clients import load_flow_module
 from nativelm.params.fleet import FleetParams
-from tests.integration.conftest import make_sim_fleet
+from tests.integration.conftest import make_sim_fleet, served_flow
 from tests.integration.test_fleet_flow import board, task_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def flows() -> Iterator[ModuleType]:
     """pipelines/fleet_health.py, loaded as the served deployment loads it, against a throwaway Prefect server."""
-    module = load_flow_module(REPO, "pipelines/fleet_health.py")
-    with prefect_test_harness(server_startup_timeout=120):
+    with served_flow("pipelines/fleet_health.py") as module:
         yield module
 
 

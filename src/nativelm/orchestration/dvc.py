@@ -38,7 +38,6 @@ class ExperimentRun:
     rev: str
     stages: dict[str, str]  # stage -> "ran" | "skipped", in the order DVC went through them
     seconds: dict[str, float]  # stage -> wall time through DVC, from its line to the next one
-    output: str
 
 
 def dvc_executable() -> str:
@@ -120,10 +119,10 @@ def exp_run(name: str, set_params: list[str], project_dir: Path, env: dict[str, 
     is what `dvc exp apply NAME && dvc repro` rebuilds the run from.
     """
     temp = ["--temp", *(arg for value in set_params for arg in ("--set-param", value))] if set_params else []
-    output, timed = _dvc(["exp", "run", "-n", name, *temp], project_dir,
+    _, timed = _dvc(["exp", "run", "-n", name, *temp], project_dir,
                          {**_git_identity_env(project_dir), **(env or {})}, echo)
     stages, seconds = stage_outcomes(timed, time.monotonic())
-    return ExperimentRun(name, experiment_rev(name, project_dir), stages, seconds, output)
+    return ExperimentRun(name, experiment_rev(name, project_dir), stages, seconds)
 
 
 def experiment_rev(name: str, project_dir: Path) -> str:
