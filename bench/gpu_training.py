@@ -1,7 +1,7 @@
 """A real training run of a preset on one device through `nativelm.train.stage.run_train` (tracking off).
 
     python bench/gpu_training.py --steps 400 [--preset gpu] [--device cuda] [--compile]
-                                 [--set model.d_model=512 --set train.batch_size=16 ...] [--name NAME]
+                                 [--set model.d_model=512 --set train.batch_size=16 --set seed=1 ...] [--name NAME]
 
 Prints tokens/s, step time, MFU and the MoE's expert-load spread per log interval and writes
 `$OUT/NAME.json` (every interval, and medians over the first and the last quarter of the run, so a
@@ -70,8 +70,11 @@ def main() -> None:
                          "resume": "off", "device": args.device, "compile": args.compile})
     for item in args.set:
         dotted, value = item.split("=", 1)
-        section, key = dotted.split(".", 1)
-        raw[section][key] = _value(value)
+        *sections, key = dotted.split(".")
+        target = raw
+        for section in sections:
+            target = target[section]
+        target[key] = _value(value)
     raw["tracking"]["uri"] = "off"
     params = parse_params(yaml.safe_dump(raw))
     outputs = TrainOutputs(run_dir / "model.pt", run_dir / "checkpoints", run_dir / "train.json", run_dir / "plots")

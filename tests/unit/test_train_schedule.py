@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from nativelm.params.train import TrainParams
-from nativelm.train.schedule import cosine_lr, make_schedule, wsd_lr
+from nativelm.train.optim import build_optimizer
+from nativelm.train.schedule import StepSchedule, cosine_lr, wsd_lr
 
 
 def test_wsd_warmup_stable_decay_endpoints() -> None:
@@ -48,8 +50,32 @@ def test_cosine_with_warmup_and_floor() -> None:
     assert cosine_lr(59, **kw) == pytest.approx(0.1)
 
 
-def test_make_schedule_follows_params() -> None:
+def test_step_schedule_follows_params() -> None:
     cfg = TrainParams(schedule="cosine", max_steps=100, warmup_steps=0, lr=0.5).resolved()
-    assert make_schedule(cfg)(99) == pytest.approx(0.0, abs=1e-12)
+    assert StepSchedule(cfg).lr(99) == pytest.approx(0.0, abs=1e-12)
     cfg = TrainParams(max_steps=100, warmup_steps=0, lr=0.5).resolved()
-    assert make_schedule(cfg)(50) == 0.5
+    assert StepSchedule(cfg).lr(50) == 0.5
+
+
+def test_bitnet_recipe_cuts_the_rate_and_the_decay_at_the_split() -> None:
+    standard = StepSchedule(TrainParams(max_steps=100, warmup_steps=10, lr=0.5, weight_decay=0.1).resolved())
+    bitnet = StepSchedule(TrainParams(max_steps=100, warmup_steps=10, lr=0.5, weight_decay=0.1, recipe="bitnet",
+                                      recipe_split=0.6, recipe_lr_drop=0.25).resolved())
+    assert bitnet.second_stage == 60 and standard.second_stage is None
+    for step in range(60):
+        assert bitnet.lr(step) == standard.lr(step) and bitnet.weight_decay(step) == 0.1
+    for step in range(60, 100):
+        assert bitnet.lr(step) == pytest.approx(0.25 * standard.lr(step)) and bitnet.weight_decay(step) == 0.0
+    assert all(standard.weight_decay(s) == 0.1 for s in range(100))
+
+
+def test_step_schedule_sets_decay_only_on_the_decayed_group() -> None:
+    cfg = TrainParams(max_steps=10, warmup_steps=0, lr=0.5, recipe="bitnet", recipe_split=0.5).resolved()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(model, cfg)
+    schedule = StepSchedule(cfg)
+    assert schedule.apply(opt, 0) == 0.5
+    assert {g["name"]: g["weight_decay"] for g in opt.param_groups} == {"decay": 0.1, "no_decay": 0.0}
+    assert schedule.apply(opt, 5) == pytest.approx(0.25)
+    assert {g["name"]: g["weight_decay"] for g in opt.param_groups} == {"decay": 0.0, "no_decay": 0.0}
+    assert all(g["lr"] == pytest.approx(0.25) for g in opt.param_groups)

@@ -20,6 +20,7 @@ from nativelm.params.base import StrictModel
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "radam"]
 Schedule = Literal["wsd", "cosine"]
+Recipe = Literal["standard", "bitnet"]
 DecayShape = Literal["linear", "sqrt", "cosine"]
 Resume = Literal["auto", "off", "require"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -80,6 +81,15 @@ class TrainParams(StrictModel):
         "linear", description="wsd: shape of the final decay: linear | sqrt (1-sqrt) | cosine")
     min_lr_ratio: float = Field(
         0.0, ge=0.0, le=1.0, description="learning rate at the last step, as a fraction of lr")
+    recipe: Recipe = Field(
+        "standard", description="standard: the schedule and weight decay as set | bitnet: BitNet b1.58's two "
+                                "stages, the learning rate cut to recipe_lr_drop x at recipe_split and weight "
+                                "decay off from there (docs/training.md)")
+    recipe_split: float = Field(
+        0.5, gt=0.0, lt=1.0, description="bitnet recipe: share of max_steps after which the second stage starts")
+    recipe_lr_drop: float = Field(
+        0.5, gt=0.0, le=1.0, description="bitnet recipe: the second stage's learning rate, as a fraction of the "
+                                         "schedule's")
     optimizer: Optimizer = Field(
         "adamw", description="adamw | radam (both with decoupled weight decay)")
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1 (first-moment decay)")
@@ -155,6 +165,9 @@ class ResolvedTrain(StrictModel):
     decay_frac: float
     decay_shape: DecayShape
     min_lr_ratio: float
+    recipe: Recipe
+    recipe_split: float
+    recipe_lr_drop: float
     optimizer: Optimizer
     beta1: float
     beta2: float
@@ -172,6 +185,11 @@ class ResolvedTrain(StrictModel):
     model_file: str
     metrics_file: str
     plots_dir: str
+
+
+def recipe_split_step(max_steps: int, split: float) -> int:
+    """First optimizer step of the bitnet recipe's second stage (within 1 .. max_steps - 1)."""
+    return min(max_steps - 1, max(1, round(max_steps * split)))
 
 
 def wsd_decay_steps(max_steps: int, decay_frac: float) -> int:

@@ -3,7 +3,7 @@
 One optimizer step ``s`` (0-based) does, in this order:
 
 1. weight width ``bits = bit_schedule.bits_at(s, max_steps)`` -> ``set_weight_bits``;
-2. learning rate ``schedule(s)`` on every parameter group;
+2. learning rate and weight decay ``schedule.apply(optimizer, s)`` (recipe included);
 3. ``grad_accum`` micro-batches from the sampler: forward under autocast, ``loss / grad_accum``
    backward (DDP syncs gradients on the last micro-batch only);
 4. unscale (fp16), clip the global norm, optimizer step, scaler update, zero the gradients.
@@ -42,7 +42,7 @@ from nativelm.train.distributed import DistContext, all_reduce_sum, barrier, gat
 from nativelm.train.guards import check_every_parameter_learns
 from nativelm.train.metrics import mfu
 from nativelm.train.precision import Precision, resolve_precision, torch_threads
-from nativelm.train.schedule import make_schedule
+from nativelm.train.schedule import StepSchedule
 
 MetricSink = Callable[[dict[str, float], int], None]
 
@@ -99,7 +99,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
-        self.schedule = make_schedule(self.cfg)
+        self.schedule = StepSchedule(self.cfg)
         self.state = LoopState()
         self._gradients_checked = False
         self._val_positions: list[list[tuple[int, int]]] | None = None
@@ -120,10 +120,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def set_step_controls(self, step: int) -> tuple[float, float | None]:
-        """Learning rate and weight width of step `step`, applied to the optimizer and the model."""
-        lr = self.schedule(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        """Learning rate, weight decay and weight width of step `step`, applied to the optimizer and the model."""
+        lr = self.schedule.apply(self.optimizer, step)
         bits = None
         if self.bits_at is not None and self.set_bits is not None:
             bits = self.bits_at(step, self.cfg.max_steps)

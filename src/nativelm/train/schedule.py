@@ -8,6 +8,10 @@ to ``lr`` over ``warmup_steps`` steps, and reach ``lr * min_lr_ratio`` at the la
   ``decay_frac`` of the run (linear, 1-sqrt or cosine shaped). The stable phase lets a run be
   continued or branched; the decay is where the loss drops.
 - ``cosine``: half a cosine from ``lr`` right after warmup down to the floor at the last step.
+
+``train.recipe: bitnet`` (BitNet b1.58's two-stage recipe, docs/training.md) keeps either
+schedule's shape but multiplies the rate by ``recipe_lr_drop`` from the step at ``recipe_split``
+on, and turns weight decay off there: the second stage lets the ternary codes settle.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from nativelm.params.train import DecayShape, ResolvedTrain, wsd_decay_steps
+import torch
+
+from nativelm.params.train import DecayShape, ResolvedTrain, recipe_split_step, wsd_decay_steps
 
 
 def _warmup(step: int, lr: float, warmup_steps: int) -> float | None:
@@ -60,10 +66,44 @@ def cosine_lr(step: int, *, lr: float, max_steps: int, warmup_steps: int, min_lr
     return floor + (lr - floor) * _decay_factor(progress, "cosine")
 
 
-def make_schedule(cfg: ResolvedTrain) -> Callable[[int], float]:
-    """The schedule chosen in the parameters, as `step -> learning rate`."""
+def base_schedule(cfg: ResolvedTrain) -> Callable[[int], float]:
+    """The schedule chosen in the parameters, as `step -> learning rate`, before any recipe."""
     if cfg.schedule == "wsd":
         return lambda step: wsd_lr(step, lr=cfg.lr, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                                    decay_frac=cfg.decay_frac, min_lr_ratio=cfg.min_lr_ratio, shape=cfg.decay_shape)
     return lambda step: cosine_lr(step, lr=cfg.lr, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                                   min_lr_ratio=cfg.min_lr_ratio)
+
+
+class StepSchedule:
+    """Learning rate and weight decay of every step: pure functions of the step, so a resume needs no state."""
+
+    def __init__(self, cfg: ResolvedTrain) -> None:
+        self.cfg = cfg
+        self._base = base_schedule(cfg)
+
+    @property
+    def second_stage(self) -> int | None:
+        """First step of the bitnet recipe's second stage (None for the standard recipe)."""
+        if self.cfg.recipe != "bitnet":
+            return None
+        return recipe_split_step(self.cfg.max_steps, self.cfg.recipe_split)
+
+    def lr(self, step: int) -> float:
+        rate = self._base(step)
+        split = self.second_stage
+        return rate * self.cfg.recipe_lr_drop if split is not None and step >= split else rate
+
+    def weight_decay(self, step: int) -> float:
+        split = self.second_stage
+        return 0.0 if split is not None and step >= split else self.cfg.weight_decay
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set step `step`'s rate on every group and its decay on the decayed group; returns the rate."""
+        lr, decay = self.lr(step), self.weight_decay(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("name") == "decay":
+                group["weight_decay"] = decay
+        return lr
+

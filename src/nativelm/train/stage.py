@@ -48,7 +48,7 @@ LOSS_PNG = "loss.png"
 EXPERT_LOAD_PNG = "expert_load.png"
 # settings that change what a run computes; the others (intervals, paths, progress ...) do not
 _TRAJECTORY_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps", "schedule",
-                      "decay_frac", "decay_shape", "min_lr_ratio", "optimizer", "beta1", "beta2", "eps",
+                      "decay_frac", "decay_shape", "min_lr_ratio", "recipe", "recipe_split", "recipe_lr_drop", "optimizer", "beta1", "beta2", "eps",
                       "weight_decay", "grad_clip")
 
 
