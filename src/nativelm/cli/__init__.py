@@ -18,6 +18,7 @@ from nativelm import __version__
 from nativelm.cliargs import at_least
 from nativelm.errors import NativelmError
 from nativelm.fleet import commands, deploy_commands
+from nativelm.params.study import ALL_ROWS
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -97,6 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime intra-op threads (default: every CPU this process may use)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(handler="nativelm.cli.stages:generate")
+
+    p = sub.add_parser("study", parents=[common], help="native against compressed: train, export and compare "
+                                                       "the study's rows on this project's data",
+                       description="Train every row of the study (params.yaml `study`: fp dense and MoE, native "
+                                   "ternary MoE and dense, openelm, the progressive schedule, the BitNet recipe, and "
+                                   "ternary / int4 post-training quantization of the fp models, including fp models "
+                                   "sized to the native rows' bytes) on the prepared data with the same seeds and "
+                                   "steps, at every learning rate of the grid; export each to ONNX and evaluate it "
+                                   "the same way (ONNX perplexity, bytes, bytes read per token, CPU decode and "
+                                   "prefill). Prints the table (each row at its best rate) and writes it with the "
+                                   "charts to study.out_dir/NAME; one MLflow parent run, a nested run per row. A "
+                                   "killed study started again continues where it stopped. Needs prepared data "
+                                   "(`nativelm prepare`).")
+    p.add_argument("--rows", default=None, metavar="A,B|all", help=f"rows to run (all: {', '.join(ALL_ROWS)})")
+    p.add_argument("--lrs", default=None, metavar="LR,LR", help="learning-rate grid (default: study.lrs)")
+    p.add_argument("--seeds", default=None, metavar="S,S", help="seeds (default: study.seeds)")
+    p.add_argument("--steps", type=at_least(1), default=None, metavar="N", help="optimizer steps of every row")
+    p.add_argument("--preset", choices=["tiny", "gpu"], default=None, help="shape and run size of every row")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the rows train")
+    p.add_argument("--name", default=None, help="the study's name (its folder and MLflow run)")
+    p.set_defaults(handler="nativelm.cli.study:study")
 
     p = sub.add_parser("stack", parents=[common], help="start/stop/show the local MLflow + Prefect servers",
                        description="Manage the local stack: an MLflow tracking server (SQLite, local artifacts) "

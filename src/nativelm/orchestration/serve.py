@@ -1,11 +1,12 @@
 """`nativelm serve`: register the deployments of pipelines/ and execute their runs (the dashboard).
 
-Three deployments against the Prefect server of the local stack:
+Four deployments against the Prefect server of the local stack:
 - ``retrain/retrain``: the form a user fills in the Prefect UI (``serve.retrain_concurrency`` runs at
   once, each a DVC experiment of its own; their gates take turns);
 - ``rollout/rollout``: started by a trigger on the gate's promotion event (an automation), with the
   promoted version as its ``model`` parameter: the new champion reaches the fleet with no human step;
-- ``fleet-health/fleet-health``: every ``serve.fleet_health_every_min`` minutes.
+- ``fleet-health/fleet-health``: every ``serve.fleet_health_every_min`` minutes;
+- ``study/study``: the study's form (`nativelm study` from the dashboard), one at a time.
 
 They are served by one Prefect runner (a process worker: each flow run is a subprocess in the
 project folder). In the foreground it stops with Ctrl-C; ``--background`` keeps it running as
@@ -38,6 +39,7 @@ FLOWS: dict[str, tuple[str, str]] = {
     "retrain": ("pipelines/retrain.py", "retrain"),
     "rollout": ("pipelines/rollout.py", "rollout"),
     "fleet-health": ("pipelines/fleet_health.py", "fleet_health"),
+    "study": ("pipelines/study.py", "study"),
 }
 RUNNER = "runner"
 TAGS = ["nativelm"]
@@ -54,7 +56,7 @@ def _flow(project_dir: Path, name: str) -> Any:
 
 
 def build_deployments(params: Params, project_dir: Path) -> list[RunnerDeployment]:
-    """The three deployments, with the rollout trigger and the fleet-health schedule."""
+    """The deployments: retrain, rollout (its trigger), fleet-health (its schedule) and study."""
     sp = params.serve
     params_file = {"params_file": "params.yaml"}
     retrain = _flow(project_dir, "retrain").to_deployment(
@@ -70,7 +72,11 @@ def build_deployments(params: Params, project_dir: Path) -> list[RunnerDeploymen
     health = _flow(project_dir, "fleet-health").to_deployment(
         name="fleet-health", tags=TAGS, interval=every, parameters=params_file,
         description="Reachability, live release and its verification on every board.")
-    return [retrain, rollout, health]
+    study = _flow(project_dir, "study").to_deployment(
+        name="study", tags=TAGS, concurrency_limit=1,
+        description="Native against compressed: train, export and compare the study's rows on this project's data. "
+                    "Empty fields keep params.yaml's `study` values.")
+    return [retrain, rollout, health, study]
 
 
 def serve_foreground(params: Params, project_dir: Path) -> None:

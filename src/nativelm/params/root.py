@@ -20,6 +20,7 @@ from nativelm.params.gate import GateParams
 from nativelm.params.model import ModelParams
 from nativelm.params.serve import ServeParams
 from nativelm.params.stack import StackParams
+from nativelm.params.study import StudyParams
 from nativelm.params.tracking import TrackingParams
 from nativelm.params.train import TrainParams
 from nativelm.yamlio import load_yaml, validation_line
@@ -41,6 +42,7 @@ class Params(StrictModel):
     stack: StackParams = StackParams()
     serve: ServeParams = ServeParams()
     fleet: FleetParams = FleetParams()
+    study: StudyParams = StudyParams()
 
 
 def parse_params(text: str, source: str = "params.yaml") -> Params:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from nativelm.errors import NativelmError
@@ -159,10 +160,27 @@ def base_tags(params: Params, kind: str) -> dict[str, str]:
     }
 
 
+def _resumable(client: MlflowClient, experiment_id: str, run_id: str | None) -> Any:
+    """The run `run_id`, set running again, if it exists, is not deleted and belongs to the experiment."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
+        return None
+    client.update_run(run_id, status="RUNNING")
+    return run
+
+
 @contextlib.contextmanager
 def tracked_run(params: Params, name: str, kind: str, parent_run_id: str | None = None,
-                tags: Mapping[str, str] | None = None) -> Iterator[RunLogger]:
-    """Open an MLflow run (nested under `parent_run_id` if given) and close it FINISHED or FAILED."""
+                tags: Mapping[str, str] | None = None, resume_run_id: str | None = None) -> Iterator[RunLogger]:
+    """Open an MLflow run (nested under `parent_run_id` if given) and close it FINISHED or FAILED.
+
+    `resume_run_id`: continue that run (a resumed study) when it still exists in the experiment.
+    """
     uri = resolve_tracking_uri(params)
     if uri is None:
         print(f"nativelm: MLflow tracking off for {name} (no server: `nativelm stack up` or set "
@@ -175,7 +193,9 @@ def tracked_run(params: Params, name: str, kind: str, parent_run_id: str | None 
     all_tags = {**base_tags(params, kind), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    run = _resumable(client, experiment_id, resume_run_id)
+    if run is None:
+        run = client.create_run(experiment_id, run_name=name, tags=all_tags)
     logger = RunLogger(client, run.info.run_id, uri, experiment_id)
     status = "FAILED"
     try:

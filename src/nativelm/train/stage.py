@@ -79,6 +79,7 @@ class TrainResult:
     resumed_from: int | None
     is_main: bool = True
     model: Any = field(default=None, repr=False)  # the trained NativeLM (every rank)
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)  # logged intervals, resumes included
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -244,4 +245,4 @@ def _finish(cfg: ResolvedTrain, out: TrainOutputs, seed: int, ctx: Any, model: N
         _note(f"done: {state.step} steps, val loss {metrics['val_loss']:.4f} (unigram x-entropy "
               f"{unigram['unigram_xent_val']:.4f}), {metrics['tokens_per_s']:,.0f} tokens/s; model in {model_file}")
     return TrainResult(metrics, model_file, metrics_file, plots, out.checkpoint_dir, state.step, state.resumed_from,
-                       model=model)
+                       model=model, history=list(state.history))
