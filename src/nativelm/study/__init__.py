@@ -1,0 +1,1 @@
+"""`nativelm study`: native training against compressing afterwards, on the project's own data."""
