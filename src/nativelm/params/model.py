@@ -128,10 +128,11 @@ class ModelParams(StrictModel):
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) must not exceed n_experts ({self.n_experts})")
-        if self.ffn != "dense" and self.ffn_act != "reglu":
-            raise ValueError(f"ffn_act {self.ffn_act} is for the dense FFN (ffn: dense); the MoE's experts are ReGLU")
         if self.ffn != "dense" and self.scaling is not None:
-            raise ValueError("layer_scaling scales the dense FFN's width: it needs ffn: dense")
+            raise ValueError("layer_scaling scales the dense FFN's width: it needs ffn: dense (or layer_scaling: false)")
+        if self.ffn != "dense" and self.ffn_act != "reglu":
+            raise ValueError(f"ffn_act {self.ffn_act} is for the dense FFN (ffn: dense); the MoE's experts are ReGLU, "
+                             "write ffn_act: reglu with ffn: moe")
         self.schedule_stages()  # raises on a bad bit_schedule
         return self
 
