@@ -16,10 +16,9 @@ import yaml
 
 from nativelm.fleet.release import load_release
 from nativelm.fleet.rollout import render_rollout, rollout
-from nativelm.fleet.sim import sim_down
 from nativelm.model.trained import load_trained_model
 from tests.conftest import BIN, make_project, run_checked
-from tests.integration.conftest import SimFleet, make_sim_fleet
+from tests.integration.conftest import SimFleet, running_sim_fleet
 from tests.integration.test_fleet_deploy import BENCH, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,11 +35,8 @@ FAMILIES = {
 @pytest.fixture(scope="module")
 def board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimFleet]:
     """One provisioned simulated board of this module's own (the session's fleet is left alone)."""
-    fleet = make_sim_fleet(tmp_path_factory.mktemp("family-fleet"), boards=1, canary=1)
-    try:
+    with running_sim_fleet(tmp_path_factory.mktemp("family-fleet"), boards=1, canary=1) as fleet:
         yield fleet
-    finally:
-        sim_down(fleet.params)
 
 
 @pytest.fixture(scope="module")
