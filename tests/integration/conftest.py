@@ -66,14 +66,21 @@ def make_sim_fleet(root: Path, boards: int = 3, canary: int = 1, provisioned: bo
     return SimFleet(params, inventory)
 
 
+@contextlib.contextmanager
+def running_sim_fleet(root: Path, boards: int = 3, canary: int = 1, **fleet: object) -> Iterator[SimFleet]:
+    """A provisioned simulated fleet under `root` for the length of the block (a module fixture's own)."""
+    sim = make_sim_fleet(root, boards, canary, **fleet)
+    try:
+        yield sim
+    finally:
+        sim_down(sim.params)
+
+
 @pytest.fixture(scope="session")
 def sim_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimFleet]:
     """Three provisioned simulated boards (board-1 in group `canary`), shared by the whole session."""
-    fleet = make_sim_fleet(tmp_path_factory.mktemp("fleet"))
-    try:
+    with running_sim_fleet(tmp_path_factory.mktemp("fleet")) as fleet:
         yield fleet
-    finally:
-        sim_down(fleet.params)
 
 
 @contextlib.contextmanager

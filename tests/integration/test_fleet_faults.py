@@ -36,7 +36,6 @@ from nativelm.fleet.rollout import (
 )
 from nativelm.fleet.sim import (
     rotate_host_key,
-    sim_down,
     sim_status,
     sim_up,
     start_board,
@@ -44,7 +43,7 @@ from nativelm.fleet.sim import (
 )
 from nativelm.fleet.ssh import BoardSession
 from nativelm.params.fleet import FleetParams
-from tests.integration.conftest import SimFleet, make_sim_fleet, small_disk
+from tests.integration.conftest import SimFleet, running_sim_fleet, small_disk
 from tests.integration.test_fleet_deploy import (
     BENCH,
     Releases,
@@ -61,11 +60,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimFleet]:
     """Three provisioned boards (board-1 the canary) that only these tests use."""
-    sim = make_sim_fleet(tmp_path_factory.mktemp("faults"), boards=3, canary=1, connect_timeout_s=5, **BENCH)
-    try:
+    with running_sim_fleet(tmp_path_factory.mktemp("faults"), boards=3, canary=1, connect_timeout_s=5,
+                           **BENCH) as sim:
         yield sim
-    finally:
-        sim_down(sim.params)
 
 
 @pytest.fixture(scope="module")

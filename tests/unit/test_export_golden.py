@@ -39,6 +39,12 @@ DENSE = {"ffn": "dense", "dense_ffn": 128}
 SMALL = {"d_model": 64, "expert_ffn": 32}
 LATENT = {"comparison_weights": "latent"}
 
+
+def family(name: str) -> dict[str, Any]:
+    """A model family on BASE's shape, with the family's own attention (BASE writes a window)."""
+    return {"family": name, "window": 0, "nope_every": 0, "dense_ffn": 128}
+
+
 # name: (model overrides, export overrides)
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ternary_moe": ({}, {}),
@@ -75,6 +81,14 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "fp32_moe_bitlinear_experts_latent": ({**SMALL, "expert_quant": "bitlinear"}, {"variant": "fp32", **LATENT}),
     "fp32_dense": (DENSE, {"variant": "fp32"}),
     "fp32_dense_unquantized": ({**DENSE, "quantize": False}, {"variant": "fp32"}),
+    # model families (params/families.py); smallthinker is the default model, so ternary_moe's hashes
+    "ternary_family_smallthinker": ({"family": "smallthinker"}, {}),
+    "ternary_family_bitnet": (family("bitnet"), {}),
+    "ternary_family_openelm": (family("openelm"), {}),
+    "int4_family_openelm": (family("openelm"), {"variant": "int4"}),
+    "fp32_family_openelm": (family("openelm"), {"variant": "fp32"}),
+    "int4_family_phi3": (family("phi3"), {"variant": "int4"}),
+    "fp32_family_phi3": (family("phi3"), {"variant": "fp32"}),
 }
 
 # name: (model overrides, export overrides, the message the NativelmError matches)
@@ -85,6 +99,7 @@ REFUSALS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                                   r"^export ternary: model.expert_quant is 'bitlinear'.*cannot represent"),
     "int4_bitlinear_experts": ({**SMALL, "expert_quant": "bitlinear"}, {"variant": "int4"},
                                r"^export int4: model.expert_quant is 'bitlinear'.*cannot represent"),
+    "ternary_family_phi3": ({**family("phi3"), **SMALL}, {}, r"^export ternary: .*\(model.quantize: false\)"),
 }
 
 _computed: dict[str, dict[str, str]] = {}
@@ -128,6 +143,10 @@ def test_export_graph_matches_its_golden_hashes(name: str) -> None:
     golden = json.loads(GOLDEN.read_text())
     assert name in golden, f"no golden hashes for {name}: regenerate with NATIVELM_REGEN_GOLDEN=1"
     assert got == golden[name]
+
+
+def test_the_default_family_exports_todays_graph() -> None:
+    assert hashes(export({"family": "smallthinker"}, {})) == hashes(export({}, {}))
 
 
 def test_golden_file_has_no_stale_cases() -> None:

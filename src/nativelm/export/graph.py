@@ -11,10 +11,14 @@ One block of the graph, ternary variant (the PyTorch block of `nativelm.model.tr
     a        = GroupQueryAttention(q, k, v, past)   do_rotary + local_window_size=window on RoPE
                                      layers, do_rotary=0 and -1 on NoPE layers; present = past + new
     h2, x    = SkipSimplifiedLayerNormalization(MatMulNBits(RMSNorm_o(a)), x)   ffn_norm, residual
-    y        = QMoE(h2, router)      2-bit experts, ReGLU as fused SwiGLU (alpha 1e6, beta 0), top-k
+    y        = QMoE(h2, router)      2-bit experts, ReGLU as fused SwiGLU (alpha 1e6, beta 0), top-k;
+                                     a dense FFN is gate/up/down linears with Relu (ReGLU) or
+                                     x·Sigmoid(x) (SwiGLU) between
     logits   = LM head(final norm(x + y))   MatMulNBits 8 (or 4) bits, or fp16/fp32 MatMul
 
-Model I/O: the onnxruntime-genai decoder convention of `nativelm.formats.export_folder`.
+Model I/O: the onnxruntime-genai decoder convention of `nativelm.formats.export_folder`. Under
+layer-wise scaling each GroupQueryAttention has its layer's num_heads (q_proj / o_proj and the FFN
+linears take their layer's widths from the weights); head size and kv heads, so the cache, are uniform.
 
 The variants (`variants`: one object per variant decides how a linear layer, the MoE and the
 tables are stored), the MoE layer (`moe_graph`), the embedding and LM head (`tables`) and the
@@ -158,9 +162,12 @@ class _Decoder:
         a = f"{prefix}.attn.gqa"
         b.add(ops.group_query_attention(
             a, q, k, v, PAST_KEY % i, PAST_VALUE % i, SEQLENS_K, TOTAL_LENGTH, f"{ROPE}.cos" if rope else None,
-            f"{ROPE}.sin" if rope else None, num_heads=p.n_heads, kv_num_heads=p.n_kv_heads, do_rotary=rope,
+            f"{ROPE}.sin" if rope else None, num_heads=attn.n_heads, kv_num_heads=p.n_kv_heads, do_rotary=rope,
             local_window_size=window, outputs=(a, PRESENT_KEY % i, PRESENT_VALUE % i)), "attention")
         b.choices.setdefault("attention", []).append({"layer": i, "do_rotary": int(rope), "local_window_size": window})
+        if p.scaling is not None:  # per-layer query heads and FFN widths, recorded next to the graph
+            b.choices.setdefault("layer_scaling", []).append(
+                {"layer": i, "num_heads": attn.n_heads, "ffn_width": block.ffn.hidden})
         o = self.linear(attn.o_proj, f"{prefix}.attn.o_proj", a, "attention")
 
         mid = f"{prefix}.attn_residual"
@@ -174,9 +181,15 @@ class _Decoder:
             ffn = block.ffn.ffn
             g = self.linear(ffn.gate, f"{prefix}.ffn.gate", h2, "ffn")
             u = self.linear(ffn.up, f"{prefix}.ffn.up", h2, "ffn")
-            hidden = b.node("Mul", [b.node("Relu", [g], f"{prefix}.ffn.relu"), u], f"{prefix}.ffn.hidden")
+            hidden = b.node("Mul", [self.gate_act(prefix, g), u], f"{prefix}.ffn.hidden")
             self.linear(ffn.down, f"{prefix}.ffn.down", hidden, "ffn", output=out)
         return x, (out, mid)
+
+    def gate_act(self, prefix: str, g: str) -> str:
+        """The dense FFN's gate activation: Relu (ReGLU), or g · Sigmoid(g) (SwiGLU: silu in opset 23)."""
+        if self.p.ffn_act == "reglu":
+            return self.b.node("Relu", [g], f"{prefix}.ffn.relu")
+        return self.b.node("Mul", [g, self.b.node("Sigmoid", [g], f"{prefix}.ffn.sigmoid")], f"{prefix}.ffn.silu")
 
     def router(self, prefix: str, moe: Any, h: str) -> str:
         """fp32 router logits, flattened to (tokens, n_experts) as QMoE wants them."""

@@ -64,10 +64,12 @@ class Attention(nn.Module):
         max_seq_len: int = 512,
         rope_theta: float = 10000.0,
         linear_kwargs: dict | None = None,
+        head_dim: int | None = None,
     ) -> None:
+        """`head_dim` defaults to d_model / n_heads; layer-wise scaling keeps the model's own instead."""
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
         self.rope, self.window, self.max_seq_len = rope, window, max_seq_len
         kw = linear_kwargs or {}
         self.q_proj = BitLinear(d_model, n_heads * self.head_dim, **kw)

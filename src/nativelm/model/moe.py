@@ -80,12 +80,17 @@ class Router(nn.Module):
             return F.linear(x.float(), self.weight.float())
 
 
-class ReGLU(nn.Module):
-    """down(relu(gate(x)) * up(x)); all three BitLinear (or plain linear when not quantized)."""
+GATE_ACTS = {"reglu": F.relu, "swiglu": F.silu}  # the gate's activation of each gated FFN kind
 
-    def __init__(self, d_model: int, hidden: int, linear_kwargs: dict | None = None) -> None:
+
+class ReGLU(nn.Module):
+    """down(relu(gate(x)) * up(x)); all three BitLinear (or plain linear when not quantized).
+    `act` "swiglu" makes it down(silu(gate(x)) * up(x)) (dense FFN only: the experts are ReGLU)."""
+
+    def __init__(self, d_model: int, hidden: int, linear_kwargs: dict | None = None, act: str = "reglu") -> None:
         super().__init__()
         kw = linear_kwargs or {}
+        self.act = GATE_ACTS[act]
         self.gate = BitLinear(d_model, hidden, **kw)
         self.up = BitLinear(d_model, hidden, **kw)
         self.down = BitLinear(hidden, d_model, **kw)
@@ -98,17 +103,17 @@ class ReGLU(nn.Module):
         """Output (N, d_model) and the number of exact zeros in the hidden activation (0-d).
         `weights`: the quantized gate, up, down weights when the caller computed them."""
         wg, wu, wd = weights if weights else (None, None, None)
-        h = F.relu(self.gate(x, wg)) * self.up(x, wu)
+        h = self.act(self.gate(x, wg)) * self.up(x, wu)
         return self.down(h, wd), (h.detach() == 0).sum()
 
 
 class DenseFFN(nn.Module):
-    """One ReGLU FFN (the dense comparison model)."""
+    """One gated FFN, ReGLU or SwiGLU (`act`): the dense families and the dense comparison model."""
 
-    def __init__(self, d_model: int, hidden: int, linear_kwargs: dict | None = None) -> None:
+    def __init__(self, d_model: int, hidden: int, linear_kwargs: dict | None = None, act: str = "reglu") -> None:
         super().__init__()
         self.hidden = hidden
-        self.ffn = ReGLU(d_model, hidden, linear_kwargs)
+        self.ffn = ReGLU(d_model, hidden, linear_kwargs, act)
 
     def quant_groups(self) -> list[list[Tensor]]:
         return self.ffn.quant_groups()

@@ -1,4 +1,4 @@
-"""The decoder-only language model: pre-norm blocks of (GQA attention, MoE or dense ReGLU FFN).
+"""The decoder-only language model: pre-norm blocks of (GQA attention, MoE or dense ReGLU/SwiGLU FFN).
 
 One block, with pre-attention routing (SmallThinker):
 
@@ -66,8 +66,8 @@ class Block(nn.Module):
                      "eps": p.quant_eps, "norm_eps": p.norm_eps}
         self.attn_norm = RMSNorm(p.d_model, p.norm_eps)
         self.attn = Attention(
-            p.d_model, p.n_heads, p.n_kv_heads, rope=not self.nope, window=0 if self.nope else p.window,
-            max_seq_len=p.max_seq_len, rope_theta=p.rope_theta, linear_kwargs=linear_kw,
+            p.d_model, p.layer_heads(index), p.n_kv_heads, rope=not self.nope, window=0 if self.nope else p.window,
+            max_seq_len=p.max_seq_len, rope_theta=p.rope_theta, linear_kwargs=linear_kw, head_dim=p.head_dim,
         )
         self.ffn_norm = RMSNorm(p.d_model, p.norm_eps)
         if p.ffn == "moe":
@@ -76,7 +76,7 @@ class Block(nn.Module):
                 expert_kw.update(norm=False, act_bits=None)
             self.ffn: MoE | DenseFFN = MoE(p.d_model, p.n_experts, p.expert_ffn, p.top_k, expert_kw)
         else:
-            self.ffn = DenseFFN(p.d_model, p.dense_ffn, linear_kw)
+            self.ffn = DenseFFN(p.d_model, p.layer_ffn(index), linear_kw, p.ffn_act)
         self._quantized = [m for m in self.modules() if isinstance(m, (BitLinear, ExpertLinear)) and m.quantize]
 
     def quantized_weights(self, dtype: torch.dtype) -> tuple[list[Tensor] | None, list[Tensor] | None]:
@@ -221,17 +221,21 @@ def param_counts(params: ModelParams, vocab_size: int) -> dict[str, int]:
     def lin(i: int, o: int, norm: bool = bl_norm) -> int:
         return i * o + (i if norm else 0)
 
-    attn = lin(d, p.n_heads * hd) + 2 * lin(d, p.n_kv_heads * hd) + lin(p.n_heads * hd, d)
-    norms = 2 * d
-    if p.ffn == "moe":
-        en = bl_norm and p.expert_quant == "bitlinear"
-        expert = 2 * lin(d, p.expert_ffn, en) + lin(p.expert_ffn, d, en)
-        ffn_total, ffn_active = d * p.n_experts + p.n_experts * expert, d * p.n_experts + p.top_k * expert
-    else:
-        ffn_total = ffn_active = 2 * lin(d, p.dense_ffn) + lin(p.dense_ffn, d)
+    def layer(i: int) -> tuple[int, int]:  # (total, active) of layer i
+        q = p.layer_heads(i) * hd
+        attn = lin(d, q) + 2 * lin(d, p.n_kv_heads * hd) + lin(q, d) + 2 * d  # + attn_norm, ffn_norm
+        if p.ffn == "moe":
+            en = bl_norm and p.expert_quant == "bitlinear"
+            expert = 2 * lin(d, p.expert_ffn, en) + lin(p.expert_ffn, d, en)
+            return attn + d * p.n_experts + p.n_experts * expert, attn + d * p.n_experts + p.top_k * expert
+        width = p.layer_ffn(i)
+        dense = attn + 2 * lin(d, width) + lin(width, d)
+        return dense, dense
+
+    layers = [layer(i) for i in range(p.n_layers)]
     embedding = vocab_size * d * (1 if p.tie_embeddings else 2)
-    non_emb = p.n_layers * (attn + norms + ffn_total) + d
-    active = p.n_layers * (attn + norms + ffn_active) + d
+    non_emb = sum(t for t, _ in layers) + d
+    active = sum(a for _, a in layers) + d
     return {"total": non_emb + embedding, "embedding": embedding, "non_embedding": non_emb, "active": active,
             "active_with_embedding": active + embedding}
 

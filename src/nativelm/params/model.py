@@ -1,18 +1,21 @@
 """Parameters of the model: shapes, sparsity, quantization (the `model` section of params.yaml).
 
-The field defaults are the ``tiny`` preset (trains on a 2-core CPU in minutes). ``PRESETS``
-holds named sets of overrides (``tiny``, ``gpu``) that a training config can apply with
-:func:`preset_params`.
+The field defaults are the ``tiny`` preset (trains on a 2-core CPU in minutes) of the
+``smallthinker`` family. ``PRESETS`` holds named shapes (``tiny``, ``gpu``) that a training config
+applies with :func:`with_preset`; ``model.family`` (`params/families.py`) names a set of knobs
+filled in when the section is read. Order: preset < family < what params.yaml writes.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from nativelm.errors import ParamsError
 from nativelm.params.base import StrictModel
+from nativelm.params.families import DEFAULT_FAMILY, FAMILY_KEYS, Family, family_knobs
+from nativelm.params.layer_scaling import LayerScaling
 
 TERNARY_BITS = 1.58
 """The weight bit width meaning "ternary" ({-1, 0, +1} · absmean scale, BitNet b1.58)."""
@@ -26,7 +29,10 @@ def check_bits(bits: float) -> float:
 
 
 class ModelParams(StrictModel):
-    """The whole `model` section: a sparse-MoE, 1.58-bit decoder-only transformer."""
+    """The whole `model` section: a sparse-MoE, 1.58-bit decoder-only transformer (or a dense family)."""
+
+    # named set of the knobs below (params/families.py); a knob written here wins over its family
+    family: Family = Field(DEFAULT_FAMILY, description="model family: smallthinker, bitnet, phi3 or openelm")
 
     # width of the residual stream (embedding size); head_dim = d_model / n_heads
     d_model: int = Field(256, ge=8, description="width of the residual stream")
@@ -55,6 +61,13 @@ class ModelParams(StrictModel):
     top_k: int = Field(2, ge=1, description="experts per token (top-k routing)")
     # hidden width of the dense ReGLU FFN (ffn: dense); top_k * expert_ffn matches the MoE's active width
     dense_ffn: int = Field(256, ge=1, description="hidden width of the dense FFN (ffn: dense)")
+    # gate activation of the dense FFN: relu (ReGLU, sparse hidden units) or silu (SwiGLU); experts are ReGLU
+    ffn_act: Literal["reglu", "swiglu"] = Field("reglu", description="dense FFN: reglu or swiglu")
+    # OpenELM layer-wise scaling of query heads and dense FFN widths (params/layer_scaling.py);
+    # None or False: off, True: the OpenELM values (alpha 0.5 -> 1.0, beta 0.5 -> 4.0)
+    layer_scaling: LayerScaling | Literal[False] | None = Field(
+        None, description="per-layer query heads and dense FFN widths (OpenELM); null/false: off"
+    )
     # the router reads the layer input before attention (True) or the post-attention state (False)
     pre_attention_routing: bool = Field(True, description="router reads the pre-attention layer input")
     # weight of the Switch-style load-balancing loss n_experts * sum_i f_i * P_i (mean over layers)
@@ -92,10 +105,18 @@ class ModelParams(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _null_is_the_preset(cls, data: Any) -> Any:
-        """A shape key written as null is not written: `with_preset` gives it the preset's value."""
+        """A shape or family key written as null is not written: it takes the family's value, else
+        (`with_preset`) the preset's. The family's knobs fill what is not written."""
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (v is None and k in PRESET_KEYS)}
+            data = {k: v for k, v in data.items() if not (v is None and k in NULLABLE_KEYS)}
+            return {**family_knobs(data.get("family", DEFAULT_FAMILY)), **data}
         return data
+
+    @field_validator("layer_scaling", mode="before")
+    @classmethod
+    def _true_is_openelm(cls, value: Any) -> Any:
+        """`layer_scaling: true` is OpenELM's alpha and beta (the LayerScaling defaults)."""
+        return LayerScaling() if value is True else value
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelParams:
@@ -107,6 +128,11 @@ class ModelParams(StrictModel):
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) must not exceed n_experts ({self.n_experts})")
+        if self.ffn != "dense" and self.scaling is not None:
+            raise ValueError("layer_scaling scales the dense FFN's width: it needs ffn: dense (or layer_scaling: false)")
+        if self.ffn != "dense" and self.ffn_act != "reglu":
+            raise ValueError(f"ffn_act {self.ffn_act} is for the dense FFN (ffn: dense); the MoE's experts are ReGLU, "
+                             "write ffn_act: reglu with ffn: moe")
         self.schedule_stages()  # raises on a bad bit_schedule
         return self
 
@@ -132,8 +158,23 @@ class ModelParams(StrictModel):
 
     @property
     def head_dim(self) -> int:
-        """Width of one attention head."""
+        """Width of one attention head (the same in every layer, also under layer scaling)."""
         return self.d_model // self.n_heads
+
+    @property
+    def scaling(self) -> LayerScaling | None:
+        """The layer-wise scaling in force (None when off)."""
+        return self.layer_scaling or None
+
+    def layer_heads(self, layer: int) -> int:
+        """Query heads of `layer` (n_heads unless layer scaling is on)."""
+        s = self.scaling
+        return self.n_heads if s is None else s.heads(layer, self.n_layers, self.n_heads, self.n_kv_heads)
+
+    def layer_ffn(self, layer: int) -> int:
+        """Hidden width of the dense FFN of `layer` (dense_ffn unless layer scaling is on)."""
+        s = self.scaling
+        return self.dense_ffn if s is None else s.width(layer, self.n_layers, self.d_model)
 
     def is_nope_layer(self, layer: int) -> bool:
         """True for the NoPE global-attention layers: (layer + 1) % nope_every == 0."""
@@ -160,6 +201,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 PRESET_KEYS = frozenset(key for shape in PRESETS.values() for key in shape)  # what a preset may set
+NULLABLE_KEYS = PRESET_KEYS | FAMILY_KEYS  # null in params.yaml: the family's, else the preset's value
+
+
+def _layered(shape: dict[str, Any], written: dict[str, Any]) -> dict[str, Any]:
+    """A preset shape under what is written; the keys the family sets are the family's, not the preset's."""
+    family = family_knobs(written.get("family", DEFAULT_FAMILY))
+    return {**{k: v for k, v in shape.items() if k not in family}, **written}
 
 
 def with_preset(model: ModelParams, preset: str) -> ModelParams:
@@ -172,14 +220,14 @@ def with_preset(model: ModelParams, preset: str) -> ModelParams:
         raise ParamsError(f"train.preset {preset!r} has no model preset (known: {', '.join(sorted(PRESETS))})")
     written = {name: getattr(model, name) for name in model.model_fields_set}
     try:
-        return ModelParams.model_validate({**PRESETS[preset], **written})
+        return ModelParams.model_validate(_layered(PRESETS[preset], written))
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ParamsError(f"model (with train.preset {preset}): {first['msg']}") from None
+        raise ParamsError(f"model (family {model.family}, train.preset {preset}): {first['msg']}") from None
 
 
 def preset_params(name: str, **overrides: Any) -> ModelParams:
     """ModelParams of a named preset, with `overrides` on top (validated like params.yaml)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r} (known: {', '.join(sorted(PRESETS))})")
-    return ModelParams.model_validate({**PRESETS[name], **overrides})
+    return ModelParams.model_validate(_layered(PRESETS[name], overrides))

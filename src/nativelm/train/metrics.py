@@ -56,11 +56,10 @@ def flops_per_token(model: Any, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token of a NativeLM (see the module docstring)."""
     p = model.params
     n = model.active_params(non_embedding=True) + p.d_model * model.vocab_size
-    d_attn = p.n_heads * p.head_dim
     attn = 0
     for layer in range(p.n_layers):
         ctx = seq_len if (p.is_nope_layer(layer) or p.window <= 0) else min(p.window, seq_len)
-        attn += 12 * d_attn * ctx
+        attn += 12 * p.layer_heads(layer) * p.head_dim * ctx
     return float(6 * n + attn)
 
 
