@@ -9,13 +9,16 @@ A row whose result.json holds the same key (its resolved sections and the data) 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from nativelm.errors import NativelmError
+from pydantic import BaseModel, ValidationError
+
+from nativelm.errors import NativelmError, ParamsError
 from nativelm.evaluate.stage import Provenance, run_evaluate
 from nativelm.export.stage import run_export
 from nativelm.formats.prepared import read_manifest
@@ -25,15 +28,28 @@ from nativelm.params.export import ExportParams
 from nativelm.params.model import ModelParams, with_preset
 from nativelm.params.root import Params
 from nativelm.params.study import StudyParams
-from nativelm.params.train import TrainParams
+from nativelm.params.train import TRAIN_PRESETS, TrainParams
 from nativelm.study.rows import ROWS, TRAININGS, Row, Training, trainings_of
 from nativelm.study.sizing import Bytes, bytes_of, export_bytes, size_to_match
 from nativelm.tracking.flatten import params_hash
 from nativelm.train.stage import TrainOutputs, run_train
+from nativelm.yamlio import validation_line
+
+M = TypeVar("M", bound=BaseModel)
 
 RESULT = "result.json"
 SIZING = "sizing.json"
+BENCH_FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_ms",
+                 "inter_token_latency_p50_ms", "peak_rss_mb")
 CURVE = "curve.json"  # the validation loss at each evaluation of a training
+
+
+def _validated(section: type[M], raw: dict[str, Any], where: str) -> M:
+    """`raw` as a `section`, or one ParamsError line naming the row and the key."""
+    try:
+        return section.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(validation_line(f"study: {where}", exc)) from None
 
 
 def _note(message: str) -> None:
@@ -77,7 +93,7 @@ class Study:
 
     def _family_params(self, training: Training) -> ModelParams:
         raw = {**self.study.model, "family": training.family, **training.model}
-        return with_preset(ModelParams.model_validate(raw), self.study.preset)
+        return with_preset(_validated(ModelParams, raw, f"{training.name}: model"), self.study.preset)
 
     def model_params(self, training: Training) -> ModelParams:
         """The training's model section: the family on the study's shape, sized where it is an equal-bytes row."""
@@ -117,9 +133,12 @@ class Study:
                **cell.training.train}
         if self.study.steps is not None:
             raw["max_steps"] = self.study.steps
+            if raw.get("warmup_steps") is None:  # the preset's warmup, shortened for a short study
+                warmup = TRAIN_PRESETS[self.study.preset]["warmup_steps"]
+                raw["warmup_steps"] = min(int(warmup), self.study.steps // 10)
         if cell.lr is not None:
             raw["lr"] = cell.lr
-        return TrainParams.model_validate(raw)
+        return _validated(TrainParams, raw, f"{cell.slug}: train")
 
     def export_params(self, variant: str, ptq: bool, folder: Path | None = None) -> ExportParams:
         raw = {**self.params.export.model_dump(mode="json"), "variant": variant}
@@ -127,12 +146,12 @@ class Study:
             raw["ptq"] = True
         if folder is not None:
             raw.update(out_dir=str(folder / "onnx"), metrics_file=str(folder / "export.json"))
-        return ExportParams.model_validate(raw)
+        return _validated(ExportParams, raw, f"export {variant}")
 
     def evaluate_params(self, folder: Path) -> EvaluateParams:
-        return EvaluateParams.model_validate({**self.params.evaluate.model_dump(mode="json"),
-                                              "release_dir": str(folder / "release"),
-                                              "metrics_file": str(folder / "evaluate.json")})
+        return _validated(EvaluateParams, {**self.params.evaluate.model_dump(mode="json"),
+                                           "release_dir": str(folder / "release"),
+                                           "metrics_file": str(folder / "evaluate.json")}, "evaluate")
 
     def row_key(self, row: Row, cell: Cell) -> str:
         """Everything that decides a row's figures; a result with another key is stale."""
@@ -186,6 +205,21 @@ class Study:
         atomic_write_text(curve_file, json.dumps(curve) + "\n")
         return {"metrics": result.metrics, "curve": curve}
 
+    def _bench(self, export_dir: Path) -> dict[str, float]:
+        """Decode / prefill speed and peak memory of the export in a process of its own, as a board runs it.
+
+        The study's own process has trained and scored other rows, so its peak memory says nothing.
+        """
+        ev = self.params.evaluate
+        command = [sys.executable, "-m", "nativelm.runtime", "bench", "--model", str(export_dir), "--json",
+                   "--prompt-len", str(ev.bench_prompt_len), "--new-tokens", str(ev.bench_new_tokens),
+                   "--repeats", str(ev.bench_repeats)] + (["--threads", str(ev.threads)] if ev.threads else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise NativelmError(f"study: benchmark of {export_dir}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        figures = json.loads(done.stdout)
+        return {k: float(figures[k]) for k in BENCH_FIGURES if isinstance(figures.get(k), (int, float))}
+
     def _export_and_evaluate(self, row: Row, cell: Cell, trained: dict[str, Any]) -> dict[str, Any]:
         folder = self.folder / cell.slug / row.name
         _note(f"{cell.slug}: {row.name}: export {row.variant}{' (post-training quantization)' if row.ptq else ''}")
@@ -193,6 +227,7 @@ class Study:
         exported = run_export(Path(self.train_params(cell).model_file), self.data_dir, export)
         evaluated = run_evaluate(exported.out_dir, self.data_dir, self.evaluate_params(folder),
                                  Provenance("study", self.data_hash, self.row_key(row, cell)))
+        speed = self._bench(exported.out_dir)
         model = self.model_params(cell.training)
         parts = {k: v["bytes"] for k, v in exported.manifest["weights"]["parts"].items()}
         weight_bytes: Bytes = bytes_of(parts, model, self.vocab_size)
@@ -204,7 +239,7 @@ class Study:
                                                      "top_k", "dense_ffn", "quantize")},
             "train": {k: v for k, v in trained["metrics"].items() if isinstance(v, (int, float))},
             "export": {k: v for k, v in exported.metrics.items() if isinstance(v, (int, float))},
-            "evaluate": {k: v for k, v in evaluated.metrics.items() if isinstance(v, (int, float))},
+            "evaluate": {**{k: v for k, v in evaluated.metrics.items() if isinstance(v, (int, float))}, **speed},
             "weight_bytes": weight_bytes.total, "active_bytes_per_token": weight_bytes.active_per_token,
             "curve": trained["curve"],
         }
