@@ -38,6 +38,8 @@ BASE: dict[str, Any] = {"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads
 DENSE = {"ffn": "dense", "dense_ffn": 128}
 SMALL = {"d_model": 64, "expert_ffn": 32}
 LATENT = {"comparison_weights": "latent"}
+PTQ = {"ptq": True}
+NATIVE = {"variant": "native"}
 
 
 def family(name: str) -> dict[str, Any]:
@@ -89,6 +91,17 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "fp32_family_openelm": (family("openelm"), {"variant": "fp32"}),
     "int4_family_phi3": (family("phi3"), {"variant": "int4"}),
     "fp32_family_phi3": (family("phi3"), {"variant": "fp32"}),
+    # post-training quantization: the native graph of the ternarized twin (nativelm.export.ptq)
+    "ternary_moe_ptq_unquantized": ({"quantize": False}, PTQ),
+    "ternary_moe_ptq_8bit": ({"bit_schedule": [[0.0, 8.0]]}, PTQ),
+    "ternary_moe_ptq_4bit": ({"bit_schedule": [[0.0, 4.0]]}, PTQ),
+    "ternary_moe_ptq_unquantized_bitlinear_experts": ({"quantize": False, "expert_quant": "bitlinear"}, PTQ),
+    "ternary_dense_ptq_unquantized": ({**DENSE, "quantize": False}, PTQ),
+    # native: the variant of the training precision
+    "native_moe": ({}, NATIVE),
+    "native_moe_4bit": ({"bit_schedule": [[0.0, 4.0]]}, NATIVE),
+    "native_moe_8bit": ({"bit_schedule": [[0.0, 8.0]]}, NATIVE),
+    "native_moe_unquantized": ({"quantize": False}, NATIVE),
 }
 
 # name: (model overrides, export overrides, the message the NativelmError matches)
@@ -100,6 +113,12 @@ REFUSALS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "int4_bitlinear_experts": ({**SMALL, "expert_quant": "bitlinear"}, {"variant": "int4"},
                                r"^export int4: model.expert_quant is 'bitlinear'.*cannot represent"),
     "ternary_family_phi3": ({**family("phi3"), **SMALL}, {}, r"^export ternary: .*\(model.quantize: false\)"),
+    "ternary_unquantized_names_ptq": ({**SMALL, "quantize": False}, {}, r"or set export\.ptq: true to quantize"),
+    "ternary_3bit_names_ptq": ({**SMALL, "bit_schedule": [[0.0, 3.0]]}, {}, r"at 3.0 bits.*set export\.ptq: true"),
+    "native_bitlinear_experts": ({**SMALL, "expert_quant": "bitlinear"}, NATIVE,
+                                 r"^export ternary: model.expert_quant is 'bitlinear'"),
+    "ternary_ptq_8bit_bitlinear_experts": ({**SMALL, "expert_quant": "bitlinear", "bit_schedule": [[0.0, 8.0]]}, PTQ,
+                                           r"^export ternary: model.expert_quant is 'bitlinear'.*cannot represent"),
 }
 
 _computed: dict[str, dict[str, str]] = {}

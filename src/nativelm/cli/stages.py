@@ -81,6 +81,8 @@ def export(args: argparse.Namespace) -> int:
     params = params_of(args)
     with stage_run(params, "export", _sections(params, "export"), name=f"export {params.export.variant}") as run:
         result = run_export(Path(params.train.model_file), Path(params.data.out_dir), params.export, logger=run)
+        ptq = " (ptq)" if result.manifest.get("ptq") else ""
+        run.set_tags({"mlflow.runName": f"export {result.manifest['variant']}{ptq}"})  # native resolved
     _print_figures(result.metrics, ("top1_agreement", "ppl_rel_diff", "model_bytes", "bits_per_weight"))
     print(f"export: {result.out_dir}")
     return 0

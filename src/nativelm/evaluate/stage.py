@@ -16,7 +16,8 @@ shards), and writes:
 
 With an active MLflow run (``logger``) the metrics and the release folder (artifacts under
 ``release/``) are logged, and a new version of ``evaluate.registered_model`` is registered from that
-artifact folder, tagged with git_commit, data_hash and params_hash.
+artifact folder, tagged with git_commit, data_hash and params_hash, and the export's PTQ label (ptq,
+ptq_method: `nativelm.formats.export_folder.ptq_tags`), which release.json carries too.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 from nativelm import runtime
 from nativelm.errors import NativelmError
 from nativelm.formats import prepared
-from nativelm.formats.export_folder import MANIFEST
+from nativelm.formats.export_folder import MANIFEST, ptq_label, ptq_tags
 from nativelm.formats.release import build_release
 from nativelm.fsutil import atomic_write_text, sha256_file
 from nativelm.params.evaluate import EvaluateParams
@@ -134,6 +135,7 @@ def run_evaluate(export_dir: Path, data_dir: Path, ev: EvaluateParams, provenanc
     sizes, weights = manifest.get("sizes", {}), manifest.get("weights", {})
     metrics: dict[str, Any] = {
         "variant": manifest.get("variant"),
+        "ptq": int(ptq_label(manifest)["ptq"]),  # the gate does not hold a PTQ export to held-out parity
         **ppl,
         "parity_ppl_torch": held.get("ppl_torch"),
         "parity_ppl_onnx": held.get("ppl_onnx"),
@@ -154,11 +156,11 @@ def run_evaluate(export_dir: Path, data_dir: Path, ev: EvaluateParams, provenanc
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
 
-    tags = provenance.tags()
+    tags = {**provenance.tags(), **ptq_tags(manifest)}
     _note(f"building the release folder {release_dir}")
     release = build_release(release_dir, export_dir, {
-        **tags, "source_model_sha256": manifest.get("source", {}).get("model_sha256"),
-        "variant": manifest.get("variant"), "runtime_version": runtime.__version__,
+        **provenance.tags(), "source_model_sha256": manifest.get("source", {}).get("model_sha256"),
+        "variant": manifest.get("variant"), **ptq_label(manifest), "runtime_version": runtime.__version__,
         "export_manifest_sha256": sha256_file(export_dir / MANIFEST)})
     metrics["release_bytes"] = sum((release_dir / n).stat().st_size for n in release["sha256"])
 

@@ -34,8 +34,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from nativelm.export import ops, tables
+from nativelm.export import ops, ptq, tables
 from nativelm.export.builder import GraphBuilder
+from nativelm.export.ptq import ExportPlan
 from nativelm.export.variants import ExportVariant, variant_for
 from nativelm.export.weights import as_numpy
 from nativelm.formats.export_folder import (
@@ -200,16 +201,20 @@ class _Decoder:
         return b.node("Reshape", [logits, b.const([-1, weight.shape[0]])], f"{prefix}.router")
 
 
-def check_model(model: NativeLM, params: ExportParams) -> None:
-    """Refuse, with one clear line, a model the chosen variant cannot represent."""
-    variant_for(params).refuse(model)
+def check_model(model: NativeLM, params: ExportParams) -> ExportPlan:
+    """The export plan of `model` (`ptq.plan`), after refusing, with one clear line, a model the
+    chosen variant cannot represent."""
+    plan = ptq.plan(model, params)
+    variant_for(plan.params).refuse(plan.model)
+    return plan
 
 
 def build_graph(model: NativeLM, params: ExportParams | None = None) -> ExportGraph:
-    """The ONNX decoder of `model` (in eval mode, on CPU) for `params.variant`; see the module docstring."""
-    params = params or ExportParams()
+    """The ONNX decoder of `model` (in eval mode, on CPU) for `params.variant` (``native`` resolved;
+    ternary PTQ from the ternarized twin, `ptq.plan`); see the module docstring."""
+    plan = check_model(model, params or ExportParams())
+    model, params = plan.model, plan.params
     variant = variant_for(params)
-    variant.refuse(model)
     decoder = _Decoder(model, params, variant)
     with torch.no_grad():
         onnx_model = decoder.build()

@@ -10,8 +10,9 @@ as a whole (a failed check leaves the previous export untouched), ``export.out_d
 - ``genai_config.json``: the onnxruntime-genai configuration (decoder, context length, heads,
   input/output names, eos id 0, greedy search defaults), and ``tokenizer_config.json``, the
   tokenizer description onnxruntime-genai reads beside ``tokenizer.json``;
-- ``manifest.json``: variant, sizes, bits per weight, kernel paths, parity figures, golden
-  continuations of fixed prompts (board health checks) and the sha256 of every other file;
+- ``manifest.json``: variant (``native`` resolved), the PTQ label (`nativelm.export.ptq`), sizes,
+  bits per weight, kernel paths, parity figures, golden continuations of fixed prompts (board health
+  checks) and the sha256 of every other file;
 
 and ``export.metrics_file`` (a DVC metrics file).
 """
@@ -35,7 +36,7 @@ from tokenizers import Tokenizer
 from nativelm import __version__
 from nativelm.errors import NativelmError
 from nativelm.export import parity
-from nativelm.export.graph import ExportGraph, build_graph
+from nativelm.export.graph import ExportGraph, build_graph, check_model
 from nativelm.formats import prepared
 from nativelm.formats.export_folder import (
     ATTENTION_MASK,
@@ -54,6 +55,8 @@ from nativelm.formats.export_folder import (
     PRESENT_VALUE,
     TOKENIZER_CONFIG,
     TOKENIZER_FILE,
+    ptq_label,
+    ptq_tags,
     write_manifest,
 )
 from nativelm.formats.prepared import EOT
@@ -180,6 +183,7 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
     out_dir, metrics_file = Path(ep.out_dir), Path(ep.metrics_file)
 
     model, info = load_trained_model(model_file)
+    plan = check_model(model, ep)  # a variant that does not fit the model: one line, before anything is printed
     tokenizer_path = _check_tokenizer(data_dir, info, model.vocab_size)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     val = prepared.load_shards(data_dir, "val")
@@ -192,9 +196,13 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
     except NativelmError as exc:
         raise NativelmError(f"export parity: {exc}; lower export.parity_tokens or prepare more validation data") from None
 
-    _note(f"building the {ep.variant} graph of {model_file} ({p.n_layers} layers, d_model {p.d_model}, "
+    variant = plan.params.variant
+    _note(f"building the {variant} graph of {model_file} ({p.n_layers} layers, d_model {p.d_model}, "
           f"vocab {model.vocab_size})")
-    graph = build_graph(model, ep)
+    if plan.ptq:
+        _note(f"post-training quantization: {plan.method}; held-out parity against the trained model is recorded, "
+              "not gated (the KV-cache check is)")
+    graph = build_graph(plan.model, plan.params)
     for line in graph.notes:
         _note(line)
 
@@ -218,14 +226,16 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         held_out = parity.held_out_parity(model, decoder, windows)
         prompt = windows[0][: min(16, p.max_seq_len // 2)].tolist()
         cache = parity.cache_consistency(decoder, prompt, min(ep.cache_check_tokens, p.max_seq_len - len(prompt)))
-        figures = {"held_out": held_out, "kv_cache": cache,
+        figures = {"held_out": held_out, "kv_cache": cache, "gated": parity.gated_checks(plan.ptq),
                    "thresholds": {"min_top1_agreement": ep.min_top1_agreement,
                                   "max_ppl_rel_diff": ep.max_ppl_rel_diff,
                                   "max_cache_logit_rel_diff": ep.max_cache_logit_rel_diff}}
+        if plan.model is not model:  # ternary PTQ: also against the quantized twin the graph computes
+            figures["quantized_reference"] = parity.held_out_parity(plan.model, decoder, windows)
         _note(f"top-1 agreement {held_out['top1_agreement']:.4f}, perplexity ONNX {held_out['ppl_onnx']:.3f} vs "
               f"PyTorch {held_out['ppl_torch']:.3f} (relative difference {held_out['ppl_rel_diff']:.2e}); "
               f"KV cache {'matches' if cache['match'] else 'DIFFERS from'} full recomputation")
-        parity.check_thresholds(figures, ep)
+        parity.check_thresholds(figures, plan.params, figures["gated"])
         figures["passed"] = True
 
         golden = parity.golden_continuations(decoder, tokenizer, ep.golden_prompts, ep.golden_tokens,
@@ -239,7 +249,9 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "variant": ep.variant,
+            "variant": variant,
+            "variant_requested": plan.requested,
+            **plan.label(),
             "nativelm_version": __version__,
             "onnxruntime_version": onnxruntime.__version__,
             "onnx_version": onnx.__version__,
@@ -266,7 +278,8 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
 
     agreement = [g["torch_common_prefix"] / ep.golden_tokens for g in golden]
     metrics = {
-        "variant": ep.variant,
+        "variant": variant,
+        **ptq_label(manifest),
         "model_bytes": model_bytes,
         "total_bytes": manifest["sizes"]["total_bytes"],
         "bits_per_weight": weights["bits_per_weight"],
@@ -288,6 +301,7 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
     atomic_write_text(metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if logger is not None:
         logger.log_params({"export": ep.model_dump(mode="json")})
+        logger.set_tags({"variant": variant, **ptq_tags(manifest)})
         logger.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         logger.log_artifact(out_dir / MANIFEST)
         logger.log_artifact(out_dir / GENAI_CONFIG)

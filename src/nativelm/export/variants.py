@@ -1,7 +1,8 @@
 """The export variants (`ExportParams.variant`): how each stores a linear layer, the MoE and the tables.
 
 - ``ternary``: the native model. Needs a quantized model at 1.58 (or symmetric 2) bits: 2-bit
-  MatMulNBits and QMoE on the ternary codes.
+  MatMulNBits and QMoE on the ternary codes. Other models only with ``export.ptq``, from their
+  ternarized twin (`nativelm.export.ptq`, which also resolves ``native``).
 - ``int4``: MatMulNBits / QMoE at 4 bits. From the forward weights (default), integer codes of at most
   7 levels a side (ternary, 3- and 4-bit widths) are stored as they are with their scale: exact.
 - ``fp32``: standard ONNX except GroupQueryAttention and the skip norms: MatMul with the weights the
@@ -10,17 +11,19 @@
   routing weights (`moe_graph.dense_moe`). Embedding and head stay fp32.
 
 ``expert_quant: bitlinear`` (each expert with its own RMSNorm gain and 8-bit activations): QMoE has
-no per-expert input norm or activation quantizer, so ternary / int4 exports refuse it with a
-NativelmError; the fp32 variant represents it exactly (per-expert norm and quantizer in the dense MoE).
+no per-expert input norm or activation quantizer, so ternary / int4 exports refuse it (a
+ParamsError: the variant does not fit the model, exit code 2); the fp32 variant represents it
+exactly (per-expert norm and quantizer in the dense MoE).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from nativelm.errors import NativelmError
+from nativelm.errors import ParamsError
 from nativelm.export import kernels, moe_graph, ops
 from nativelm.export.builder import GraphBuilder
+from nativelm.export.ptq import is_ternary
 from nativelm.export.weights import (
     ExpertWeights,
     Linear,
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
     from nativelm.model import NativeLM
     from nativelm.params.model import ModelParams
 
-TERNARY_WIDTHS = (1.58, 2.0)  # symmetric 2-bit codes are the ternary quantizer (BitLinear docstring)
+PTQ_HINT = "or set export.ptq: true to quantize it to ternary after training (post-training quantization)"
 
 
 class ExportVariant:
@@ -88,7 +91,7 @@ class ExportVariant:
         return []
 
     def refuse(self, model: NativeLM) -> None:
-        """Raise one clear NativelmError line if this variant cannot represent `model`."""
+        """Raise one clear ParamsError line if this variant cannot represent `model`."""
 
     def model_props(self) -> tuple[str, dict[str, str]]:
         """(doc_string, metadata props) of the ONNX model."""
@@ -136,7 +139,7 @@ class _QuantizedVariant(ExportVariant):
 
     def refuse(self, model: NativeLM) -> None:
         if model.params.ffn == "moe" and not model.blocks[0].ffn.experts.weight_only:
-            raise NativelmError(
+            raise ParamsError(
                 f"export {self.name}: model.expert_quant is 'bitlinear' (each expert has its own RMSNorm gain and "
                 "8-bit activations); ORT QMoE has no per-expert norm or activation quantizer, so it cannot represent "
                 "these experts exactly. Retrain with expert_quant: qmoe, or export variant fp32 (exact, standard ONNX)")
@@ -159,11 +162,12 @@ class Ternary(_QuantizedVariant):
 
     def refuse(self, model: NativeLM) -> None:
         if not model.params.quantize:
-            raise NativelmError("export ternary: the model was trained without quantization (model.quantize: false); "
-                                "its weights have no ternary codes. Export variant fp32 or int4")
-        if float(model.weight_bits) not in TERNARY_WIDTHS:
-            raise NativelmError(f"export ternary: the model's weights are at {model.weight_bits} bits (bit_schedule "
-                                "did not end at 1.58); its forward is not ternary. Export variant int4 or fp32")
+            raise ParamsError("export ternary: the model was trained without quantization (model.quantize: false); "
+                              f"its weights have no ternary codes. Export variant fp32 or int4, {PTQ_HINT}")
+        if not is_ternary(model):
+            raise ParamsError(f"export ternary: the model's weights are at {model.weight_bits} bits (bit_schedule "
+                              f"did not end at 1.58); its forward is not ternary. Export variant int4 or fp32, "
+                              f"{PTQ_HINT}")
         super().refuse(model)
 
 

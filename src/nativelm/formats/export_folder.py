@@ -2,9 +2,9 @@
 
 Files: ``model.onnx`` (weights inline below ~1.8 GB, else in ``model.onnx.data`` beside it),
 ``tokenizer.json``, ``genai_config.json`` and ``tokenizer_config.json`` (onnxruntime-genai) and ``manifest.json``: variant,
-sizes, parity figures, golden continuations and the sha256 of every other file. The decoder's
-inputs and outputs follow the onnxruntime-genai decoder convention named below. The board
-runtime (`nativelm.runtime`, which may not import this package) keeps its own copies of the
+sizes, parity figures, the PTQ label (`ptq_label`), golden continuations and the sha256 of every
+other file. The decoder's inputs and outputs follow the onnxruntime-genai decoder convention named
+below. The board runtime (`nativelm.runtime`, which may not import this package) keeps its own copies of the
 names it needs; a test checks they are equal.
 """
 
@@ -40,3 +40,20 @@ PRESENT_VALUE = "present.%d.value"
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     """manifest.json into a folder being built (the board runtime's `verify_folder` reads it)."""
     return envelope.write_json(Path(folder) / MANIFEST, manifest)
+
+
+# the manifest's post-training-quantization label (`nativelm.export.ptq`): copied to the metrics, the
+# release.json and, as strings, the MLflow runs and the registry version
+
+
+def ptq_label(manifest: dict[str, Any]) -> dict[str, Any]:
+    """ptq (bool) and, for a PTQ export, ptq_method, as the manifest holds them (older manifests: not PTQ)."""
+    label: dict[str, Any] = {"ptq": bool(manifest.get("ptq", False))}
+    if manifest.get("ptq_method"):
+        label["ptq_method"] = str(manifest["ptq_method"])
+    return label
+
+
+def ptq_tags(manifest: dict[str, Any]) -> dict[str, str]:
+    """The PTQ label as MLflow tags: ptq "true" / "false", ptq_method when PTQ."""
+    return {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in ptq_label(manifest).items()}

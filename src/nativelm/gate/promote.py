@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 STATUS_TAG = "gate.status"
 REASON_TAG = "gate.reason"
 # metric names of the evaluate run that registered the version
-FIGURES = ("ppl_onnx", "top1_agreement", "ppl_rel_diff", "kv_cache_match")
+FIGURES = ("ppl_onnx", "top1_agreement", "ppl_rel_diff", "kv_cache_match", "ptq")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ The stage turns ``train.model_file`` into an ONNX folder (``out_dir``) that ONNX
 onnxruntime-genai) runs on a board: ``model.onnx``, ``tokenizer.json``, ``genai_config.json`` and
 ``manifest.json``. ``variant`` picks how the weights are stored, so one checkpoint can be exported
 three ways and compared (size, speed, quality); every variant is checked against the PyTorch model
-with the same parity thresholds before it replaces the previous export.
+with the same parity thresholds before it replaces the previous export. An export at a lower precision
+than the model was trained in is post-training quantization (``ptq``): its held-out parity against the
+model it came from is recorded, not gated (`nativelm.export.ptq`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pydantic import Field, model_validator
 
 from nativelm.params.base import StrictModel
 
-Variant = Literal["ternary", "fp32", "int4"]
+Variant = Literal["ternary", "fp32", "int4", "native"]
 EmbeddingBits = Literal[4, 8, 16, 32]
 
 DEFAULT_GOLDEN_PROMPTS = (
@@ -31,8 +33,17 @@ class ExportParams(StrictModel):
 
     # ternary: 2-bit MatMulNBits + 2-bit QMoE (the native 1.58-bit model);
     # fp32: plain MatMul everywhere, MoE as standard ONNX ops (dense, masked by the routing weights);
-    # int4: 4-bit MatMulNBits + 4-bit QMoE, weights quantized symmetric per block
-    variant: Variant = Field("ternary", description="how weights are stored: ternary | fp32 | int4")
+    # int4: 4-bit MatMulNBits + 4-bit QMoE, weights quantized symmetric per block;
+    # native: the precision the model was trained in (ternary for 1.58 / 2 bits, int4 for 3-4 bits,
+    # fp32 for an fp model or 5+ bits), recorded in the manifest as the variant it resolved to
+    variant: Variant = Field("ternary", description="how weights are stored: ternary | fp32 | int4 | native")
+    # post-training quantization (PTQ): export a model at a lower precision than it was trained in as
+    # ternary (an fp model, or one trained at 3+ bits: absmean ternary weights per matrix, 8-bit
+    # per-token activations, as BitLinear computes). false: such an export is refused. int4 of an fp
+    # (or 5+-bit) model is PTQ too and needs no opt-in. A PTQ export is labelled ptq (manifest,
+    # metrics, MLflow, release.json, registry) and its held-out parity against the model it came
+    # from is recorded, not gated (the KV-cache check still is; so is the gate's)
+    ptq: bool = Field(False, description="allow ternary post-training quantization of fp / 3+-bit models")
     # what fp32/int4 start from: forward = the weights the PyTorch forward multiplies with (ternary
     # codes x scale for quantized layers, the latent weights for `quantize: false`), so the export
     # computes the same function; latent = the full-precision master weights of a quantized model
