@@ -39,7 +39,6 @@ class StudyParams(StrictModel):
     lrs: list[float] = Field([], max_length=16, description="learning-rate grid ([]: the preset's rate only)")
     model: dict[str, Any] = Field({}, description="model-section overrides applied to every row (e.g. d_model)")
     device: Device = Field("auto", description="auto | cpu | cuda")
-    bench: bool = Field(True, description="CPU decode / prefill benchmark of every row's ONNX export")
     out_dir: str = Field("studies", min_length=1, description="where studies keep their rows, table and charts")
     experiment: str = Field("nativelm-study", min_length=1, max_length=200, description="MLflow experiment")
 
