@@ -17,7 +17,12 @@ from nativelm.export import parity
 from nativelm.export.graph import build_graph
 from nativelm.export.stage import run_export
 from nativelm.formats import trained_model
-from nativelm.formats.export_folder import GENAI_CONFIG, MANIFEST, MODEL_FILE, TOKENIZER_FILE
+from nativelm.formats.export_folder import (
+    GENAI_CONFIG,
+    MANIFEST,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+)
 from nativelm.model import ModelParams, build_model, preset_params
 from nativelm.params.export import ExportParams
 from nativelm.train.loop import torch_threads

@@ -18,8 +18,8 @@ from nativelm.params.layer_scaling import LayerScaling
 from nativelm.params.model import PRESETS, with_preset
 from nativelm.params.root import parse_params
 from nativelm.train.loop import torch_threads
-from tests.unit.test_train_stage import make_params, train_stage
 from tests.unit.test_train_data import write_token_data
+from tests.unit.test_train_stage import make_params, train_stage
 
 # family -> (ffn, quantize, ffn_act, window, nope_every, layer scaling on)
 EXPECTED = {
