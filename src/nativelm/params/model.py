@@ -224,7 +224,8 @@ def with_preset(model: ModelParams, preset: str) -> ModelParams:
     """The `model` section on top of a named preset shape: a value written in params.yaml always wins.
 
     "Written" is pydantic's ``model_fields_set``: the keys params.yaml (or an override) gave, even
-    when a written value equals the tiny default. ``tiny`` is the field defaults, so it changes nothing.
+    when a written value equals the tiny default, and the knobs the family filled in (a family wins
+    over the preset). ``tiny`` is the field defaults, so it changes nothing.
     """
     if preset not in PRESETS:
         raise ParamsError(f"train.preset {preset!r} has no model preset (known: {', '.join(sorted(PRESETS))})")
