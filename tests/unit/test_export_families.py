@@ -17,11 +17,23 @@ from nativelm.export import parity
 from nativelm.export.graph import build_graph
 from nativelm.export.stage import run_export
 from nativelm.formats import trained_model
-from nativelm.formats.export_folder import GENAI_CONFIG, MANIFEST, MODEL_FILE, TOKENIZER_FILE
+from nativelm.formats.export_folder import (
+    GENAI_CONFIG,
+    MANIFEST,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+)
 from nativelm.model import ModelParams, build_model, preset_params
 from nativelm.params.export import ExportParams
 from nativelm.train.loop import torch_threads
-from tests.unit.test_export_graph import attrs, nodes_by_op, shard, train_briefly, write_prepared
+from tests.unit.test_export_graph import (
+    assert_genai_matches_board,
+    attrs,
+    nodes_by_op,
+    shard,
+    train_briefly,
+    write_prepared,
+)
 
 SHAPE: dict[str, Any] = {"d_model": 128, "n_layers": 3, "n_heads": 8, "n_kv_heads": 2, "max_seq_len": 128,
                          "window": 16, "nope_every": 3, "n_experts": 4, "expert_ffn": 128, "top_k": 2,
@@ -105,6 +117,8 @@ def test_each_family_exports_with_parity(family: str, variant: str, prepared: Pa
             assert [c["num_heads"] for c in manifest["graph"]["choices"]["layer_scaling"]] == OPENELM_HEADS
     decoder = json.loads((tmp_path / "onnx" / GENAI_CONFIG).read_text())["model"]["decoder"]
     assert (decoder["num_key_value_heads"], decoder["head_size"], decoder["num_attention_heads"]) == (2, 16, 8)
+    # the base heads in genai_config.json: onnxruntime-genai still runs per-layer heads (uniform cache)
+    assert_genai_matches_board(tmp_path / "onnx", "anna sees the", 8)
 
 
 @pytest.mark.parametrize("variant", ["ternary", "int4", "fp32"])

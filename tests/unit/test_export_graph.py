@@ -424,7 +424,11 @@ def test_onnxruntime_genai_generates_what_the_board_runtime_does(prepared: Path,
     run_export(model_file, prepared, ExportParams(out_dir=str(tmp_path / "onnx"), variant="int4", threads=1,
                                                  metrics_file=str(tmp_path / "export.json"), parity_tokens=64,
                                                  cache_check_tokens=16))
-    folder, prompt, new = tmp_path / "onnx", "anna sees the", 12
+    assert_genai_matches_board(tmp_path / "onnx", "anna sees the", 12)
+
+
+def assert_genai_matches_board(folder: Path, prompt: str, new: int) -> None:
+    """onnxruntime-genai loads the export folder and continues `prompt` greedily as the board runtime does."""
     model = og.Model(str(folder))
     tokenizer = og.Tokenizer(model)
     ids = tokenizer.encode(prompt)

@@ -18,8 +18,8 @@ from nativelm.params.layer_scaling import LayerScaling
 from nativelm.params.model import PRESETS, with_preset
 from nativelm.params.root import parse_params
 from nativelm.train.loop import torch_threads
-from tests.unit.test_train_stage import make_params, train_stage
 from tests.unit.test_train_data import write_token_data
+from tests.unit.test_train_stage import make_params, train_stage
 
 # family -> (ffn, quantize, ffn_act, window, nope_every, layer scaling on)
 EXPECTED = {
@@ -107,12 +107,13 @@ def test_openelm_per_layer_heads_and_widths_follow_the_formula() -> None:
     ("model: {family: openelm, ffn: moe}\n", "layer_scaling scales the dense FFN"),
     ("model: {family: openelm, layer_scaling: {alpha: [0.5]}}\n", "layer_scaling.alpha must be [first, last]"),
     ("model: {family: openelm, layer_scaling: {beta: [0.0, 4.0]}}\n", "layer_scaling.beta must be"),
-    ("model: {family: openelm, layer_scaling: {width_multiple: 0}}\n", "width_multiple"),
+    ("model: {family: openelm, layer_scaling: {width_multiple: 0}}\n", "layer_scaling: Value error, width_multiple: Input"),
+    ("model: {family: openelm, layer_scaling: {widht_multiple: 64}}\n", "widht_multiple: Extra inputs"),
 ])
 def test_bad_family_values_are_one_line(text: str, fragment: str) -> None:
     with pytest.raises(ParamsError, match=fragment.replace("[", r"\[").replace("]", r"\]")) as info:
         parse_params(text)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "more:" not in str(info.value)  # one error, not one per union member
 
 
 def test_a_family_clash_found_with_the_preset_is_one_params_error_line() -> None:

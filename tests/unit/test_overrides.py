@@ -52,6 +52,14 @@ def test_every_form_field_names_a_real_key(params_file: Path) -> None:
             node = node[key]
 
 
+def test_a_family_from_the_form_resolves_like_params_yaml(params_file: Path) -> None:
+    from nativelm.params.model import with_preset
+
+    params = validated_params(params_file, overrides_from_form({"family": "phi3"}))
+    resolved = with_preset(params.model, params.train.preset)
+    assert (resolved.family, resolved.ffn, resolved.quantize) == ("phi3", "dense", False)
+
+
 def test_validated_without_writing_anything(params_file: Path) -> None:
     before = params_file.read_bytes()
     overrides = overrides_from_form({"train_steps": 60, "bit_schedule": [[0.0, 8.0], [0.5, 1.58]]})

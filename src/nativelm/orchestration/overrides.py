@@ -31,6 +31,7 @@ FORM_FIELDS: dict[str, str] = {
     "experts": "model.n_experts",
     "top_k": "model.top_k",
     "bit_schedule": "model.bit_schedule",
+    "family": "model.family",
     "ffn": "model.ffn",
     "quantize": "model.quantize",
     "corpus_package": "data.source.package",

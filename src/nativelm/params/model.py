@@ -115,8 +115,18 @@ class ModelParams(StrictModel):
     @field_validator("layer_scaling", mode="before")
     @classmethod
     def _true_is_openelm(cls, value: Any) -> Any:
-        """`layer_scaling: true` is OpenELM's alpha and beta (the LayerScaling defaults)."""
-        return LayerScaling() if value is True else value
+        """`layer_scaling: true` is OpenELM's alpha and beta (the LayerScaling defaults); a mapping is
+        validated here, so a bad one is one line about it, not one per member of the field's union."""
+        if value is True:
+            return LayerScaling()
+        if not isinstance(value, dict):
+            return value
+        try:
+            return LayerScaling.model_validate(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"{where}: {first['msg']}" if where else first["msg"].removeprefix("Value error, ")) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelParams:
@@ -214,7 +224,8 @@ def with_preset(model: ModelParams, preset: str) -> ModelParams:
     """The `model` section on top of a named preset shape: a value written in params.yaml always wins.
 
     "Written" is pydantic's ``model_fields_set``: the keys params.yaml (or an override) gave, even
-    when a written value equals the tiny default. ``tiny`` is the field defaults, so it changes nothing.
+    when a written value equals the tiny default, and the knobs the family filled in (a family wins
+    over the preset). ``tiny`` is the field defaults, so it changes nothing.
     """
     if preset not in PRESETS:
         raise ParamsError(f"train.preset {preset!r} has no model preset (known: {', '.join(sorted(PRESETS))})")
