@@ -171,6 +171,7 @@ def test_native_resolves_to_the_precision_the_model_was_trained_in(model: dict, 
     ({"bit_schedule": [[0.0, 3.0]]}, {"ptq": True}, TERNARY_METHOD),
     (FP, {"variant": "int4"}, INT4_METHOD),  # no opt-in needed: it worked before, now it says what it is
     (EIGHT, {"variant": "int4"}, INT4_METHOD),
+    (FP, {"variant": "int4", "comparison_weights": "latent"}, INT4_METHOD),  # an fp model's only weights
     (FP, {"variant": "int4", "block_size": 32}, "int4 block-wise symmetric, block 32, experts block 64"),
     ({"bit_schedule": [[0.0, 4.0]]}, {"variant": "int4"}, None),  # its own codes: exact
     ({}, {"variant": "int4"}, None),

@@ -16,8 +16,9 @@ GATE = GateParams()
 
 
 def figures(version: int, ppl: float | None = 100.0, top1: float | None = 0.995, rel: float | None = 0.001,
-            kv: float | None = 1.0) -> VersionFigures:
-    return VersionFigures(version=version, ppl_onnx=ppl, top1_agreement=top1, ppl_rel_diff=rel, kv_cache_match=kv)
+            kv: float | None = 1.0, ptq: float | None = None) -> VersionFigures:
+    return VersionFigures(version=version, ppl_onnx=ppl, top1_agreement=top1, ppl_rel_diff=rel, kv_cache_match=kv,
+                          ptq=ptq)
 
 
 def test_first_version_becomes_champion() -> None:
@@ -42,6 +43,21 @@ def test_within_regression_is_promoted_and_beyond_is_not() -> None:
 def test_parity_failure_blocks_even_a_better_model(kwargs: dict, needle: str) -> None:
     decision = decide(figures(2, ppl=50.0, **kwargs), figures(1, ppl=100.0), GATE, LIMITS)
     assert not decision.promote and needle in decision.reason
+
+
+@pytest.mark.parametrize("kwargs", [{"top1": 0.6}, {"rel": 0.3}, {"top1": None, "rel": None}])
+def test_a_ptq_version_is_not_held_to_held_out_parity(kwargs: dict) -> None:
+    """Its held-out figures compare ONNX with the fp model it was quantized from: what PTQ cost, recorded."""
+    decision = decide(figures(2, ppl=99.0, ptq=1.0, **kwargs), figures(1, ppl=100.0), GATE, LIMITS)
+    assert decision.promote and "PTQ" in decision.reason and "v1" in decision.reason
+    assert not decide(figures(2, ppl=99.0, ptq=0.0, **kwargs), figures(1, ppl=100.0), GATE, LIMITS).promote
+
+
+def test_a_ptq_version_is_still_blocked_by_the_cache_check_and_by_perplexity() -> None:
+    decision = decide(figures(2, ppl=50.0, top1=0.5, kv=0.0, ptq=1.0), figures(1, ppl=100.0), GATE, LIMITS)
+    assert not decision.promote and "KV-cache" in decision.reason
+    worse = decide(figures(2, ppl=150.0, top1=0.5, ptq=1.0), figures(1, ppl=100.0), GATE, LIMITS)
+    assert not worse.promote and "PTQ" in worse.reason
 
 
 def test_parity_check_can_be_switched_off() -> None:

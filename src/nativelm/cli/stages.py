@@ -17,7 +17,7 @@ from nativelm.cliargs import params_of
 from nativelm.data.prepare import run_prepare
 from nativelm.errors import NativelmError
 from nativelm.evaluate.stage import Provenance, run_evaluate
-from nativelm.export.stage import run_export
+from nativelm.export.stage import load_source, run_export
 from nativelm.orchestration.dvc import lock_out_hash
 from nativelm.params.model import with_preset
 from nativelm.params.root import Params
@@ -79,8 +79,10 @@ def train_run_name(params: Params) -> str:
 def export(args: argparse.Namespace) -> int:
     """trained model -> ONNX folder with quantized operators, parity-checked (DVC stage `export`)."""
     params = params_of(args)
+    model_file = Path(params.train.model_file)
+    source = load_source(model_file, params.export)  # a variant that does not fit: one line, no run opened
     with stage_run(params, "export", _sections(params, "export"), name=f"export {params.export.variant}") as run:
-        result = run_export(Path(params.train.model_file), Path(params.data.out_dir), params.export, logger=run)
+        result = run_export(model_file, Path(params.data.out_dir), params.export, logger=run, source=source)
         ptq = " (ptq)" if result.manifest.get("ptq") else ""
         run.set_tags({"mlflow.runName": f"export {result.manifest['variant']}{ptq}"})  # native resolved
     _print_figures(result.metrics, ("top1_agreement", "ppl_rel_diff", "model_bytes", "bits_per_weight"))

@@ -61,7 +61,8 @@ def ptq_method(model: NativeLM, params: ExportParams) -> str | None:
     if p.variant == "ternary" and not is_ternary(model):
         act_bits = model.params.act_bits if model.params.quantize else ACT_BITS
         return f"absmean-ternary per-matrix, int{act_bits} activations"
-    if p.variant == "int4" and p.comparison_weights == "forward" and native_variant(model) == "fp32":
+    from_forward = p.comparison_weights == "forward" or not model.params.quantize  # an fp model has one kind
+    if p.variant == "int4" and from_forward and native_variant(model) == "fp32":
         experts = f", experts block {p.moe_block_size}" if model.params.ffn == "moe" else ""
         return f"int4 block-wise symmetric, block {p.block_size}{experts}"
     return None

@@ -37,6 +37,7 @@ from nativelm import __version__
 from nativelm.errors import NativelmError
 from nativelm.export import parity
 from nativelm.export.graph import ExportGraph, build_graph, check_model
+from nativelm.export.ptq import ExportPlan
 from nativelm.formats import prepared
 from nativelm.formats.export_folder import (
     ATTENTION_MASK,
@@ -173,8 +174,26 @@ def _check_tokenizer(data_dir: Path, info: dict[str, Any], vocab_size: int) -> P
     return path
 
 
-def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLogger | None = None) -> ExportResult:
-    """Export the trained model `model_file` as `ep.variant` into `ep.out_dir`; see the module docstring.
+@dataclass(frozen=True)
+class ExportSource:
+    """The trained model, its file's other fields and its export plan (`ptq.plan`), checked."""
+
+    model: NativeLM
+    info: dict[str, Any]
+    plan: ExportPlan
+
+
+def load_source(model_file: Path, ep: ExportParams) -> ExportSource:
+    """Load `model_file` and refuse a variant that does not fit it (one ParamsError line), so a caller can
+    check before it opens a tracking run or prints anything."""
+    model, info = load_trained_model(model_file)
+    return ExportSource(model, info, check_model(model, ep))
+
+
+def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLogger | None = None,
+               source: ExportSource | None = None) -> ExportResult:
+    """Export the trained model `model_file` (already loaded: `source`) as `ep.variant` into `ep.out_dir`;
+    see the module docstring.
 
     A parity failure (or any other error) raises NativelmError and leaves the previous export as it was.
     """
@@ -182,8 +201,8 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
     model_file, data_dir = Path(model_file), Path(data_dir)
     out_dir, metrics_file = Path(ep.out_dir), Path(ep.metrics_file)
 
-    model, info = load_trained_model(model_file)
-    plan = check_model(model, ep)  # a variant that does not fit the model: one line, before anything is printed
+    source = source or load_source(model_file, ep)
+    model, info, plan = source.model, source.info, source.plan
     tokenizer_path = _check_tokenizer(data_dir, info, model.vocab_size)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     val = prepared.load_shards(data_dir, "val")
