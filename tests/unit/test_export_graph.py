@@ -231,6 +231,31 @@ def test_kv_cache_decoding_equals_full_recomputation_beyond_the_window(decoder: 
     assert ids[len(prompt):] == tokens
 
 
+class _SwappingDecoder:
+    """Cached and full logits equal but for step 1, where the two best tokens are `gap` apart and swap."""
+
+    def __init__(self, gap: float) -> None:
+        self.full = np.zeros((3, 4), np.float32)
+        self.full[:, 0] = 10.0
+        self.full[1, 1] = 10.0 + gap  # full recomputation picks token 1 at step 1
+        self.cached = self.full.copy()
+        self.cached[1, 1] = 10.0 - gap  # the cached step picks token 0
+
+    def greedy(self, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+        return self.cached.argmax(-1).tolist(), self.cached
+
+    def forward(self, ids: np.ndarray, past: object = None) -> tuple[np.ndarray, None]:
+        return np.concatenate([np.zeros((1, 4), np.float32), self.full])[None], None
+
+
+def test_kv_cache_check_tells_a_near_tie_from_a_divergence() -> None:
+    tie = parity.cache_consistency(_SwappingDecoder(0.01), [5, 6], 3, tie_rel=0.01)  # 0.02 apart < 0.01 x 10
+    assert tie["match"] and tie["ties"] == 1
+    wrong = parity.cache_consistency(_SwappingDecoder(1.0), [5, 6], 3, tie_rel=0.01)
+    assert not wrong["match"] and wrong["first_mismatch"] == 1 and wrong["ties"] == 0
+    assert not parity.cache_consistency(_SwappingDecoder(0.01), [5, 6], 3)["match"]  # no tolerance, no tie
+
+
 def test_golden_continuation_matches_pytorch_greedy(trained: torch.nn.Module, decoder: parity.OnnxDecoder,
                                                     prepared: Path) -> None:
     from tokenizers import Tokenizer

@@ -88,3 +88,12 @@ def test_frontier_keeps_the_points_nothing_beats() -> None:
     points = [(1.0, 10.0), (2.0, 8.0), (3.0, 9.0), (4.0, 5.0)]
     assert frontier(points, more_is_better=False) == [(1.0, 10.0), (2.0, 8.0), (4.0, 5.0)]
     assert frontier(points, more_is_better=True) == [(4.0, 5.0)]
+
+
+def test_a_refused_row_is_listed_under_the_table_not_measured(tmp_path: Path) -> None:
+    failed = {"row": "c", "method": "ptq", "lr": 0.003, "seed": 1, "error": "export int4: parity failed: x"}
+    results = [_result("a", "native", 0.003, 1, 3.9), failed]
+    summaries = summarize(results)
+    assert [s.row for s in summaries] == ["a"]
+    write_tables(summaries, tmp_path, [failed])
+    assert "- c (lr 0.003, seed 1): export int4: parity failed: x" in (tmp_path / "table.md").read_text()

@@ -244,7 +244,8 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         _note(f"parity on {windows.size} validation tokens ({windows.shape[0]} x {windows.shape[1]})")
         held_out = parity.held_out_parity(model, decoder, windows)
         prompt = windows[0][: min(16, p.max_seq_len // 2)].tolist()
-        cache = parity.cache_consistency(decoder, prompt, min(ep.cache_check_tokens, p.max_seq_len - len(prompt)))
+        cache = parity.cache_consistency(decoder, prompt, min(ep.cache_check_tokens, p.max_seq_len - len(prompt)),
+                                         ep.max_cache_logit_rel_diff)
         figures = {"held_out": held_out, "kv_cache": cache, "gated": parity.gated_checks(plan.ptq),
                    "thresholds": {"min_top1_agreement": ep.min_top1_agreement,
                                   "max_ppl_rel_diff": ep.max_ppl_rel_diff,

@@ -70,7 +70,7 @@ def _values(results: Sequence[dict[str, Any]], section: str, key: str) -> list[f
 def summarize(results: Sequence[dict[str, Any]]) -> list[RowSummary]:
     """One summary per row, in the order rows first appear in `results`."""
     rows: dict[str, list[dict[str, Any]]] = {}
-    for result in results:
+    for result in (r for r in results if "error" not in r):
         rows.setdefault(result["row"], []).append(result)
     summaries = []
     for name, found in rows.items():
@@ -110,10 +110,18 @@ def _cells(s: RowSummary) -> list[str]:
             f"{s.peak_rss_mb:.0f}", grid]
 
 
-def markdown(summaries: Sequence[RowSummary]) -> str:
+def markdown(summaries: Sequence[RowSummary], failures: Sequence[dict[str, Any]] = ()) -> str:
+    """The table; below it, the rows (rate, seed) whose export or evaluation was refused, and why."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(s)) + " |" for s in summaries]
+    if failures:
+        lines += ["", "Not measured:"]
+        lines += [f"- {f['row']} (lr {f['lr']:g}, seed {f['seed']}): {f['error']}" for f in failures]
     return "\n".join(lines) + "\n"
+
+
+def failures_of(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in results if "error" in r]
 
 
 def _flat(s: RowSummary) -> dict[str, Any]:
@@ -131,7 +139,7 @@ def _flat(s: RowSummary) -> dict[str, Any]:
     return flat
 
 
-def write_tables(summaries: Sequence[RowSummary], folder: Path) -> list[Path]:
+def write_tables(summaries: Sequence[RowSummary], folder: Path, failures: Sequence[dict[str, Any]] = ()) -> list[Path]:
     """table.md (what the README and MLflow show) and table.csv (every figure, unrounded)."""
     rows = [_flat(s) for s in summaries]
     out = io.StringIO()
@@ -139,5 +147,5 @@ def write_tables(summaries: Sequence[RowSummary], folder: Path) -> list[Path]:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(folder / TABLE_CSV, out.getvalue())
-    atomic_write_text(folder / TABLE_MD, markdown(summaries))
+    atomic_write_text(folder / TABLE_MD, markdown(summaries, failures))
     return [folder / TABLE_MD, folder / TABLE_CSV]

@@ -184,7 +184,8 @@ class Study:
             result = done[row.name]
             if result is None:
                 result = self._export_and_evaluate(row, cell, trained)
-                on_result(result)
+                if "error" not in result:
+                    on_result(result)
             results.append(result)
         return results
 
@@ -224,10 +225,18 @@ class Study:
         folder = self.folder / cell.slug / row.name
         _note(f"{cell.slug}: {row.name}: export {row.variant}{' (post-training quantization)' if row.ptq else ''}")
         export = self.export_params(row.variant, row.ptq, folder)
-        exported = run_export(Path(self.train_params(cell).model_file), self.data_dir, export)
-        evaluated = run_evaluate(exported.out_dir, self.data_dir, self.evaluate_params(folder),
-                                 Provenance("study", self.data_hash, self.row_key(row, cell)))
-        speed = self._bench(exported.out_dir)
+        try:
+            exported = run_export(Path(self.train_params(cell).model_file), self.data_dir, export)
+            evaluated = run_evaluate(exported.out_dir, self.data_dir, self.evaluate_params(folder),
+                                     Provenance("study", self.data_hash, self.row_key(row, cell)))
+            speed = self._bench(exported.out_dir)
+        except NativelmError as exc:  # a refused export is the row's result: the study goes on
+            _note(f"{cell.slug}: {row.name}: {exc}")
+            failed = {"key": self.row_key(row, cell), "row": row.name, "training": cell.training.name,
+                      "method": row.method, "lr": self.train_params(cell).resolved().lr, "seed": cell.seed,
+                      "error": str(exc)}
+            atomic_write_text(folder / RESULT, json.dumps(failed, indent=2, sort_keys=True) + "\n")
+            return failed
         model = self.model_params(cell.training)
         parts = {k: v["bytes"] for k, v in exported.manifest["weights"]["parts"].items()}
         weight_bytes: Bytes = bytes_of(parts, model, self.vocab_size)

@@ -21,7 +21,7 @@ from nativelm.fsutil import atomic_write_text
 from nativelm.params.root import Params
 from nativelm.params.study import StudyParams
 from nativelm.study.charts import write_charts
-from nativelm.study.report import RowSummary, markdown, summarize, write_tables
+from nativelm.study.report import RowSummary, failures_of, markdown, summarize, write_tables
 from nativelm.study.runner import Study
 from nativelm.tracking.runs import RunLogger, tracked_run
 
@@ -85,12 +85,12 @@ def run_study(params: Params, study: StudyParams, run_cells: CellMap = one_after
             atomic_write_text(id_file, json.dumps({"run_id": parent.run_id}) + "\n")
             parent.log_params({"study": study.model_dump(mode="json")})
         results = run_cells(runner, lambda result: _row_run(tracking, parent, result))
-        summaries = summarize(results)
-        files = write_tables(summaries, folder) + write_charts(summaries, folder)
+        summaries, failures = summarize(results), failures_of(results)
+        files = write_tables(summaries, folder, failures) + write_charts(summaries, folder)
         for path in files:
             parent.log_artifact(path)
         parent.log_metrics({"study/rows": len(summaries), "study/results": len(results),
                             "study/wall_s": time.perf_counter() - started})
-    print(markdown(summaries), end="")
+    print(markdown(summaries, failures), end="")
     print(f"study: {len(summaries)} rows, table and charts in {folder}", file=sys.stderr)
     return StudyResult(folder, summaries, results, files, parent)
