@@ -41,7 +41,7 @@ RESULT = "result.json"
 SIZING = "sizing.json"
 BENCH_FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_ms",
                  "inter_token_latency_p50_ms", "peak_rss_mb")
-CURVE = "curve.json"  # the validation loss at each evaluation of a training
+TRAINED = "trained.json"  # a finished training: its key, final metrics and validation curve
 
 
 def _validated(section: type[M], raw: dict[str, Any], where: str) -> M:
@@ -92,7 +92,10 @@ class Study:
                 for seed in self.study.seeds]
 
     def _family_params(self, training: Training) -> ModelParams:
-        raw = {**self.study.model, "family": training.family, **training.model}
+        # evaluated at the length it trains at: a longer ONNX window would score full-attention rows on
+        # positions they never saw, and sliding-window rows would not pay for it
+        length = self.params.train.seq_len or TRAIN_PRESETS[self.study.preset]["seq_len"]
+        raw = {"max_seq_len": int(length), **self.study.model, "family": training.family, **training.model}
         return with_preset(_validated(ModelParams, raw, f"{training.name}: model"), self.study.preset)
 
     def model_params(self, training: Training) -> ModelParams:
@@ -195,16 +198,26 @@ class Study:
         return [result for i, cell in enumerate(cells, 1)
                 for result in self.run_cell(cell, on_result, f"[{i}/{len(cells)}] ")]
 
+    def training_key(self, cell: Cell) -> str:
+        """Everything that decides a training; a kept model with another key is trained again."""
+        return params_hash({"model": self.model_params(cell.training).model_dump(mode="json"),
+                            "train": self.train_params(cell).resolved().model_dump(mode="json"),
+                            "seed": cell.seed, "data": self.data_hash})
+
     def _train(self, cell: Cell) -> dict[str, Any]:
         train = self.train_params(cell)
         out = TrainOutputs.of(train)
-        curve_file = out.metrics_file.parent / CURVE
-        if out.model_file.is_file() and out.metrics_file.is_file() and curve_file.is_file():
-            return {"metrics": json.loads(out.metrics_file.read_text()), "curve": json.loads(curve_file.read_text())}
+        record = out.metrics_file.parent / TRAINED
+        key = self.training_key(cell)
+        if out.model_file.is_file() and record.is_file():
+            kept = json.loads(record.read_text())
+            if kept.get("key") == key:
+                return kept
         result = run_train(self.model_params(cell.training), train, cell.seed, self.data_dir, out)
         curve = [[int(h["step"]), float(h["val/loss"])] for h in result.history if "val/loss" in h]
-        atomic_write_text(curve_file, json.dumps(curve) + "\n")
-        return {"metrics": result.metrics, "curve": curve}
+        trained = {"key": key, "metrics": result.metrics, "curve": curve}
+        atomic_write_text(record, json.dumps(trained) + "\n")
+        return trained
 
     def _bench(self, export_dir: Path) -> dict[str, float]:
         """Decode / prefill speed and peak memory of the export in a process of its own, as a board runs it.
