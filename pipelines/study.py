@@ -52,6 +52,7 @@ def study(
     learning_rates: list[float] | None = None,
     device: Literal["auto", "cpu", "cuda"] | None = None,
     name: str | None = None,
+    boards: list[str] | None = None,
     parallel: int = 1,
 ) -> dict:
     """Train, export and compare the study's rows; empty fields keep params.yaml's `study` values.
@@ -64,12 +65,14 @@ def study(
         learning_rates: the grid each row is trained at (study.lrs)
         device: auto, cpu or cuda (study.device)
         name: the study's name: its folder and MLflow run (study.name)
+        boards: boards of the fleet every row is also benchmarked on, never made live; [all]: every board
+            (study.boards)
         parallel: cells trained at the same time (one per GPU or worker)
     """
     params = load_params(PROJECT_DIR / "params.yaml")
     section = params.study.with_overrides(
         {"rows": rows, "preset": preset, "steps": steps, "seeds": seeds, "lrs": learning_rates,
-         "device": device, "name": name}, "study (params.yaml and the form)")
+         "device": device, "name": name, "boards": boards}, "study (params.yaml and the form)")
     result = run_study(params, section, as_tasks(max(1, parallel)))
     return {"folder": str(result.folder), "rows": [s.row for s in result.summaries],
             "best": {s.row: {"lr": s.lr, "ppl_onnx": s.ppl_onnx.mean} for s in result.summaries}}

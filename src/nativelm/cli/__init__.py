@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sized to the native rows' bytes) on the prepared data with the same seeds and "
                                    "steps, at every learning rate of the grid; export each to ONNX and evaluate it "
                                    "the same way (ONNX perplexity, bytes, bytes read per token, CPU decode and "
-                                   "prefill). Prints the table (each row at its best rate) and writes it with the "
+                                   "prefill; with --boards, decode on the boards, never made live). Prints the "
+                                   "table (each row at its best rate) and writes it with the "
                                    "charts to study.out_dir/NAME; one MLflow parent run, a nested run per row. A "
                                    "killed study started again continues where it stopped. Needs prepared data "
                                    "(`nativelm prepare`).")
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["tiny", "gpu"], default=None, help="shape and run size of every row")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the rows train")
     p.add_argument("--name", default=None, help="the study's name (its folder and MLflow run)")
+    p.add_argument("--boards", default=None, metavar="B,B|all",
+                   help="also benchmark every row on these boards of fleet.inventory, never making it live "
+                        "(default: study.boards)")
     p.set_defaults(handler="nativelm.cli.study:study")
 
     p = sub.add_parser("stack", parents=[common], help="start/stop/show the local MLflow + Prefect servers",

@@ -25,7 +25,8 @@ def study(args: argparse.Namespace) -> int:
     rows = list(ALL_ROWS) if args.rows == "all" else _listed(args.rows, str)
     section = params.study.with_overrides(
         {"rows": rows, "lrs": _listed(args.lrs, float), "seeds": _listed(args.seeds, int), "steps": args.steps,
-         "preset": args.preset, "device": args.device, "name": args.name},
+         "preset": args.preset, "device": args.device, "name": args.name,
+         "boards": _listed(args.boards, str)},
         "study (params.yaml and the command line)")
     run_study(params, section)
     return 0

@@ -39,6 +39,8 @@ class StudyParams(StrictModel):
     lrs: list[float] = Field([], max_length=16, description="learning-rate grid ([]: the preset's rate only)")
     model: dict[str, Any] = Field({}, description="model-section overrides applied to every row (e.g. d_model)")
     device: Device = Field("auto", description="auto | cpu | cuda")
+    boards: list[str] = Field([], max_length=256, description=(
+        "boards of fleet.inventory each row is also benchmarked on, without going live ([]: none; [all]: every board)"))
     out_dir: str = Field("studies", min_length=1, description="where studies keep their rows, table and charts")
     experiment: str = Field("nativelm-study", min_length=1, max_length=200, description="MLflow experiment")
 
@@ -50,6 +52,8 @@ class StudyParams(StrictModel):
             raise ValueError(f"every learning rate must be in (0, 1], got {self.lrs}")
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be distinct and >= 0, got {self.seeds}")
+        if "all" in self.boards and len(self.boards) > 1:
+            raise ValueError(f"boards: `all` stands alone, got {self.boards}")
         return self
 
     def with_overrides(self, overrides: dict[str, Any], source: str) -> StudyParams:

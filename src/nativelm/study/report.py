@@ -59,12 +59,17 @@ class RowSummary:
     decode_tokens_per_s: Spread
     prefill_tokens_per_s: Spread
     peak_rss_mb: float
+    board_decode_tokens_per_s: Spread | None  # median over study.boards (None: not measured on boards)
     nll_by_lr: dict[float, float]
     curves: list[list[list[float]]]  # the best rate's validation curve of each seed
 
 
 def _values(results: Sequence[dict[str, Any]], section: str, key: str) -> list[float]:
     return [float(r[section][key]) for r in results if key in r[section]]
+
+
+def _spread_or_none(values: Sequence[float]) -> Spread | None:
+    return Spread.of(values) if values else None
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> list[RowSummary]:
@@ -93,6 +98,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[RowSummary]:
             decode_tokens_per_s=Spread.of(_values(picked, "evaluate", "decode_tokens_per_s") or [0.0]),
             prefill_tokens_per_s=Spread.of(_values(picked, "evaluate", "prefill_tokens_per_s") or [0.0]),
             peak_rss_mb=max(_values(picked, "evaluate", "peak_rss_mb") or [0.0]),
+            board_decode_tokens_per_s=_spread_or_none(_values(picked, "evaluate", "board_decode_tokens_per_s")),
             nll_by_lr=nll_by_lr, curves=[r["curve"] for r in picked]))
     return summaries
 
@@ -100,20 +106,26 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[RowSummary]:
 COLUMNS = ("row", "method", "variant", "best lr", "seeds", "ONNX val loss", "ONNX ppl", "PyTorch val loss",
            "file MB", "weights read MB/token", "bits/weight", "decode tok/s", "prefill tok/s", "peak RSS MB",
            "val loss by lr")
+BOARD_COLUMN = "board decode tok/s"  # after "decode tok/s", when some row was measured on boards
 
 
-def _cells(s: RowSummary) -> list[str]:
+def _cells(s: RowSummary, boards: bool) -> list[str]:
     grid = ", ".join(f"{lr:g}: {nll:.4f}" for lr, nll in s.nll_by_lr.items())
+    on_boards = [s.board_decode_tokens_per_s.text(0) if s.board_decode_tokens_per_s else "-"] if boards else []
     return [s.row, s.method, s.variant, f"{s.lr:g}", str(s.seeds), s.nll_onnx.text(4), s.ppl_onnx.text(2),
             s.val_loss.text(4), f"{s.file_bytes / 1e6:.2f}", f"{s.active_bytes_per_token / 1e6:.3f}",
-            f"{s.bits_per_weight:.2f}", s.decode_tokens_per_s.text(0), s.prefill_tokens_per_s.text(0),
+            f"{s.bits_per_weight:.2f}", s.decode_tokens_per_s.text(0), *on_boards, s.prefill_tokens_per_s.text(0),
             f"{s.peak_rss_mb:.0f}", grid]
 
 
 def markdown(summaries: Sequence[RowSummary], failures: Sequence[dict[str, Any]] = ()) -> str:
     """The table; below it, the rows (rate, seed) whose export or evaluation was refused, and why."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cells(s)) + " |" for s in summaries]
+    boards = any(s.board_decode_tokens_per_s for s in summaries)
+    columns = list(COLUMNS)
+    if boards:
+        columns.insert(columns.index("decode tok/s") + 1, BOARD_COLUMN)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cells(s, boards)) + " |" for s in summaries]
     if failures:
         lines += ["", "Not measured:"]
         lines += [f"- {f['row']} (lr {f['lr']:g}, seed {f['seed']}): {f['error']}" for f in failures]
@@ -130,7 +142,9 @@ def _flat(s: RowSummary) -> dict[str, Any]:
     for key, value in asdict(s).items():
         if key == "curves":
             continue
-        if isinstance(value, dict) and set(value) == {"mean", "low", "high"}:
+        if value is None:  # a figure not measured: its three cells empty
+            flat.update({f"{key}_{part}": None for part in ("mean", "low", "high")})
+        elif isinstance(value, dict) and set(value) == {"mean", "low", "high"}:
             flat.update({f"{key}_{part}": value[part] for part in ("mean", "low", "high")})
         elif key == "nll_by_lr":
             flat[key] = json.dumps({f"{lr:g}": nll for lr, nll in value.items()})

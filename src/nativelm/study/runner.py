@@ -9,8 +9,10 @@ A row whose result.json holds the same key (its resolved sections and the data) 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,9 @@ from pydantic import BaseModel, ValidationError
 from nativelm.errors import NativelmError, ParamsError
 from nativelm.evaluate.stage import Provenance, run_evaluate
 from nativelm.export.stage import run_export
+from nativelm.fleet.release import load_release
+from nativelm.fleet.service import FleetChoice, choose_boards
+from nativelm.fleet.trial import try_release
 from nativelm.formats.prepared import read_manifest
 from nativelm.fsutil import atomic_write_text
 from nativelm.params.evaluate import EvaluateParams
@@ -84,6 +89,10 @@ class Study:
         self.vocab_size = int(manifest["vocab_size"])
         self.data_hash = params_hash(manifest.get("sha256", {}))
         self._sized: dict[str, ModelParams] = {}
+        self._fleet: FleetChoice | None = None
+        self._on_boards = threading.Lock()  # one row on the boards at a time, also when cells run in parallel
+        if study.boards:
+            self.fleet()  # a wrong inventory or board name stops the study before it trains anything
 
     # ---- what each cell and row is --------------------------------------------------------------
     def cells(self) -> list[Cell]:
@@ -175,7 +184,8 @@ class Study:
                  label: str = "") -> list[dict[str, Any]]:
         """One cell's training and every requested row that exports it; `on_result` sees each new result."""
         rows = [ROWS[r] for r in self.study.rows if ROWS[r].training == cell.training.name]
-        done = {row.name: self.finished(row, cell) for row in rows}
+        done = {row.name: self._with_boards(self.finished(row, cell), self.folder / cell.slug / row.name)
+                for row in rows}
         if all(done.values()):
             _note(f"{label}{cell.slug}: finished before, kept")
             return [r for r in done.values() if r]
@@ -265,5 +275,43 @@ class Study:
             "weight_bytes": weight_bytes.total, "active_bytes_per_token": weight_bytes.active_per_token,
             "curve": trained["curve"],
         }
+        atomic_write_text(folder / RESULT, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return self._with_boards(result, folder)
+
+    # ---- on the boards ------------------------------------------------------------------------------
+    def fleet(self) -> FleetChoice:
+        """The boards of study.boards (`all`: every board of fleet.inventory), loaded once."""
+        if self._fleet is None:
+            names = [] if self.study.boards == ["all"] else list(self.study.boards)
+            self._fleet = choose_boards(self.params, names)
+        return self._fleet
+
+    def _with_boards(self, result: dict[str, Any] | None, folder: Path) -> dict[str, Any] | None:
+        """`result` with the decode speed of its release on every board of study.boards it lacks (saved).
+
+        A board that fails is recorded with its reason and the row keeps its other figures.
+        """
+        if not self.study.boards or result is None or "error" in result:
+            return result
+        with self._on_boards:
+            return self._measure_on_boards(result, folder)
+
+    def _measure_on_boards(self, result: dict[str, Any], folder: Path) -> dict[str, Any]:
+        chosen = self.fleet()
+        known = result.get("boards", {})
+        wanted = [b for b in chosen.boards if "decode_tokens_per_s" not in known.get(b.name, {})]
+        if not wanted:
+            return result
+        _note(f"{result['row']}: on {len(wanted)} board(s), not made live: {', '.join(b.name for b in wanted)}")
+        for row in try_release(self.params, chosen, load_release(folder / "release"), wanted):
+            known[row.board] = ({"error": row.error} if row.error else
+                                {k: row.value(k) for k in BENCH_FIGURES if row.value(k) is not None})
+            if row.error:
+                _note(f"{result['row']}: {row.board}: {row.error}")
+        result["boards"] = known
+        speeds = [f["decode_tokens_per_s"] for f in known.values() if "decode_tokens_per_s" in f]
+        result["evaluate"].pop("board_decode_tokens_per_s", None)
+        if speeds:
+            result["evaluate"]["board_decode_tokens_per_s"] = statistics.median(speeds)
         atomic_write_text(folder / RESULT, json.dumps(result, indent=2, sort_keys=True) + "\n")
         return result

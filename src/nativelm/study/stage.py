@@ -3,7 +3,8 @@
 One MLflow parent run per study (its id is kept in the study's folder, so a resumed study goes on
 logging into it) and one nested run per row, seed and learning rate, logged when the row is done:
 the retrain pipeline's metric names (``train/…``, ``export/…``, ``evaluate/…``), the validation
-curve as ``val/loss`` by step, and the tags ``study/row``, ``study/family``, ``study/method``,
+curve as ``val/loss`` by step, the figures measured on boards (study.boards) as
+``board.<board>.<figure>`` (their median decode speed is ``evaluate/board_decode_tokens_per_s``), and the tags ``study/row``, ``study/family``, ``study/method``,
 ``study/ptq``, ``study/lr``.
 """
 
@@ -54,6 +55,8 @@ def _row_run(params: Params, parent: RunLogger, result: dict[str, Any]) -> None:
                          for k, v in result[section].items()})
         run.log_metrics({"study/weight_bytes": result["weight_bytes"],
                          "study/active_bytes_per_token": result["active_bytes_per_token"]})
+        run.log_metrics({f"board.{board}.{k}": v for board, figures in result.get("boards", {}).items()
+                         for k, v in figures.items() if k != "error"})
         for step, loss in result["curve"]:
             run.log_metrics({"val/loss": loss}, step=int(step))
 
