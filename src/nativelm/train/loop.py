@@ -383,12 +383,36 @@ class _NoBar:
     def close(self) -> None: ...
 
 
+class LinePerUpdate:
+    """Where the bar draws when stderr is no terminal (a CI log, a file, a pipe): each redraw its own line.
+
+    tqdm redraws in place with a carriage return, which a log file keeps as one endless line.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def _progress(cfg: ResolvedTrain, ctx: DistContext, initial: int) -> Any:
     if not (cfg.progress and ctx.is_main):
         return _NoBar()
     interactive = sys.stderr.isatty()
-    return tqdm(total=cfg.max_steps, initial=initial, desc="train", unit="step", file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5 if interactive else 10.0, smoothing=0.1)
+    return tqdm(total=cfg.max_steps, initial=initial, desc="train", unit="step",
+                file=sys.stderr if interactive else LinePerUpdate(sys.stderr), dynamic_ncols=interactive,
+                ncols=None if interactive else 100, mininterval=0.5 if interactive else 10.0, smoothing=0.1)
 
 
 def _note(ctx: DistContext, message: str) -> None:
