@@ -256,6 +256,39 @@ def test_kv_cache_check_tells_a_near_tie_from_a_divergence() -> None:
     assert not parity.cache_consistency(_SwappingDecoder(0.01), [5, 6], 3)["match"]  # no tolerance, no tie
 
 
+class _FixedLogits(torch.nn.Module):
+    """A 'model' whose logits for any (1, 3) window are `logits`: the PyTorch side of a parity check."""
+
+    def __init__(self, logits: np.ndarray) -> None:
+        super().__init__()
+        self.logits = torch.from_numpy(logits)
+
+    def forward(self, ids: torch.Tensor) -> object:
+        return type("Out", (), {"logits": self.logits[None]})()
+
+
+class _FixedDecoder:
+    def __init__(self, logits: np.ndarray) -> None:
+        self.logits = logits
+
+    def forward(self, ids: np.ndarray, past: object = None) -> tuple[np.ndarray, None]:
+        return self.logits[None], None
+
+
+def test_top1_agreement_counts_a_near_tie_as_agreeing_and_a_real_difference_not() -> None:
+    reference = np.array([[10.0, 9.95, 0, 0], [10.0, 5.0, 0, 0], [0, 10.0, 0, 0]], np.float32)
+    near_tie = np.array([[9.9, 10.0, 0, 0], [10.0, 5.0, 0, 0], [0, 10.0, 0, 0]], np.float32)  # swaps 0.05 apart
+    real = near_tie.copy()
+    real[1] = [5.0, 10.0, 0, 0]  # and picks a token 5 logits below PyTorch's best
+    windows = np.zeros((1, 3), np.int64)
+    tie = parity.held_out_parity(_FixedLogits(reference), _FixedDecoder(near_tie), windows, tie_rel=0.01)
+    assert tie["top1_exact_agreement"] == pytest.approx(2 / 3) and tie["top1_agreement"] == 1.0
+    wrong = parity.held_out_parity(_FixedLogits(reference), _FixedDecoder(real), windows, tie_rel=0.01)
+    assert wrong["top1_exact_agreement"] == pytest.approx(1 / 3) and wrong["top1_agreement"] == pytest.approx(2 / 3)
+    exact = parity.held_out_parity(_FixedLogits(reference), _FixedDecoder(near_tie), windows)
+    assert exact["top1_agreement"] == exact["top1_exact_agreement"] == pytest.approx(2 / 3)
+
+
 def test_golden_continuation_matches_pytorch_greedy(trained: torch.nn.Module, decoder: parity.OnnxDecoder,
                                                     prepared: Path) -> None:
     from tokenizers import Tokenizer

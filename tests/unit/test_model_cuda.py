@@ -175,11 +175,13 @@ def test_training_step_has_no_host_sync() -> None:
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("family", ["ternary-moe", "fp-moe", "ternary-dense", "fp-dense"])
+@pytest.mark.parametrize("family", ["ternary-moe", "fp-moe", "ternary-dense", "fp-dense", "ternary-openelm"])
 def test_compiled_training_gradients_match_eager_parameter_by_parameter(family: str) -> None:
     quantize, ffn = family.startswith("ternary"), family.split("-")[1]
-    params = ModelParams(d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, max_seq_len=256, window=64,
-                         n_experts=16, expert_ffn=128, top_k=2, dense_ffn=256, quantize=quantize, ffn=ffn)
+    extra = {"ffn": "dense", "family": "openelm", "window": 0, "nope_every": 0} if ffn == "openelm" else {"ffn": ffn}
+    params = ModelParams(**{"d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "max_seq_len": 256,
+                            "window": 64, "n_experts": 16, "expert_ffn": 128, "top_k": 2, "dense_ffn": 256,
+                            "quantize": quantize, **extra})
     ids = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(1)).to(CUDA)
 
     def gradients(compiled: bool) -> tuple[float, dict[str, torch.Tensor]]:

@@ -242,17 +242,17 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
             _note(f"quantized nodes on a slow kernel: {', '.join(kernels['slow_nodes'] + kernels['not_profiled'])}")
 
         _note(f"parity on {windows.size} validation tokens ({windows.shape[0]} x {windows.shape[1]})")
-        held_out = parity.held_out_parity(model, decoder, windows)
+        held_out = parity.held_out_parity(model, decoder, windows, ep.top1_tie_rel)
         prompt = windows[0][: min(16, p.max_seq_len // 2)].tolist()
         cache = parity.cache_consistency(decoder, prompt, min(ep.cache_check_tokens, p.max_seq_len - len(prompt)),
                                          ep.max_cache_logit_rel_diff)
         figures = {"held_out": held_out, "kv_cache": cache, "gated": parity.gated_checks(plan.ptq),
-                   "thresholds": {"min_top1_agreement": ep.min_top1_agreement,
+                   "thresholds": {"min_top1_agreement": ep.min_top1_agreement, "top1_tie_rel": ep.top1_tie_rel,
                                   "max_ppl_rel_diff": ep.max_ppl_rel_diff,
                                   "max_cache_logit_rel_diff": ep.max_cache_logit_rel_diff}}
         if plan.model is not model:  # ternary PTQ: also against the quantized twin the graph computes
-            figures["quantized_reference"] = parity.held_out_parity(plan.model, decoder, windows)
-        _note(f"top-1 agreement {held_out['top1_agreement']:.4f}, perplexity ONNX {held_out['ppl_onnx']:.3f} vs "
+            figures["quantized_reference"] = parity.held_out_parity(plan.model, decoder, windows, ep.top1_tie_rel)
+        _note(f"top-1 agreement {held_out['top1_agreement']:.4f} (exact {held_out['top1_exact_agreement']:.4f}), perplexity ONNX {held_out['ppl_onnx']:.3f} vs "
               f"PyTorch {held_out['ppl_torch']:.3f} (relative difference {held_out['ppl_rel_diff']:.2e}); "
               f"KV cache {'matches' if cache['match'] else 'DIFFERS from'} full recomputation")
         parity.check_thresholds(figures, plan.params, figures["gated"])
@@ -305,6 +305,7 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         "bits_per_weight": weights["bits_per_weight"],
         "bits_per_weight_non_embedding": weights["bits_per_weight_non_embedding"],
         "top1_agreement": held_out["top1_agreement"],
+        "top1_exact_agreement": held_out["top1_exact_agreement"],
         "ppl_onnx": held_out["ppl_onnx"],
         "ppl_torch": held_out["ppl_torch"],
         "ppl_rel_diff": held_out["ppl_rel_diff"],

@@ -73,8 +73,14 @@ class ExportParams(StrictModel):
     out_dir: str = Field("models/onnx", min_length=1, description="export folder (replaced atomically)")
     # JSON metrics of the stage (a DVC metrics file)
     metrics_file: str = Field("metrics/export.json", min_length=1, description="metrics JSON of the stage")
-    # parity: share of held-out positions where ONNX and PyTorch predict the same next token
+    # parity: share of held-out positions where ONNX and PyTorch predict the same next token, a near-tie
+    # (top1_tie_rel) counting as the same
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0, description="minimum top-1 agreement ONNX vs PyTorch")
+    # parity: a position where ONNX picks another token than PyTorch still agrees when PyTorch's logit of
+    # that token is within top1_tie_rel x max |logit| of its top one (0: exact agreement only). The
+    # quantized kernels round activations per block where BitLinear does per token, which swaps such
+    # near-ties more often in larger models
+    top1_tie_rel: float = Field(1e-2, ge=0.0, le=0.5, description="near-tie margin of the top-1 agreement")
     # parity: |ppl_onnx - ppl_torch| / ppl_torch on the same held-out tokens
     max_ppl_rel_diff: float = Field(0.01, ge=0.0, description="maximum relative perplexity difference")
     # parity: KV-cache decoding vs full recomputation (ONNX both): max |logit difference| / max |logit|.
