@@ -252,6 +252,16 @@ def screenshot_mlflow_experiment(page: Page, url: str, run_names: Sequence[str],
     return Path(path)
 
 
+def runs_table_columns(page: Page) -> list[str]:
+    """The column headers of the runs table now on screen, in order, once each (MLflow draws some twice)."""
+    seen: list[str] = []
+    for header in page.locator("[role=columnheader]").all():
+        text = header.inner_text().strip()
+        if text and text not in seen:
+            seen.append(text)
+    return seen
+
+
 # how much taller the page's main scrolling panel is than its box (the largest box that scrolls:
 # tables inside it may scroll on their own, virtualised, and must not count)
 _HIDDEN_HEIGHT_JS = """() => {

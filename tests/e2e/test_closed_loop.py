@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from nativelm.tracking.runs import FIRST_COLUMNS
 from tests.conftest import BIN, free_port, make_project, run_checked
 from tests.e2e.browser import (
     artifact_path,
     screenshot_mlflow_compare,
+    runs_table_columns,
     screenshot_mlflow_experiment,
     trigger_deployment_run,
     wait_flow_run,
@@ -117,6 +119,9 @@ def test_retrain_from_the_dashboard_reaches_every_board(tmp_path: Path, local_st
         link = re.search(r"MLflow experiment: (\S+)", first.stdout)[1]  # what the terminal hands the user
         first_view = screenshot_mlflow_experiment(browser_page, link, names, artifact_path("mlflow-experiment-first-view"))
         assert "/overview" not in browser_page.url and first_view.stat().st_size > 10_000
+        columns = runs_table_columns(browser_page)  # nativelm's view: these metrics and no others
+        metric_columns = [c for c in columns if "/" in c]
+        assert sorted(metric_columns) == sorted(FIRST_COLUMNS), columns
     finally:
         run_checked([str(BIN / "nativelm"), "serve", "--stop"], project)
         run_checked([str(BIN / "nativelm"), "fleet", "sim", "down"], project)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nativelm.tracking.runs import FIRST_COLUMNS, VIEW_TAG
 from tests.conftest import BIN, git, make_project, run_checked
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -91,6 +92,10 @@ def test_flow_runs_stages_through_dvc_and_logs_nested_mlflow_runs(tmp_path: Path
     stages = [r for r in runs if r.data.tags.get("nativelm.kind") == "stage"]
     # MLflow's UI opens the experiment on these runs; each run's name says what it is
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # ... on the runs table with these columns first (the shared view `ui_url` names), each a metric the runs have
+    view = json.loads(experiment.tags[VIEW_TAG])
+    assert view["selectedColumns"] == [f"metrics.`{name}`" for name in FIRST_COLUMNS]
+    assert all(name in parents[0].data.metrics for name in FIRST_COLUMNS), sorted(parents[0].data.metrics)
     assert all(p.info.run_name == f"retrain {p.data.tags['dvc_experiment']}" for p in parents)
     trains = [s for s in stages if s.data.tags["nativelm.stage"] == "train"]
     assert all(re.fullmatch(r"train ternary moe \d+x\d+ \d+ steps", t.info.run_name) for t in trains)

@@ -9,6 +9,7 @@ A stage run from the shell without a parent is a top-level run of its own.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -36,13 +37,28 @@ STAGE_WALL_METRIC = "stage_wall_s"
 URI_ENV = "MLFLOW_TRACKING_URI"
 # MLflow 3's UI opens an experiment of this kind on its training runs (not on the GenAI overview)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# the metric columns the runs table shows, in this order, when opened through `ui_url`: a view
+# MLflow's UI loads from the experiment tag `mlflow.sharedViewState.<key>` for `?viewStateShareKey=<key>`
+FIRST_COLUMNS = ("train/val_loss", "evaluate/ppl_onnx", "export/model_bytes", "evaluate/decode_tokens_per_s")
+VIEW_KEY = "nativelm"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+
+
+def runs_view() -> str:
+    """The shared view's JSON: the runs table with FIRST_COLUMNS, newest run first."""
+    columns = [f"metrics.`{name}`" for name in FIRST_COLUMNS]
+    return json.dumps({"selectedColumns": columns, "columnOrder": columns,
+                       "orderByKey": "attributes.start_time", "orderByAsc": False})
 
 
 def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
     """A page of MLflow's UI in its model-training mode (MLflow 3 otherwise opens on its GenAI overview,
-    which lists no training runs); the mode then sticks in the user's browser."""
-    run = f"/runs/{run_id}" if run_id else ""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{run}?workflowType=machine_learning"
+    which lists no training runs; the mode then sticks in the user's browser); an experiment opens
+    on its runs table with nativelm's columns first (`runs_view`)."""
+    if run_id:
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+            "&workflowType=machine_learning")
 
 
 def resolve_tracking_uri(params: Params) -> str | None:
@@ -140,14 +156,14 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+            return client.create_experiment(name, tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], VIEW_TAG: runs_view()})
         except Exception:  # created concurrently by another stage
             found = client.get_experiment_by_name(name)
             if found is None:
                 raise
-    key, kind = EXPERIMENT_KIND
-    if found.tags.get(key) != kind:  # an experiment made before the kind was set
-        client.set_experiment_tag(found.experiment_id, key, kind)
+    for key, value in (EXPERIMENT_KIND, (VIEW_TAG, runs_view())):
+        if found.tags.get(key) != value:  # an experiment made before nativelm set these
+            client.set_experiment_tag(found.experiment_id, key, value)
     return found.experiment_id
 
 
