@@ -73,6 +73,15 @@ def deployment_id(api_url: str, flow_name: str, deployment_name: str) -> str:
     return _get_json(f"{api_url.rstrip('/')}/deployments/name/{quoted}")["id"]
 
 
+def deployment_run_ids(api_url: str, dep_id: str) -> set[str]:
+    """The ids of every flow run of deployment `dep_id` the server knows."""
+    reply = httpx.post(f"{api_url.rstrip('/')}/flow_runs/filter", timeout=30, trust_env=False,
+                       json={"flow_runs": {"deployment_id": {"any_": [dep_id]}}, "limit": 200})
+    if reply.status_code != 200:
+        raise BrowserHarnessError(f"POST flow_runs/filter answered {reply.status_code}: {reply.text[:200]}")
+    return {run["id"] for run in reply.json()}
+
+
 # --------------------------------------------------------------------------------------------
 # Prefect: trigger a deployment through "Run" -> "Custom run"
 
@@ -129,7 +138,11 @@ def set_form_parameter(page: Page, name: str, value: object) -> None:
 def trigger_deployment_run(page: Page, prefect_ui_url: str, flow_name: str, deployment_name: str,
                            parameters: Mapping[str, object]) -> str:
     """Open the deployment in the Prefect UI, Run -> Custom run, change `parameters`, submit; return
-    the new flow run's id, read from the URL of the run page the toast's "View run" opens."""
+    the new flow run's id, read from the URL of the run page the toast's "View run" opens.
+
+    A busy server can fail the UI's own calls ("Oops. Something went wrong."): when the run was made
+    but no toast came, its id comes from the API; when no run was made, Submit is pressed once more.
+    """
     base = prefect_ui_url.rstrip("/")
     dep_id = deployment_id(base + "/api", flow_name, deployment_name)
     page.goto(f"{base}/deployments/deployment/{dep_id}")
@@ -139,17 +152,34 @@ def trigger_deployment_run(page: Page, prefect_ui_url: str, flow_name: str, depl
     page.locator(".schema-form-property").first.wait_for(timeout=UI_TIMEOUT_MS)
     for name, value in parameters.items():
         set_form_parameter(page, name, value)
-    page.get_by_role("button", name="Submit").click()
     errors = page.locator(".p-message--error, .p-base-input--failed")
     # the UI mounts two toast containers, each showing the same toast: the last one lies on top
     view_run = page.locator(".p-toast-container__toast").get_by_role("button", name="View run").last
-    try:
-        view_run.or_(errors).first.wait_for(timeout=UI_TIMEOUT_MS)
-    except PlaywrightTimeout as exc:
-        raise BrowserHarnessError(f"Prefect UI showed no 'View run' toast after Submit on {page.url}") from exc
-    if errors.count():
-        raise BrowserHarnessError(f"Prefect UI refused the run form on {page.url}: "
-                                  f"{' | '.join(errors.all_inner_texts())[:300]}")
+    before = deployment_run_ids(base + "/api", dep_id)
+    for attempt in (1, 2):
+        page.get_by_role("button", name="Submit").click()
+        deadline = time.monotonic() + UI_TIMEOUT_MS / 1000
+        while time.monotonic() < deadline:
+            if errors.count():
+                raise BrowserHarnessError(f"Prefect UI refused the run form on {page.url}: "
+                                          f"{' | '.join(errors.all_inner_texts())[:300]}")
+            if view_run.is_visible():
+                break
+            created = deployment_run_ids(base + "/api", dep_id) - before
+            if len(created) == 1:  # the run exists; the UI's toast did not come (a busy server)
+                page.wait_for_timeout(2000)
+                if not view_run.is_visible():
+                    run_id = created.pop()
+                    page.goto(f"{base}/runs/flow-run/{run_id}")
+                    return run_id
+            elif created:
+                raise BrowserHarnessError(f"one Submit on {page.url} made {len(created)} flow runs")
+            page.wait_for_timeout(500)
+        if view_run.is_visible():
+            break
+        if attempt == 2:
+            raise BrowserHarnessError(f"Prefect UI showed no 'View run' toast after Submit on {page.url} "
+                                      "and no flow run was created")
     view_run.click()
     page.wait_for_url(_FLOW_RUN_URL, timeout=UI_TIMEOUT_MS)
     found = _FLOW_RUN_URL.search(page.url)
