@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from nativelm.train import loop
+from nativelm.train.progress import training_bar
 
 
 class _Pipe(io.StringIO):
@@ -18,9 +18,7 @@ class _Pipe(io.StringIO):
 def test_the_bar_writes_one_line_per_update_when_stderr_is_no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = _Pipe()
     monkeypatch.setattr(sys, "stderr", stream)
-    cfg = type("Cfg", (), {"progress": True, "max_steps": 4})()
-    ctx = type("Ctx", (), {"is_main": True})()
-    bar = loop._progress(cfg, ctx, 0)  # type: ignore[arg-type]
+    bar = training_bar(4, 0, True)
     bar.mininterval = 0
     for step in range(4):
         bar.update(1)

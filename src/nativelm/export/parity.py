@@ -106,7 +106,8 @@ def torch_logits(model: NativeLM, ids: np.ndarray) -> np.ndarray:
         model.train(was_training)
 
 
-def held_out_parity(model: NativeLM, decoder: OnnxDecoder, windows: np.ndarray, tie_rel: float = 0.0) -> dict[str, Any]:
+def held_out_parity(model: NativeLM, decoder: OnnxDecoder, windows: np.ndarray,
+                    tie_rel: float = 0.0) -> dict[str, Any]:
     """Top-1 agreement, perplexities and logit differences of ONNX vs PyTorch on `windows` (rows, length).
 
     A position where the two pick different tokens still agrees when it is a near-tie: PyTorch's logit

@@ -252,8 +252,9 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
                                   "max_cache_logit_rel_diff": ep.max_cache_logit_rel_diff}}
         if plan.model is not model:  # ternary PTQ: also against the quantized twin the graph computes
             figures["quantized_reference"] = parity.held_out_parity(plan.model, decoder, windows, ep.top1_tie_rel)
-        _note(f"top-1 agreement {held_out['top1_agreement']:.4f} (exact {held_out['top1_exact_agreement']:.4f}), perplexity ONNX {held_out['ppl_onnx']:.3f} vs "
-              f"PyTorch {held_out['ppl_torch']:.3f} (relative difference {held_out['ppl_rel_diff']:.2e}); "
+        _note(f"top-1 agreement {held_out['top1_agreement']:.4f} (exact {held_out['top1_exact_agreement']:.4f}), "
+              f"perplexity ONNX {held_out['ppl_onnx']:.3f} vs PyTorch {held_out['ppl_torch']:.3f} "
+              f"(relative difference {held_out['ppl_rel_diff']:.2e}); "
               f"KV cache {'matches' if cache['match'] else 'DIFFERS from'} full recomputation")
         parity.check_thresholds(figures, plan.params, figures["gated"])
         figures["passed"] = True

@@ -84,15 +84,20 @@ def bench_board(session: BoardSession, fleet: FleetParams) -> BenchRow:
             if not row.release:
                 raise StepFailed("facts", "no live release to benchmark (deploy one first)")
             phase = "bench"
-            done = session.run(bench_argv(session, row.release, fleet), check=False)
-            if done.rc != 0:
-                raise StepFailed("bench", failure_line(done.stderr or done.stdout))
-            row.results = parse_bench(done.stdout)
+            row.results = run_bench(session, row.release, fleet)
             phase = "save-bench"
             session.agent("save-bench", row.release, stdin=json.dumps(row.results).encode())
     except StepFailed as exc:
         row.error = f"{exc.phase}: {exc.reason}"
     return row
+
+
+def run_bench(session: BoardSession, release: str, fleet: FleetParams) -> dict[str, Any]:
+    """The runtime's benchmark of the board's release folder `release` (StepFailed "bench" when it fails)."""
+    done = session.run(bench_argv(session, release, fleet), check=False)
+    if done.rc != 0:
+        raise StepFailed("bench", failure_line(done.stderr or done.stdout))
+    return parse_bench(done.stdout)
 
 
 def parse_bench(stdout: str) -> dict[str, Any]:
@@ -134,11 +139,15 @@ def in_threads(bench_one: BenchOne, wave: Sequence[Board]) -> list[BenchRow]:
 
 
 def bench_fleet(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams, parallel: int | None = None,
-                run_wave: BenchWave = in_threads) -> list[BenchRow]:
-    """Benchmark `boards` wave after wave of `bench_waves` (`run_wave` runs one); rows in the order of `boards`."""
+                run_wave: BenchWave = in_threads, bench_one: BenchOne | None = None) -> list[BenchRow]:
+    """Benchmark `boards` wave after wave of `bench_waves` (`run_wave` runs one); rows in the order of `boards`.
+
+    `bench_one` measures one board (default: its live release, `bench_on`).
+    """
+    one = bench_one or (lambda b: bench_on(b, inventory, fleet))
     rows: dict[str, BenchRow] = {}
     for wave in bench_waves(boards, parallel or fleet.max_parallel):
-        rows.update((row.board, row) for row in run_wave(lambda b: bench_on(b, inventory, fleet), wave))
+        rows.update((row.board, row) for row in run_wave(one, wave))
     return [rows[b.name] for b in boards]
 
 

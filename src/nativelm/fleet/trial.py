@@ -7,7 +7,7 @@
 check are the deploy's own (`fleet/deploy.py`); `current` and `previous` never move, and the release
 folder is removed afterwards unless the board already had it as `current` or `previous` (then it is
 benchmarked where it is and left alone). Boards of one host are measured one after the other
-(`onboard_bench.bench_waves`), as `nativelm bench` does.
+(`onboard_bench.bench_fleet`), as `nativelm bench` does.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nativelm.fleet.board_job import BoardResult, StepFailed, failure_line, on_board
+from nativelm.fleet.board_job import BoardResult, on_board
 from nativelm.fleet.deploy import BoardDeploy
-from nativelm.fleet.onboard_bench import BenchRow, bench_argv, bench_waves, in_threads, parse_bench
+from nativelm.fleet.onboard_bench import BenchRow, bench_fleet, run_bench
 from nativelm.fleet.rollout import board_context, new_rollout_id
 
 if TYPE_CHECKING:
@@ -52,10 +52,7 @@ class BoardTrial(BoardDeploy):
 
     def bench(self) -> None:
         self.note("bench")
-        done = self.session.run(bench_argv(self.session, self.release.name, self.ctx.fleet), check=False)
-        if done.rc != 0:
-            raise StepFailed("bench", failure_line(done.stderr or done.stdout))
-        self.result.extra["bench"] = parse_bench(done.stdout)
+        self.result.extra["bench"] = run_bench(self.session, self.release.name, self.ctx.fleet)
 
 
 def trial_on(board: Board, ctx: BoardContext, release: LocalRelease) -> BoardResult:
@@ -76,9 +73,5 @@ def try_release(params: Params, choice: FleetChoice, release: LocalRelease,
     chosen = list(choice.boards if boards is None else boards)
     ctx = board_context(choice.inventory, params.fleet, Path(params.stack.state_dir), new_rollout_id("trial"),
                         None, None)
-    rows: dict[str, BenchRow] = {}
-    for wave in bench_waves(chosen, params.fleet.max_parallel):
-        for row in in_threads(lambda b: as_bench_row(trial_on(b, ctx, release)), wave):
-            rows[row.board] = row
-    return [rows[b.name] for b in chosen]
-
+    return bench_fleet(choice.inventory, chosen, params.fleet,
+                       bench_one=lambda b: as_bench_row(trial_on(b, ctx, release)))

@@ -89,10 +89,11 @@ class Study:
         self.vocab_size = int(manifest["vocab_size"])
         self.data_hash = params_hash(manifest.get("sha256", {}))
         self._sized: dict[str, ModelParams] = {}
-        self._fleet: FleetChoice | None = None
+        # the boards of study.boards (`all`: every board of fleet.inventory), loaded here so that a wrong
+        # inventory or board name stops the study before it trains anything
+        self.fleet: FleetChoice | None = (
+            choose_boards(params, [] if study.boards == ["all"] else list(study.boards)) if study.boards else None)
         self._on_boards = threading.Lock()  # one row on the boards at a time, also when cells run in parallel
-        if study.boards:
-            self.fleet()  # a wrong inventory or board name stops the study before it trains anything
 
     # ---- what each cell and row is --------------------------------------------------------------
     def cells(self) -> list[Cell]:
@@ -279,25 +280,17 @@ class Study:
         return self._with_boards(result, folder)
 
     # ---- on the boards ------------------------------------------------------------------------------
-    def fleet(self) -> FleetChoice:
-        """The boards of study.boards (`all`: every board of fleet.inventory), loaded once."""
-        if self._fleet is None:
-            names = [] if self.study.boards == ["all"] else list(self.study.boards)
-            self._fleet = choose_boards(self.params, names)
-        return self._fleet
-
     def _with_boards(self, result: dict[str, Any] | None, folder: Path) -> dict[str, Any] | None:
         """`result` with the decode speed of its release on every board of study.boards it lacks (saved).
 
         A board that fails is recorded with its reason and the row keeps its other figures.
         """
-        if not self.study.boards or result is None or "error" in result:
+        if self.fleet is None or result is None or "error" in result:
             return result
         with self._on_boards:
-            return self._measure_on_boards(result, folder)
+            return self._measure_on_boards(self.fleet, result, folder)
 
-    def _measure_on_boards(self, result: dict[str, Any], folder: Path) -> dict[str, Any]:
-        chosen = self.fleet()
+    def _measure_on_boards(self, chosen: FleetChoice, result: dict[str, Any], folder: Path) -> dict[str, Any]:
         known = result.get("boards", {})
         wanted = [b for b in chosen.boards if "decode_tokens_per_s" not in known.get(b.name, {})]
         if not wanted:

@@ -4,8 +4,8 @@ One MLflow parent run per study (its id is kept in the study's folder, so a resu
 logging into it) and one nested run per row, seed and learning rate, logged when the row is done:
 the retrain pipeline's metric names (``train/…``, ``export/…``, ``evaluate/…``), the validation
 curve as ``val/loss`` by step, the figures measured on boards (study.boards) as
-``board.<board>.<figure>`` (their median decode speed is ``evaluate/board_decode_tokens_per_s``), and the tags ``study/row``, ``study/family``, ``study/method``,
-``study/ptq``, ``study/lr``.
+``board.<board>.<figure>`` (their median decode speed is ``evaluate/board_decode_tokens_per_s``),
+and the tags ``study/row``, ``study/family``, ``study/method``, ``study/ptq``, ``study/lr``.
 """
 
 from __future__ import annotations

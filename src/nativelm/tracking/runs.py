@@ -44,6 +44,11 @@ VIEW_KEY = "nativelm"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 
 
+def experiment_tags() -> dict[str, str]:
+    """The tags every nativelm experiment carries: its kind and the runs view `ui_url` opens."""
+    return {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], VIEW_TAG: runs_view()}
+
+
 def runs_view() -> str:
     """The shared view's JSON: the runs table with FIRST_COLUMNS, newest run first."""
     columns = [f"metrics.`{name}`" for name in FIRST_COLUMNS]
@@ -156,12 +161,12 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], VIEW_TAG: runs_view()})
+            return client.create_experiment(name, tags=experiment_tags())
         except Exception:  # created concurrently by another stage
             found = client.get_experiment_by_name(name)
             if found is None:
                 raise
-    for key, value in (EXPERIMENT_KIND, (VIEW_TAG, runs_view())):
+    for key, value in experiment_tags().items():
         if found.tags.get(key) != value:  # an experiment made before nativelm set these
             client.set_experiment_tag(found.experiment_id, key, value)
     return found.experiment_id

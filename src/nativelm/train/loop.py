@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from nativelm.errors import NativelmError
 from nativelm.params.train import ResolvedTrain
@@ -42,6 +41,7 @@ from nativelm.train.distributed import DistContext, all_reduce_sum, barrier, gat
 from nativelm.train.guards import check_every_parameter_learns
 from nativelm.train.metrics import mfu
 from nativelm.train.precision import Precision, resolve_precision, torch_threads
+from nativelm.train.progress import training_bar
 from nativelm.train.schedule import StepSchedule
 
 MetricSink = Callable[[dict[str, float], int], None]
@@ -293,7 +293,7 @@ class Trainer:
         interval_steps, interval_time = 0, 0.0
         sums: dict[str, torch.Tensor] = {}
         throughput, step_time = 0.0, 0.0
-        bar = _progress(cfg, ctx, self.state.step)
+        bar = training_bar(cfg.max_steps, self.state.step, cfg.progress and ctx.is_main)
         try:
             while self.state.step < cfg.max_steps:
                 if self.stop_after is not None and self.state.step >= self.stop_after:
@@ -375,44 +375,6 @@ def _zero_stats(model: nn.Module, device: torch.device) -> list[dict[str, torch.
                         "router_entropy": torch.zeros((), device=device)})
         rows.append(row)
     return rows
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def set_postfix(self, **kwargs: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-class LinePerUpdate:
-    """Where the bar draws when stderr is no terminal (a CI log, a file, a pipe): each redraw its own line.
-
-    tqdm redraws in place with a carriage return, which a log file keeps as one endless line.
-    """
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    @property
-    def encoding(self) -> str:
-        return getattr(self.stream, "encoding", None) or "utf-8"
-
-    def write(self, text: str) -> int:
-        line = text.replace("\r", "").rstrip()
-        if line:
-            self.stream.write(line + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def _progress(cfg: ResolvedTrain, ctx: DistContext, initial: int) -> Any:
-    if not (cfg.progress and ctx.is_main):
-        return _NoBar()
-    interactive = sys.stderr.isatty()
-    return tqdm(total=cfg.max_steps, initial=initial, desc="train", unit="step",
-                file=sys.stderr if interactive else LinePerUpdate(sys.stderr), dynamic_ncols=interactive,
-                ncols=None if interactive else 100, mininterval=0.5 if interactive else 10.0, smoothing=0.1)
 
 
 def _note(ctx: DistContext, message: str) -> None:
