@@ -297,6 +297,7 @@ def test_a_recycled_pid_is_never_taken_for_ours(tmp_path: Path) -> None:
 def test_a_pid_now_owned_by_another_process_is_not_running(tmp_path: Path) -> None:
     proc = BackgroundProcess("svc", tmp_path)
     ours = proc.start([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(0.05)  # a later clock tick: two processes forked within one tick have the same create_time
     stranger = subprocess.Popen(["sleep", "60"])
     try:
         assert proc.is_running() and ours.create_time is not None
