@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,3 +140,20 @@ def test_compiled_quantizer_is_checked_against_eager_and_dropped_when_it_differs
     assert "_quantize_weight" not in compiled._COMPILE_FAILED and len(compiled._CHECKED) == 1
     codes, scale = layer.weight_codes()
     assert torch.equal(w, codes.float() * scale)
+
+
+def test_fused_quantizer_keeps_a_compiled_variant_for_every_layer_width(monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """openelm's layers each have their own widths: every one must run compiled, none fall back to eager
+    because dynamo's recompile limit (8 by default) ran out (parameters are compiled with static shapes)."""
+    from nativelm.model import compiled
+
+    monkeypatch.setattr(compiled, "FUSE", "on")
+    caplog.set_level(logging.WARNING, logger="torch._dynamo")
+    for width in range(16, 16 + 8 * 11, 8):  # 11 widths, each forward and backward
+        w = torch.nn.Parameter(torch.randn(width, 32))
+        out = bl.quantize_weight_groups([[w]], 1.58, 1e-5, torch.float32)
+        out[0].sum().backward()
+        assert w.grad is not None and w.grad.abs().sum() > 0
+    assert "recompile_limit" not in caplog.text
+    assert not compiled._COMPILE_FAILED

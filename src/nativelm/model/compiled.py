@@ -25,6 +25,10 @@ everywhere; ``on`` = compiled on every device (tests). Same math either way. Eac
 function is checked once against its eager version (forward and gradients, on the first real
 inputs); a compile failure or a mismatch falls back to eager for good, with a note on stderr."""
 
+RECOMPILE_LIMIT = 64
+"""Compiled variants kept per function: one per weight shape and grad mode, and openelm's layers each
+have their own widths (12 layers -> 24 variants); at dynamo's default of 8 the rest ran eagerly."""
+
 _COMPILED: dict[str, Callable] = {}
 _COMPILE_FAILED: set[str] = set()
 _CHECKED: set[tuple] = set()
@@ -39,7 +43,8 @@ def fused_call(fn: Callable, cuda: bool, *args: Any) -> Any:
         return fn(*args)
     compiled = _COMPILED.get(name)
     if compiled is None:
-        compiled = _COMPILED[name] = torch.compile(fn, dynamic=None, options=_eager_numerics())
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        compiled = _COMPILED[name] = torch.compile(fn, dynamic=None, options=eager_numerics())
     try:
         key = (name, *_signature(args))
         if key not in _CHECKED:
@@ -110,7 +115,7 @@ def _compare_compiled(fn: Callable, compiled: Callable, args: tuple, tol: float 
     return ""
 
 
-def _eager_numerics() -> dict[str, bool]:
+def eager_numerics() -> dict[str, bool]:
     """Inductor options that make compiled code round like eager PyTorch: IEEE division (Triton's `/`
     is approximate), so the compiled quantizer gives exactly the codes `weight_codes` (and the
     exporter) give, and intermediate casts to bf16 kept."""
