@@ -26,30 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from gpu_training import params_with
 from nativelm.model import build_model
-from nativelm.model.compiled import eager_numerics
 from nativelm.params.model import with_preset
-from nativelm.params.root import parse_params
 from nativelm.train.data import BatchSampler, load_token_data
-
-
-def _params(family: str, preset: str, sets: list[str]) -> Any:
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    raw["model"]["family"] = family
-    raw["train"]["preset"] = preset
-    raw["tracking"]["uri"] = "off"
-    for item in sets:
-        dotted, value = item.split("=", 1)
-        section, key = dotted.split(".", 1)
-        raw[section][key] = yaml.safe_load(value)
-    return parse_params(yaml.safe_dump(raw))
+from nativelm.train.optim import build_optimizer
 
 
 def _run(params: Any, vocab: int, batches: list[tuple[torch.Tensor, torch.Tensor]], compiled: bool, bf16: bool,
-         lr: float, device: torch.device,
-         numerics: bool = True, nudge: float = 0.0) -> tuple[list[float], dict[str, torch.Tensor], float]:
+         device: torch.device, nudge: float = 0.0) -> tuple[list[float], dict[str, torch.Tensor], float]:
     """Losses of every step, gradients after the first backward, seconds of the steps after the first."""
     torch._dynamo.reset()
     model = build_model(with_preset(params.model, params.train.preset), vocab, seed=params.seed).to(device)
@@ -57,8 +43,8 @@ def _run(params: Any, vocab: int, batches: list[tuple[torch.Tensor, torch.Tensor
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1.0 + nudge)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    forward = torch.compile(model, options=eager_numerics() if numerics else None) if compiled else model
+    optimizer = build_optimizer(model, params.train.resolved(), fused=True if device.type == "cuda" else None)
+    forward = torch.compile(model) if compiled else model  # as train.compile does
     losses, first_grads = [], {}
     started = 0.0
     for step, (x, y) in enumerate(batches):
@@ -101,23 +87,19 @@ def main() -> None:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--plain-compile", action="store_true",
-                        help="torch.compile without the eager-numerics options train.compile uses")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
     bf16 = args.precision == "bf16"
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = bf16
     torch.backends.cudnn.allow_tf32 = bf16
-    params = _params(args.family, args.preset, args.set)
+    params = params_with({"model": {"family": args.family}, "train": {"preset": args.preset}}, args.set)
     data = load_token_data(Path(params.data.out_dir))
     sampler = BatchSampler(data.train, args.batch, args.seq, seed=params.seed)
     batches = [tuple(t.to(device) for t in sampler.next_batch()) for _ in range(args.steps)]
     ulp = 2.0 ** -23
-    runs = {name: _run(params, data.vocab_size, batches, compiled, bf16, args.lr, device, not args.plain_compile,
-                       nudge)
+    runs = {name: _run(params, data.vocab_size, batches, compiled, bf16, device, nudge)
             for name, compiled, nudge in (("eager", False, 0.0), ("eager2", False, 0.0), ("nudged", False, ulp),
                                           ("compiled", True, 0.0))}
     noise = _compare(runs["eager"][1], runs["eager2"][1])

@@ -48,8 +48,20 @@ class Recorder:
         print("step", step, " ".join(f"{k}={row[k]:.4g}" for k in SHOWN if k in row), flush=True)
 
 
-def _value(text: str) -> Any:
-    return yaml.safe_load(text)
+def params_with(updates: dict[str, dict[str, Any]], sets: list[str]) -> Any:
+    """params.yaml with `updates` (section -> keys) and the SECTION.KEY=VALUE `sets` applied, tracking off."""
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    for section, keys in updates.items():
+        raw[section].update(keys)
+    for item in sets:
+        dotted, value = item.split("=", 1)
+        *sections, key = dotted.split(".")
+        target = raw
+        for section in sections:
+            target = target[section]
+        target[key] = yaml.safe_load(value)
+    raw["tracking"]["uri"] = "off"
+    return parse_params(yaml.safe_dump(raw))
 
 
 def main() -> None:
@@ -63,20 +75,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
-    raw = yaml.safe_load(Path("params.yaml").read_text())
     run_dir = Path("/tmp/gpu_run") / args.name
-    raw["train"].update({"preset": args.preset, "max_steps": args.steps, "warmup_steps": 10, "log_interval": 10,
-                         "eval_interval": args.steps, "checkpoint_interval": args.steps, "progress": False,
-                         "resume": "off", "device": args.device, "compile": args.compile})
-    for item in args.set:
-        dotted, value = item.split("=", 1)
-        *sections, key = dotted.split(".")
-        target = raw
-        for section in sections:
-            target = target[section]
-        target[key] = _value(value)
-    raw["tracking"]["uri"] = "off"
-    params = parse_params(yaml.safe_dump(raw))
+    params = params_with({"train": {"preset": args.preset, "max_steps": args.steps, "warmup_steps": 10,
+                                    "log_interval": 10, "eval_interval": args.steps,
+                                    "checkpoint_interval": args.steps, "progress": False, "resume": "off",
+                                    "device": args.device, "compile": args.compile}}, args.set)
     outputs = TrainOutputs(run_dir / "model.pt", run_dir / "checkpoints", run_dir / "train.json", run_dir / "plots")
     rec = Recorder()
     started = time.time()

@@ -146,8 +146,6 @@ def test_fused_quantizer_keeps_a_compiled_variant_for_every_layer_width(monkeypa
                                                                          caplog: pytest.LogCaptureFixture) -> None:
     """openelm's layers each have their own widths: every one must run compiled, none fall back to eager
     because dynamo's recompile limit (8 by default) ran out (parameters are compiled with static shapes)."""
-    from nativelm.model import compiled
-
     monkeypatch.setattr(compiled, "FUSE", "on")
     caplog.set_level(logging.WARNING, logger="torch._dynamo")
     for width in range(16, 16 + 8 * 11, 8):  # 11 widths, each forward and backward

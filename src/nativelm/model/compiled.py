@@ -44,7 +44,7 @@ def fused_call(fn: Callable, cuda: bool, *args: Any) -> Any:
     compiled = _COMPILED.get(name)
     if compiled is None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        compiled = _COMPILED[name] = torch.compile(fn, dynamic=None, options=eager_numerics())
+        compiled = _COMPILED[name] = torch.compile(fn, dynamic=None, options=_eager_numerics())
     try:
         key = (name, *_signature(args))
         if key not in _CHECKED:
@@ -115,7 +115,7 @@ def _compare_compiled(fn: Callable, compiled: Callable, args: tuple, tol: float 
     return ""
 
 
-def eager_numerics() -> dict[str, bool]:
+def _eager_numerics() -> dict[str, bool]:
     """Inductor options that make compiled code round like eager PyTorch: IEEE division (Triton's `/`
     is approximate), so the compiled quantizer gives exactly the codes `weight_codes` (and the
     exporter) give, and intermediate casts to bf16 kept."""
