@@ -1,4 +1,5 @@
-"""Atomic file and folder writes, so a failure never leaves half-written output behind."""
+"""Atomic file and folder writes, so a failure never leaves half-written output behind; bounded reads
+of the files a user hands in, so a FIFO, a device or a huge file is one clear line, never a hang."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,52 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class BoundedReadError(ValueError):
+    """A user's file is not a regular file, or larger than the reader allows (the message names why)."""
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (for the one line that refuses it)."""
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def size_text(size: int) -> str:
+    """A byte count as people read it (16 MiB, 1 GiB)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.3g} {unit}"
+    return f"{size} bytes"
+
+
+def read_bounded(path: Path | str, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; BoundedReadError otherwise.
+
+    Opened non-blocking, so a FIFO is refused instead of waiting forever for a writer; the size is
+    checked before reading and again while reading (a file that grows meanwhile). OSError (missing,
+    permission) passes through for the caller's own message.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BoundedReadError(f"is {file_kind(info.st_mode)}, expected a regular file")
+        if info.st_size > limit:
+            raise BoundedReadError(f"{size_text(info.st_size)}, more than the {size_text(limit)} allowed")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        total = 0
+        while block := os.read(fd, min(1 << 20, limit + 1 - total)):
+            chunks.append(block)
+            total += len(block)
+            if total > limit:
+                raise BoundedReadError(f"grew past the {size_text(limit)} allowed while being read")
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def _umask() -> int:

@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError, field_validator
 from nativelm.errors import NativelmError
 from nativelm.params.base import StrictModel
 from nativelm.params.fleet import NAME_PATTERN
-from nativelm.yamlio import load_yaml, validation_line
+from nativelm.yamlio import load_yaml, read_yaml_text, validation_line
 
 USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
 PYTHON_PATTERN = r"^[A-Za-z0-9_./-]+$"
@@ -172,17 +172,8 @@ def parse_inventory(text: str, path: Path) -> Inventory:
 def load_inventory(path: Path | str) -> Inventory:
     """Read and validate an inventory file; one InventoryError line for any problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InventoryError(f"{path}: inventory file not found (set fleet.inventory in params.yaml, pass "
-                             f"--inventory PATH, or run `nativelm fleet sim up`)") from None
-    except IsADirectoryError:
-        raise InventoryError(f"{path}: is a folder, expected the inventory YAML file") from None
-    except UnicodeDecodeError as exc:
-        raise InventoryError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise InventoryError(f"{path}: cannot read the inventory: {exc.strerror}") from None
+    text = read_yaml_text(path, InventoryError, "inventory file not found (set fleet.inventory in params.yaml, pass "
+                                                "--inventory PATH, or run `nativelm fleet sim up`)")
     return parse_inventory(text, path)
 
 

@@ -4,6 +4,6 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """Frozen, strict pydantic model: a typo'd key or a quoted number stops the command."""
+    """Frozen, strict pydantic model: a typo'd key, a quoted number or an infinite / NaN float stops the command."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)

@@ -23,7 +23,7 @@ from nativelm.params.stack import StackParams
 from nativelm.params.study import StudyParams
 from nativelm.params.tracking import TrackingParams
 from nativelm.params.train import TrainParams
-from nativelm.yamlio import load_yaml, validation_line
+from nativelm.yamlio import load_yaml, read_yaml_text, validation_line
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -49,7 +49,8 @@ def parse_params(text: str, source: str = "params.yaml") -> Params:
     """Validate the YAML text of a params file; raise ParamsError with one line on any problem."""
     raw = load_yaml(text, source, ParamsError)
     if raw is None:
-        raw = {}
+        raise ParamsError(f"{source} is empty (write at least one section, e.g. `seed: 1234`; see the repository's "
+                          "params.yaml)")
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
     try:
@@ -61,12 +62,6 @@ def parse_params(text: str, source: str = "params.yaml") -> Params:
 def load_params(path: Path | str | None = None) -> Params:
     """Read params.yaml from the current folder, or the file given with --params PATH."""
     path = Path(path) if path is not None else DEFAULT_PARAMS
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: parameters file not found (run from the project folder or pass --params PATH)") from None
-    except IsADirectoryError:
-        raise ParamsError(f"{path}: is a folder, expected a YAML file") from None
-    except UnicodeDecodeError as exc:
-        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    text = read_yaml_text(path, ParamsError, "parameters file not found (run from the project folder or pass "
+                                             "--params PATH)")
     return parse_params(text, str(path))
