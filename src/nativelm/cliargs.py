@@ -27,3 +27,15 @@ def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def nonblank(what: str) -> Callable[[str], str]:
+    """An argparse type: a value that is not empty or blank (an unset `$VERSION` in a script must stop the
+    command, never fall back to its default)."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{what} is empty; give one (leave the option out for the default)")
+        return text
+
+    return parse

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from nativelm import __version__
-from nativelm.cliargs import at_least
+from nativelm.cliargs import at_least, nonblank
 from nativelm.errors import NativelmError
 from nativelm.fleet import commands, deploy_commands
 from nativelm.params.study import ALL_ROWS
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checked first) and print the continuation of --prompt: greedy by default, "
                                    "sampled with --temperature > 0 (and --top-k / --top-p / --seed).")
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--model", metavar="DIR", default=None,
+    p.add_argument("--model", metavar="DIR", default=None, type=nonblank("the export folder"),
                    help="export folder (default: export.out_dir of the parameters file)")
     p.add_argument("--max-new-tokens", type=at_least(0), default=64, metavar="N",
                    help="tokens to generate at most (default 64; stops early at end of text)")

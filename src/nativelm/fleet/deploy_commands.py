@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from nativelm.cliargs import at_least
+from nativelm.cliargs import at_least, nonblank
 from nativelm.fleet.commands import add_board_choice, handler
 from nativelm.params.fleet import RELEASE_PATTERN
 
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                     "boards serving the release are benchmarked and the rollout is recorded (one MLflow run, nested "
                     "under the pipeline run that registered the version). Result log: "
                     "<stack.state_dir>/rollouts/<id>.json. Exit status 1 when any board failed.")
-    p.add_argument("--model", metavar="SPEC", default=None,
+    p.add_argument("--model", metavar="SPEC", default=None, type=nonblank("the model"),
                    help="registered version (3), alias (champion), models:/NAME/3 or models:/NAME@alias "
                         "(downloaded from MLflow), or a release folder (default: evaluate.release_dir)")
     add_board_choice(p)

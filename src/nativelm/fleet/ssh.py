@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Self
 
 import paramiko
 
-from nativelm.errors import ParamsError
 from nativelm.fleet.agent import AGENT_NAME
 from nativelm.fleet.agent_pack import inline_source
 from nativelm.fleet.ssh_trust import (
@@ -70,16 +69,11 @@ class BoardSession:
     """A context manager holding one SSH connection to `board`; see the module docstring for the rules."""
 
     def __init__(self, board: Board, inventory: Inventory, fleet: FleetParams) -> None:
-        parts = fleet.remote_root.strip("/").split("/")
-        if any(part in ("", ".", "..") for part in parts):
-            raise ParamsError(f"fleet.remote_root: {fleet.remote_root!r} must be a plain relative folder "
-                              f"(no '.', '..' or empty parts)")
         self.board = board
         self.inventory = inventory
         self.fleet = fleet
         self.home = ""
         self.root = ""
-        self._root_parts = parts
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
 
@@ -139,7 +133,7 @@ class BoardSession:
             raise BoardError(self.board.name, "connect", f"unusable home folder {home!r} (expected an absolute "
                                                          f"path of letters, digits and ._/@+-)")
         self.home = home.rstrip("/") or "/"
-        self.root = posixpath.join(self.home, *self._root_parts)
+        self.root = fleet.remote_root_under(self.home)  # validated with the params (params/fleet.py)
 
     def close(self) -> None:
         """Close the SFTP channel and the connection (safe to call twice)."""

@@ -1,12 +1,30 @@
 """Parameters of the fleet: where the inventory is, how to talk to boards, how a rollout proceeds."""
 
-from pydantic import Field, model_validator
+import posixpath
+import re
+
+from pydantic import Field, field_validator, model_validator
 
 from nativelm.params.base import StrictModel
 
 # Names of boards, groups and releases reach remote shells: keep them to a strict alphabet.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 RELEASE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# a remote folder: plain components of a shell-safe alphabet, optionally after `/` or `~/`
+_REMOTE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
+
+
+def remote_root_error(value: str) -> str | None:
+    """Why `value` cannot be a board's remote root (None: it can). Relative and `~/...` are under the
+    board's home, `/...` is absolute; no `.`/`..` or empty components, nothing a shell would expand."""
+    body = value[2:] if value.startswith("~/") else value[1:] if value.startswith("/") else value
+    if not body or len(value) > 128:
+        return "must name a folder of at most 128 characters"
+    bad = [part for part in body.split("/") if not _REMOTE_PART.fullmatch(part)]
+    if bad:
+        return (f"component {bad[0]!r} is not a plain folder name (letters, digits, '._-'; no '.', '..', empty "
+                f"parts or shell characters)")
+    return None
 
 
 class SimParams(StrictModel):
@@ -28,7 +46,7 @@ class FleetParams(StrictModel):
     """Inventory location, SSH limits, rollout shape and the board runtime's packages."""
 
     inventory: str = Field(".nativelm/fleet-sim/fleet.yaml", min_length=1)
-    remote_root: str = Field("nativelm", pattern=r"^[A-Za-z0-9._-][A-Za-z0-9._/-]{0,127}$")
+    remote_root: str = Field("nativelm", min_length=1)
     keep_releases: int = Field(3, ge=1, le=100)
     connect_timeout_s: float = Field(10.0, gt=0, le=600)
     command_timeout_s: float = Field(300.0, gt=0, le=7200)
@@ -42,3 +60,17 @@ class FleetParams(StrictModel):
     bench_new_tokens: int = Field(32, ge=1, le=8192)
     bench_repeats: int = Field(3, ge=1, le=100)
     sim: SimParams = SimParams()
+
+    @field_validator("remote_root")
+    @classmethod
+    def _remote_root(cls, value: str) -> str:
+        problem = remote_root_error(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    def remote_root_under(self, home: str) -> str:
+        """The absolute remote root on a board whose home folder is `home`."""
+        if self.remote_root.startswith("/"):
+            return posixpath.normpath(self.remote_root)
+        return posixpath.join(home, self.remote_root.removeprefix("~/").rstrip("/"))
