@@ -96,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
     p.add_argument("--top-k", type=at_least(0), default=0, metavar="K", help="0 (default): no limit")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 (default): no limit")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampler (reproducible text)")
+    p.add_argument("--seed", type=at_least(0), default=None, metavar="S",
+                   help="seed of the sampler, >= 0 (reproducible text)")
     p.add_argument("--threads", type=at_least(1), default=None, metavar="N",
-                   help="ONNX Runtime intra-op threads (default: every CPU this process may use)")
+                   help="ONNX Runtime intra-op threads, at most 4 x the CPUs (default: every CPU this process "
+                        "may use)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(handler="nativelm.cli.stages:generate")
 

@@ -124,7 +124,9 @@ def generate(args: argparse.Namespace) -> int:
         else:
             print(runtime.generate(model, args.prompt, args.max_new_tokens, sampling).text)
     except runtime.RuntimeFailure as exc:
-        raise NativelmError(str(exc)) from None
+        error = NativelmError(str(exc))
+        error.exit_code = exc.exit_code  # 2 for a bad argument (BadArgument), as the board runtime exits
+        raise error from None
     return 0
 
 

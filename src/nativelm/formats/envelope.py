@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from nativelm.errors import NativelmError
+from nativelm.runtime.errors import MissingFile, RuntimeFailure
+from nativelm.runtime.jsonfile import read_json_file
 
 
 def checked(data: Any, path: Path, name: str, version: int, what: str) -> dict[str, Any]:
@@ -21,13 +23,14 @@ def checked(data: Any, path: Path, name: str, version: int, what: str) -> dict[s
 
 
 def read_json(path: Path, missing_hint: str) -> Any:
-    """A JSON file; missing (with `missing_hint`) or unreadable is one clear line."""
+    """A JSON manifest, bounded in size and nesting; missing (with `missing_hint`) or unreadable is one clear
+    line."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        return read_json_file(path)
+    except MissingFile:
         raise NativelmError(f"{path}: not found ({missing_hint})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NativelmError(f"{path}: unreadable ({exc})") from None
+    except RuntimeFailure as exc:
+        raise NativelmError(str(exc)) from None
 
 
 

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", required=True, metavar="DIR",
                          help="export folder: model.onnx, tokenizer.json, genai_config.json, manifest.json")
         sub.add_argument("--threads", type=_positive, default=None,
-                         help="ONNX Runtime intra-op threads (default: every CPU this process may use)")
+                         help="ONNX Runtime intra-op threads, at most 4 x the CPUs (default: every CPU this process "
+                              "may use)")
         sub.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the folder's files")
         return sub
 
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
     gen.add_argument("--top-k", type=_non_negative, default=0, metavar="K", help="0 (default): no limit")
     gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 (default): no limit")
-    gen.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampler (reproducible text)")
+    gen.add_argument("--seed", type=_non_negative, default=None, metavar="S",
+                     help="seed of the sampler, >= 0 (reproducible text)")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, finish reason")
     gen.set_defaults(handler=cmd_generate)

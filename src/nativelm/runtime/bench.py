@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RuntimeFailure
+from .errors import BadArgument, RuntimeFailure
 from .generate import Decoder, Sampler
 from .session import Model, load_model
 
@@ -154,13 +154,13 @@ def benchmark(model: Model | str | os.PathLike[str], prompt_len: int = 64, new_t
               repeats: int = 3, threads: int | None = None, warmup: int = 1) -> dict[str, Any]:
     """Measure `model` (a loaded Model, or an export folder loaded with `threads`); a flat dict of results."""
     if prompt_len < 1 or new_tokens < 2 or repeats < 1 or warmup < 0:
-        raise RuntimeFailure(f"bench needs prompt-len >= 1, new-tokens >= 2, repeats >= 1 "
-                             f"(got {prompt_len}, {new_tokens}, {repeats})")
+        raise BadArgument(f"bench needs prompt-len >= 1, new-tokens >= 2, repeats >= 1 "
+                          f"(got {prompt_len}, {new_tokens}, {repeats})")
     if not isinstance(model, Model):
         model = load_model(model, threads=threads)
     if model.context_length and prompt_len + new_tokens > model.context_length:
-        raise RuntimeFailure(f"prompt-len {prompt_len} + new-tokens {new_tokens} exceeds the model's context "
-                             f"of {model.context_length} tokens")
+        raise BadArgument(f"prompt-len {prompt_len} + new-tokens {new_tokens} exceeds the model's context "
+                          f"of {model.context_length} tokens")
     import onnxruntime as ort
 
     prompt = _bench_prompt(model, prompt_len)

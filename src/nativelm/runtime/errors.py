@@ -17,6 +17,23 @@ class RuntimeFailure(RuntimeError):
         super().__init__(one_line(message))
 
 
+class BadArgument(RuntimeFailure):
+    """An argument that cannot be used (a negative seed, too many threads, a prompt that is not UTF-8
+    text): the caller's mistake, so the exit status is 2 as for any bad input."""
+
+    exit_code = 2
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8 text; an argument that came from bytes that are not (kept by Python
+    as lone surrogates) is a BadArgument naming the first bad position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadArgument(f"{what} is not valid UTF-8 text (bad byte at character {exc.start})") from None
+    return text
+
+
 class MissingFile(RuntimeFailure):
     """A file the folder or its manifest names is not there."""
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import RuntimeFailure
+from .errors import BadArgument, RuntimeFailure, check_text
 from .session import KVCache, Model
 
 
@@ -35,11 +35,13 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # also rejects NaN
-            raise RuntimeFailure(f"temperature must be >= 0, got {self.temperature}")
+            raise BadArgument(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise RuntimeFailure(f"top-k must be >= 0 (0: no limit), got {self.top_k}")
+            raise BadArgument(f"top-k must be >= 0 (0: no limit), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise RuntimeFailure(f"top-p must be in (0, 1], got {self.top_p}")
+            raise BadArgument(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and self.seed < 0:
+            raise BadArgument(f"seed must be >= 0, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -117,13 +119,13 @@ class Generation:
 def prompt_ids(model: Model, prompt: str | Sequence[int]) -> list[int]:
     """Token ids of a prompt (text, or ids as they are). An empty prompt starts from the eos token,
     which ends every training document, i.e. a fresh document begins."""
-    ids = model.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    ids = model.encode(check_text(prompt, "the prompt")) if isinstance(prompt, str) else [int(i) for i in prompt]
     if not ids:
         if not model.eos_ids:
             raise RuntimeFailure("the prompt is empty and the model has no eos token to start from")
         ids = [model.eos_ids[0]]
     if model.context_length and len(ids) > model.context_length:
-        raise RuntimeFailure(f"the prompt is {len(ids)} tokens; the model's context is {model.context_length}")
+        raise BadArgument(f"the prompt is {len(ids)} tokens; the model's context is {model.context_length}")
     return ids
 
 
@@ -133,7 +135,7 @@ def iter_tokens(model: Model, ids: Sequence[int], max_new_tokens: int, sampling:
     """Yield the new token ids one by one (eos excluded); `result`, if given, receives them and
     the finish reason."""
     if max_new_tokens < 0:
-        raise RuntimeFailure(f"max-new-tokens must be >= 0, got {max_new_tokens}")
+        raise BadArgument(f"max-new-tokens must be >= 0, got {max_new_tokens}")
     result = result if result is not None else Generation(list(ids))
     budget = max_new_tokens
     if model.context_length:

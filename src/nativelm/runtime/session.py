@@ -18,7 +18,6 @@ Only numpy, onnxruntime and tokenizers are imported: this module ships to boards
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -27,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line
+from .errors import BadArgument, IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line
+from .jsonfile import read_json_file
 
 MANIFEST = "manifest.json"
 GENAI_CONFIG = "genai_config.json"
@@ -60,10 +60,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise MissingFile(f"{path}: missing ({what})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RuntimeFailure(f"{path}: not readable JSON ({first_line(exc)})") from None
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise RuntimeFailure(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -300,6 +297,20 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def max_threads() -> int:
+    """The most intra-op threads a session may ask for: 4 x this machine's CPUs (more only oversubscribes
+    the cores; ONNX Runtime would spend minutes creating 100000 threads)."""
+    return 4 * max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads: int) -> int:
+    """`threads` if it is between 1 and max_threads(); a BadArgument otherwise."""
+    if not 1 <= threads <= max_threads():
+        raise BadArgument(f"threads must be between 1 and {max_threads()} (4 x the {os.cpu_count()} CPUs), "
+                          f"got {threads}")
+    return threads
+
+
 def load_tokenizer(path: Path) -> Any:
     """tokenizer.json as a `tokenizers.Tokenizer`; missing or unreadable is one clear line."""
     from tokenizers import Tokenizer
@@ -336,6 +347,7 @@ def load_model(folder: str | os.PathLike[str], threads: int | None = None, verif
     `threads`: ONNX Runtime intra-op threads (default: every CPU this process may use).
     `verify=False` skips the hashes (and tolerates a folder without manifest.json).
     """
+    threads = default_threads() if threads is None else check_threads(int(threads))
     folder = Path(folder)
     if not folder.is_dir():
         raise MissingFile(f"{folder}: no such model folder")
@@ -350,9 +362,6 @@ def load_model(folder: str | os.PathLike[str], threads: int | None = None, verif
     if verify and model_name not in manifest_hashes(manifest, folder / MANIFEST):
         raise IntegrityError(f"{folder / MANIFEST}: has no sha256 for {model_name}, so it cannot be verified")
     tokenizer = load_tokenizer(folder / TOKENIZER)
-    threads = default_threads() if threads is None else int(threads)
-    if threads < 1:
-        raise RuntimeFailure(f"threads must be at least 1, got {threads}")
     model = Model(folder, open_session(model_file, threads), tokenizer, manifest, genai, model_file, threads)
     token_count = tokenizer.get_vocab_size(with_added_tokens=True)
     if token_count != model.vocab_size:

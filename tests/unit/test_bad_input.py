@@ -1,0 +1,247 @@
+"""Bad input of every kind the adversarial review found: one clear line, exit 2, never a traceback or a hang.
+
+Each case runs the real command (`nativelm ...` or the board runtime, in a subprocess where the
+exit status and stderr matter) on real files: YAML and JSON bombs, FIFOs, malformed known_hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nativelm.errors import NativelmError, ParamsError
+from nativelm.fsutil import BoundedReadError, read_bounded
+from nativelm.params.root import load_params, parse_params
+from nativelm.runtime.errors import BadArgument
+from nativelm.runtime.jsonfile import JsonFileError, read_json_file
+from nativelm.yamlio import MAX_DEPTH, MAX_NODES
+from tests.unit.runtime_model import Export
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT = 120
+
+
+def run_cli(*args: str, module: str = "nativelm.cli", cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=TIMEOUT,
+                          env=env, cwd=cwd)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The single error line of a failed command (argparse's usage lines before it are allowed)."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def params_error(text: str) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(text, "p.yaml")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("p.yaml")
+    return message
+
+
+# ---------------------------------------------------------------- YAML bounds
+
+
+def test_a_mapping_key_that_is_a_list_or_a_mapping_is_one_line() -> None:
+    assert "p.yaml:1:3: invalid YAML: a mapping key must be a plain value, found a list" in params_error("? [a]\n: 1\n")
+    assert "found a mapping" in params_error("train: {? {a: 1}: 2}\n")
+
+
+def test_deep_nesting_fails_fast_naming_the_place() -> None:
+    message = params_error("seed: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert f"nested deeper than {MAX_DEPTH} levels" in message
+    assert params_error("a: " + "{b: " * (MAX_DEPTH + 1) + "1" + "}" * (MAX_DEPTH + 1))
+
+
+def test_a_billion_laughs_file_fails_before_anything_is_built() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]  # 10**10 values
+    message = params_error("\n".join(lines) + "\n")
+    assert f"more than {MAX_NODES} values once aliases are expanded" in message
+    assert "p.yaml:6:" in message  # the first level past the bound: a5 holds 1 111 111 values
+
+
+def test_aliases_nesting_past_the_depth_and_a_cycle() -> None:
+    chain = ["l0: &l0 [1]"] + [f"l{i}: &l{i} [*l{i - 1}]" for i in range(1, MAX_DEPTH + 2)]
+    assert "deeper than 64 levels once aliases are expanded" in params_error("\n".join(chain) + "\n")
+    assert "an alias refers to a value that contains it" in params_error("a: &a [*a]\n")
+
+
+def test_integers_are_bounded() -> None:
+    assert "integer literal of 5000 characters" in params_error("seed: " + "9" * 5000 + "\n")
+    assert "p.yaml: train.max_steps: integer 9223372036854775808 does not fit in 64 bits" in params_error(
+        "train: {max_steps: 9223372036854775808}\n")
+    assert "model.bit_schedule[0][1]: integer" in params_error("model: {bit_schedule: [[0, 99999999999999999999]]}\n")
+
+
+def test_floats_must_be_finite() -> None:
+    assert "fleet.lock_stale_s: Input should be a finite number" in params_error("fleet: {lock_stale_s: .inf}\n")
+
+
+def test_resume_off_works_as_documented_and_booleans_are_yaml_1_2() -> None:
+    for word in ("off", "auto", "require"):
+        assert parse_params(f"train: {{resume: {word}}}\n").train.resume == word
+    assert parse_params("train: {compile: true}\n").train.compile is True
+    # `no` is a word in YAML 1.2 (as DVC reads params.yaml), so a boolean knob refuses it by name
+    assert "train.compile" in params_error("train: {compile: no}\n")
+
+
+def test_an_empty_params_file_is_an_error(tmp_path: Path) -> None:
+    for text in ("", "\n\n", "# only comments\n"):
+        (tmp_path / "params.yaml").write_text(text)
+        with pytest.raises(ParamsError, match=r"params.yaml is empty"):
+            load_params(tmp_path / "params.yaml")
+    proc = run_cli("train", cwd=tmp_path)
+    assert "params.yaml is empty" in one_error_line(proc)
+
+
+def test_a_params_file_that_is_a_fifo_or_too_large_is_one_line(tmp_path: Path) -> None:
+    fifo = tmp_path / "params.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ParamsError, match="is a FIFO, expected a regular file"):
+        load_params(fifo)  # no writer: a blocking open would wait forever
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as handle:
+        handle.truncate((16 << 20) + 1)
+    with pytest.raises(ParamsError, match=r"big.yaml: 16 MiB, more than the 16 MiB allowed"):
+        load_params(big)
+
+
+def test_read_bounded(tmp_path: Path) -> None:
+    small = tmp_path / "f"
+    small.write_bytes(b"x" * 10)
+    assert read_bounded(small, 10) == b"x" * 10
+    with pytest.raises(BoundedReadError, match="more than the 9 bytes allowed"):
+        read_bounded(small, 9)
+    with pytest.raises(BoundedReadError, match="is a folder"):
+        read_bounded(tmp_path, 10)
+    with pytest.raises(FileNotFoundError):
+        read_bounded(tmp_path / "missing", 10)
+
+
+# ---------------------------------------------------------------- params values
+
+
+@pytest.mark.parametrize("root", ["../../etc", "a/../b", "./x", "a//b", "x/", "/", "~/", "~", "$HOME/x", "a;rm -rf ~",
+                                  "`id`", "a b", "~user/x", "x" * 129])
+def test_a_bad_remote_root_is_a_params_error(root: str) -> None:
+    message = params_error(f"fleet: {{remote_root: {json.dumps(root)}}}\n")
+    assert "fleet.remote_root" in message
+
+
+@pytest.mark.parametrize(("root", "absolute"), [("nativelm", "/home/u/nativelm"), ("~/a/b", "/home/u/a/b"),
+                                                 ("/opt/nativelm", "/opt/nativelm"), (".nl", "/home/u/.nl")])
+def test_good_remote_roots(root: str, absolute: str) -> None:
+    assert parse_params(f"fleet: {{remote_root: {json.dumps(root)}}}\n").fleet.remote_root_under("/home/u") == absolute
+
+
+def test_remote_root_is_exit_2_before_any_board(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text('fleet: {remote_root: "../../etc"}\n')
+    line = one_error_line(run_cli("fleet", "status", cwd=tmp_path))
+    assert "fleet.remote_root" in line and "'..'" in line
+
+
+# ---------------------------------------------------------------- command-line arguments
+
+
+@pytest.mark.parametrize("model", ["", "   "])
+def test_deploy_with_an_empty_model_never_deploys_the_default(model: str, tmp_path: Path) -> None:
+    proc = run_cli("deploy", "--model", model, cwd=tmp_path)
+    line = one_error_line(proc)
+    assert "argument --model: the model is empty" in line
+    assert proc.stderr.startswith("usage: nativelm deploy")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("--seed", "-5"), "argument --seed: must be at least 0, got -5"),
+    (("--threads", "100000"), "threads must be between 1 and"),
+    (("--model", ""), "argument --model: the export folder is empty"),
+])
+def test_generate_bad_arguments(export: Export, args: tuple[str, ...], fragment: str) -> None:
+    base = {"--model": str(export.folder), "--prompt": "The king"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    proc = run_cli("generate", *[part for pair in base.items() for part in pair])
+    assert fragment in one_error_line(proc)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(export: Export) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    for module, prefix in (("nativelm.cli", "nativelm: error:"), ("nativelm.runtime", "error:")):
+        argv = [sys.executable.encode(), b"-m", module.encode(), b"generate", b"--model", bytes(export.folder),
+                b"--prompt", b"The \xff king", b"--max-new-tokens", b"2"]
+        proc = subprocess.run(argv, capture_output=True, timeout=TIMEOUT, env=env)
+        stderr = proc.stderr.decode()
+        assert proc.returncode == 2 and "Traceback" not in stderr, stderr
+        assert stderr.strip().startswith(prefix) and len(stderr.strip().splitlines()) == 1, stderr
+        assert "the prompt is not valid UTF-8 text" in stderr
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("--seed", "-5"), "argument --seed: must be at least 0"),
+    (("--threads", "100000"), "error: threads must be between 1 and"),
+    (("--temperature", "nan"), "error: temperature must be >= 0"),
+])
+def test_board_runtime_bad_arguments_exit_2(export: Export, args: tuple[str, ...], fragment: str) -> None:
+    proc = run_cli("generate", "--model", str(export.folder), "--prompt", "x", *args, module="nativelm.runtime")
+    assert fragment in one_error_line(proc)
+
+
+def test_threads_and_seed_in_the_library(export: Export) -> None:
+    from nativelm.runtime import Sampling, load_model
+
+    with pytest.raises(BadArgument, match="threads must be between 1 and"):
+        load_model(export.folder, threads=100_000)
+    with pytest.raises(BadArgument, match="seed must be >= 0, got -5"):
+        Sampling(temperature=1.0, seed=-5)
+    assert BadArgument.exit_code == 2
+
+
+# ---------------------------------------------------------------- JSON manifests
+
+
+def test_json_manifests_are_bounded(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(JsonFileError, match="deep.json: nested deeper than 32 levels"):
+        read_json_file(deep)
+    just = tmp_path / "just.json"
+    just.write_text("[" * 33 + "]" * 33)
+    with pytest.raises(JsonFileError, match="nested deeper than 32 levels"):
+        read_json_file(just)
+    assert read_json_file(just, max_depth=33) == json.loads(just.read_text())
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"a": "x" * 2000}))
+    with pytest.raises(JsonFileError, match="more than the 1000 a JSON manifest may hold"):
+        read_json_file(big, limit_bytes=1000)
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(JsonFileError, match="not a regular file"):
+        read_json_file(fifo)
+    huge_number = tmp_path / "n.json"
+    huge_number.write_text("1" * 5000)
+    with pytest.raises(JsonFileError, match="not readable JSON"):
+        read_json_file(huge_number)
+
+
+def test_a_deep_export_manifest_is_one_line(folder: Path) -> None:
+    (folder / "manifest.json").write_text('{"sha256": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    proc = run_cli("generate", "--model", str(folder), "--prompt", "x")
+    assert "manifest.json: nested deeper than 32 levels" in one_error_line(proc, code=1)
+
+
+def test_a_deep_prepared_manifest_is_one_line(tmp_path: Path) -> None:
+    from nativelm.formats.prepared import read_manifest
+
+    (tmp_path / "manifest.json").write_text("[" * 50_000 + "]" * 50_000)
+    with pytest.raises(NativelmError, match="manifest.json: nested deeper than 32 levels"):
+        read_manifest(tmp_path)
