@@ -245,3 +245,55 @@ def test_a_deep_prepared_manifest_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("[" * 50_000 + "]" * 50_000)
     with pytest.raises(NativelmError, match="manifest.json: nested deeper than 32 levels"):
         read_manifest(tmp_path)
+
+
+# ---------------------------------------------------------------- known_hosts
+
+PINNED = "[127.0.0.1]:2220 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+
+
+def write_inventory(folder: Path, known_hosts: str) -> Path:
+    (folder / "known_hosts").write_text(known_hosts)
+    board = {"name": "board-1", "host": "127.0.0.1", "port": 2220, "user": "nativelm", "key": "id_ed25519"}
+    (folder / "fleet.yaml").write_text(json.dumps({"known_hosts": "known_hosts", "boards": [board]}))
+    return folder / "fleet.yaml"
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ("garbage", "expected `hosts keytype base64-key [comment]`"),
+    ("[127.0.0.1]:2220 ssh-ed25519 !!!notbase64", "the ssh-ed25519 key is not base64"),
+    ("[127.0.0.1]:2220 ssh-ed25519 AAAA", "not a valid ssh-ed25519 key"),
+    ("[127.0.0.1]:2220 ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ==", "not a valid ssh-rsa key"),  # paramiko: ValueError
+    ("[127.0.0.1]:2220 ssh-rsa " + PINNED.split()[2], "not a valid ssh-rsa key"),  # an ed25519 key typed rsa
+    ("@revoked " + PINNED, "marker @revoked is not supported"),
+    ("a,,b " + PINNED.split(" ", 1)[1], "empty host name"),
+])
+def test_a_malformed_known_hosts_line_names_file_and_line(tmp_path: Path, line: str, fragment: str) -> None:
+    from nativelm.fleet.inventory import InventoryError, load_inventory
+
+    inventory = write_inventory(tmp_path, f"# pinned\n{PINNED}\n{line}\n")
+    with pytest.raises(InventoryError) as info:
+        load_inventory(inventory)
+    assert str(info.value).startswith(f"{tmp_path / 'known_hosts'}:3: malformed known_hosts line: ")
+    assert fragment in str(info.value)
+    assert (tmp_path / "known_hosts").read_text() == f"# pinned\n{PINNED}\n{line}\n"  # never rewritten
+
+
+def test_good_known_hosts_load_every_pinned_host(tmp_path: Path) -> None:
+    import paramiko
+
+    from nativelm.fleet.inventory import load_inventory
+    from nativelm.fleet.ssh_trust import known_host_keys
+
+    hashed = paramiko.HostKeys.hash_host("[127.0.0.1]:2221")
+    inventory = load_inventory(write_inventory(tmp_path, f"\n# c\n{PINNED} a comment\n{hashed} {PINNED.split(' ', 1)[1]}\n"))
+    keys = known_host_keys(inventory.known_hosts)
+    assert keys.lookup("[127.0.0.1]:2220") and keys.lookup("[127.0.0.1]:2221")
+    assert keys.lookup("[127.0.0.1]:2222") is None
+
+
+def test_a_malformed_known_hosts_is_exit_2_on_the_command_line(tmp_path: Path) -> None:
+    inventory = write_inventory(tmp_path, f"{PINNED}\n[127.0.0.1]:2220 ssh-ed25519\n")
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    line = one_error_line(run_cli("fleet", "status", "--inventory", str(inventory), cwd=tmp_path))
+    assert "known_hosts:2: malformed known_hosts line" in line

@@ -33,10 +33,12 @@ from nativelm.fleet.agent_pack import inline_source
 from nativelm.fleet.ssh_trust import (
     BoardError,
     HostKeyError,
+    KnownHostsError,
     RefuseUnknown,
     connect_reason,
     connection_dropped,
     fingerprint,
+    known_host_keys,
     load_private_key,
 )
 
@@ -92,10 +94,9 @@ class BoardSession:
         pkey = load_private_key(self.inventory.key_path(board), board.name)
         client = paramiko.SSHClient()
         try:
-            client.get_host_keys().load(str(self.inventory.known_hosts))  # the pinned file only
-        except (OSError, paramiko.SSHException) as exc:
-            raise BoardError(board.name, "connect", f"cannot read known_hosts {self.inventory.known_hosts}: "
-                                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+            known_host_keys(self.inventory.known_hosts, into=client.get_host_keys())  # the pinned file only
+        except KnownHostsError as exc:
+            raise BoardError(board.name, "connect", str(exc)) from None
         client.set_missing_host_key_policy(RefuseUnknown(board.name, self.inventory.known_hosts))
         timeout = fleet.connect_timeout_s
         try:
@@ -133,7 +134,7 @@ class BoardSession:
             raise BoardError(self.board.name, "connect", f"unusable home folder {home!r} (expected an absolute "
                                                          f"path of letters, digits and ._/@+-)")
         self.home = home.rstrip("/") or "/"
-        self.root = fleet.remote_root_under(self.home)  # validated with the params (params/fleet.py)
+        self.root = self.fleet.remote_root_under(self.home)  # validated with the params (params/fleet.py)
 
     def close(self) -> None:
         """Close the SFTP channel and the connection (safe to call twice)."""
