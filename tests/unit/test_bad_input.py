@@ -297,3 +297,78 @@ def test_a_malformed_known_hosts_is_exit_2_on_the_command_line(tmp_path: Path) -
     (tmp_path / "params.yaml").write_text("seed: 1\n")
     line = one_error_line(run_cli("fleet", "status", "--inventory", str(inventory), cwd=tmp_path))
     assert "known_hosts:2: malformed known_hosts line" in line
+
+
+# ---------------------------------------------------------------- corpus folders
+
+
+def local_source(*paths: Path, members: str = "*"):  # noqa: ANN201 - SourceParams
+    from nativelm.params.data import SourceParams
+
+    return SourceParams(kind="local", paths=[str(p) for p in paths], members=members)
+
+
+def test_a_corpus_folder_reads_only_regular_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from nativelm.data.sources import read_local
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("first document")
+    (corpus / "real.txt").write_text("the target of a link")
+    os.symlink(corpus / "real.txt", corpus / "link.txt")
+    os.symlink(tmp_path / "nowhere", corpus / "broken.txt")
+    os.mkfifo(corpus / "pipe.txt")  # reading it would wait forever for a writer
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(corpus / "sock.txt"))
+        docs = read_local(local_source(corpus))
+    assert sorted(Path(d.doc_id).name for d in docs) == ["a.txt", "link.txt", "real.txt"]
+    assert dict((Path(d.doc_id).name, d.data) for d in docs)["link.txt"] == b"the target of a link"
+    warning = [line for line in capsys.readouterr().err.splitlines() if "not regular files" in line]
+    assert len(warning) == 1 and "skipped 3 entries" in warning[0] and "(a FIFO)" in warning[0]
+
+
+def test_a_listed_special_file_is_refused(tmp_path: Path) -> None:
+    from nativelm.data.sources import read_local
+
+    os.mkfifo(tmp_path / "pipe.txt")
+    with pytest.raises(NativelmError, match=r"pipe.txt: is a FIFO, expected a regular file or a folder"):
+        read_local(local_source(tmp_path / "pipe.txt"))
+    with pytest.raises(NativelmError, match="no such file or folder"):
+        read_local(local_source(tmp_path / "missing.txt"))
+
+
+def test_corpus_bytes_are_bounded_per_file_and_in_all(tmp_path: Path) -> None:
+    from nativelm.data.documents import ByteBudget
+    from nativelm.data.sources import read_local
+
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_bytes(b"x" * 100)
+    with pytest.raises(NativelmError, match=r"a.txt: 100 bytes, more than the 99 bytes a corpus file may hold"):
+        read_local(local_source(tmp_path), ByteBudget("corpus", per_file=99, total=1000))
+    with pytest.raises(NativelmError, match=r"corpus: more than 250 bytes of text in all \(at .*c.txt\)"):
+        read_local(local_source(tmp_path), ByteBudget("corpus", per_file=100, total=250))
+    assert len(read_local(local_source(tmp_path), ByteBudget("corpus", per_file=100, total=300))) == 3
+
+
+def test_an_archive_bomb_stops_before_it_is_inflated(tmp_path: Path) -> None:
+    import io
+    import tarfile
+    import zipfile
+
+    from nativelm.data.archives import read_archive
+    from nativelm.data.documents import ByteBudget
+
+    tar_path, zip_path = tmp_path / "bomb.tar.gz", tmp_path / "bomb.zip"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        info = tarfile.TarInfo("big.txt")
+        info.size = 1 << 20
+        tar.addfile(info, io.BytesIO(b"x" * info.size))
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("big.txt", b"x" * (1 << 20))
+    for path in (tar_path, zip_path):
+        assert path.stat().st_size < 1 << 16  # a few kilobytes that would inflate to a megabyte
+        with pytest.raises(NativelmError, match=r"big.txt: 1048576 bytes, more than the 512 KiB a corpus file"):
+            read_archive(path, "*", path.name, ByteBudget(path.name, per_file=1 << 19))
+        assert read_archive(path, "*", path.name, ByteBudget(path.name, per_file=1 << 20))[0].data == b"x" * (1 << 20)

@@ -15,11 +15,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import BinaryIO
 
-from nativelm.data.documents import RawDocument, no_match
+from nativelm.data.documents import ByteBudget, RawDocument, no_match
 from nativelm.errors import NativelmError
 
 
-def read_tar_members(handle: BinaryIO, pattern: str, origin: str) -> list[RawDocument]:
+def read_tar_members(handle: BinaryIO, pattern: str, origin: str, budget: ByteBudget | None = None) -> list[RawDocument]:
     """Regular-file members of a (possibly compressed) tar whose name matches `pattern`, sorted."""
     try:
         with tarfile.open(fileobj=handle, mode="r:*") as tar:
@@ -28,7 +28,9 @@ def read_tar_members(handle: BinaryIO, pattern: str, origin: str) -> list[RawDoc
             if not chosen:
                 raise no_match(origin, pattern, [m.name for m in files])
             docs = []
+            budget = budget or ByteBudget(origin)
             for member in chosen:
+                budget.take(member.name, member.size)  # a compressed bomb stops before it is inflated
                 extracted = tar.extractfile(member)
                 assert extracted is not None  # regular files always extract
                 docs.append(RawDocument(member.name, extracted.read()))
@@ -37,7 +39,7 @@ def read_tar_members(handle: BinaryIO, pattern: str, origin: str) -> list[RawDoc
         raise NativelmError(f"{origin}: not a readable tar archive ({exc})") from None
 
 
-def read_zip_members(handle: BinaryIO, pattern: str, origin: str) -> list[RawDocument]:
+def read_zip_members(handle: BinaryIO, pattern: str, origin: str, budget: ByteBudget | None = None) -> list[RawDocument]:
     """File members of a zip archive whose name matches `pattern`, sorted by name."""
     try:
         with zipfile.ZipFile(handle) as archive:
@@ -45,19 +47,22 @@ def read_zip_members(handle: BinaryIO, pattern: str, origin: str) -> list[RawDoc
             chosen = sorted((i for i in files if fnmatchcase(i.filename, pattern)), key=lambda i: i.filename)
             if not chosen:
                 raise no_match(origin, pattern, [i.filename for i in files])
+            budget = budget or ByteBudget(origin)
+            for info in chosen:  # zipfile inflates no more than a member's declared size
+                budget.take(info.filename, info.file_size)
             return [RawDocument(info.filename, archive.read(info)) for info in chosen]
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
         raise NativelmError(f"{origin}: not a readable zip archive ({exc})") from None
 
 
-def read_archive(path: Path, pattern: str, origin: str) -> list[RawDocument]:
-    """Members of a .tar.gz/.tar.bz2/.tar or .zip archive on disk matching `pattern`."""
+def read_archive(path: Path, pattern: str, origin: str, budget: ByteBudget | None = None) -> list[RawDocument]:
+    """Members of a .tar.gz/.tar.bz2/.tar or .zip archive on disk matching `pattern` (within `budget`)."""
     with open(path, "rb") as handle:
         if zipfile.is_zipfile(handle):
             handle.seek(0)
-            return read_zip_members(handle, pattern, origin)
+            return read_zip_members(handle, pattern, origin, budget)
         handle.seek(0)
-        return read_tar_members(handle, pattern, origin)
+        return read_tar_members(handle, pattern, origin, budget)
 
 
 def _url_name(url: str) -> str:

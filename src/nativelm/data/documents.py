@@ -14,6 +14,10 @@ from typing import NamedTuple
 
 from nativelm.data.progress import note
 from nativelm.errors import NativelmError
+from nativelm.fsutil import size_text
+
+MAX_FILE_BYTES = 1 << 30  # one document: a book is megabytes; more is a mistake (a disk image, a dump)
+MAX_CORPUS_BYTES = 8 << 30  # everything a source delivers, held in memory while it is cleaned
 
 
 class Document(NamedTuple):
@@ -37,6 +41,31 @@ class Corpus:
     origin: str
     documents: list[Document]
     skipped_binary: list[str] = field(default_factory=list)
+
+
+class ByteBudget:
+    """What one corpus may read: no document over `per_file` bytes, no more than `total` in all.
+
+    Checked before a document is read (from its size on disk or in the archive), so an oversized
+    corpus stops with one line instead of exhausting memory.
+    """
+
+    def __init__(self, origin: str, per_file: int = MAX_FILE_BYTES, total: int = MAX_CORPUS_BYTES) -> None:
+        self.origin = origin
+        self.per_file = per_file
+        self.total = total
+        self.used = 0
+
+    def take(self, name: str, size: int) -> int:
+        """Count `size` bytes of document `name`; the most that may be read of it (`size`)."""
+        if size > self.per_file:
+            raise NativelmError(f"{name}: {size} bytes, more than the {size_text(self.per_file)} a corpus file may "
+                                f"hold (exclude it with data.source.members)")
+        if self.used + size > self.total:
+            raise NativelmError(f"{self.origin}: more than {size_text(self.total)} of text in all (at {name}); "
+                                f"select fewer files with data.source.members")
+        self.used += size
+        return size
 
 
 def is_binary(data: bytes | str) -> bool:

@@ -9,16 +9,18 @@ rules (binary files skipped, UTF-8 required) are in `documents.py`; archives are
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from nativelm.data.archives import read_archive, split_body
-from nativelm.data.documents import Corpus, RawDocument, decode_corpus, no_match
+from nativelm.data.documents import ByteBudget, Corpus, RawDocument, decode_corpus, no_match, sample_names
 from nativelm.data.downloads import fetch_sdist, fetch_url
 from nativelm.data.progress import note
 from nativelm.errors import NativelmError
+from nativelm.fsutil import BoundedReadError, file_kind, read_bounded
 from nativelm.params.data import SourceParams
 
 # signature of `datasets.load_dataset` as used here: (name, config, split=...) -> iterable of rows
@@ -57,7 +59,8 @@ def read_url(source: SourceParams, cache_dir: Path) -> list[RawDocument]:
 
 
 def _walk_files(folder: Path) -> list[Path]:
-    """Every regular file under `folder`, sorted, hidden files and folders skipped."""
+    """Every file entry under `folder`, sorted, hidden files and folders skipped (symlinked folders are
+    not followed: a link loop cannot make the walk endless)."""
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -65,35 +68,66 @@ def _walk_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def read_local(source: SourceParams) -> list[RawDocument]:
-    """Listed files, plus files under listed folders whose name or relative path matches `members`."""
+def _regular(path: Path) -> os.stat_result | str:
+    """The stat of the regular file `path` is (symlinks resolved), or why it is not one."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return "a broken symbolic link" if path.is_symlink() else "gone"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    return info if stat.S_ISREG(info.st_mode) else file_kind(info.st_mode)
+
+
+def _regular_files(files: list[Path]) -> list[tuple[Path, int]]:
+    """(path, size) of the regular files among `files`; the rest (FIFOs, sockets, devices, broken
+    links) are skipped with one warning line, since reading a FIFO would wait forever."""
+    kept: list[tuple[Path, int]] = []
+    skipped: list[str] = []
+    for file in files:
+        info = _regular(file)
+        if isinstance(info, str):
+            skipped.append(f"{file} ({info})")
+        else:
+            kept.append((file, info.st_size))
+    if skipped:
+        note(f"warning: skipped {len(skipped)} entries that are not regular files: {sample_names(skipped)}")
+    return kept
+
+
+def read_local(source: SourceParams, budget: ByteBudget | None = None) -> list[RawDocument]:
+    """Listed files, plus regular files under listed folders whose name or relative path matches `members`,
+    each within the corpus's byte budget."""
+    budget = budget if budget is not None else ByteBudget(describe_source(source))
     docs: list[RawDocument] = []
     for given in source.paths:
         path = Path(given)
-        if path.is_file():
-            docs.append(RawDocument(path.as_posix(), _read_bytes(path)))
-        elif path.is_dir():
+        if path.is_dir():
             files = _walk_files(path)
-            chosen = []
-            for file in files:
-                rel = file.relative_to(path).as_posix()
-                if fnmatchcase(rel, source.members) or fnmatchcase(file.name, source.members):
-                    chosen.append(file)
+            chosen = [file for file in files if fnmatchcase(file.relative_to(path).as_posix(), source.members)
+                      or fnmatchcase(file.name, source.members)]
             if not chosen:
-                names = [f.relative_to(path).as_posix() for f in files]
-                raise no_match(f"local folder {given}", source.members, names)
-            docs.extend(RawDocument(file.as_posix(), _read_bytes(file)) for file in chosen)
-        else:
+                raise no_match(f"local folder {given}", source.members, [f.relative_to(path).as_posix() for f in files])
+            docs.extend(RawDocument(file.as_posix(), _read_bytes(file, budget.take(file.as_posix(), size)))
+                        for file, size in _regular_files(chosen))
+            continue
+        info = _regular(path)
+        if info == "gone":
             raise NativelmError(f"{given}: no such file or folder (data.source.paths)")
+        if isinstance(info, str):
+            raise NativelmError(f"{given}: is {info}, expected a regular file or a folder (data.source.paths)")
+        docs.append(RawDocument(path.as_posix(), _read_bytes(path, budget.take(path.as_posix(), info.st_size))))
     return docs
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """The file's bytes; one that changed kind or grew past its counted size since the walk is refused."""
     try:
-        return path.read_bytes()
+        return read_bounded(path, limit)
+    except BoundedReadError as exc:
+        raise NativelmError(f"{path}: {exc} (data.source.paths)") from None
     except OSError as exc:
         raise NativelmError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
 
 
 # ---------------------------------------------------------------------------------------------
