@@ -149,7 +149,7 @@ def validation_line(source: str, err: ValidationError) -> str:
     problems = []
     for item in err.errors():
         loc = _format_loc(tuple(item["loc"]))
-        msg = item["msg"].removeprefix("Value error, ")
+        msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in item and item["type"] not in ("missing",):

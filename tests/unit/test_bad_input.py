@@ -372,3 +372,24 @@ def test_an_archive_bomb_stops_before_it_is_inflated(tmp_path: Path) -> None:
         with pytest.raises(NativelmError, match=r"big.txt: 1048576 bytes, more than the 512 KiB a corpus file"):
             read_archive(path, "*", path.name, ByteBudget(path.name, per_file=1 << 19))
         assert read_archive(path, "*", path.name, ByteBudget(path.name, per_file=1 << 20))[0].data == b"x" * (1 << 20)
+
+
+# ---------------------------------------------------------------- model sizes
+
+
+@pytest.mark.parametrize("knob", ["d_model", "n_layers", "n_heads", "n_experts", "expert_ffn", "dense_ffn", "max_seq_len"])
+def test_model_dimensions_are_bounded(knob: str) -> None:
+    assert f"model.{knob}: Input should be less than or equal to" in params_error(f"model: {{{knob}: 100000000000}}\n")
+
+
+def test_a_model_too_large_for_memory_is_one_line_before_allocation() -> None:
+    from nativelm.model.transformer import build_model, check_fits
+    from nativelm.params.model import ModelParams
+
+    tiny = ModelParams()
+    assert check_fits(tiny, 4096, available=1 << 30) == 4 * 8_018_176
+    with pytest.raises(ParamsError, match=r"30.6 MiB of fp32 parameters, more than the 1 MiB of memory available"):
+        check_fits(tiny, 4096, available=1 << 20)
+    huge = ModelParams(d_model=65536, n_heads=64, n_kv_heads=64, n_layers=1024, n_experts=4096, top_k=2)
+    with pytest.raises(ParamsError, match=r"model \(d_model 65536, n_layers 1024, vocabulary 4096\): .* GiB of fp32"):
+        build_model(huge, 4096)  # petabytes: refused from the counts, nothing allocated

@@ -15,6 +15,7 @@ nn.Linear, optionally tied. ``forward`` returns a :class:`ModelOutput` with the 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,8 @@ from nativelm.model.bitlinear import (
     set_weight_bits,
 )
 from nativelm.model.moe import DenseFFN, MoE, load_balancing_loss, z_loss
+from nativelm.errors import ParamsError
+from nativelm.fsutil import size_text
 from nativelm.params.model import ModelParams
 
 
@@ -197,10 +200,41 @@ class NativeLM(nn.Module):
         return self.weight_bits if self.params.quantize else 32.0
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable), None where that cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_fits(params: ModelParams, vocab_size: int, available: int | None = None) -> int:
+    """The bytes of the model's fp32 parameters; a ParamsError line when they exceed the available memory.
+
+    Estimated from `param_counts` before anything is allocated: a model too large for the machine
+    would otherwise fail inside torch's allocator (a traceback) or push the machine into swap.
+    """
+    needed = 4 * param_counts(params, vocab_size)["total"]
+    available = available_memory() if available is None else available
+    if available is not None and needed > available:
+        raise ParamsError(f"model (d_model {params.d_model}, n_layers {params.n_layers}, vocabulary {vocab_size}): "
+                          f"{size_text(needed)} of fp32 parameters, more than the {size_text(available)} of memory "
+                          f"available; choose smaller dimensions")
+    return needed
+
+
 def build_model(params: ModelParams, vocab_size: int, seed: int | torch.Generator = 0) -> NativeLM:
     """The model of `params` for a vocabulary of `vocab_size`, initialised deterministically from `seed`."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    check_fits(params, vocab_size)
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):  # building leaves the global RNG untouched
         model = NativeLM(params, vocab_size)

@@ -29,38 +29,42 @@ def check_bits(bits: float) -> float:
 
 
 class ModelParams(StrictModel):
-    """The whole `model` section: a sparse-MoE, 1.58-bit decoder-only transformer (or a dense family)."""
+    """The whole `model` section: a sparse-MoE, 1.58-bit decoder-only transformer (or a dense family).
+
+    Every dimension has an upper bound far beyond any model this project trains, so a typo'd size is
+    one line here; whether a valid shape fits this machine's memory is `model.transformer.check_fits`.
+    """
 
     # named set of the knobs below (params/families.py); a knob written here wins over its family
     family: Family = Field(DEFAULT_FAMILY, description="model family: smallthinker, bitnet, phi3 or openelm")
 
     # width of the residual stream (embedding size); head_dim = d_model / n_heads
-    d_model: int = Field(256, ge=8, description="width of the residual stream")
+    d_model: int = Field(256, ge=8, le=65536, description="width of the residual stream")
     # number of transformer blocks
-    n_layers: int = Field(4, ge=1, description="number of transformer blocks")
+    n_layers: int = Field(4, ge=1, le=1024, description="number of transformer blocks")
     # query heads of grouped-query attention; must divide d_model, head_dim must be even (RoPE)
-    n_heads: int = Field(8, ge=1, description="query heads (must divide d_model)")
+    n_heads: int = Field(8, ge=1, le=1024, description="query heads (must divide d_model)")
     # key/value heads (GQA); must divide n_heads (n_heads == n_kv_heads is plain multi-head)
-    n_kv_heads: int = Field(2, ge=1, description="key/value heads (must divide n_heads)")
+    n_kv_heads: int = Field(2, ge=1, le=1024, description="key/value heads (must divide n_heads)")
     # longest sequence (positions) the model is built for: size of the RoPE tables
-    max_seq_len: int = Field(512, ge=1, description="longest sequence the model accepts")
+    max_seq_len: int = Field(512, ge=1, le=1 << 20, description="longest sequence the model accepts")
     # RoPE base frequency
     rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base frequency theta")
     # sliding window of the RoPE layers: query i sees keys j with i - window < j <= i; 0 = full causal
-    window: int = Field(64, ge=0, description="sliding-window size of RoPE layers (0: full causal)")
+    window: int = Field(64, ge=0, le=1 << 20, description="sliding-window size of RoPE layers (0: full causal)")
     # every nope_every-th layer (layers with (i+1) % nope_every == 0) is a NoPE global causal layer; 0 = none
-    nope_every: int = Field(4, ge=0, description="one NoPE global-attention layer every this many (0: none)")
+    nope_every: int = Field(4, ge=0, le=1024, description="one NoPE global-attention layer every this many (0: none)")
 
     # feed-forward kind: fine-grained mixture of ReGLU experts, or one dense ReGLU FFN
     ffn: Literal["moe", "dense"] = Field("moe", description="feed-forward kind: moe or dense")
     # number of (small) experts per MoE layer
-    n_experts: int = Field(16, ge=1, description="experts per MoE layer")
+    n_experts: int = Field(16, ge=1, le=4096, description="experts per MoE layer")
     # hidden width of each ReGLU expert
-    expert_ffn: int = Field(128, ge=1, description="hidden width of one expert")
+    expert_ffn: int = Field(128, ge=1, le=1 << 18, description="hidden width of one expert")
     # experts each token is routed to
-    top_k: int = Field(2, ge=1, description="experts per token (top-k routing)")
+    top_k: int = Field(2, ge=1, le=4096, description="experts per token (top-k routing)")
     # hidden width of the dense ReGLU FFN (ffn: dense); top_k * expert_ffn matches the MoE's active width
-    dense_ffn: int = Field(256, ge=1, description="hidden width of the dense FFN (ffn: dense)")
+    dense_ffn: int = Field(256, ge=1, le=1 << 18, description="hidden width of the dense FFN (ffn: dense)")
     # gate activation of the dense FFN: relu (ReGLU, sparse hidden units) or silu (SwiGLU); experts are ReGLU
     ffn_act: Literal["reglu", "swiglu"] = Field("reglu", description="dense FFN: reglu or swiglu")
     # OpenELM layer-wise scaling of query heads and dense FFN widths (params/layer_scaling.py);
