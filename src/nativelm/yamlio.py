@@ -48,6 +48,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """A value PyYAML's constructors fail on with a bare exception (`!!int ""`, `!!timestamp x`) is
+        refused as a YAML error at its place."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, IndexError, OverflowError, KeyError) as exc:
+            shown = repr(node.value)[:40] if isinstance(node, yaml.ScalarNode) else "value"
+            raise _refuse(node, f"{node.tag.rsplit(':', 1)[-1]} {shown} cannot be read ({type(exc).__name__})"
+                          ) from None
+
 
 _UniqueKeyLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                        list("tTfF"))

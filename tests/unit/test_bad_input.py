@@ -393,3 +393,8 @@ def test_a_model_too_large_for_memory_is_one_line_before_allocation() -> None:
     huge = ModelParams(d_model=65536, n_heads=64, n_kv_heads=64, n_layers=1024, n_experts=4096, top_k=2)
     with pytest.raises(ParamsError, match=r"model \(d_model 65536, n_layers 1024, vocabulary 4096\): .* GiB of fp32"):
         build_model(huge, 4096)  # petabytes: refused from the counts, nothing allocated
+
+
+@pytest.mark.parametrize("text", ["!!int \n", "a: !!int x\n", "a: !!timestamp 2020-99-99\n", "a: [!!float y]\n"])
+def test_a_tagged_value_pyyaml_cannot_read_is_one_line(text: str) -> None:
+    assert "cannot be read" in params_error(text)
