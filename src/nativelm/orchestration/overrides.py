@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from ruamel.yaml import YAML
 
 from nativelm.errors import ParamsError
-from nativelm.params.root import Params, parse_params
+from nativelm.params.root import Params, parse_params, read_params_text
 
 # form field of the `retrain` flow -> dotted key of params.yaml
 FORM_FIELDS: dict[str, str] = {
@@ -79,7 +79,7 @@ def render_overrides(text: str, overrides: Mapping[str, Any]) -> str:
 
 def validated_params(path: Path, overrides: Mapping[str, Any]) -> Params:
     """The Params a run with `overrides` will read; ParamsError (one line, naming the field) if invalid."""
-    text = path.read_text(encoding="utf-8")
+    text = read_params_text(path)
     if not overrides:
         return parse_params(text, str(path))
     return parse_params(render_overrides(text, overrides), f"{path} with overrides {dict(overrides)}")

@@ -62,6 +62,10 @@ def parse_params(text: str, source: str = "params.yaml") -> Params:
 def load_params(path: Path | str | None = None) -> Params:
     """Read params.yaml from the current folder, or the file given with --params PATH."""
     path = Path(path) if path is not None else DEFAULT_PARAMS
-    text = read_yaml_text(path, ParamsError, "parameters file not found (run from the project folder or pass "
+    return parse_params(read_params_text(path), str(path))
+
+
+def read_params_text(path: Path) -> str:
+    """The text of a parameters file, read within the YAML bounds (a FIFO or a huge file is one line)."""
+    return read_yaml_text(path, ParamsError, "parameters file not found (run from the project folder or pass "
                                              "--params PATH)")
-    return parse_params(text, str(path))
