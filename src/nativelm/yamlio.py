@@ -70,6 +70,8 @@ def _refuse(node: yaml.Node, problem: str) -> yaml.constructor.ConstructorError:
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor`: merged (and checked) by PyYAML's construct_mapping below
         if not isinstance(key_node, yaml.ScalarNode):
             kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
             raise _refuse(key_node, f"a mapping key must be a plain value, found a {kind}")

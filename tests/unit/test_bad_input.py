@@ -398,3 +398,11 @@ def test_a_model_too_large_for_memory_is_one_line_before_allocation() -> None:
 @pytest.mark.parametrize("text", ["!!int \n", "a: !!int x\n", "a: !!timestamp 2020-99-99\n", "a: [!!float y]\n"])
 def test_a_tagged_value_pyyaml_cannot_read_is_one_line(text: str) -> None:
     assert "cannot be read" in params_error(text)
+
+
+def test_merge_keys_work_and_their_keys_are_checked_too() -> None:
+    from nativelm.yamlio import load_yaml
+
+    assert load_yaml("a: &a {x: 1}\nb: {<<: *a, y: 2}\n", "m.yaml", ParamsError)["b"] == {"x": 1, "y": 2}
+    with pytest.raises(ParamsError, match="m.yaml:1:"):
+        load_yaml("b: {<<: {? [1]: 2}}\n", "m.yaml", ParamsError)
