@@ -169,3 +169,29 @@ def test_any_export_manifest_verifies_or_is_one_line(manifest: object, tmp_path:
     except RuntimeFailure as exc:
         assert exc.exit_code in (1, 2)
         assert_one_line(exc, str(folder))
+
+
+# ---------------------------------------------------------------- board runtime arguments
+
+RUNTIME_ARGS = st.lists(st.sampled_from([
+    "--seed", "--threads", "--temperature", "--top-k", "--top-p", "--max-new-tokens", "--prompt", "-5", "0", "1", "3",
+    "100000", "nan", "inf", "-1e9", "0.5", "x", "", "The king", "--stream", "--json", "--no-verify",
+]), max_size=8)  # a prompt that is not UTF-8 needs a real process's stderr: test_bad_input.py runs one
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(args=RUNTIME_ARGS)
+def test_any_runtime_arguments_run_or_fail_with_one_line(args: list[str], export, capsys) -> None:  # noqa: ANN001
+    from nativelm.runtime.__main__ import main
+
+    argv = ["generate", "--model", str(export.folder), "--prompt", "x", "--max-new-tokens", "2", *args]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: usage and one `error:` line
+        code = exc.code
+        assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code != 0:
+        assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
