@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
+from nativelm.fleet.holder import holder_state, this_holder
 from nativelm.fleet.provision import ensure_agent
 from nativelm.fleet.ssh import BoardSession, last_line
 from nativelm.fleet.ssh_trust import BoardError, HostKeyError, connection_dropped
@@ -168,6 +169,21 @@ class BoardJob:
         done = self.session.run(argv, check=False)
         return None if done.rc == 0 else failure_line(done.stderr or done.stdout)
 
+    def restore(self, release: str | None, previous: str | None, failure: str) -> None:
+        """Put `current`/`previous` back to `release`/`previous` after `failure` (raised as health-current).
+
+        The agent verifies `release` first: a release that does not verify is never made live.
+        """
+        if not release:
+            raise StepFailed("health-current", f"{failure}; no previous release to restore")
+        self.note("restore", release)
+        try:
+            reply = self.session.agent("restore", release, *([previous] if previous else []))
+        except BoardError as exc:
+            raise StepFailed("health-current", f"{failure}; could not restore {release}: {exc.reason}") from None
+        self.result.live = reply.get("current", release)
+        raise StepFailed("health-current", f"{failure}; restored {release}")
+
     def run(self) -> BoardResult:
         """Run the job; any failure is recorded in the result, never raised."""
         started = time.perf_counter()
@@ -198,25 +214,38 @@ class BoardJob:
     def lock(self) -> None:
         self.note("lock")
         try:
-            reply = self.session.agent("lock", self.ctx.owner, str(self.ctx.fleet.lock_stale_s))
+            reply = self.session.agent("lock", self.ctx.owner, str(self.ctx.fleet.lock_stale_s), this_holder())
         except BoardError as exc:
             reply = self.take_over_leftover(exc)
         self.result.extra["lock_taken_over"] = bool(reply.get("took_over"))
 
     def take_over_leftover(self, refused: BoardError) -> dict[str, Any]:
-        """Take over a lock whose owner is a finished rollout (it could not unlock); re-raise otherwise.
+        """Take over a lock left behind (see `left_behind`); re-raise `refused` otherwise, saying how to clear it.
 
         The stale limit passed is half the lock's age, so a lock taken by someone else meanwhile
         (younger than that) is still refused by the agent.
         """
         lock = self.session.agent("facts").get("lock") or {}
-        owner, age = lock.get("owner"), lock_age_s(lock)
-        leftover = self.ctx.is_leftover
-        if not (leftover and isinstance(owner, str) and owner != self.ctx.owner and leftover(owner)
-                and age is not None and age > 0):
-            raise refused
-        self.note("lock", f"taking over the lock left by finished rollout {owner}")
-        return self.session.agent("lock", self.ctx.owner, f"{age / 2:.3f}")
+        why, age = left_behind(lock, self.ctx), lock_age_s(lock)
+        if why is None or age is None or age <= 0:
+            hint = holder_state(lock).why if lock else ""
+            raise StepFailed("lock", f"{refused.reason} ({hint}; `nativelm fleet unlock --boards {self.board}` "
+                                     f"clears it)" if hint else refused.reason)
+        line = f"took over the lock of {lock.get('owner')}: {why}"
+        self.note("lock", line)
+        self.result.extra["lock_took_over_from"] = line
+        return self.session.agent("lock", self.ctx.owner, f"{age / 2:.3f}", this_holder())
+
+    def clear_left_behind(self, facts: dict[str, Any]) -> None:
+        """Remove a lock left behind on a board this job does not need to lock (the fast path)."""
+        lock = facts.get("lock")
+        why = left_behind(lock, self.ctx) if isinstance(lock, dict) else None
+        if why is None:
+            return
+        with contextlib.suppress(BoardError):
+            if self.session.agent("unlock", str(lock.get("owner"))).get("unlocked"):
+                self.result.extra["lock_cleared"] = f"cleared the lock of {lock.get('owner')}: {why}"
+                self.note("lock", self.result.extra["lock_cleared"])
 
     def unlock(self) -> None:
         with contextlib.suppress(BoardError, *TRANSPORT_ERRORS):
@@ -231,6 +260,17 @@ class BoardJob:
             raise StepFailed("facts", f"not provisioned (no runtime virtualenv): run "
                                       f"`nativelm fleet provision --boards {self.board}`")
         return facts
+
+
+def left_behind(lock: dict[str, Any], ctx: BoardContext) -> str | None:
+    """Why a lock may be taken over at once (its rollout finished, or its controller is gone); None if not."""
+    owner = lock.get("owner")
+    if not isinstance(owner, str) or owner == ctx.owner:
+        return None
+    if ctx.is_leftover is not None and ctx.is_leftover(owner):
+        return f"rollout {owner} finished without unlocking"
+    state = holder_state(lock)
+    return state.why if state.dead else None
 
 
 def connect_failure(board: str, exc: BaseException, release: str = "") -> BoardResult:
