@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -52,7 +53,7 @@ class BoardContext:
     """What every board job of one rollout shares: where boards are, the fleet settings, the lock owner, hooks.
 
     `is_leftover` says whether a lock owner is a finished rollout of this controller (its lock may be
-    taken over).
+    taken over); `stop` is set when the rollout is interrupted (each job stops at its next step).
     """
 
     inventory: Inventory
@@ -60,6 +61,7 @@ class BoardContext:
     owner: str
     hooks: DeployHooks = field(default_factory=DeployHooks)
     is_leftover: LeftoverCheck | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def phase(self, board: str, phase: str, detail: str = "") -> None:
         if self.hooks.on_phase:
@@ -75,7 +77,7 @@ class BoardResult:
     """
 
     board: str
-    outcome: str  # updated | unchanged | rolled-back | failed | skipped
+    outcome: str  # updated | unchanged | rolled-back | failed | skipped | interrupted
     phase: str = ""  # the step that failed (or the last one reached)
     reason: str = ""  # one line, empty when it went well
     release: str = ""
@@ -90,7 +92,7 @@ class BoardResult:
 
     @property
     def failed(self) -> bool:
-        return self.outcome == "failed"
+        return self.outcome in ("failed", "interrupted")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -101,9 +103,21 @@ class BoardResult:
 class StepFailed(Exception):
     """A step of a board job failed: (phase, reason) go to the BoardResult."""
 
+    outcome = "failed"
+
     def __init__(self, phase: str, reason: str, transient: bool = False) -> None:
         super().__init__(f"{phase}: {reason}")
         self.phase, self.reason, self.transient = phase, reason, transient
+
+
+class JobStopped(StepFailed):
+    """The rollout was interrupted: the job stopped before this step (its board keeps a verified release)."""
+
+    outcome = "interrupted"
+
+
+def stopped_before(phase: str) -> JobStopped:
+    return JobStopped(phase, f"interrupted before {phase}: the rollout was stopped")
 
 
 def connection_reason(exc: BaseException) -> str:
@@ -158,10 +172,18 @@ class BoardJob:
         self.session, self.ctx = session, ctx
         self.board = session.board.name
         self.result = BoardResult(self.board, "failed", release=release)
+        self.switched = False  # `current` moved: from here on an interrupt lets the job finish
 
     def note(self, phase: str, detail: str = "") -> None:
+        """Enter step `phase`; an interrupted rollout stops here (what the step would change stays as it is)."""
         self.result.phase = phase
         self.ctx.phase(self.board, phase, detail)
+        self.check_stop()
+
+    def check_stop(self) -> None:
+        """Stop an interrupted job, unless `current` has moved: then the job's checks and restore must finish."""
+        if self.ctx.stop.is_set() and not self.switched:
+            raise stopped_before(self.result.phase)
 
     def health(self, folder: str) -> str | None:
         """Run the runtime's health check on a release folder of the board; None when it passed."""
@@ -193,7 +215,7 @@ class BoardJob:
                 ensure_agent(self.session)
                 self.body()
         except StepFailed as exc:
-            self.result.outcome, self.result.phase, self.result.reason = "failed", exc.phase, exc.reason
+            self.result.outcome, self.result.phase, self.result.reason = exc.outcome, exc.phase, exc.reason
             self.result.transient = exc.transient
         finally:
             self.result.seconds = time.perf_counter() - started

@@ -96,6 +96,7 @@ class BoardDeploy(BoardJob):
             before = local.size - missing[name]
 
             def progress(sent: int, name: str = name, size: int = local.size, before: int = before) -> None:
+                self.check_stop()  # an interrupted rollout stops mid-file (the upload resumes next time)
                 if self.ctx.hooks.on_progress:
                     self.ctx.hooks.on_progress(self.board, name, before + sent, size)
 
@@ -143,6 +144,7 @@ class BoardDeploy(BoardJob):
             self.result.previous = facts.get("previous")
             return False
         self.note("activate")
+        self.switched = True
         reply = self.session.agent("activate", self.release.name)
         self.result.previous = reply.get("previous")
         self.result.live = reply.get("current", self.release.name)
@@ -224,6 +226,7 @@ class BoardRollback(BoardJob):
             raise StepFailed("health", f"{target} fails its health check ({failure}); "
                                        f"{facts.get('current') or 'nothing'} stays live")
         self.note("rollback", target)
+        self.switched = True
         reply = self.session.agent("rollback", target)  # verified again by the agent, under our lock
         self.result.previous = reply.get("previous") or facts.get("current")
         self.result.live = reply.get("current", target)
