@@ -145,6 +145,13 @@ def failure_line(text: str) -> str:
     return line.removeprefix("error: ")
 
 
+def health_check(session: BoardSession, folder: str) -> str | None:
+    """Run the release's own runtime health check (its golden continuation) on a board folder; None: passed."""
+    argv = [session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder]
+    done = session.run(argv, check=False)
+    return None if done.rc == 0 else failure_line(done.stderr or done.stdout)
+
+
 def lock_age_s(lock: dict[str, Any]) -> float | None:
     """Seconds since a board lock was taken (owner.json's `since`: ISO time or epoch seconds)."""
     since = lock.get("since")
@@ -187,9 +194,7 @@ class BoardJob:
 
     def health(self, folder: str) -> str | None:
         """Run the runtime's health check on a release folder of the board; None when it passed."""
-        argv = [self.session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder]
-        done = self.session.run(argv, check=False)
-        return None if done.rc == 0 else failure_line(done.stderr or done.stdout)
+        return health_check(self.session, folder)
 
     def restore(self, release: str | None, previous: str | None, failure: str) -> None:
         """Put `current`/`previous` back to `release`/`previous` after `failure` (raised as health-current).

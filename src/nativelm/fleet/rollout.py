@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from nativelm.errors import NativelmError
 from nativelm.fleet.board_job import BoardContext, BoardResult, DeployHooks
 from nativelm.fleet.deploy import deploy_to, rollback_on
+from nativelm.fleet.holder import holder_state, this_holder
 from nativelm.fleet.progress import Progress
 from nativelm.fleet.stopping import block_signals_here, interrupted_by, wait_all
 from nativelm.fsutil import atomic_write_text
@@ -145,6 +146,32 @@ def log_finished(state_dir: Path, rollout_id: str) -> bool:
         return False
 
 
+def finish_abandoned_logs(state_dir: Path, newest: int = 200) -> list[str]:
+    """Finish the logs of rollouts whose controller died (SIGKILL, power cut) on this host: outcome "died".
+
+    Run as a rollout starts; only the `newest` logs are read. Returns the ids finished.
+    """
+    done = []
+    for path in sorted(rollouts_dir(state_dir).glob("*.json"))[-newest:]:
+        try:
+            log = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        holder = log.get("controller") if isinstance(log, dict) and not log.get("finished") else None
+        parts = holder.split(":") if isinstance(holder, str) else []
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            state = holder_state({"host": parts[0], "pid": int(parts[1]), "started": float(parts[2])})
+        except ValueError:
+            continue
+        if state.dead:
+            log.update(finished=True, outcome="died", aborted=f"the rollout died: {state.why}")
+            atomic_write_text(path, json.dumps(log, indent=2) + "\n")
+            done.append(str(log.get("id")))
+    return done
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -164,7 +191,8 @@ class RolloutResult:
     finished: bool = False
     log_path: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
-    outcome: str = "running"  # running | ok | failed | interrupted
+    outcome: str = "running"  # running | ok | failed | interrupted (| died: see finish_abandoned_logs)
+    controller: str = field(default_factory=this_holder)  # HOST:PID:START_TIME of the process running it
 
     @property
     def failed(self) -> list[BoardResult]:
@@ -185,6 +213,7 @@ class RolloutResult:
                 "started_at": self.started_at, "finished": self.finished, "outcome": self.outcome,
                 "seconds": round(self.seconds, 3),
                 "aborted": self.aborted, "counts": self.counts(), "settings": self.settings,
+                "controller": self.controller,
                 "boards": [r.to_json() for r in self.boards]}
 
 
@@ -301,6 +330,7 @@ def plan_rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRe
                  rollout_id: str | None = None, deploy: Deploy = deploy_to) -> RolloutPlan:
     """The deploy of `release` to `boards` (canary first, then waves); its log is started here."""
     rid = rollout_id or new_rollout_id("rollout")
+    finish_abandoned_logs(state_dir)
     settings = {"max_parallel": fleet.max_parallel, "max_failed_boards": fleet.max_failed_boards,
                 "keep_releases": fleet.keep_releases}
     log = RolloutLog(state_dir, RolloutResult(rid, "deploy", release.name, release.version, _now(),
@@ -324,6 +354,7 @@ def plan_rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetPar
     if to is not None and not re.fullmatch(RELEASE_PATTERN, to):
         raise NativelmError(f"rollback: {to!r} is not a release name (such as v3 or sha-0123456789ab)")
     rid = new_rollout_id("rollback")
+    finish_abandoned_logs(state_dir)
     log = RolloutLog(state_dir, RolloutResult(rid, "rollback", to or "previous", None, _now(),
                                               settings={"max_parallel": fleet.max_parallel}))
     ctx = board_context(inventory, fleet, state_dir, rid, None, progress)

@@ -67,16 +67,23 @@ def rollback(params: Params, choice: FleetChoice, to: str | None = None, progres
                                   progress=progress), console)
 
 
-def health(params: Params, choice: FleetChoice) -> list[BoardStatus]:
-    """Every chosen board's status (reachability, live release, last benchmark)."""
-    return fleet_status(choice.inventory, choice.boards, params.fleet)
+def health(params: Params, choice: FleetChoice, verify: str = "auto") -> list[BoardStatus]:
+    """Every chosen board's status (reachability, live release checked and health-checked, last benchmark)."""
+    return fleet_status(choice.inventory, choice.boards, params.fleet, verify)
+
+
+def live_problem(row: BoardStatus) -> str | None:
+    """What is wrong with a reachable board's live release (damaged, failing its health check); None: nothing."""
+    if row.damage:
+        return f"live release {row.current} damaged: {row.damage}"
+    return f"live release {row.current} fails its health check: {row.unhealthy}" if row.unhealthy else None
 
 
 def board_problem(row: BoardStatus) -> str | None:
-    """Why a board is unhealthy (unreachable or serving nothing), in one line; None when it is healthy."""
+    """Why a board is unhealthy (unreachable, serving nothing, damaged, failing health), in one line; None: healthy."""
     if not row.reachable:
         return row.reason
-    return None if row.current else "no live release"
+    return live_problem(row) or (None if row.current else "no live release")
 
 
 def unhealthy(rows: Sequence[BoardStatus]) -> list[str]:
