@@ -64,7 +64,7 @@ from nativelm.fleet.sim import rotate_host_key, sim_down, sim_status, sim_up, st
 from nativelm.fleet.ssh import BoardSession
 from nativelm.params.root import Params
 from tests.integration.conftest import make_sim_fleet, small_disk
-from tests.integration.test_fleet_deploy import BENCH, Releases, build_releases
+from tests.integration.test_fleet_deploy import BENCH, Releases, build_releases, fleet_release
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("sigkill", "sigterm", "sigint", "sshd-kill", "tamper", "disk-full", "host-key", "concurrent", "health")
@@ -77,8 +77,10 @@ class World:
     params: Params
     inventory: Inventory
     releases: Releases
+    third: LocalRelease  # with keep_releases 2, the release after next is never on a board: it is uploaded
     params_file: Path
     serving: LocalRelease = field(init=False)
+    notes: list[str] = field(default_factory=list)  # what this trial's fault did (printed with it)
 
     def __post_init__(self) -> None:
         self.serving = self.releases.old
@@ -88,7 +90,9 @@ class World:
         return Path(self.params.stack.state_dir)
 
     def other(self) -> LocalRelease:
-        return self.releases.new if self.serving is self.releases.old else self.releases.old
+        """The release to roll out next: the good one no board holds (keep_releases 2), so it is uploaded."""
+        cycle = [self.releases.old, self.releases.new, self.third]
+        return cycle[(cycle.index(self.serving) + 1) % 3]
 
     def board_root(self, name: str) -> Path:
         home = next(b.home for b in sim_status(self.params) if b.name == name)
@@ -105,12 +109,13 @@ class World:
 def make_world(work: Path, boards: int) -> World:
     """A provisioned simulated fleet under `work` serving the first good release, and its params file."""
     fleet = make_sim_fleet(work / "fleet", boards=boards, canary=1, connect_timeout_s=5, max_failed_boards=boards,
-                           **BENCH)
-    world = World(fleet.params, fleet.inventory, build_releases(work / "releases"), work / "params.yaml")
+                           keep_releases=2, **BENCH)
+    world = World(fleet.params, fleet.inventory, build_releases(work / "releases"),
+                  fleet_release(work / "releases", 3, "third"), work / "params.yaml")
     data = fleet.params.model_dump(mode="json")
     data["tracking"]["uri"] = "off"
     world.params_file.write_text(yaml.safe_dump(data))
-    for release in (world.releases.new, world.releases.old):  # every board: current old, previous new
+    for release in (world.third, world.releases.old):  # every board: current old, previous third
         result = world.deploy(release)
         assert result.ok, f"setting up the fleet failed: {[r.reason for r in result.failed]}"
     return world
@@ -139,11 +144,12 @@ def controller_signal(world: World, rng: random.Random, signum: int) -> list[str
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     problems = []
     if wait_for(lambda: any(p.exists() for p in locks) or proc.poll() is not None):
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(rng.uniform(0.0, 2.5))
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
     out, err = proc.communicate(timeout=300)
     finished_first = proc.returncode == 0
+    world.notes.append(f"exit status {proc.returncode}" + (" (finished before the signal)" if finished_first else ""))
     if signum != signal.SIGKILL and not finished_first:
         if proc.returncode != 128 + signum:
             problems.append(f"exit status {proc.returncode}, not {128 + signum}: {err.strip()[-300:]}")
@@ -152,6 +158,8 @@ def controller_signal(world: World, rng: random.Random, signum: int) -> list[str
         if "ABORTED: interrupted by" not in out:
             problems.append("no summary printed")
     next_one = world.deploy(target)  # the operator's next rollout: takes a dead holder's lock over at once
+    world.notes += [f"{r.board}: {r.extra[k]}" for r in next_one.boards for k in ("lock_took_over_from", "lock_cleared")
+                    if r.extra.get(k)]
     if not next_one.ok:
         problems.append(f"the next rollout failed: {[f'{r.board}: {r.reason}' for r in next_one.failed]}")
     world.serving = target
@@ -167,7 +175,8 @@ def sshd_killed(world: World, rng: random.Random) -> list[str]:
             killed.append(sent)
             stop_board(world.params, victim)
 
-    world.deploy(target, DeployHooks(on_progress=kill))
+    first = world.deploy(target, DeployHooks(on_progress=kill))
+    world.notes += [f"{r.board}: {r.phase}: {r.reason}" for r in first.failed if r.board == victim]
     start_board(world.params, victim)
     return recover(world, target)
 
@@ -197,6 +206,7 @@ def tamper(world: World, rng: random.Random) -> list[str]:
     problems = []
     choice = FleetChoice(world.inventory, tuple(b for b in world.inventory.boards if b.name == victim))
     row = health(world.params, choice, "full" if keep_mtime else "auto")[0]
+    world.notes.append(f"{victim}: {name} flipped (mtime kept: {keep_mtime}): status {row.state}: {row.damage}")
     if row.state != "damaged":
         problems.append(f"status says {row.state} for a flipped byte in {name} (mtime kept: {keep_mtime})")
     with BoardSession(choice.boards[0], world.inventory, world.params.fleet) as session:
@@ -216,6 +226,7 @@ def disk_full(world: World, rng: random.Random) -> list[str]:
 
         result = world.deploy(target, DeployHooks(on_phase=fill_on_upload))
         failed = {r.board: r for r in result.failed}
+        world.notes += [f"{r.board}: {r.phase}: {r.reason}" for r in result.failed]
         problems = [] if victim not in failed or "no space left" in failed[victim].reason else \
             [f"a full disk reported as: {failed[victim].reason}"]
         with contextlib.suppress(FileNotFoundError):
@@ -241,6 +252,7 @@ def host_key(world: World, rng: random.Random) -> list[str]:
     rotate_host_key(world.params, victim)
     result = world.deploy(target)
     refused = next((r for r in result.boards if r.board == victim), None)
+    world.notes.append(f"{victim}: {refused.phase}: {refused.reason}" if refused else f"{victim}: no result")
     problems = [] if refused is not None and refused.phase == "connect" and "refused" in refused.reason else \
         [f"a changed host key was not refused: {refused}"]
     sim_up(world.params)  # the operator checks the new key and pins it
@@ -259,6 +271,7 @@ def concurrent(world: World, rng: random.Random) -> list[str]:
     problems = []
     for board in world.names():
         rows = [next(r for r in result.boards if r.board == board) for result in results]
+        world.notes.append(f"{board}: " + " / ".join(f"{r.outcome} {r.reason}".strip() for r in rows))
         outcomes = sorted(r.outcome for r in rows)
         if outcomes.count("updated") > 1:
             problems.append(f"{board}: updated by both rollouts")
@@ -270,6 +283,7 @@ def concurrent(world: World, rng: random.Random) -> list[str]:
 def health_fault(world: World, rng: random.Random) -> list[str]:
     if rng.random() < 0.5:  # the bad release: refused by its health check before any switch
         result = world.deploy(world.releases.bad)
+        world.notes += [f"bad release: {r.board}: {r.outcome}: {r.reason}" for r in result.boards]
         return [] if not result.ok and all(r.live == world.serving.name for r in result.boards if r.live) else \
             [f"the bad release was not refused everywhere: {[(r.board, r.outcome) for r in result.boards]}"]
     target, victim = world.other(), rng.choice(world.names())
@@ -285,6 +299,7 @@ def health_fault(world: World, rng: random.Random) -> list[str]:
     result = world.deploy(target, DeployHooks(before_activate=break_it))
     failed = next(r for r in result.boards if r.board == victim)
     after = facts_of(world, victim)
+    world.notes.append(f"{victim}: {failed.phase}: {failed.reason}")
     problems = []
     if (failed.phase, (after["current"], after["previous"])) != ("health-current",
                                                                   (before["current"], before["previous"])):
@@ -315,6 +330,7 @@ def run_trial(world: World, kind: str, rng: random.Random) -> list[str]:
     """One fault of `kind`, then the audit of every board and log: every problem found, one line each."""
     for board in world.names():
         start_board(world.params, board)  # no-op when it runs
+    world.notes.clear()
     problems = FAULTS[kind](world, rng)
     return problems + audit(world.inventory, world.inventory.boards, world.params.fleet, world.state_dir)
 
@@ -354,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
             counts[kind][0] += 1
             counts[kind][1] += not problems
             trials.append({"trial": i + 1, "kind": kind, "ok": not problems, "problems": problems,
-                           "seconds": round(seconds, 1)})
+                           "notes": list(world.notes), "seconds": round(seconds, 1)})
             print(f"trial {i + 1:3d} {kind:10s} {'ok' if not problems else 'BROKEN'} ({seconds:.1f} s)"
-                  + "".join(f"\n    {p}" for p in problems), flush=True)
+                  + "".join(f"\n    {n}" for n in world.notes) + "".join(f"\n    PROBLEM: {p}" for p in problems),
+                  flush=True)
     passed = sum(t["ok"] for t in trials)
     print(f"{passed} of {len(trials)} trials kept every invariant (seed {args.seed}, {args.boards} boards):")
     for kind in kinds:

@@ -255,13 +255,21 @@ class BoardJob:
         lock = self.session.agent("facts").get("lock") or {}
         why, age = left_behind(lock, self.ctx), lock_age_s(lock)
         if why is None or age is None or age <= 0:
-            hint = holder_state(lock).why if lock else ""
-            raise StepFailed("lock", f"{refused.reason} ({hint}; `nativelm fleet unlock --boards {self.board}` "
-                                     f"clears it)" if hint else refused.reason)
+            raise StepFailed("lock", self.refusal(refused.reason, lock))
         line = f"took over the lock of {lock.get('owner')}: {why}"
         self.note("lock", line)
         self.result.extra["lock_took_over_from"] = line
         return self.session.agent("lock", self.ctx.owner, f"{age / 2:.3f}", this_holder())
+
+    def refusal(self, reason: str, lock: dict[str, Any]) -> str:
+        """The "locked by ..." line, with who holds the lock and, when it may be left over, how to clear it."""
+        if not lock or lock.get("owner") == self.ctx.owner:
+            return reason
+        state = holder_state(lock)
+        if state.local:  # alive: a rollout is running there, nothing to clear
+            return f"{reason} ({state.why})"
+        return (f"{reason} ({state.why}; once that rollout is gone, `nativelm fleet unlock --boards {self.board}` "
+                f"clears it, as does fleet.lock_stale_s = {self.ctx.fleet.lock_stale_s:g} s)")
 
     def clear_left_behind(self, facts: dict[str, Any]) -> None:
         """Remove a lock left behind on a board this job does not need to lock (the fast path)."""
@@ -294,10 +302,12 @@ def left_behind(lock: dict[str, Any], ctx: BoardContext) -> str | None:
     owner = lock.get("owner")
     if not isinstance(owner, str) or owner == ctx.owner:
         return None
+    state = holder_state(lock)
+    if state.dead:
+        return state.why
     if ctx.is_leftover is not None and ctx.is_leftover(owner):
         return f"rollout {owner} finished without unlocking"
-    state = holder_state(lock)
-    return state.why if state.dead else None
+    return None
 
 
 def connect_failure(board: str, exc: BaseException, release: str = "") -> BoardResult:

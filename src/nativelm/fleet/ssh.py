@@ -328,6 +328,11 @@ class BoardSession:
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise BoardError(self.board.name, "sftp", f"cannot read {remote}: {exc}") from None
 
+    def connected(self) -> bool:
+        """Whether the SSH transport still runs (after a failure: was it the connection, or the board's answer?)."""
+        transport = self._client.get_transport() if self._client is not None else None
+        return bool(transport is not None and transport.is_active())
+
     def lost(self) -> str:
         """The one line for a connection that dropped under a command or an upload."""
         return f"connection to board {self.board.name} lost (sshd gone?)"
@@ -337,7 +342,7 @@ class BoardSession:
 
         SFTP servers report a full disk as a bare "Failure", so the free space is asked for.
         """
-        if isinstance(exc, (EOFError, paramiko.SSHException, ConnectionError)):  # not an SFTP status (a full disk)
+        if exc is not None and not self.connected():  # the transport died: not an SFTP status such as a full disk
             return f"{remote}: {self.lost()}"
         free = self._free_bytes(posixpath.dirname(remote))
         if getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < max(still_to_send, 1) + 65536):

@@ -235,7 +235,9 @@ def quick_problems(lay: Layout, release: str, stamp: dict) -> list[str]:
         if not stat.S_ISREG(info.st_mode):
             problems.append("not a file: " + name)
         elif isinstance(want, dict) and (info.st_size, info.st_mtime_ns) != (want.get("size"), want.get("mtime_ns")):
-            problems.append(f"changed since verified: {name} (size {info.st_size}, was {want.get('size')})")
+            size = want.get("size")
+            problems.append(f"changed since verified: {name} "
+                            + (f"(size {info.st_size}, was {size})" if info.st_size != size else "(modified)"))
     return problems
 
 
