@@ -27,6 +27,7 @@ from nativelm.fleet.onboard_bench import BenchOne, BenchRow
 from nativelm.fleet.progress import Progress
 from nativelm.fleet.release import LocalRelease
 from nativelm.fleet.rollout import RolloutPlan, Wave
+from nativelm.fleet.stopping import stopping
 from nativelm.orchestration.board_tasks import (
     RETRY_DELAY_S,
     BoardFailed,
@@ -105,9 +106,10 @@ def rollout(model: str = "champion", boards: list[str] | None = None, groups: li
     choice = service.choose_boards(params, boards or [], groups or [])
     release = resolve_release(params, model)
     progress = Progress([b.name for b in choice.boards], sys.stdout, live=False)
-    report = deploy_service.deploy(params, choice, release, bench=run_bench, progress=progress,
-                            executor=PrefectExecutor(board_retries),
-                            flow_run_id=str(flow_run.id) if flow_run.id else None)
+    with stopping():  # a cancelled run's SIGTERM unlocks the boards and finishes the log (fleet/stopping.py)
+        report = deploy_service.deploy(params, choice, release, bench=run_bench, progress=progress,
+                                       executor=PrefectExecutor(board_retries),
+                                       flow_run_id=str(flow_run.id) if flow_run.id else None)
     if not report.ok:
         raise NativelmError(report.failure())
     return report.summary()

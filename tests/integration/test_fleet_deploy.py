@@ -128,7 +128,8 @@ def test_update_unchanged_link_prune_and_rollback(sim_fleet: SimFleet, releases:
     assert forward.ok and serving(inv, fleet_params)["board-2"] == releases.new.name
     missing = rollback(inv, [inv.board("board-2")], fleet_params, state_dir(sim_fleet), to="v999")
     failed = by_board(missing)["board-2"]
-    assert (failed.outcome, failed.phase) == ("failed", "rollback") and "cannot roll back to v999" in failed.reason
+    assert (failed.outcome, failed.phase) == ("failed", "verify")
+    assert failed.reason == f"v999 does not verify (no release v999 on this board); {releases.new.name} stays live"
     assert logged(missing)["board-2"]["reason"] == failed.reason
     assert serving(inv, fleet_params)["board-2"] == releases.new.name
 

@@ -249,15 +249,18 @@ def test_failing_health_check_discards_the_release_and_aborts_at_the_canary(
 def test_release_broken_after_its_health_check_is_rolled_back_after_the_switch(
         fleet: SimFleet, releases: Releases, on_old: FleetParams) -> None:
     def break_it(session: BoardSession) -> None:
-        if session.board.name == "board-2":  # model.onnx: the one file not hard-linked to the old release's
+        if session.board.name == "board-2":  # verified, sealed read-only: only root (the tests' user) writes it
             with session.sftp.open(session.path("releases", releases.new.name, "model.onnx"), "ab") as handle:
                 handle.write(b" ")
 
     result = deploy(fleet, releases.new, on_old, hooks=DeployHooks(before_activate=break_it))
     failed = by_board(result)["board-2"]
     assert (failed.outcome, failed.phase) == ("failed", "health-current")
-    assert failed.reason.startswith(f"health after switch failed; restored {releases.old.name}")
+    assert failed.reason.startswith("health after switch failed: ")
+    assert failed.reason.endswith(f"; restored {releases.old.name}")
     assert failed.live == releases.old.name
+    with BoardSession(fleet.inventory.board("board-2"), fleet.inventory, on_old) as session:
+        assert session.agent("facts")["previous"] != releases.new.name  # never the release that just failed
     assert logged(result)["board-2"]["reason"] == failed.reason
     assert serving(fleet.inventory, on_old) == {"board-1": releases.new.name, "board-2": releases.old.name,
                                                "board-3": releases.new.name}

@@ -137,13 +137,75 @@ def test_verify_names_each_bad_file(board: Board) -> None:
 def test_link_reuses_an_identical_file_from_another_release(board: Board) -> None:
     old = board.release("v1", {"model.onnx": b"same weights", "tokenizer.json": b"tok"})
     sha = hashlib.sha256(b"same weights").hexdigest()
-    assert board.ok("link", "v2", "model.onnx", sha) == {"linked": True, "from": "v1"}
+    reply = board.ok("link", "v2", "model.onnx", sha)
+    assert (reply["linked"], reply["from"]) == (True, "v1") and reply["how"] in ("reflink", "copy")
     new = board.root / "releases" / "v2" / "model.onnx"
     assert new.read_bytes() == b"same weights"
-    assert new.stat().st_ino == (old / "model.onnx").stat().st_ino  # a hard link, not a copy
+    assert new.stat().st_ino != (old / "model.onnx").stat().st_ino  # never a hard link
+    assert new.stat().st_nlink == 1
+    with open(new, "r+b") as handle:  # damage to one release ...
+        handle.write(b"X")
+    assert (old / "model.onnx").read_bytes() == b"same weights"  # ... never reaches another
     tok_sha = hashlib.sha256(b"tok").hexdigest()
     assert board.ok("link", "v2", "renamed.json", tok_sha)["linked"]  # found under another name
     assert board.ok("link", "v2", "other.bin", "f" * 64) == {"linked": False}
+
+
+def test_verify_seals_the_release_read_only_and_stamps_it(board: Board) -> None:
+    folder = board.release("v1")
+    assert board.ok("verify", "v1") == {"ok": True, "files": 3}
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {"0o444"}
+    assert oct(folder.stat().st_mode & 0o777) == "0o555"
+    stamp = json.loads((board.root / "verified" / "v1.json").read_text())
+    model = folder / "model.onnx"
+    assert stamp["files"]["model.onnx"] == {"size": model.stat().st_size, "mtime_ns": model.stat().st_mtime_ns,
+                                            "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    board.ok("hashes", "v1")  # an update of the release opens it again
+    assert oct(folder.stat().st_mode & 0o777) == "0o755"
+    board.ok("verify", "v1")
+    assert board.ok("discard", "v1") == {"discarded": True}  # sealed, and removed all the same
+    assert not folder.exists() and not (board.root / "verified" / "v1.json").exists()
+
+
+def test_check_finds_damage_by_size_and_mtime_or_by_hash(board: Board) -> None:
+    folder = board.release("v1")
+    board.ok("verify", "v1")
+    assert board.ok("check", "v1", "86400") == {"ok": True, "mode": "quick", "problems": [],
+                                                "full_at": json.loads((board.root / "verified" / "v1.json")
+                                                                      .read_text())["full_at"]}
+    model = folder / "model.onnx"
+    info = model.stat()
+    os.chmod(model, 0o644)
+    model.write_bytes(b"x" * info.st_size)  # same size, new contents: the mtime tells
+    quick = board.ok("check", "v1", "86400")
+    assert (quick["ok"], quick["mode"]) == (False, "quick")
+    assert quick["problems"][0].startswith("changed since verified: model.onnx")
+    os.utime(model, ns=(info.st_atime_ns, info.st_mtime_ns))  # mtime put back: only a hash tells
+    assert board.ok("check", "v1", "86400")["ok"] is True
+    assert board.ok("check", "v1", "86400", "full") == {"ok": False, "mode": "full",
+                                                        "problems": ["hash mismatch: model.onnx"]}
+    assert board.ok("check", "v1", "0")["mode"] == "full"  # the full check is due at once
+    with open(model, "r+b") as handle:
+        handle.truncate(100)
+    assert board.ok("check", "v1", "86400")["ok"] is False
+    assert board.error("check", "v1", "1", "fast") == "bad check mode: 'fast' (allowed: quick|full)"
+
+
+def test_restore_puts_back_both_links_and_never_a_release_that_does_not_verify(board: Board) -> None:
+    for name in ("v1", "v2", "v3"):
+        board.release(name)
+    board.ok("activate", "v1")
+    board.ok("activate", "v2")
+    board.ok("activate", "v3")  # v3 failed its health check after the switch: back to v2, previous v1
+    assert board.ok("restore", "v2", "v1") == {"current": "v2", "previous": "v1", "replaced": "v3"}
+    assert (board.link("current"), board.link("previous")) == ("releases/v2", "releases/v1")
+    board.ok("activate", "v3")
+    assert board.ok("restore", "v2") == {"current": "v2", "previous": None, "replaced": "v3"}
+    assert board.link("previous") is None
+    (board.root / "releases" / "v1" / "model.onnx").write_bytes(b"corrupt")
+    assert board.error("restore", "v1") == "cannot restore v1: hash mismatch: model.onnx"
+    assert board.error("restore", "v2", "v9") == "cannot restore v2: previous release v9 is not on this board"
+    assert board.link("current") == "releases/v2"
 
 
 def test_remove_and_discard(board: Board) -> None:
@@ -172,6 +234,14 @@ def test_lock_is_held_by_one_owner_until_unlocked_or_stale(board: Board) -> None
     assert board.ok("unlock", "rollout-b") == {"unlocked": False}
     assert board.ok("unlock", "rollout-a") == {"unlocked": True}
     assert board.ok("lock", "rollout-b", "3600") == {"locked": True, "took_over": False}
+
+
+def test_the_lock_records_the_controller_that_holds_it(board: Board) -> None:
+    board.ok("lock", "rollout-a", "3600", "ctl-host.example:4242:1700000000.25")
+    lock = board.ok("facts")["lock"]
+    assert (lock["owner"], lock["host"], lock["pid"], lock["started"]) == ("rollout-a", "ctl-host.example", 4242,
+                                                                          1700000000.25)
+    assert board.error("lock", "rollout-b", "1", "4242").startswith("bad lock holder (HOST:PID:START_TIME)")
 
 
 def test_a_stale_lock_is_taken_over(board: Board) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import signal
 import threading
 from datetime import UTC
 from pathlib import Path
@@ -25,6 +27,7 @@ from nativelm.fleet.rollout import (
     rollout,
     run_waves,
 )
+from nativelm.fleet.stopping import Interrupted, stopping
 from nativelm.formats import release as release_format
 from nativelm.formats.release import MANIFEST as RELEASE_MANIFEST
 from nativelm.formats.release import RUNTIME_FILE
@@ -205,6 +208,46 @@ def test_rollout_writes_the_result_log_and_reports_progress(release_dir: Path, t
     assert table[0].split() == ["board", "outcome", "live", "sent", "files", "linked", "seconds", "reason"]
     assert table[3].startswith("b2") and table[3].endswith("verify: hash mismatch: model.onnx")
     assert "1 failed, 2 updated" in table[-2] and "ABORTED" in table[-2]
+
+
+def test_an_interrupted_rollout_stops_its_boards_and_finishes_its_log(release_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM mid-rollout: the running boards stop at their next step and unlock (their `finally`), the
+    boards not started are skipped, the log is finished as "interrupted", and the exit code is 143.
+
+    Deterministic: the signal is sent only once both boards of the first wave are inside their step,
+    and it always lands in the main thread, which waits for the wave in `run_waves`.
+    """
+    release = load_release(release_dir, version=3)
+    boards = [board("b1"), board("b2"), board("b3")]
+    running = threading.Barrier(3, timeout=30)  # both boards of wave 1, and the thread that signals
+    unlocked: list[str] = []
+
+    def stoppable_deploy(b: Board, ctx: BoardContext, rel: LocalRelease) -> BoardResult:
+        try:  # "locked"
+            running.wait()
+            assert ctx.stop.wait(30), "the rollout never set its stop event"
+            return BoardResult(b.name, "interrupted", phase="upload", reason="interrupted before upload")
+        finally:
+            unlocked.append(b.name)
+
+    def signal_when_running() -> None:
+        running.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signaller = threading.Thread(target=signal_when_running)
+    signaller.start()
+    with pytest.raises(Interrupted) as caught, stopping():
+        rollout(None, boards, release, FleetParams(max_parallel=2), tmp_path, deploy=stoppable_deploy)
+    signaller.join(30)
+    assert caught.value.exit_code == 143 and caught.value.signal_name == "SIGTERM"
+    assert sorted(unlocked) == ["b1", "b2"]
+    result = caught.value.result
+    log = json.loads(result.log_path.read_text())
+    assert (log["finished"], log["outcome"], log["aborted"]) == (True, "interrupted", "interrupted by SIGTERM")
+    assert {b["board"]: b["outcome"] for b in log["boards"]} == {"b1": "interrupted", "b2": "interrupted",
+                                                                 "b3": "skipped"}
+    assert "ABORTED: interrupted by SIGTERM" in render_rollout(result)[-2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
 
 
 def test_live_progress_draws_one_line_per_board() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
+from nativelm.fleet.holder import holder_state, this_holder
 from nativelm.fleet.provision import ensure_agent
 from nativelm.fleet.ssh import BoardSession, last_line
 from nativelm.fleet.ssh_trust import BoardError, HostKeyError, connection_dropped
@@ -51,7 +53,7 @@ class BoardContext:
     """What every board job of one rollout shares: where boards are, the fleet settings, the lock owner, hooks.
 
     `is_leftover` says whether a lock owner is a finished rollout of this controller (its lock may be
-    taken over).
+    taken over); `stop` is set when the rollout is interrupted (each job stops at its next step).
     """
 
     inventory: Inventory
@@ -59,6 +61,7 @@ class BoardContext:
     owner: str
     hooks: DeployHooks = field(default_factory=DeployHooks)
     is_leftover: LeftoverCheck | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def phase(self, board: str, phase: str, detail: str = "") -> None:
         if self.hooks.on_phase:
@@ -74,7 +77,7 @@ class BoardResult:
     """
 
     board: str
-    outcome: str  # updated | unchanged | rolled-back | failed | skipped
+    outcome: str  # updated | unchanged | rolled-back | failed | skipped | interrupted
     phase: str = ""  # the step that failed (or the last one reached)
     reason: str = ""  # one line, empty when it went well
     release: str = ""
@@ -89,7 +92,7 @@ class BoardResult:
 
     @property
     def failed(self) -> bool:
-        return self.outcome == "failed"
+        return self.outcome in ("failed", "interrupted")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -100,9 +103,21 @@ class BoardResult:
 class StepFailed(Exception):
     """A step of a board job failed: (phase, reason) go to the BoardResult."""
 
+    outcome = "failed"
+
     def __init__(self, phase: str, reason: str, transient: bool = False) -> None:
         super().__init__(f"{phase}: {reason}")
         self.phase, self.reason, self.transient = phase, reason, transient
+
+
+class JobStopped(StepFailed):
+    """The rollout was interrupted: the job stopped before this step (its board keeps a verified release)."""
+
+    outcome = "interrupted"
+
+
+def stopped_before(phase: str) -> JobStopped:
+    return JobStopped(phase, f"interrupted before {phase}: the rollout was stopped")
 
 
 def connection_reason(exc: BaseException) -> str:
@@ -128,6 +143,13 @@ def failure_line(text: str) -> str:
     """The last line a failed board command printed, without the runtime's `error: ` prefix."""
     line = last_line(text) or "no output"
     return line.removeprefix("error: ")
+
+
+def health_check(session: BoardSession, folder: str) -> str | None:
+    """Run the release's own runtime health check (its golden continuation) on a board folder; None: passed."""
+    argv = [session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder]
+    done = session.run(argv, check=False)
+    return None if done.rc == 0 else failure_line(done.stderr or done.stdout)
 
 
 def lock_age_s(lock: dict[str, Any]) -> float | None:
@@ -157,16 +179,37 @@ class BoardJob:
         self.session, self.ctx = session, ctx
         self.board = session.board.name
         self.result = BoardResult(self.board, "failed", release=release)
+        self.switched = False  # `current` moved: from here on an interrupt lets the job finish
 
     def note(self, phase: str, detail: str = "") -> None:
+        """Enter step `phase`; an interrupted rollout stops here (what the step would change stays as it is)."""
         self.result.phase = phase
         self.ctx.phase(self.board, phase, detail)
+        self.check_stop()
+
+    def check_stop(self) -> None:
+        """Stop an interrupted job, unless `current` has moved: then the job's checks and restore must finish."""
+        if self.ctx.stop.is_set() and not self.switched:
+            raise stopped_before(self.result.phase)
 
     def health(self, folder: str) -> str | None:
         """Run the runtime's health check on a release folder of the board; None when it passed."""
-        argv = [self.session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder]
-        done = self.session.run(argv, check=False)
-        return None if done.rc == 0 else failure_line(done.stderr or done.stdout)
+        return health_check(self.session, folder)
+
+    def restore(self, release: str | None, previous: str | None, failure: str) -> None:
+        """Put `current`/`previous` back to `release`/`previous` after `failure` (raised as health-current).
+
+        The agent verifies `release` first: a release that does not verify is never made live.
+        """
+        if not release:
+            raise StepFailed("health-current", f"{failure}; no previous release to restore")
+        self.note("restore", release)
+        try:
+            reply = self.session.agent("restore", release, *([previous] if previous else []))
+        except BoardError as exc:
+            raise StepFailed("health-current", f"{failure}; could not restore {release}: {exc.reason}") from None
+        self.result.live = reply.get("current", release)
+        raise StepFailed("health-current", f"{failure}; restored {release}")
 
     def run(self) -> BoardResult:
         """Run the job; any failure is recorded in the result, never raised."""
@@ -177,7 +220,7 @@ class BoardJob:
                 ensure_agent(self.session)
                 self.body()
         except StepFailed as exc:
-            self.result.outcome, self.result.phase, self.result.reason = "failed", exc.phase, exc.reason
+            self.result.outcome, self.result.phase, self.result.reason = exc.outcome, exc.phase, exc.reason
             self.result.transient = exc.transient
         finally:
             self.result.seconds = time.perf_counter() - started
@@ -198,25 +241,46 @@ class BoardJob:
     def lock(self) -> None:
         self.note("lock")
         try:
-            reply = self.session.agent("lock", self.ctx.owner, str(self.ctx.fleet.lock_stale_s))
+            reply = self.session.agent("lock", self.ctx.owner, str(self.ctx.fleet.lock_stale_s), this_holder())
         except BoardError as exc:
             reply = self.take_over_leftover(exc)
         self.result.extra["lock_taken_over"] = bool(reply.get("took_over"))
 
     def take_over_leftover(self, refused: BoardError) -> dict[str, Any]:
-        """Take over a lock whose owner is a finished rollout (it could not unlock); re-raise otherwise.
+        """Take over a lock left behind (see `left_behind`); re-raise `refused` otherwise, saying how to clear it.
 
         The stale limit passed is half the lock's age, so a lock taken by someone else meanwhile
         (younger than that) is still refused by the agent.
         """
         lock = self.session.agent("facts").get("lock") or {}
-        owner, age = lock.get("owner"), lock_age_s(lock)
-        leftover = self.ctx.is_leftover
-        if not (leftover and isinstance(owner, str) and owner != self.ctx.owner and leftover(owner)
-                and age is not None and age > 0):
-            raise refused
-        self.note("lock", f"taking over the lock left by finished rollout {owner}")
-        return self.session.agent("lock", self.ctx.owner, f"{age / 2:.3f}")
+        why, age = left_behind(lock, self.ctx), lock_age_s(lock)
+        if why is None or age is None or age <= 0:
+            raise StepFailed("lock", self.refusal(refused.reason, lock))
+        line = f"took over the lock of {lock.get('owner')}: {why}"
+        self.note("lock", line)
+        self.result.extra["lock_took_over_from"] = line
+        return self.session.agent("lock", self.ctx.owner, f"{age / 2:.3f}", this_holder())
+
+    def refusal(self, reason: str, lock: dict[str, Any]) -> str:
+        """The "locked by ..." line, with who holds the lock and, when it may be left over, how to clear it."""
+        if not lock or lock.get("owner") == self.ctx.owner:
+            return reason
+        state = holder_state(lock)
+        if state.local:  # alive: a rollout is running there, nothing to clear
+            return f"{reason} ({state.why})"
+        return (f"{reason} ({state.why}; once that rollout is gone, `nativelm fleet unlock --boards {self.board}` "
+                f"clears it, as does fleet.lock_stale_s = {self.ctx.fleet.lock_stale_s:g} s)")
+
+    def clear_left_behind(self, facts: dict[str, Any]) -> None:
+        """Remove a lock left behind on a board this job does not need to lock (the fast path)."""
+        lock = facts.get("lock")
+        why = left_behind(lock, self.ctx) if isinstance(lock, dict) else None
+        if why is None:
+            return
+        with contextlib.suppress(BoardError):
+            if self.session.agent("unlock", str(lock.get("owner"))).get("unlocked"):
+                self.result.extra["lock_cleared"] = f"cleared the lock of {lock.get('owner')}: {why}"
+                self.note("lock", self.result.extra["lock_cleared"])
 
     def unlock(self) -> None:
         with contextlib.suppress(BoardError, *TRANSPORT_ERRORS):
@@ -231,6 +295,19 @@ class BoardJob:
             raise StepFailed("facts", f"not provisioned (no runtime virtualenv): run "
                                       f"`nativelm fleet provision --boards {self.board}`")
         return facts
+
+
+def left_behind(lock: dict[str, Any], ctx: BoardContext) -> str | None:
+    """Why a lock may be taken over at once (its rollout finished, or its controller is gone); None if not."""
+    owner = lock.get("owner")
+    if not isinstance(owner, str) or owner == ctx.owner:
+        return None
+    state = holder_state(lock)
+    if state.dead:
+        return state.why
+    if ctx.is_leftover is not None and ctx.is_leftover(owner):
+        return f"rollout {owner} finished without unlocking"
+    return None
 
 
 def connect_failure(board: str, exc: BaseException, release: str = "") -> BoardResult:

@@ -5,6 +5,7 @@
     fleet sim status                         each simulated board's sshd
     fleet status [--boards a,b] [--groups g] [--inventory PATH]
     fleet provision [--boards a,b] [--groups g] [--inventory PATH]
+    fleet unlock --boards a,b [--groups g] [--force]   clear locks a dead rollout left behind
 
 Only the parsers are built here: the handlers (nativelm.fleet.handlers, with SSH and the rest) are
 imported when a command runs, so `nativelm --help` stays fast.
@@ -69,9 +70,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = actions.add_parser("status", parents=[common], help="reachability, platform, disk, release, benchmark",
                            description="Connect to each board (pinned host keys, key authentication) and show "
                                        "its architecture, Python, free disk, live and previous release, runtime "
-                                       "virtualenv, lock holder and last on-board decode speed. Read-only. Exits "
-                                       "1 when a board is unreachable.")
+                                       "virtualenv, lock holder and last on-board decode speed. The live release "
+                                       "is checked every time: size and mtime of each file against the stamp "
+                                       "written when it verified, every file hashed with --verify full or once "
+                                       "fleet.verify_full_every_s has passed, then its health check; STATE shows "
+                                       "damaged or unhealthy. Changes nothing on a board but the time of its last "
+                                       "full check. Exits 1 when a board is unreachable, damaged or unhealthy.")
     add_board_choice(p)
+    p.add_argument("--verify", choices=["auto", "full"], default="auto",
+                   help="auto: size + mtime, hashes on fleet.verify_full_every_s's schedule; full: hash every "
+                        "file of the live release now")
     p.set_defaults(handler=handler("cmd_status"))
 
     p = actions.add_parser("provision", parents=[common], help="prepare boards: Python check, layout, runtime venv",
@@ -82,3 +90,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                        "second run installs nothing.")
     add_board_choice(p)
     p.set_defaults(handler=handler("cmd_provision"))
+
+    p = actions.add_parser("unlock", parents=[common], help="clear board locks a dead rollout left behind",
+                           description="Remove the rollout lock of each chosen board when its holder is gone (a "
+                                       "controller of this host that no longer runs) or the lock is older than "
+                                       "fleet.lock_stale_s. A lock whose holder may still run is refused with one "
+                                       "line, unless --force. Exits 1 when a board was refused or unreachable.")
+    add_board_choice(p)
+    p.add_argument("--force", action="store_true", help="also remove a lock whose holder may still be running")
+    p.set_defaults(handler=handler("cmd_unlock"))

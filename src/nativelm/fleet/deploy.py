@@ -7,7 +7,10 @@
 Every step runs on the board through the agent (`fleet/agent/`) or the release's own runtime;
 `current` only moves in `activate`, after the new release's files verified and its golden
 continuation matched, so any failure before that leaves the previous release live untouched, and a
-failure after it rolls back. Each failure is recorded as (phase, one-line reason) in the
+failure after it restores both links as they were (`previous` is always the last release that
+passed its health check, never the one that just failed). A release that verifies is sealed
+read-only on the board; files shared with another release are copies (copy-on-write where the
+filesystem can), never hard links, so damage to one release cannot reach another. Each failure is recorded as (phase, one-line reason) in the
 `BoardResult`. A lock left behind by a finished rollout of this controller (its connection dropped
 before it could unlock) is taken over; any other lock stops the board with "locked by ...".
 
@@ -53,6 +56,7 @@ class BoardDeploy(BoardJob):
         except BoardError:
             return False  # damaged on the board: repaired through the normal path
         self.result.outcome, self.result.live = "unchanged", self.release.name
+        self.clear_left_behind(facts)
         return True
 
     def missing_files(self) -> dict[str, int]:
@@ -92,6 +96,7 @@ class BoardDeploy(BoardJob):
             before = local.size - missing[name]
 
             def progress(sent: int, name: str = name, size: int = local.size, before: int = before) -> None:
+                self.check_stop()  # an interrupted rollout stops mid-file (the upload resumes next time)
                 if self.ctx.hooks.on_progress:
                     self.ctx.hooks.on_progress(self.board, name, before + sent, size)
 
@@ -139,29 +144,20 @@ class BoardDeploy(BoardJob):
             self.result.previous = facts.get("previous")
             return False
         self.note("activate")
+        self.switched = True
         reply = self.session.agent("activate", self.release.name)
         self.result.previous = reply.get("previous")
         self.result.live = reply.get("current", self.release.name)
         return True
 
-    def check_current(self) -> None:
-        """Health of the release as served through `current`; restore the previous one on failure."""
+    def check_current(self, before: dict[str, Any]) -> None:
+        """Health of the release as served through `current`; on failure restore what was live before
+        (`before`: the facts read under the lock), `previous` included, so the failed release is neither."""
         self.note("health-current")
         failure = self.health(self.session.path("current"))
         if failure is None:
             return
-        previous = self.result.previous
-        if not previous:
-            raise StepFailed("health-current", f"health after switch failed: {failure}; "
-                                               "no previous release to restore")
-        self.note("rollback", previous)
-        try:
-            reply = self.session.agent("rollback", previous)
-        except BoardError as exc:
-            raise StepFailed("health-current", f"health after switch failed ({failure}); could not restore "
-                                               f"{previous}: {exc.reason}") from None
-        self.result.live = reply.get("current", previous)
-        raise StepFailed("health-current", f"health after switch failed; restored {previous} ({failure})")
+        self.restore(before.get("current"), before.get("previous"), f"health after switch failed: {failure}")
 
     def prune(self) -> None:
         """Delete old releases; the new one is live already, so a failure here is only noted."""
@@ -193,7 +189,7 @@ class BoardDeploy(BoardJob):
         if self.ctx.hooks.before_activate:
             self.ctx.hooks.before_activate(self.session)
         if self.activate(facts):
-            self.check_current()
+            self.check_current(facts)
         self.result.outcome = "updated"
         self.prune()
 
@@ -210,23 +206,34 @@ class BoardRollback(BoardJob):
             self.roll_back(self.facts())
 
     def roll_back(self, facts: dict[str, Any]) -> None:
+        """Verify the target's files and run its health check BEFORE switching; a target failing
+        either is never made live (the board keeps what it had)."""
         target = self.to or facts.get("previous")
         if not target:
             raise StepFailed("rollback", "nothing to roll back to (the board has no previous release)")
         if target == facts.get("current"):
             raise StepFailed("rollback", f"{target} is live already")
+        self.result.release = target
+        self.note("verify", target)
+        try:
+            self.session.agent("verify", target)
+        except BoardError as exc:
+            raise StepFailed("verify", f"{target} does not verify ({exc.reason}); "
+                                       f"{facts.get('current') or 'nothing'} stays live") from None
+        self.note("health", target)
+        failure = self.health(self.session.path("releases", target))
+        if failure is not None:
+            raise StepFailed("health", f"{target} fails its health check ({failure}); "
+                                       f"{facts.get('current') or 'nothing'} stays live")
         self.note("rollback", target)
-        reply = self.session.agent("rollback", target)  # the agent verifies the target's files first
-        replaced = reply.get("previous") or facts.get("current")
-        self.result.release, self.result.previous = target, replaced
+        self.switched = True
+        reply = self.session.agent("rollback", target)  # verified again by the agent, under our lock
+        self.result.previous = reply.get("previous") or facts.get("current")
         self.result.live = reply.get("current", target)
         self.note("health-current", target)
         failure = self.health(self.session.path("current"))
         if failure is not None:
-            if replaced:
-                self.session.agent("rollback", replaced)
-                self.result.live = replaced
-            raise StepFailed("health-current", f"health after rollback failed; restored {replaced} ({failure})")
+            self.restore(facts.get("current"), facts.get("previous"), f"health after rollback failed: {failure}")
         self.result.outcome = "rolled-back"
 
 

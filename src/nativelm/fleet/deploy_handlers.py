@@ -12,6 +12,7 @@ import sys
 from nativelm.cliargs import params_of
 from nativelm.fleet import deploy_service, service
 from nativelm.fleet.handlers import UsageError, chosen, progress_of
+from nativelm.fleet.stopping import stopped_cleanly
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -21,9 +22,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     choice = chosen(args, params)
     print(f"deploy: {release.name} ({release.folder}, {release.total_bytes / 2**20:.1f} MiB) to "
           f"{len(choice.boards)} boards", file=sys.stderr)
-    report = deploy_service.deploy(params, choice, release, bench=not args.no_bench, record=not args.no_mlflow,
-                                   progress=progress_of(choice), console=service.stderr_console())
-    return 0 if report.ok else 1
+    with stopped_cleanly("deploy") as stop:
+        report = deploy_service.deploy(params, choice, release, bench=not args.no_bench, record=not args.no_mlflow,
+                                       progress=progress_of(choice), console=service.stderr_console())
+    return stop.exit_code if stop.exit_code is not None else (0 if report.ok else 1)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -32,8 +34,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if not (args.boards or args.groups or args.all):
         raise UsageError("rollback: choose the boards: --boards a,b, --groups g or --all")
     choice = chosen(args, params)
-    result = service.rollback(params, choice, args.to, progress_of(choice), service.stderr_console())
-    return 0 if result.ok else 1
+    with stopped_cleanly("rollback") as stop:
+        result = service.rollback(params, choice, args.to, progress_of(choice), service.stderr_console())
+    return stop.exit_code if stop.exit_code is not None else (0 if result.ok else 1)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -37,10 +37,9 @@ from nativelm.fleet.rollout import (
     Wave,
     new_rollout_id,
     plan_rollout,
-    render_rollout,
     serving_boards,
 )
-from nativelm.fleet.service import PRINT_CONSOLE, Console, FleetChoice
+from nativelm.fleet.service import PRINT_CONSOLE, Console, FleetChoice, run_plan
 from nativelm.params.root import Params
 from nativelm.tracking.runs import RunLogger, resolve_tracking_uri
 
@@ -112,8 +111,7 @@ def deploy(params: Params, choice: FleetChoice, release: LocalRelease, *, bench:
            flow_run_id: str | None = None) -> DeployReport:
     """Roll `release` out, benchmark the boards that serve it, record both in MLflow (`record`)."""
     plan = plan_deploy(params, choice, release, progress)
-    result = plan.run(None if executor is None else lambda wave: executor.deploy_wave(plan, wave))
-    console.lines(render_rollout(result))
+    result = run_plan(plan, console, None if executor is None else lambda wave: executor.deploy_wave(plan, wave))
     report = DeployReport(release, result)
     if bench:
         report.bench = bench_boards(params, choice, serving_boards(choice.boards, result, release.name),

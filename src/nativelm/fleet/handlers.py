@@ -18,6 +18,7 @@ from nativelm.fleet.progress import Progress
 from nativelm.fleet.provision import provision, render_provision
 from nativelm.fleet.service import FleetChoice
 from nativelm.fleet.status import render_status
+from nativelm.fleet.unlock import unlock
 from nativelm.params.root import Params
 
 
@@ -58,12 +59,24 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the status table; exit 1 when a chosen board is unreachable."""
+    """Print the status table; exit 1 when a chosen board is unreachable, damaged or unhealthy."""
     params = params_of(args)
-    rows = service.health(params, chosen(args, params))
+    rows = service.health(params, chosen(args, params), args.verify)
     for line in render_status(rows):
         print(line)
-    return 0 if all(row.reachable for row in rows) else 1
+    return 0 if all(row.reachable and not service.live_problem(row) for row in rows) else 1
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    """Clear the locks left on the chosen boards; exit 1 when one was refused (a live holder) or failed."""
+    params = params_of(args)
+    if not (args.boards or args.groups):
+        raise UsageError("fleet unlock: choose the boards: --boards a,b or --groups g")
+    choice = chosen(args, params)
+    results = unlock(choice.inventory, choice.boards, params.fleet, force=args.force)
+    for result in results:
+        print(result.line)
+    return 0 if all(r.ok for r in results) else 1
 
 
 def cmd_provision(args: argparse.Namespace) -> int:

@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 from nativelm.errors import NativelmError
 from nativelm.fleet.board_job import BoardContext, BoardResult, DeployHooks
 from nativelm.fleet.deploy import deploy_to, rollback_on
+from nativelm.fleet.holder import holder_state, this_holder
 from nativelm.fleet.progress import Progress
+from nativelm.fleet.stopping import block_signals_here, interrupted_by, wait_all
 from nativelm.fsutil import atomic_write_text
 from nativelm.params.fleet import RELEASE_PATTERN, FleetParams
 
@@ -76,12 +78,23 @@ def safe_run(run_one: RunOne, board: Board) -> BoardResult:
         return BoardResult(board.name, "failed", phase="internal", reason=f"{type(exc).__name__}: {exc}")
 
 
-def run_waves(waves: Sequence[Wave], run_one: RunOne, *, max_parallel: int,
-              max_failed: int) -> tuple[list[BoardResult], str | None]:
-    """Run the waves in order in this process, each with up to `max_parallel` boards at once (threads)."""
-    with ThreadPoolExecutor(max_workers=max(1, max_parallel), thread_name_prefix="board") as pool:
-        return drive_waves(waves, lambda wave: list(pool.map(lambda b: safe_run(run_one, b), wave.boards)),
-                           max_failed)
+def run_waves(waves: Sequence[Wave], run_one: RunOne, *, max_parallel: int, max_failed: int,
+              stop: threading.Event | None = None) -> tuple[list[BoardResult], str | None]:
+    """Run the waves in order in this process, each with up to `max_parallel` boards at once (threads).
+
+    Interrupted (a signal, an exception), `stop` is set before the pool is waited for, so the running
+    board jobs stop at their next step and unlock instead of finishing the rollout.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, max_parallel), thread_name_prefix="board",
+                            initializer=block_signals_here) as pool:
+        try:
+            return drive_waves(waves, lambda wave: wait_all([pool.submit(safe_run, run_one, b) for b in wave.boards]),
+                               max_failed)
+        except BaseException:
+            if stop is not None:
+                stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def drive_waves(waves: Sequence[Wave], run_wave: RunWave, max_failed: int) -> tuple[list[BoardResult], str | None]:
@@ -133,6 +146,32 @@ def log_finished(state_dir: Path, rollout_id: str) -> bool:
         return False
 
 
+def finish_abandoned_logs(state_dir: Path, newest: int = 200) -> list[str]:
+    """Finish the logs of rollouts whose controller died (SIGKILL, power cut) on this host: outcome "died".
+
+    Run as a rollout starts; only the `newest` logs are read. Returns the ids finished.
+    """
+    done = []
+    for path in sorted(rollouts_dir(state_dir).glob("*.json"))[-newest:]:
+        try:
+            log = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        holder = log.get("controller") if isinstance(log, dict) and not log.get("finished") else None
+        parts = holder.split(":") if isinstance(holder, str) else []
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            state = holder_state({"host": parts[0], "pid": int(parts[1]), "started": float(parts[2])})
+        except ValueError:
+            continue
+        if state.dead:
+            log.update(finished=True, outcome="died", aborted=f"the rollout died: {state.why}")
+            atomic_write_text(path, json.dumps(log, indent=2) + "\n")
+            done.append(str(log.get("id")))
+    return done
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -152,6 +191,8 @@ class RolloutResult:
     finished: bool = False
     log_path: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    outcome: str = "running"  # running | ok | failed | interrupted (| died: see finish_abandoned_logs)
+    controller: str = field(default_factory=this_holder)  # HOST:PID:START_TIME of the process running it
 
     @property
     def failed(self) -> list[BoardResult]:
@@ -169,8 +210,10 @@ class RolloutResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.rollout_id, "kind": self.kind, "release": self.release, "version": self.version,
-                "started_at": self.started_at, "finished": self.finished, "seconds": round(self.seconds, 3),
+                "started_at": self.started_at, "finished": self.finished, "outcome": self.outcome,
+                "seconds": round(self.seconds, 3),
                 "aborted": self.aborted, "counts": self.counts(), "settings": self.settings,
+                "controller": self.controller,
                 "boards": [r.to_json() for r in self.boards]}
 
 
@@ -192,12 +235,23 @@ class RolloutLog:
             self.result.boards.append(board)
             self.write()
 
-    def finish(self, ordered: list[BoardResult], aborted: str | None, seconds: float) -> RolloutResult:
+    def finish(self, ordered: list[BoardResult], aborted: str | None, seconds: float,
+               outcome: str | None = None) -> RolloutResult:
         with self._lock:
             self.result.boards, self.result.aborted = ordered, aborted
             self.result.seconds, self.result.finished = seconds, True
+            self.result.outcome = outcome or ("ok" if self.result.ok else "failed")
             self.write()
         return self.result
+
+    def finish_interrupted(self, waves: Sequence[Wave], why: str, seconds: float) -> RolloutResult:
+        """Finish the log of a rollout stopped by `why` (a signal): the boards that ended as they ended,
+        the others skipped."""
+        with self._lock:
+            done = {r.board: r for r in self.result.boards}
+        aborted = f"interrupted by {why}"
+        ordered = [done.get(b.name) or skipped(b, aborted) for wave in waves for b in wave.boards]
+        return self.finish(ordered, aborted, seconds, "interrupted")
 
 
 @dataclass
@@ -214,6 +268,7 @@ class RolloutPlan:
     max_parallel: int
     max_failed: int
     progress: Progress | None = None
+    stop: threading.Event = field(default_factory=threading.Event)  # the board jobs' (BoardContext.stop)
 
     @property
     def rollout_id(self) -> str:
@@ -232,14 +287,27 @@ class RolloutPlan:
         return self.record(self.attempt(board))
 
     def run(self, run_wave: RunWave | None = None) -> RolloutResult:
-        """Run every wave (this process's threads, or `run_wave`); finish the log; never raises for boards."""
+        """Run every wave (this process's threads, or `run_wave`); finish the log; never raises for boards.
+
+        Interrupted (`stopping.Interrupted`, KeyboardInterrupt, any exception), the board jobs are
+        stopped and waited for, the log finished with outcome "interrupted", and the exception re-raised
+        with the result attached as `.result`.
+        """
         started = time.perf_counter()
         try:
             if run_wave is None:
                 results, aborted = run_waves(self.waves, self.step, max_parallel=self.max_parallel,
-                                             max_failed=self.max_failed)
+                                             max_failed=self.max_failed, stop=self.stop)
             else:
                 results, aborted = drive_waves(self.waves, run_wave, self.max_failed)
+        except BaseException as exc:
+            self.stop.set()
+            if self.progress is not None:
+                self.progress.close()
+            exc.result = self.log.finish_interrupted(self.waves, interrupted_by(exc),  # type: ignore[attr-defined]
+                                                     time.perf_counter() - started)
+            raise
+        try:
             for result in results:
                 if result.outcome == "skipped" and self.progress is not None:
                     self.progress.done(result)
@@ -253,7 +321,8 @@ def board_context(inventory: Inventory, fleet: FleetParams, state_dir: Path, own
                   hooks: DeployHooks | None, progress: Progress | None) -> BoardContext:
     """The context of every board of one rollout: its id owns the locks, finished rollouts' locks are leftovers."""
     shown = progress.hooks(hooks) if progress is not None else (hooks or DeployHooks())
-    return BoardContext(inventory, fleet, owner, shown, lambda other: log_finished(state_dir, other))
+    return BoardContext(inventory, fleet, owner, shown, lambda other: log_finished(state_dir, other),
+                        threading.Event())
 
 
 def plan_rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRelease, fleet: FleetParams,
@@ -261,13 +330,14 @@ def plan_rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRe
                  rollout_id: str | None = None, deploy: Deploy = deploy_to) -> RolloutPlan:
     """The deploy of `release` to `boards` (canary first, then waves); its log is started here."""
     rid = rollout_id or new_rollout_id("rollout")
+    finish_abandoned_logs(state_dir)
     settings = {"max_parallel": fleet.max_parallel, "max_failed_boards": fleet.max_failed_boards,
                 "keep_releases": fleet.keep_releases}
     log = RolloutLog(state_dir, RolloutResult(rid, "deploy", release.name, release.version, _now(),
                                               settings=settings))
     ctx = board_context(inventory, fleet, state_dir, rid, hooks, progress)
     return RolloutPlan(log, plan_waves(boards, fleet.max_parallel), lambda board: deploy(board, ctx, release),
-                       fleet.max_parallel, fleet.max_failed_boards, progress)
+                       fleet.max_parallel, fleet.max_failed_boards, progress, ctx.stop)
 
 
 def rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRelease, fleet: FleetParams,
@@ -284,11 +354,12 @@ def plan_rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetPar
     if to is not None and not re.fullmatch(RELEASE_PATTERN, to):
         raise NativelmError(f"rollback: {to!r} is not a release name (such as v3 or sha-0123456789ab)")
     rid = new_rollout_id("rollback")
+    finish_abandoned_logs(state_dir)
     log = RolloutLog(state_dir, RolloutResult(rid, "rollback", to or "previous", None, _now(),
                                               settings={"max_parallel": fleet.max_parallel}))
     ctx = board_context(inventory, fleet, state_dir, rid, None, progress)
     return RolloutPlan(log, [Wave("all", tuple(boards))], lambda board: rollback_on(board, ctx, to),
-                       fleet.max_parallel, len(boards), progress)
+                       fleet.max_parallel, len(boards), progress, ctx.stop)
 
 
 def rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams, state_dir: Path, *,
@@ -310,6 +381,8 @@ def render_rollout(result: RolloutResult) -> list[str]:
              f"{r.seconds:.2f}", f"{r.phase}: {r.reason}" if r.reason else "") for r in result.boards]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in [header, *rows]]
+    lines += [f"{r.board}: {r.extra[key]}" for r in result.boards for key in ("lock_took_over_from", "lock_cleared")
+              if r.extra.get(key)]
     counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(result.counts().items()))
     lines.append(f"{result.kind} {result.rollout_id} of {result.release}: {counts} in {result.seconds:.1f} s"
                  + (f"; ABORTED: {result.aborted}" if result.aborted else ""))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nativelm.fleet.inventory import Board, Inventory, load_inventory, select_boards
 from nativelm.fleet.progress import Progress
-from nativelm.fleet.rollout import RolloutResult, plan_rollback, render_rollout
+from nativelm.fleet.rollout import RolloutPlan, RolloutResult, RunWave, plan_rollback, render_rollout
 from nativelm.fleet.status import BoardStatus, fleet_status
 from nativelm.params.root import Params
 
@@ -47,25 +47,43 @@ def choose_boards(params: Params, boards: Sequence[str] = (), groups: Sequence[s
     return FleetChoice(inv, tuple(select_boards(inv, list(boards), list(groups))))
 
 
-def rollback(params: Params, choice: FleetChoice, to: str | None = None, progress: Progress | None = None,
-             console: Console = PRINT_CONSOLE) -> RolloutResult:
-    """Restore the previous release (or `to`) on the chosen boards, up to fleet.max_parallel at once."""
-    result = plan_rollback(choice.inventory, choice.boards, params.fleet, Path(params.stack.state_dir), to=to,
-                           progress=progress).run()
+def run_plan(plan: RolloutPlan, console: Console, run_wave: RunWave | None = None) -> RolloutResult:
+    """Run a rollout plan and print its summary, also when a signal or an error stopped it (then re-raised)."""
+    try:
+        result = plan.run(run_wave)
+    except BaseException as exc:
+        stopped = getattr(exc, "result", None)
+        if isinstance(stopped, RolloutResult):
+            console.lines(render_rollout(stopped))
+        raise
     console.lines(render_rollout(result))
     return result
 
 
-def health(params: Params, choice: FleetChoice) -> list[BoardStatus]:
-    """Every chosen board's status (reachability, live release, last benchmark)."""
-    return fleet_status(choice.inventory, choice.boards, params.fleet)
+def rollback(params: Params, choice: FleetChoice, to: str | None = None, progress: Progress | None = None,
+             console: Console = PRINT_CONSOLE) -> RolloutResult:
+    """Restore the previous release (or `to`) on the chosen boards, up to fleet.max_parallel at once."""
+    return run_plan(plan_rollback(choice.inventory, choice.boards, params.fleet, Path(params.stack.state_dir), to=to,
+                                  progress=progress), console)
+
+
+def health(params: Params, choice: FleetChoice, verify: str = "auto") -> list[BoardStatus]:
+    """Every chosen board's status (reachability, live release checked and health-checked, last benchmark)."""
+    return fleet_status(choice.inventory, choice.boards, params.fleet, verify)
+
+
+def live_problem(row: BoardStatus) -> str | None:
+    """What is wrong with a reachable board's live release (damaged, failing its health check); None: nothing."""
+    if row.damage:
+        return f"live release {row.current} damaged: {row.damage}"
+    return f"live release {row.current} fails its health check: {row.unhealthy}" if row.unhealthy else None
 
 
 def board_problem(row: BoardStatus) -> str | None:
-    """Why a board is unhealthy (unreachable or serving nothing), in one line; None when it is healthy."""
+    """Why a board is unhealthy (unreachable, serving nothing, damaged, failing health), in one line; None: healthy."""
     if not row.reachable:
         return row.reason
-    return None if row.current else "no live release"
+    return live_problem(row) or (None if row.current else "no live release")
 
 
 def unhealthy(rows: Sequence[BoardStatus]) -> list[str]:

@@ -203,6 +203,8 @@ class BoardSession:
         finally:
             channel.close()
         result = CommandResult(rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+        if check and rc == -1:
+            raise BoardError(self.board.name, posixpath.basename(str(argv[0])), self.lost(), transient=True)
         if check and rc != 0:
             reason = last_line(result.stderr) or f"exit status {rc}"
             raise BoardError(self.board.name, posixpath.basename(str(argv[0])), reason)
@@ -223,6 +225,8 @@ class BoardSession:
         else:
             argv = [self.board.python, self.agent_path, command, *args]
         result = self.run(argv, stdin=stdin, timeout=timeout, check=False)
+        if result.rc == -1:  # the channel closed without an exit status: sshd (or its session) died
+            raise BoardError(self.board.name, command, self.lost(), transient=True)
         if result.rc != 0:
             errors = [line.strip()[len("error:"):].strip() for line in result.stderr.splitlines()
                       if line.strip().startswith("error:")]
@@ -319,11 +323,22 @@ class BoardSession:
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise BoardError(self.board.name, "sftp", f"cannot read {remote}: {exc}") from None
 
+    def connected(self) -> bool:
+        """Whether the SSH transport still runs (after a failure: was it the connection, or the board's answer?)."""
+        transport = self._client.get_transport() if self._client is not None else None
+        return bool(transport is not None and transport.is_active())
+
+    def lost(self) -> str:
+        """The one line for a connection that dropped under a command or an upload."""
+        return f"connection to board {self.board.name} lost (sshd gone?)"
+
     def _upload_failure(self, remote: str, still_to_send: int, detail: str, exc: BaseException | None = None) -> str:
         """'FILE: no space left on device ...' when the board's disk is the cause, else 'FILE: detail'.
 
         SFTP servers report a full disk as a bare "Failure", so the free space is asked for.
         """
+        if exc is not None and not self.connected():  # the transport died: not an SFTP status such as a full disk
+            return f"{remote}: {self.lost()}"
         free = self._free_bytes(posixpath.dirname(remote))
         if getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < max(still_to_send, 1) + 65536):
             shown = "" if free is None else f" ({free / 2**20:.1f} MiB free, {still_to_send / 2**20:.1f} MiB to go)"

@@ -1,7 +1,12 @@
-"""`nativelm fleet status`: each board's reachability, platform, free disk, live release and last benchmark.
+"""`nativelm fleet status`: each board's reachability, platform, free disk, live release and last benchmark,
+and whether the live release is intact and healthy.
 
-Read-only: the controller's copy of the agent is piped to the board's Python (`agent(inline=True)`),
-so boards that were never provisioned answer too and nothing is written on any board.
+The controller's copy of the agent is piped to the board's Python (`agent(inline=True)`), so boards
+that were never provisioned answer too. The live release is checked every time: each file's size
+and mtime against the board's verification stamp (cheap), every file hashed when asked
+(`verify="full"`) or when the last full check is older than fleet.verify_full_every_s; then its
+health check runs (the golden continuation). Damage shows as "damaged", a failing check as
+"unhealthy". The only thing written on a board is the stamp's time of its last full check.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nativelm.errors import NativelmError
+from nativelm.fleet.board_job import health_check
 from nativelm.fleet.provision import check_packages, for_each_board
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fleet.ssh_trust import BoardError
@@ -40,6 +46,15 @@ class BoardStatus:
     runtime: str | None = None  # "ok", "missing", "other pins"
     locked_by: str | None = None
     decode_tokens_per_s: float | None = None
+    verified: str | None = None  # how the live release was checked: "quick" (size, mtime) or "full" (hashes)
+    damage: str | None = None  # what does not match, one line (None: intact, or nothing live)
+    unhealthy: str | None = None  # the live release's failing health check, one line
+
+    @property
+    def state(self) -> str:
+        if not self.reachable:
+            return "unreachable"
+        return "damaged" if self.damage else "unhealthy" if self.unhealthy else "ok"
 
 
 def bench_figure(bench: Any, key: str = BENCH_METRIC) -> float | None:
@@ -58,24 +73,39 @@ def _runtime_state(facts: dict, pins: list[str]) -> str:
     return "ok" if facts.get("runtime_packages") == pins else "other pins"
 
 
-def board_status(session: BoardSession) -> BoardStatus:
+
+def check_live(session: BoardSession, release: str, verify: str, runtime: bool) -> dict[str, Any]:
+    """The live release checked against its stamp (`verify`), then its health check when it is intact."""
+    args = [release, f"{session.fleet.verify_full_every_s:g}", *(["full"] if verify == "full" else [])]
+    reply = session.agent("check", *args, inline=True)
+    found = {"verified": reply.get("mode"), "damage": None, "unhealthy": None}
+    if not reply.get("ok"):
+        found["damage"] = "; ".join(reply.get("problems") or ["does not verify"])
+    elif runtime:
+        found["unhealthy"] = health_check(session, session.path("current"))
+    return found
+
+
+def board_status(session: BoardSession, verify: str = "auto") -> BoardStatus:
     """The status of one connected board (BoardError if its Python or the agent fails)."""
     board = session.board
     facts = session.agent("facts", inline=True, timeout=session.fleet.connect_timeout_s * 3)
     lock = facts.get("lock")
+    live = check_live(session, facts["current"], verify, bool(facts.get("runtime_python"))) \
+        if facts.get("current") else {}
     return BoardStatus(
         board=board.name, address=f"{board.host}:{board.port}", groups=tuple(board.groups), reachable=True,
         arch=facts.get("arch"), python=facts.get("python"), free_disk_mb=facts.get("free_disk_mb"),
         current=facts.get("current"), previous=facts.get("previous"), releases=tuple(facts.get("releases") or ()),
         runtime=_runtime_state(facts, check_packages(session.fleet.runtime_packages)),
         locked_by=lock.get("owner") if isinstance(lock, dict) else None,
-        decode_tokens_per_s=bench_figure(facts.get("last_bench")))
+        decode_tokens_per_s=bench_figure(facts.get("last_bench")), **live)
 
 
-def check_board(inv: Inventory, board: Board, fleet: FleetParams) -> BoardStatus:
+def check_board(inv: Inventory, board: Board, fleet: FleetParams, verify: str = "auto") -> BoardStatus:
     """One board's status; BoardError (or NativelmError) when it cannot be asked."""
     with BoardSession(board, inv, fleet) as session:
-        return board_status(session)
+        return board_status(session, verify)
 
 
 def unreachable(board: Board, exc: NativelmError) -> BoardStatus:
@@ -87,12 +117,13 @@ def unreachable(board: Board, exc: NativelmError) -> BoardStatus:
     return BoardStatus(board.name, f"{board.host}:{board.port}", tuple(board.groups), False, reason)
 
 
-def fleet_status(inv: Inventory, boards: Sequence[Board], fleet: FleetParams) -> list[BoardStatus]:
+def fleet_status(inv: Inventory, boards: Sequence[Board], fleet: FleetParams,
+                 verify: str = "auto") -> list[BoardStatus]:
     """Status of every board, asked in parallel (fleet.max_parallel at once), in inventory order."""
 
     def one(board: Board) -> BoardStatus:
         try:
-            return check_board(inv, board, fleet)
+            return check_board(inv, board, fleet, verify)
         except NativelmError as exc:
             return unreachable(board, exc)
 
@@ -112,13 +143,16 @@ def render_status(rows: Sequence[BoardStatus]) -> list[str]:
         if not r.reachable:
             table.append((r.board, r.address, "unreachable", "-", "-", "-", "-", "-", "-", "-", r.reason or ""))
             continue
-        note = f"locked by {r.locked_by}" if r.locked_by else ""
-        table.append((r.board, r.address, "ok", _cell(r.arch), _cell(r.python), _cell(r.free_disk_mb),
+        notes = [r.damage, r.unhealthy and f"health check failed: {r.unhealthy}",
+                 r.locked_by and f"locked by {r.locked_by}"]
+        note = "; ".join(n for n in notes if n)
+        table.append((r.board, r.address, r.state, _cell(r.arch), _cell(r.python), _cell(r.free_disk_mb),
                       _cell(r.current), _cell(r.previous), _cell(r.runtime),
                       _cell(r.decode_tokens_per_s, "{:.1f}"), note))
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in table]
     lines = [line.rstrip() for line in lines]
     reachable = sum(r.reachable for r in rows)
-    lines.append(f"{reachable} of {len(rows)} boards reachable")
+    bad = sum(r.state in ("damaged", "unhealthy") for r in rows)
+    lines.append(f"{reachable} of {len(rows)} boards reachable" + (f", {bad} damaged or unhealthy" if bad else ""))
     return lines

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture, wait
 
 from nativelm.fleet.inventory import Board
+from nativelm.fleet.stopping import WAKE_S
 
 RETRY_DELAY_S = 10.0
 T = TypeVar("T")
@@ -54,7 +55,10 @@ def run_board_tasks(boards: Sequence[Board], max_parallel: int, submit: Callable
         while waiting and len(running) < max(1, max_parallel):
             board = waiting.pop(0)
             running[submit(board)] = board
-        finished = next(as_completed(list(running)))
+        done = wait(list(running), timeout=WAKE_S).done  # wakes up so a SIGTERM is handled (fleet/stopping.py)
+        if not done:
+            continue
+        finished = next(iter(done))
         board = running.pop(finished)
         rows[board.name] = done(board, finished)
     return [rows[b.name] for b in boards]

@@ -54,6 +54,7 @@ class FleetParams(StrictModel):
     max_parallel: int = Field(4, ge=1, le=256)
     max_failed_boards: int = Field(0, ge=0)
     lock_stale_s: float = Field(3600.0, gt=0)
+    verify_full_every_s: float = Field(86400.0, ge=0)
     runtime_packages: list[str] = Field(
         default_factory=lambda: ["onnxruntime==1.32.0", "numpy==2.4.6", "tokenizers==0.23.3"], min_length=1)
     bench_prompt_len: int = Field(64, ge=1, le=8192)

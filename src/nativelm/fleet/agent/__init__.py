@@ -6,16 +6,18 @@ Shipped to each board as one zipapp, ``<root>/bin/nativelm-agent.pyz`` (built by
 controller pipes the agent to ``python3 -``). Every command prints one JSON object on stdout and
 exits 0; a failure prints one line ``error: ...`` on stderr and exits 1. Every argument is validated
 here as well as on the controller, by what its command's usage line calls it (RELEASE, NAME,
-SHA256, OWNER, STALE_S, KEEP).
+SHA256, OWNER, STALE_S, KEEP, HOLDER, EVERY_S, MODE, PREVIOUS).
 
 Layout under <root>::
 
-    releases/<release>/...   one folder per release (files arrive as NAME.part, then are renamed)
+    releases/<release>/...   one folder per release (files arrive as NAME.part, then are renamed;
+                             read-only once verified; never hard-linked to another release)
     current, previous        symlinks to releases/<release>, swapped atomically
     venv/                    the runtime virtualenv (venv/nativelm-packages.json: the pins installed)
     wheels/                  the wheelhouse provisioning installs from
     bin/                     this agent
-    lock/owner.json          present while a rollout holds the board
+    verified/<release>.json  the stamp of a verified release: each file's size, mtime, sha256
+    lock/owner.json          present while a rollout holds the board: its owner and controller
     bench/<release>.json     the last on-board benchmark of each release
 
 This package imports only relatively (it runs on the board under its own name).
@@ -33,6 +35,8 @@ RELEASE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 FILE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 OWNER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+HOLDER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}:[0-9]{1,10}:[0-9]{1,12}(\.[0-9]{1,6})?")
+MODE_PATTERN = re.compile(r"quick|full")
 RELEASE_MANIFEST = "release.json"
 PACKAGES_FILE = "nativelm-packages.json"
 PART = ".part"
@@ -70,6 +74,10 @@ ARGUMENTS: dict[str, Callable[[str], Any]] = {  # what a usage line calls an arg
     "OWNER": lambda value: _check(OWNER_PATTERN, value, "lock owner"),
     "STALE_S": lambda value: number(value, "STALE_S", 0),
     "KEEP": lambda value: number(value, "KEEP", 1),
+    "HOLDER": lambda value: _check(HOLDER_PATTERN, value, "lock holder (HOST:PID:START_TIME)"),
+    "EVERY_S": lambda value: number(value, "EVERY_S", 0),
+    "MODE": lambda value: _check(MODE_PATTERN, value, "check mode"),
+    "PREVIOUS": release_name,
 }
 COMMANDS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {}  # name -> (usage, function)
 

@@ -1,4 +1,10 @@
-"""The rollout lock of a board: lock/ with owner.json inside, taken over when stale."""
+"""The rollout lock of a board: lock/ with owner.json inside, taken over when stale.
+
+owner.json records the rollout (`owner`), when it locked (`since`) and, given as HOLDER, the
+controller process that holds it: its `host`, `pid` and process start time `started` (a pid alone
+can be reused). The controller, not this agent, tells a dead holder from a live one: only it knows
+its own host's processes (see fleet/holder.py).
+"""
 
 from __future__ import annotations
 
@@ -58,19 +64,22 @@ def _lock_mutex(lay: Layout) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_lock(lay: Layout, owner: str) -> None:
+def _write_lock(lay: Layout, owner: str, holder: str | None) -> None:
     """Create lock/ with owner.json already inside (built aside, then renamed into place)."""
     tmp = Path(tempfile.mkdtemp(prefix=".lock.", dir=str(lay.root)))
     try:
-        payload = {"owner": owner, "since": _iso(time.time()), "pid": os.getpid()}
+        payload: dict[str, Any] = {"owner": owner, "since": _iso(time.time())}
+        if holder is not None:
+            host, pid, started = holder.split(":")
+            payload.update(host=host, pid=int(pid), started=float(started))
         write_atomic(tmp / "owner.json", json.dumps(payload).encode())
         os.rename(str(tmp), str(lay.lock))
     finally:
         shutil.rmtree(str(tmp), ignore_errors=True)
 
 
-@command("lock OWNER STALE_S")
-def cmd_lock(lay: Layout, owner: str, stale_s: float) -> dict[str, Any]:
+@command("lock OWNER STALE_S [HOLDER]")
+def cmd_lock(lay: Layout, owner: str, stale_s: float, holder: str | None = None) -> dict[str, Any]:
     with _lock_mutex(lay):
         held = lock_owner(lay)
         if held is not None and held["owner"] == owner:
@@ -79,7 +88,7 @@ def cmd_lock(lay: Layout, owner: str, stale_s: float) -> dict[str, Any]:
             raise AgentError("locked by {} since {}".format(held["owner"], held["since"]))
         if held is not None:
             remove_tree(lay.lock)  # stale: its rollout died
-        _write_lock(lay, owner)
+        _write_lock(lay, owner, holder)
         return {"locked": True, "took_over": held is not None}
 
 

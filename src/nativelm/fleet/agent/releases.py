@@ -1,5 +1,6 @@
-"""The release commands: facts, upload bookkeeping (hashes, link, remove, discard), verify, the
-atomic switch (activate, rollback), prune and the saved benchmarks."""
+"""The release commands: facts, upload bookkeeping (hashes, link, remove, discard), verify (which
+seals a release read-only and stamps it), check (the live release against its stamp), the atomic
+switch (activate, rollback, restore), prune and the saved benchmarks."""
 
 from __future__ import annotations
 
@@ -9,20 +10,28 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from . import FILE_PATTERN, PACKAGES_FILE, PART, RELEASE_MANIFEST, AgentError, command
 from .files import (
     Layout,
+    clone_file,
     complete_files,
     file_hashes,
+    make_read_only,
+    make_writable,
     point_link,
+    quick_problems,
     read_json,
+    read_stamp,
     remove_tree,
     sha256_file,
+    stamp_path,
     verify_release,
     write_atomic,
+    write_stamp,
 )
 from .lock import lock_owner
 
@@ -54,6 +63,7 @@ def cmd_facts(lay: Layout) -> dict[str, Any]:
 def cmd_hashes(lay: Layout, release: str) -> dict[str, Any]:
     folder = lay.release(release)
     folder.mkdir(parents=True, exist_ok=True)
+    make_writable(folder)  # an update (or a repair) of this release starts here
     partial = {}
     for path in sorted(folder.iterdir()):
         base = path.name[: -len(PART)]
@@ -77,15 +87,17 @@ def cmd_link(lay: Layout, release: str, name: str, sha: str) -> dict[str, Any]:
     if source is None:
         return {"linked": False}
     target.parent.mkdir(parents=True, exist_ok=True)
+    make_writable(target.parent)
     tmp = target.with_name(f".{name}.link-{os.getpid()}")
     if tmp.exists():
         tmp.unlink()
     try:
-        os.link(str(source), str(tmp))
-    except OSError:
-        shutil.copyfile(str(source), str(tmp))
-    os.replace(str(tmp), str(target))
-    return {"linked": True, "from": source.parent.name}
+        how = clone_file(source, tmp)
+        os.replace(str(tmp), str(target))
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"linked": True, "from": source.parent.name, "how": how}
 
 
 def _find_by_hash(lay: Layout, release: str, name: str, sha: str) -> Path | None:
@@ -99,12 +111,35 @@ def _find_by_hash(lay: Layout, release: str, name: str, sha: str) -> Path | None
 
 @command("verify RELEASE")
 def cmd_verify(lay: Layout, release: str) -> dict[str, Any]:
-    return {"ok": True, "files": verify_release(lay, release)}
+    """Hash every file; a release that verifies is sealed read-only and stamped (see `check`)."""
+    checked = verify_release(lay, release)
+    make_read_only(lay.release(release))
+    write_stamp(lay, release)
+    return {"ok": True, "files": checked}
+
+
+@command("check RELEASE EVERY_S [MODE]")
+def cmd_check(lay: Layout, release: str, every_s: float, mode: str = "quick") -> dict[str, Any]:
+    """A verified release still intact? Size and mtime against its stamp; every file hashed when `mode`
+    is full, when the last full check is older than EVERY_S seconds, or when there is no stamp.
+    Damage is reported in the reply ({"ok": false, "problems": [...]}), not as an error."""
+    stamp = read_stamp(lay, release)
+    full = mode == "full" or stamp is None or time.time() - float(stamp["full_at"]) >= every_s
+    if not full:
+        problems = quick_problems(lay, release, stamp)
+        return {"ok": not problems, "mode": "quick", "problems": problems, "full_at": stamp["full_at"]}
+    try:
+        verify_release(lay, release)
+    except AgentError as exc:
+        return {"ok": False, "mode": "full", "problems": str(exc).split("; ")}
+    stamp = write_stamp(lay, release)
+    return {"ok": True, "mode": "full", "problems": [], "full_at": stamp["full_at"]}
 
 
 @command("remove RELEASE NAME")
 def cmd_remove(lay: Layout, release: str, name: str) -> dict[str, Any]:
     folder = lay.release(release)
+    make_writable(folder)
     removed = False
     for path in (folder / name, folder / (name + PART)):
         if path.is_file() or path.is_symlink():
@@ -121,7 +156,15 @@ def cmd_discard(lay: Layout, release: str) -> dict[str, Any]:
             raise AgentError(f"release {release} is {link.name}: not discarded")
     existed = folder.is_dir()
     remove_tree(folder)
+    _forget(lay, release)
     return {"discarded": existed}
+
+
+def _forget(lay: Layout, release: str) -> None:
+    """Remove what the board keeps about a deleted release (its stamp, its benchmark)."""
+    for path in (stamp_path(lay, release), lay.bench / (release + ".json")):
+        if path.exists():
+            path.unlink()
 
 
 def _swap(lay: Layout, release: str) -> dict[str, Any]:
@@ -144,16 +187,40 @@ def cmd_activate(lay: Layout, release: str) -> dict[str, Any]:
     return _swap(lay, release)
 
 
+def _verified(lay: Layout, target: str, doing: str) -> None:
+    try:
+        verify_release(lay, target)
+    except AgentError as exc:
+        raise AgentError(f"cannot {doing} {target}: {exc}") from None
+
+
 @command("rollback [RELEASE]")
 def cmd_rollback(lay: Layout, release: str | None = None) -> dict[str, Any]:
     target = release or lay.link_target(lay.previous)
     if target is None:
         raise AgentError("nothing to roll back to: no previous release")
-    try:
-        verify_release(lay, target)
-    except AgentError as exc:
-        raise AgentError(f"cannot roll back to {target}: {exc}") from None
+    _verified(lay, target, "roll back to")
     return _swap(lay, target)
+
+
+@command("restore RELEASE [PREVIOUS]")
+def cmd_restore(lay: Layout, release: str, previous: str | None = None) -> dict[str, Any]:
+    """current := RELEASE and previous := PREVIOUS (or none), after RELEASE verifies.
+
+    What a rollout does when the release it switched to fails its health check: the failed release
+    must not become `previous` (which is always the last release that passed its health check).
+    """
+    _verified(lay, release, "restore")
+    if previous is not None and not (lay.release(previous) / RELEASE_MANIFEST).is_file():
+        raise AgentError(f"cannot restore {release}: previous release {previous} is not on this board")
+    failed = lay.link_target(lay.current)
+    if previous is None:
+        if lay.previous.is_symlink():
+            lay.previous.unlink()
+    else:
+        point_link(lay.previous, "releases/" + previous)
+    point_link(lay.current, "releases/" + release)
+    return {"current": release, "previous": previous, "replaced": failed}
 
 
 @command("prune KEEP")
@@ -168,9 +235,7 @@ def cmd_prune(lay: Layout, keep: float) -> dict[str, Any]:
         if name in protected:
             continue
         remove_tree(lay.releases / name)
-        bench = lay.bench / (name + ".json")
-        if bench.exists():
-            bench.unlink()
+        _forget(lay, name)
         removed.append(name)
     return {"removed": removed, "kept": [n for n in names if n not in removed]}
 
