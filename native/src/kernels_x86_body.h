@@ -77,17 +77,16 @@ __attribute__((target(KTARGET))) static void KFN(dot_i8)(const uint8_t *w, size_
   if (m == 1) { /* decode: stream each weight byte once, digits straight into the dot products */
     for (size_t row = 0; row < n; row++) {
       const uint8_t *wr = w + row * rb;
-      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(), d[5];
+      /* one accumulator per digit: the dot-product instructions of a block do not wait on each other */
+      __m256i a[5], d[5];
+      for (int i = 0; i < 5; i++) a[i] = _mm256_setzero_si256();
       for (int b = 0; b < nblk; b++) {
         KFN(decode5_cmp)(KFN(load_block)(wr, b, K), d);
         const int8_t *xb = x + (size_t)b * TB_CODES;
-        s0 = KDOT(s0, d[0], _mm256_loadu_si256((const __m256i *)xb));
-        s1 = KDOT(s1, d[1], _mm256_loadu_si256((const __m256i *)(xb + 32)));
-        s0 = KDOT(s0, d[2], _mm256_loadu_si256((const __m256i *)(xb + 64)));
-        s1 = KDOT(s1, d[3], _mm256_loadu_si256((const __m256i *)(xb + 96)));
-        s0 = KDOT(s0, d[4], _mm256_loadu_si256((const __m256i *)(xb + 128)));
+        for (int i = 0; i < 5; i++) a[i] = KDOT(a[i], d[i], _mm256_loadu_si256((const __m256i *)(xb + 32 * i)));
       }
-      acc[row] = KFN(hsum_i32)(_mm256_add_epi32(s0, s1)) - xsum[0];
+      __m256i total = _mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), _mm256_add_epi32(_mm256_add_epi32(a[2], a[3]), a[4]));
+      acc[row] = KFN(hsum_i32)(total) - xsum[0];
     }
     return;
   }
