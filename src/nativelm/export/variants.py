@@ -169,10 +169,10 @@ class Ternary(_QuantizedVariant):
 
     def refuse(self, model: NativeLM) -> None:
         if not model.params.quantize:
-            raise ParamsError("export ternary: the model was trained without quantization (model.quantize: false); "
-                              f"its weights have no ternary codes. Export variant fp32 or int4, {PTQ_HINT}")
+            raise ParamsError(f"export {self.name}: the model was trained without quantization (model.quantize: "
+                              f"false); its weights have no ternary codes. Export variant fp32 or int4, {PTQ_HINT}")
         if not is_ternary(model):
-            raise ParamsError(f"export ternary: the model's weights are at {model.weight_bits} bits (bit_schedule "
+            raise ParamsError(f"export {self.name}: the model's weights are at {model.weight_bits} bits (bit_schedule "
                               f"did not end at 1.58); its forward is not ternary. Export variant int4 or fp32, "
                               f"{PTQ_HINT}")
         super().refuse(model)
