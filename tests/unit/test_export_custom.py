@@ -8,7 +8,9 @@ shape of test_export_graph, random weights (the structure does not depend on tra
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,7 +24,11 @@ from nativelm.export.graph import ExportGraph, build_graph
 from nativelm.formats.ternary_pack import packed_row_bytes, unpack_ternary
 from nativelm.model import ModelParams, build_model
 from nativelm.params.export import ExportParams
-from nativelm.runtime import ternary_reference
+from nativelm.runtime import benchmark, load_model, ternary_reference
+from nativelm.runtime.errors import IntegrityError
+from nativelm.runtime.health import check_health
+from nativelm.runtime.session import CONTRIB_OPS, CUSTOM_GRAPH, FALLBACK_GRAPH, OPS_ENV
+from tests.unit.runtime_model import update_manifest
 from tests.unit.test_export_graph import TINY, attrs, nodes_by_op
 
 VOCAB = 320
@@ -156,3 +162,42 @@ def test_models_the_operators_cannot_represent_are_refused(overrides: dict[str, 
 def test_the_fallback_graph_is_the_ternary_variant(custom: ExportGraph) -> None:
     fallback = custom_graph.fallback_params(ExportParams(variant="ternary-ops", block_size=64))
     assert (fallback.variant, fallback.block_size) == ("ternary", 64)
+
+
+# --------------------------------------------------------------------------- the board runtime's choice
+
+
+def with_custom_graph(folder: Path, custom: ExportGraph, golden: object = None) -> Path:
+    """`folder` (a runtime test export) with a custom-operator graph and the manifest's ``graphs`` naming it."""
+    onnx.save(custom.model, str(folder / custom_graph.MODEL_FILE))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    graphs = {CUSTOM_GRAPH: {"file": custom_graph.MODEL_FILE, "golden": golden or []},
+              FALLBACK_GRAPH: {"file": "model.onnx", "variant": "ternary"}}
+    update_manifest(folder, graphs=graphs, variant="ternary-ops")
+    assert "graphs" not in manifest  # a plain export before
+    return folder
+
+
+def test_without_the_library_the_runtime_runs_the_fallback_and_records_it(
+        folder: Path, custom: ExportGraph, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(OPS_ENV, "off")
+    plain = load_model(folder, threads=1)
+    assert (plain.ops, plain.ops_reason) == (CONTRIB_OPS, None)
+    with_custom_graph(folder, custom, golden=[{"prompt": "x", "tokens": [1, 2, 3]}])  # would fail if it were read
+    model = load_model(folder, threads=1)
+    assert model.ops == FALLBACK_GRAPH and OPS_ENV in model.ops_reason
+    assert model.model_file == folder / "model.onnx"
+    assert check_health(model) == 3  # the fallback graph's golden continuations, not the custom graph's
+    results = benchmark(model, prompt_len=8, new_tokens=4, repeats=1, warmup=0)
+    assert (results["ops"], results["variant"]) == (FALLBACK_GRAPH, "ternary-ops")
+
+
+def test_an_unlisted_custom_graph_is_refused(folder: Path, custom: ExportGraph,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(OPS_ENV, "off")
+    with_custom_graph(folder, custom)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["sha256"][custom_graph.MODEL_FILE]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match=f"no sha256 for {custom_graph.MODEL_FILE}"):
+        load_model(folder, threads=1)
