@@ -25,6 +25,7 @@ from nativelm.formats.ternary_pack import packed_row_bytes, unpack_ternary
 from nativelm.model import ModelParams, build_model
 from nativelm.params.export import ExportParams
 from nativelm.runtime import benchmark, load_model, ternary_reference
+from nativelm.runtime.__main__ import main as runtime_main
 from nativelm.runtime.errors import IntegrityError
 from nativelm.runtime.health import check_health
 from nativelm.runtime.session import CONTRIB_OPS, CUSTOM_GRAPH, FALLBACK_GRAPH, OPS_ENV
@@ -190,6 +191,15 @@ def test_without_the_library_the_runtime_runs_the_fallback_and_records_it(
     assert check_health(model) == 3  # the fallback graph's golden continuations, not the custom graph's
     results = benchmark(model, prompt_len=8, new_tokens=4, repeats=1, warmup=0)
     assert (results["ops"], results["variant"]) == (FALLBACK_GRAPH, "ternary-ops")
+
+
+def test_health_json_says_which_graph_ran(folder: Path, custom: ExportGraph, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(OPS_ENV, "off")
+    with_custom_graph(folder, custom)
+    assert runtime_main(["health", "--model", str(folder), "--threads", "1", "--json"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert (reply["ok"], reply["prompts"], reply["ops"]) == (True, 3, FALLBACK_GRAPH) and reply["ops_reason"]
 
 
 def test_an_unlisted_custom_graph_is_refused(folder: Path, custom: ExportGraph,

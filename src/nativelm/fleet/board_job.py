@@ -10,6 +10,7 @@ is safe, since every step is idempotent and a lock held by the same owner is tak
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -164,9 +165,15 @@ class BoardJob:
 
     def health(self, folder: str) -> str | None:
         """Run the runtime's health check on a release folder of the board; None when it passed."""
-        argv = [self.session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder]
+        argv = [self.session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder, "--json"]
         done = self.session.run(argv, check=False)
-        return None if done.rc == 0 else failure_line(done.stderr or done.stdout)
+        if done.rc != 0:
+            return failure_line(done.stderr or done.stdout)
+        try:  # which graph the board ran: nativelm:<kernel>, fallback (library missing) or contrib
+            self.result.extra["ops"] = json.loads(done.stdout).get("ops")
+        except (ValueError, AttributeError):
+            self.result.extra["ops"] = None
+        return None
 
     def run(self) -> BoardResult:
         """Run the job; any failure is recorded in the result, never raised."""
