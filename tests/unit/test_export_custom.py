@@ -18,7 +18,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from nativelm.errors import ParamsError
+from nativelm.errors import NativelmError, ParamsError
+from nativelm.export.stage import run_export
 from nativelm.export import custom_graph, ternary_ops
 from nativelm.export.graph import ExportGraph, build_graph
 from nativelm.formats.ternary_pack import packed_row_bytes, unpack_ternary
@@ -30,7 +31,7 @@ from nativelm.runtime.errors import IntegrityError
 from nativelm.runtime.health import check_health
 from nativelm.runtime.session import CONTRIB_OPS, CUSTOM_GRAPH, FALLBACK_GRAPH, OPS_ENV
 from tests.unit.runtime_model import update_manifest
-from tests.unit.test_export_graph import TINY, attrs, nodes_by_op
+from tests.unit.test_export_graph import TINY, attrs, model_file, nodes_by_op, prepared, trained  # noqa: F401
 
 VOCAB = 320
 
@@ -211,3 +212,22 @@ def test_an_unlisted_custom_graph_is_refused(folder: Path, custom: ExportGraph,
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError, match=f"no sha256 for {custom_graph.MODEL_FILE}"):
         load_model(folder, threads=1)
+
+
+# --------------------------------------------------------------------------- the export stage
+
+
+def stage_params(folder: Path, **overrides: object) -> ExportParams:
+    return ExportParams(**{"variant": "ternary-ops", "out_dir": str(folder / "onnx"),
+                           "metrics_file": str(folder / "metrics/export.json"), "parity_tokens": 256,
+                           "golden_prompts": ["anna sees", "the old"], "golden_tokens": 8, "cache_check_tokens": 40,
+                           "threads": 1, **overrides})
+
+
+def test_without_the_library_on_the_controller_the_export_is_refused_and_nothing_written(
+        prepared: Path, model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setenv(OPS_ENV, "off")
+    with pytest.raises(NativelmError, match="operator library is not built") as caught:
+        run_export(model_file, prepared, stage_params(tmp_path))
+    assert "\n" not in str(caught.value) and "export variant ternary" in str(caught.value)
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "metrics").exists()
