@@ -1,6 +1,6 @@
 """CPU inference speed of the four ONNX exports against PyTorch eager, with a memory-bandwidth roofline.
 
-    python bench/inference.py [--sizes tiny,bench] [--threads N] [--prompt-len 128] [--new-tokens 64]
+    python bench/inference.py [--sizes tiny,bench] [--threads N] [--prompt-len 128] [--new-tokens 64] [--profile-steps 64]
                               [--repeats 3] [--bench-layers 4] [--bw-mb 2048] [--workdir DIR] [--json OUT]
 
 For each model size a random-weight NativeLM (vocab 4096, seed 0) is built and exported four ways
@@ -119,29 +119,55 @@ def _prompt(length: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, VOCAB, size=(1, length), dtype=np.int64)
 
 
-def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
+def _session(spec: dict[str, Any], profile: bool = False) -> Any:
+    """A CPU session as the board runtime opens one (the operator library registered for ternary-ops)."""
     import onnxruntime as ort
 
-    t0 = time.perf_counter()
     options = ort.SessionOptions()
     options.intra_op_num_threads = spec["threads"]
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    options.enable_profiling = profile
+    if profile:
+        options.profile_file_prefix = str(Path(spec["workdir"]) / "profile")
     if spec.get("library"):
         options.register_custom_ops_library(spec["library"])
-    session = ort.InferenceSession(spec["path"], options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(spec["path"], options, providers=["CPUExecutionProvider"])
+
+
+def decode_profile(spec: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """ORT's profiler over `profile_steps` one-token decode steps after the prompt: kernel time per operator
+    type (share of all kernel time) and nodes per step."""
+    from nativelm.export.kernels import profile_kernels
+
+    steps = spec["profile_steps"]
+    runs = profile_kernels(_session(spec, profile=True), feeds, runs=steps)
+    by_op: dict[str, int] = {}
+    for r in runs:
+        by_op[r.op_type] = by_op.get(r.op_type, 0) + r.duration_us
+    total = sum(by_op.values()) or 1
+    return {"steps": steps, "nodes_per_step": len(runs) / steps, "kernel_us_per_step": total / steps,
+            "share": {op: us / total for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])}}
+
+
+def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    session = _session(spec)
     load_s = time.perf_counter() - t0
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
     kv_heads, head_dim = inputs["past_key_values.0.key"].shape[1], inputs["past_key_values.0.key"].shape[3]
 
-    def run(ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def feeds(ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
         total = past[0].shape[2] + ids.shape[1]
         feed = {"input_ids": ids, "attention_mask": np.ones((1, total), dtype=np.int64)}
         for i in range(n_layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
-        res = session.run(outputs, feed)
+        return feed
+
+    def run(ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        res = session.run(outputs, feeds(ids, past))
         return res[0], res[1:]
 
     empty = [np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)] * (2 * n_layers)
@@ -158,7 +184,11 @@ def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
             token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
         return prefill, time.perf_counter() - start
 
-    return _timed(once, spec, load_s)
+    result = _timed(once, spec, load_s)
+    if spec.get("profile_steps"):
+        logits, past = run(prompt, empty)
+        result["profile"] = decode_profile(spec, feeds(np.array([[int(logits[0, -1].argmax())]]), past))
+    return result
 
 
 def child_eager(spec: dict[str, Any]) -> dict[str, Any]:
@@ -320,6 +350,12 @@ def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], 
             continue
         verdict = "" if bound is None else ("  PASS" if (value >= bound if higher else value <= bound) else "  FAIL")
         lines.append(f"  {label:<36}{value:>8.3f}  {('target ' + target) if target else ''}{verdict}")
+    for name, r in results.items():
+        if "profile" in r:
+            prof = r["profile"]
+            lines.append(f"  {name} decode profile ({prof['steps']} steps, {prof['nodes_per_step']:.0f} nodes/step, "
+                         f"{prof['kernel_us_per_step']:.0f} us kernels/step): "
+                         + ", ".join(f"{op} {100 * v:.0f}%" for op, v in prof["share"].items() if v >= 0.01))
     for name, ex in info["variants"].items():
         parts = sorted(ex["part_bytes"].items(), key=lambda kv: -kv[1])
         lines.append(f"  {name} file parts (MB): " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in parts if v >= 1e4))
@@ -349,6 +385,8 @@ def main() -> None:
     ap.add_argument("--bw-mb", type=int, default=2048, help="array size of the bandwidth test, MiB")
     ap.add_argument("--only", default=",".join(RUNNERS), help="subset of " + ",".join(RUNNERS))
     ap.add_argument("--workdir", default=None, help="where exports go (default: a temporary folder, removed)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="also profile this many decode steps of each export with ORT's profiler (kernel time by op)")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -377,7 +415,7 @@ def main() -> None:
         for size in [s for s in args.sizes.split(",") if s]:
             base = {"size": size, "bench_layers": args.bench_layers, "threads": args.threads,
                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                    "workdir": workdir}
+                    "workdir": workdir, "profile_steps": args.profile_steps}
             t0 = time.perf_counter()
             info = spawn("export", base)
             print(f"[{size}] built + exported in {time.perf_counter() - t0:.1f}s", flush=True)
