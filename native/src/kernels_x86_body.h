@@ -1,0 +1,161 @@
+/* The x86-64 kernel body, included once per instruction set by kernels_x86.c with
+ *   KNAME (kernel name), KSUFFIX (function suffix), KTARGET (gcc target string) and
+ *   KDOT(acc, u8, s8) (acc += 4-way u8 x s8 dot products in int32 lanes). */
+#define KCAT2(a, b) a##b
+#define KCAT(a, b) KCAT2(a, b)
+#define KFN(name) KCAT(name, KSUFFIX)
+#define KATTR __attribute__((target(KTARGET))) static inline
+
+/* Digits (0..2) of 32 packed bytes: d[i] lane j = digit i of byte j (see ternary.h). The byte is held
+ * in the high half of a 16-bit lane so that multiplying by 3 wraps exactly mod 256 (no carry in). */
+KATTR void KFN(decode5)(__m256i q, __m256i d[5]) {
+  const __m256i three = _mm256_set1_epi16(3);
+  __m256i e = _mm256_slli_epi16(q, 8), o = _mm256_and_si256(q, _mm256_set1_epi16((short)0xFF00));
+  for (int i = 0; i < 5; i++) {
+    if (i) {
+      e = _mm256_mullo_epi16(e, three);
+      o = _mm256_mullo_epi16(o, three);
+    }
+    d[i] = _mm256_or_si256(_mm256_mulhi_epu16(e, three), _mm256_slli_epi16(_mm256_mulhi_epu16(o, three), 8));
+  }
+}
+
+KATTR int32_t KFN(hsum_i32)(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+/* The canonical 32-lane reduction (ternary.h t_reduce32) of lanes a0 (0-7), a1 (8-15), a2, a3. */
+KATTR float KFN(reduce32)(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  __m256 r8 = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3));
+  __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps(r8, 1));
+  __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+  return _mm_cvtss_f32(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)));
+}
+
+KATTR __m256i KFN(load_block)(const uint8_t *row, int b, int K) {
+  uint8_t pad[TB_BYTES];
+  return _mm256_loadu_si256((const __m256i *)t_block_at(row, b, K, pad));
+}
+
+/* Decodes a whole row into digits (m > 1: decoded once, used by every activation row). */
+KATTR void KFN(decode_row)(const uint8_t *row, int K, uint8_t *dig) {
+  __m256i d[5];
+  for (int b = 0; b < t_blocks(K); b++) {
+    KFN(decode5)(KFN(load_block)(row, b, K), d);
+    for (int i = 0; i < 5; i++) _mm256_storeu_si256((__m256i *)(dig + (size_t)b * TB_CODES + TB_BYTES * i), d[i]);
+  }
+}
+
+__attribute__((target(KTARGET))) static void KFN(dot_i8)(const uint8_t *w, size_t n, int K, const int8_t *x,
+                                                        const int32_t *xsum, size_t m, size_t xstride,
+                                                        int32_t *acc, size_t ld) {
+  size_t rb = t_row_bytes(K), len = t_blocked_len(K);
+  int nblk = t_blocks(K);
+  if (m == 1) { /* decode: stream each weight byte once, digits straight into the dot products */
+    for (size_t row = 0; row < n; row++) {
+      const uint8_t *wr = w + row * rb;
+      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(), d[5];
+      for (int b = 0; b < nblk; b++) {
+        KFN(decode5)(KFN(load_block)(wr, b, K), d);
+        const int8_t *xb = x + (size_t)b * TB_CODES;
+        s0 = KDOT(s0, d[0], _mm256_loadu_si256((const __m256i *)xb));
+        s1 = KDOT(s1, d[1], _mm256_loadu_si256((const __m256i *)(xb + 32)));
+        s0 = KDOT(s0, d[2], _mm256_loadu_si256((const __m256i *)(xb + 64)));
+        s1 = KDOT(s1, d[3], _mm256_loadu_si256((const __m256i *)(xb + 96)));
+        s0 = KDOT(s0, d[4], _mm256_loadu_si256((const __m256i *)(xb + 128)));
+      }
+      acc[row] = KFN(hsum_i32)(_mm256_add_epi32(s0, s1)) - xsum[0];
+    }
+    return;
+  }
+  uint8_t dig[len];
+  for (size_t row = 0; row < n; row++) {
+    KFN(decode_row)(w + row * rb, K, dig);
+    size_t r = 0;
+    for (; r + 4 <= m; r += 4) { /* four activation rows per load of the digits */
+      const int8_t *x0 = x + r * xstride, *x1 = x0 + xstride, *x2 = x1 + xstride, *x3 = x2 + xstride;
+      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+      for (size_t p = 0; p < len; p += 32) {
+        __m256i dv = _mm256_loadu_si256((const __m256i *)(dig + p));
+        a0 = KDOT(a0, dv, _mm256_loadu_si256((const __m256i *)(x0 + p)));
+        a1 = KDOT(a1, dv, _mm256_loadu_si256((const __m256i *)(x1 + p)));
+        a2 = KDOT(a2, dv, _mm256_loadu_si256((const __m256i *)(x2 + p)));
+        a3 = KDOT(a3, dv, _mm256_loadu_si256((const __m256i *)(x3 + p)));
+      }
+      acc[r * ld + row] = KFN(hsum_i32)(a0) - xsum[r];
+      acc[(r + 1) * ld + row] = KFN(hsum_i32)(a1) - xsum[r + 1];
+      acc[(r + 2) * ld + row] = KFN(hsum_i32)(a2) - xsum[r + 2];
+      acc[(r + 3) * ld + row] = KFN(hsum_i32)(a3) - xsum[r + 3];
+    }
+    for (; r < m; r++) {
+      const int8_t *xr = x + r * xstride;
+      __m256i a = _mm256_setzero_si256();
+      for (size_t p = 0; p < len; p += 32)
+        a = KDOT(a, _mm256_loadu_si256((const __m256i *)(dig + p)), _mm256_loadu_si256((const __m256i *)(xr + p)));
+      acc[r * ld + row] = KFN(hsum_i32)(a) - xsum[r];
+    }
+  }
+}
+
+/* Codes (d - 1) of 32 digits as floats, lanes 0-7, 8-15, 16-23, 24-31. */
+KATTR void KFN(codes_f32)(__m256i d, __m256 t[4]) {
+  __m256i c = _mm256_sub_epi8(d, _mm256_set1_epi8(1));
+  __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+  t[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+  t[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+  t[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+  t[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+/* acc += x * t is exact in the product (t is -1, 0 or 1), so fmadd rounds exactly as the portable sum. */
+__attribute__((target(KTARGET))) static void KFN(dot_f32)(const uint8_t *w, size_t n, int K, const float *x,
+                                                         size_t m, size_t xstride, float *out, size_t ld) {
+  size_t rb = t_row_bytes(K), len = t_blocked_len(K);
+  int nblk = t_blocks(K);
+  if (m == 1) {
+    for (size_t row = 0; row < n; row++) {
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      __m256i d[5];
+      __m256 t[4];
+      for (int b = 0; b < nblk; b++) {
+        KFN(decode5)(KFN(load_block)(w + row * rb, b, K), d);
+        const float *xb = x + (size_t)b * TB_CODES;
+        for (int i = 0; i < 5; i++) {
+          KFN(codes_f32)(d[i], t);
+          for (int c = 0; c < 4; c++) a[c] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 32 * i + 8 * c), t[c], a[c]);
+        }
+      }
+      out[row] = KFN(reduce32)(a[0], a[1], a[2], a[3]);
+    }
+    return;
+  }
+  uint8_t dig[len];
+  float tf[len];
+  for (size_t row = 0; row < n; row++) {
+    KFN(decode_row)(w + row * rb, K, dig);
+    for (size_t p = 0; p < len; p += 32) {
+      __m256 t[4];
+      KFN(codes_f32)(_mm256_loadu_si256((const __m256i *)(dig + p)), t);
+      for (int c = 0; c < 4; c++) _mm256_storeu_ps(tf + p + 8 * c, t[c]);
+    }
+    for (size_t r = 0; r < m; r++) {
+      const float *xr = x + r * xstride;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (size_t p = 0; p < len; p += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + p), _mm256_loadu_ps(tf + p), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + p + 8), _mm256_loadu_ps(tf + p + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + p + 16), _mm256_loadu_ps(tf + p + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + p + 24), _mm256_loadu_ps(tf + p + 24), a3);
+      }
+      out[r * ld + row] = KFN(reduce32)(a0, a1, a2, a3);
+    }
+  }
+}
+
+const TernaryKernel KCAT(t_kernel_, KSUFFIX) = {KNAME, KFN(dot_i8), KFN(dot_f32)};
+
+#undef KFN
+#undef KATTR
