@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from nativelm.errors import NativelmError, ParamsError
 from nativelm.export.stage import run_export
-from nativelm.export import custom_graph, ternary_ops
+from nativelm.export import custom_graph, parity, ternary_ops
 from nativelm.export.graph import ExportGraph, build_graph
 from nativelm.formats.ternary_pack import packed_row_bytes, unpack_ternary
 from nativelm.model import ModelParams, build_model
@@ -231,3 +231,39 @@ def test_without_the_library_on_the_controller_the_export_is_refused_and_nothing
         run_export(model_file, prepared, stage_params(tmp_path))
     assert "\n" not in str(caught.value) and "export variant ternary" in str(caught.value)
     assert not (tmp_path / "onnx").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_ternary_ops_export_runs_on_the_library_and_falls_back_without_it(
+        prepared: Path, model_file: Path, trained: torch.nn.Module, tmp_path: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run_export(model_file, prepared, stage_params(tmp_path))
+    folder = tmp_path / "onnx"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest == result.manifest and manifest["variant"] == "ternary-ops"
+    graphs = manifest["graphs"]
+    assert graphs[FALLBACK_GRAPH] == {"file": "model.onnx", "variant": "ternary"}
+    custom = graphs[CUSTOM_GRAPH]
+    assert custom["file"] == custom_graph.MODEL_FILE and custom["nodes"] == {"TernaryMatMul": 8, "TernaryMoE": 2}
+    assert set(manifest["sha256"]) >= {"model.onnx", custom_graph.MODEL_FILE}
+    held = custom["parity"]["held_out"]
+    assert custom["parity"]["passed"] and custom["parity"]["kv_cache"]["match"]
+    assert held["top1_agreement"] >= 0.999 and held["ppl_rel_diff"] <= 1e-3
+    assert custom["weights"]["parts"]["ffn"]["bits_per_weight"] <= 1.7
+    assert result.metrics["nativelm_top1_agreement"] == held["top1_agreement"]
+
+    model = load_model(folder, threads=1)
+    assert model.ops == f"{CUSTOM_GRAPH}:{custom['checked_kernel']}" and model.ops_reason is None
+    assert model.model_file == folder / custom_graph.MODEL_FILE
+    assert check_health(model) == 2  # the custom graph's own golden continuations
+    ids = np.random.default_rng(3).integers(0, model.vocab_size, (2, 24))
+    logits = model.forward(ids)[0]
+    reference = parity.torch_logits(trained, ids)
+    scale = float(np.abs(reference).max())
+    assert float(np.abs(logits - reference).max()) <= 0.05 * scale
+    assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.95
+
+    monkeypatch.setenv(OPS_ENV, "off")
+    fallback = load_model(folder, threads=1)
+    assert (fallback.ops, fallback.model_file) == (FALLBACK_GRAPH, folder / "model.onnx")
+    assert check_health(fallback) == 2
+    assert float(np.abs(fallback.forward(ids)[0] - logits).max()) <= 0.05 * scale

@@ -22,6 +22,7 @@ from nativelm.errors import NativelmError
 from nativelm.export import ternary_ops
 from nativelm.formats.export_folder import MODEL_FILE as FALLBACK_FILE
 from nativelm.params.export import ExportParams
+from nativelm.runtime.errors import RuntimeFailure
 from nativelm.runtime.session import CUSTOM_GRAPH, FALLBACK_GRAPH, OpsLibrary, find_ops_library
 
 if TYPE_CHECKING:
@@ -39,7 +40,10 @@ def fallback_params(params: ExportParams) -> ExportParams:
 
 def controller_library() -> OpsLibrary:
     """nativelm's operator library on this machine; its absence is one clear line (the graph could not be checked)."""
-    library = find_ops_library()
+    try:
+        library = find_ops_library()
+    except RuntimeFailure as exc:
+        raise NativelmError(f"export {VARIANT}: {exc}") from None
     if library is None:
         raise NativelmError(f"export {VARIANT}: nativelm's operator library is not built on this machine (the set-up "
                             "builds it from native/), so the custom-operator graph cannot be checked against PyTorch; "

@@ -342,15 +342,14 @@ class OpsLibrary(NamedTuple):
 
 
 def find_ops_library() -> OpsLibrary | None:
-    """nativelm's operator library, or None when it is not here or `OPS_ENV` hides it."""
+    """nativelm's operator library (`custom_ops.find_library`), or None when it is not here or `OPS_ENV`
+    hides it; one that is here but will not load is a ModelLoadError."""
     if os.environ.get(OPS_ENV, "").strip().lower() in ("off", "0", "no", "false"):
         return None
-    try:
-        from . import custom_ops
-    except ImportError:  # a runtime built without the operator loader
-        return None
-    found = custom_ops.find_library()
-    return None if found is None else OpsLibrary(str(found.path), str(found.kernel))
+    from . import custom_ops
+
+    path = custom_ops.find_library()
+    return None if path is None else OpsLibrary(str(path), custom_ops.kernel_name(path))
 
 
 def open_session(path: Path, threads: int, library: str | None = None) -> Any:
@@ -378,15 +377,15 @@ def _open_graph(folder: Path, fallback: str, custom: Any, threads: int) -> tuple
     """(model file, session, ops, why not the custom graph) of the graph this machine runs (module docstring)."""
     if not custom:
         return folder / fallback, open_session(folder / fallback, threads), CONTRIB_OPS, None
-    library = find_ops_library()
-    if library is None:
-        reason = f"nativelm's operator library is not available here ({OPS_ENV} or not installed)"
-    else:
-        try:
+    try:
+        library = find_ops_library()
+        if library is None:
+            reason = f"nativelm's operator library is not available here ({OPS_ENV} or not installed)"
+        else:
             session = open_session(folder / str(custom), threads, library.path)
             return folder / str(custom), session, f"{CUSTOM_GRAPH}:{library.kernel}", None
-        except ModelLoadError as exc:  # a library of another ABI, a damaged build: the fallback still runs
-            reason = str(exc)
+    except ModelLoadError as exc:  # a library of another architecture, a damaged build: the fallback still runs
+        reason = str(exc)
     return folder / fallback, open_session(folder / fallback, threads), FALLBACK_GRAPH, reason
 
 
