@@ -185,6 +185,10 @@ class TernaryOps(Ternary):
 
     name = "ternary-ops"
 
+    def __init__(self, params: ExportParams) -> None:
+        super().__init__(params)
+        self._hidden_shape: str | None = None  # one Shape node for every layer's output Reshape
+
     def emit_linear(self, b: GraphBuilder, lin: Linear, x: str, part: str, output: str | None = None) -> str:
         output = output or lin.name
         b.count(part, lin.weight.size + (lin.norm.size if lin.norm is not None else 0))
@@ -205,7 +209,9 @@ class TernaryOps(Ternary):
         scales = {which: w[2] for which, w in weights.items()}
         b.add(b.guard(name, lambda: ternary_ops.ternary_moe(name, rows, router, codes, scales, top_k=moe.top_k,
                                                             output=f"{name}.out")), "ffn")
-        b.node("Reshape", [f"{name}.out", b.node("Shape", [h], f"{name}.shape")], output)
+        if self._hidden_shape is None:  # (batch, sequence, d_model): the same before every MoE layer
+            self._hidden_shape = b.node("Shape", [h], f"{name}.shape")
+        b.node("Reshape", [f"{name}.out", self._hidden_shape], output)
         b.choices.setdefault("moe", {"op": f"{ternary_ops.DOMAIN}:TernaryMoE", "top_k": moe.top_k, "act_bits": 0,
                                      "activation": "reglu"})
 
