@@ -25,7 +25,7 @@ from nativelm.export.graph import ExportGraph, build_graph
 from nativelm.formats.ternary_pack import packed_row_bytes, unpack_ternary
 from nativelm.model import ModelParams, build_model
 from nativelm.params.export import ExportParams
-from nativelm.runtime import benchmark, load_model, ternary_reference
+from nativelm.runtime import benchmark, custom_ops, load_model, ternary_reference
 from nativelm.runtime.__main__ import main as runtime_main
 from nativelm.runtime.errors import IntegrityError
 from nativelm.runtime.health import check_health
@@ -267,3 +267,16 @@ def test_ternary_ops_export_runs_on_the_library_and_falls_back_without_it(
     assert (fallback.ops, fallback.model_file) == (FALLBACK_GRAPH, folder / "model.onnx")
     assert check_health(fallback) == 2
     assert float(np.abs(fallback.forward(ids)[0] - logits).max()) <= 0.05 * scale
+
+
+def test_a_library_that_will_not_load_leaves_the_fallback_running(folder: Path, custom: ExportGraph, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "libnativelm_ops.so"
+    broken.write_bytes(b"not an ELF file")
+    monkeypatch.setenv(custom_ops.ENV_LIBRARY, str(broken))
+    with_custom_graph(folder, custom)
+    model = load_model(folder, threads=1)
+    assert model.ops == FALLBACK_GRAPH and str(broken) in model.ops_reason
+    assert check_health(model) == 3
+    with pytest.raises(NativelmError, match="export ternary-ops: .*not a loadable nativelm operator library"):
+        custom_graph.controller_library()
