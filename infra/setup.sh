@@ -8,11 +8,13 @@ cd "$(dirname "$0")/.."
 
 extras="${1:-}"
 # git: DVC needs the project to be a git repository; openssh: the simulated edge boards are real sshd;
-# python3-venv: `python3 -m venv` for the simulated boards' runtime virtualenv (Debian splits it out).
-apt_packages=(git openssh-server openssh-client python3-venv)
+# python3-venv: `python3 -m venv` for the simulated boards' runtime virtualenv (Debian splits it out);
+# gcc, libc6-dev: native/build.sh compiles the nativelm ONNX Runtime operator library (docs/kernels.md).
+apt_packages=(git openssh-server openssh-client python3-venv gcc libc6-dev)
 # dev (tests) only: chromium, driven headless by Playwright (the system browser: Playwright's own
 # browser download is never used), fonts so pages render text; postgresql for MLflow on PostgreSQL.
-dev_apt_packages=(chromium fonts-liberation postgresql)
+# The ARM64 operator build is cross-compiled and its kernels are tested under qemu-user.
+dev_apt_packages=(chromium fonts-liberation postgresql gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
 if [ "$extras" = dev ]; then apt_packages+=("${dev_apt_packages[@]}"); fi
 
 missing=()
@@ -28,6 +30,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: missing system packages: ${missing[*]} -- run this as root, or first: sudo apt-get install ${missing[*]}" >&2
     exit 1
   fi
+fi
+
+# the operator library for this machine (native/build/<triple>/libnativelm_ops.so); without a C
+# compiler models still run, on the contrib-operator graph
+if command -v "${CC:-gcc}" >/dev/null 2>&1; then
+  bash native/build.sh >/dev/null
+else
+  echo "setup: warning: no C compiler (gcc): the nativelm operator library is not built, models use the fallback graph" >&2
 fi
 
 python="${PYTHON:-python3}"

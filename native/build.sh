@@ -2,6 +2,7 @@
 # Builds nativelm's ONNX Runtime operator library (docs/kernels.md) with Debian's gcc:
 #   native/build/<triple>/libnativelm_ops.so   the library (RegisterCustomOps, nativelm_ops_kernel)
 #   native/build/<triple>/kernel_check         a driver that checks every kernel against the portable one
+#   native/build/<triple>/read_bandwidth       the bandwidth roofline of bench/ternary_kernels.py (host only)
 # Usage: native/build.sh [aarch64]    (aarch64: cross-compiled with aarch64-linux-gnu-gcc)
 # Set CC to use another compiler. Each file is written next to its place and renamed into it.
 set -euo pipefail
@@ -28,4 +29,9 @@ ops=("$src/ort_glue.c" "$src/op_matmul.c" "$src/op_moe.c" "$src/register.c")
 mv -f "$out/.libnativelm_ops.so.tmp" "$out/libnativelm_ops.so"
 "$cc" "${common[@]}" -o "$out/.kernel_check.tmp" "$here/tests/kernel_check.c" "${kernels[@]}" -lm
 mv -f "$out/.kernel_check.tmp" "$out/kernel_check"
+# the roofline read loop of bench/ternary_kernels.py: host only (tuned for the build machine's CPU)
+if [ "$target" = host ]; then
+  "$cc" -std=gnu11 -O3 -march=native -Wall -Wextra -Werror -pthread -o "$out/.read_bandwidth.tmp" "$here/bench/read_bandwidth.c"
+  mv -f "$out/.read_bandwidth.tmp" "$out/read_bandwidth"
+fi
 echo "native/build.sh: built $out/libnativelm_ops.so"

@@ -19,7 +19,8 @@ const TernaryKernel *const *t_kernels_available(void) {
     int n = 0;
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni")) list[n++] = &t_kernel_avxvnni;
+    int avxvnni = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+    if (avxvnni) list[n++] = &t_kernel_avxvnni;
     if (__builtin_cpu_supports("avx2")) list[n++] = &t_kernel_avx2;
 #endif
 #if defined(__aarch64__)

@@ -24,3 +24,4 @@ __attribute__((target("avx2"))) static inline __m256i dot_avx2(__m256i acc, __m2
 #define KDOT _mm256_dpbusd_avx_epi32
 #include "kernels_x86_body.h"
 #endif
+

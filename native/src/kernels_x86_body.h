@@ -7,7 +7,8 @@
 #define KATTR __attribute__((target(KTARGET))) static inline
 
 /* Digits (0..2) of 32 packed bytes: d[i] lane j = digit i of byte j (see ternary.h). The byte is held
- * in the high half of a 16-bit lane so that multiplying by 3 wraps exactly mod 256 (no carry in). */
+ * in the high half of a 16-bit lane so that multiplying by 3 wraps exactly mod 256 (no carry in).
+ * (The float path wants these 16-bit products; the integer path uses decode5_cmp, fewer multiplies.) */
 KATTR void KFN(decode5)(__m256i q, __m256i d[5]) {
   const __m256i three = _mm256_set1_epi16(3);
   __m256i e = _mm256_slli_epi16(q, 8), o = _mm256_and_si256(q, _mm256_set1_epi16((short)0xFF00));
@@ -17,6 +18,18 @@ KATTR void KFN(decode5)(__m256i q, __m256i d[5]) {
       o = _mm256_mullo_epi16(o, three);
     }
     d[i] = _mm256_or_si256(_mm256_mulhi_epu16(e, three), _mm256_slli_epi16(_mm256_mulhi_epu16(o, three), 8));
+  }
+}
+
+/* The same digits with byte adds and compares only: with s = q - 128 (mod 256), digit i of q is
+ * [3^i s > -43] + [3^i s > 42] in signed bytes (q_i >= 86, q_i >= 171), and 3^(i+1) s = 3 * 3^i s
+ * (mod 256) needs no carry: three byte adds. */
+KATTR void KFN(decode5_cmp)(__m256i q, __m256i d[5]) {
+  const __m256i lo = _mm256_set1_epi8(-43), hi = _mm256_set1_epi8(42), zero = _mm256_setzero_si256();
+  __m256i s = _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80));
+  for (int i = 0; i < 5; i++) {
+    if (i) s = _mm256_add_epi8(s, _mm256_add_epi8(s, s));
+    d[i] = _mm256_sub_epi8(_mm256_sub_epi8(zero, _mm256_cmpgt_epi8(s, lo)), _mm256_cmpgt_epi8(s, hi));
   }
 }
 
@@ -44,7 +57,7 @@ KATTR __m256i KFN(load_block)(const uint8_t *row, int b, int K) {
 KATTR void KFN(decode_row)(const uint8_t *row, int K, uint8_t *dig) {
   __m256i d[5];
   for (int b = 0; b < t_blocks(K); b++) {
-    KFN(decode5)(KFN(load_block)(row, b, K), d);
+    KFN(decode5_cmp)(KFN(load_block)(row, b, K), d);
     for (int i = 0; i < 5; i++) _mm256_storeu_si256((__m256i *)(dig + (size_t)b * TB_CODES + TB_BYTES * i), d[i]);
   }
 }
@@ -59,7 +72,7 @@ __attribute__((target(KTARGET))) static void KFN(dot_i8)(const uint8_t *w, size_
       const uint8_t *wr = w + row * rb;
       __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(), d[5];
       for (int b = 0; b < nblk; b++) {
-        KFN(decode5)(KFN(load_block)(wr, b, K), d);
+        KFN(decode5_cmp)(KFN(load_block)(wr, b, K), d);
         const int8_t *xb = x + (size_t)b * TB_CODES;
         s0 = KDOT(s0, d[0], _mm256_loadu_si256((const __m256i *)xb));
         s1 = KDOT(s1, d[1], _mm256_loadu_si256((const __m256i *)(xb + 32)));

@@ -1,7 +1,7 @@
 """Pack the board runtime into ONE file: a zipapp runnable as `python nativelm-runtime.pyz ...`.
 
 The archive holds `nativelm/__init__.py` (a stub: only the version), `nativelm/runtime/*.py`
-(this package without `pack.py`) and a `__main__.py` calling the runtime's CLI. On the board it
+(this package without `pack.py` and the test helper `ternary_reference.py`) and a `__main__.py` calling the runtime's CLI. On the board it
 needs Python with numpy, onnxruntime and tokenizers, nothing else.
 
 The build is reproducible: entries are sorted and stamped with a fixed date, so the same sources
@@ -29,7 +29,7 @@ from . import __version__
 DEFAULT_OUT = Path("dist/nativelm-runtime.pyz")
 DEFAULT_INTERPRETER = "/usr/bin/env python3"
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip entry can hold
-BUILD_ONLY = {"pack.py"}
+BUILD_ONLY = {"pack.py", "ternary_reference.py"}  # build and test helpers, never imported on a board
 
 MAIN = '''"""nativelm board runtime (zipapp): python nativelm-runtime.pyz {generate,bench,health} --model DIR ..."""
 from nativelm.runtime.__main__ import run

@@ -1,7 +1,8 @@
 """numpy reference of the `nativelm` custom operators (TernaryMatMul, TernaryMoE; docs/kernels.md).
 
 What the C kernels must compute, written plainly: the tests hold the library to it (integer
-paths bit for bit) and the exporter checks its graphs against it. fp32 throughout, in the order
+paths bit for bit) and the exporter checks its graphs against it. Build/test side only: it reads the
+packed layout from `nativelm.formats`, so `pack.py` leaves it out of the board's zipapp. fp32 throughout, in the order
 the kernels use, so results are reproducible: y = (acc · s_x) · s_w.
 """
 

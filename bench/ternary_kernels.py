@@ -1,0 +1,171 @@
+"""nativelm's ternary kernels against ONNX Runtime's MatMulNBits and the memory-bandwidth roofline.
+
+    python bench/ternary_kernels.py [--threads 2] [--repeats 5] [--roofline-mib 2048]
+
+Decode shapes (one token, M=1), each a chain of nodes with distinct weights so one run() reads them all:
+  gemv-4096x11008   4 GEMVs alternating 4096->11008 and 11008->4096 (the issue's GEMV, 36 MB ternary)
+  gpu-dense-768     24 GEMVs 768->768 (the gpu preset's d_model)
+  gpu-moe           8 MoE layers of the gpu preset: 32 experts, top-4, expert width 384 (router MatMul
+                    in front of each TernaryMoE; bytes counted: the router and the 4 active experts)
+and one prefill shape (gemv-4096x11008 at M=512, time per token). For each: TernaryMatMul / TernaryMoE
+(the kernel the library picks), MatMulNBits 2-bit (block 128, accuracy_level 4) and 4-bit (block 32,
+accuracy_level 4); GB/s of weights read per call and % of the roofline: the C read loop
+(native/bench/read_bandwidth.c) over a buffer far larger than the last-level cache, same threads.
+Everything runs in interleaved rounds, `--repeats` times; each figure is given as its range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from nativelm.export import ops, pack
+from nativelm.formats.ternary_pack import pack_ternary
+from nativelm.runtime import custom_ops
+
+ROOT = Path(__file__).resolve().parents[1]
+Model = tuple[onnx.ModelProto, int, dict[str, np.ndarray]]  # (model, weight bytes read per call, feeds)
+
+
+def _model(nodes: list, inits: list, inputs: dict[str, tuple[int, ...]], opsets: list) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s))
+                                               for n, s in inputs.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def _nbytes(inits: list) -> int:
+    return sum(numpy_helper.to_array(t).nbytes for t in inits)
+
+
+def linear_chain(kind: str, dims: list[int], m: int, rng: np.random.Generator) -> Model:
+    """x [m, dims[0]] through len(dims)-1 linears dims[i] -> dims[i+1] of `kind` (ternary, 2bit, 4bit)."""
+    nodes, inits, x = [], [], "x"
+    for i, (k, n) in enumerate(zip(dims, dims[1:])):
+        out = "y" if i == len(dims) - 2 else f"h{i}"
+        if kind == "ternary":
+            codes = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+            nodes.append(helper.make_node("TernaryMatMul", [x, f"w{i}", f"s{i}"], [out], domain="nativelm",
+                                          K=k, N=n, act_bits=8))
+            inits += [numpy_helper.from_array(pack_ternary(codes), f"w{i}"),
+                      numpy_helper.from_array(np.array(0.02, np.float32), f"s{i}")]
+        else:
+            w = rng.standard_normal((n, k)).astype(np.float32) * 0.02
+            if kind == "2bit":
+                w_int, scales = pack.ternarize_blocks(w, 128)
+                part = ops.matmul_nbits(f"mm{i}", x, w_int, scales, 2, 128, 4, output=out)
+            else:
+                w_int, scales = pack.quantize_symmetric(w, 4, 32)
+                part = ops.matmul_nbits(f"mm{i}", x, w_int, scales, 4, 32, 4, output=out)
+            nodes += part[0]
+            inits += part[1]
+        x = out
+    opsets = ops.opset_imports() + [helper.make_opsetid("nativelm", 1)]
+    feeds = {"x": rng.standard_normal((m, dims[0])).astype(np.float32)}
+    return _model(nodes, inits, {"x": (m, dims[0])}, opsets), _nbytes(inits), feeds
+
+
+def moe_chain(layers: int, d: int, experts: int, top_k: int, width: int, rng: np.random.Generator) -> Model:
+    """`layers` gpu-preset MoE layers (router MatMul + TernaryMoE); bytes: router + the active experts."""
+    nodes, inits, x, active = [], [], "x", 0
+    for i in range(layers):
+        out = "y" if i == layers - 1 else f"h{i}"
+        router = rng.standard_normal((d, experts)).astype(np.float32)
+        stacks = {"g": (width, d), "u": (width, d), "d": (d, width)}
+        names = [x, f"l{i}"]
+        inits.append(numpy_helper.from_array(router, f"r{i}"))
+        for key, shape in stacks.items():
+            packed = pack_ternary(rng.integers(-1, 2, size=(experts, *shape)).astype(np.int8))
+            inits += [numpy_helper.from_array(packed, f"W{key}{i}"),
+                      numpy_helper.from_array(np.full(experts, 0.02, np.float32), f"s{key}{i}")]
+            names += [f"W{key}{i}", f"s{key}{i}"]
+            active += packed[0].nbytes * top_k
+        active += router.nbytes
+        nodes += [helper.make_node("MatMul", [x, f"r{i}"], [f"l{i}"]),
+                  helper.make_node("TernaryMoE", names, [out], domain="nativelm", top_k=top_k, act_bits=0)]
+        x = out
+    opsets = ops.opset_imports() + [helper.make_opsetid("nativelm", 1)]
+    feeds = {"x": rng.standard_normal((1, d)).astype(np.float32)}
+    return _model(nodes, inits, {"x": (1, d)}, opsets), active, feeds
+
+
+def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    custom_ops.load_library(options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def time_call(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], seconds: float) -> float:
+    """Median seconds per run() over about `seconds` of calls."""
+    sess.run(None, feeds)
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def roofline(mib: int, threads: int, reps: int) -> list[float]:
+    """GB/s of the tuned C read loop, one figure per repetition."""
+    binary = custom_ops.find_library().parent / "read_bandwidth"
+    out = subprocess.run([str(binary), str(mib), str(threads), str(reps)], capture_output=True, text=True, check=True)
+    return [float(v) for v in out.stdout.split()]
+
+
+def span(values: list[float], fmt: str = "{:.1f}") -> str:
+    return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=1.0, help="timing per configuration and repeat")
+    parser.add_argument("--roofline-mib", type=int, default=2048, help="read-loop buffer (far above the LLC)")
+    args = parser.parse_args()
+    if custom_ops.find_library() is None:
+        raise SystemExit("bench/ternary_kernels.py: build the library first: native/build.sh")
+    rng = np.random.default_rng(0)
+    big, dense = [4096, 11008, 4096, 11008, 4096], [768] * 25
+    shapes = {
+        "gemv-4096x11008": {k: linear_chain(k, big, 1, rng) for k in ("ternary", "2bit", "4bit")},
+        "gpu-dense-768": {k: linear_chain(k, dense, 1, rng) for k in ("ternary", "2bit", "4bit")},
+        "gpu-moe": {"ternary": moe_chain(8, 768, 32, 4, 384, rng)},
+        "prefill-512x4096x11008": {k: linear_chain(k, big[:3], 512, rng) for k in ("ternary", "4bit")},
+    }
+    sessions = {(s, k): (session(m, args.threads), b, f) for s, runs in shapes.items() for k, (m, b, f) in runs.items()}
+    gbps: dict[tuple[str, str], list[float]] = {key: [] for key in sessions}
+    tok_s: dict[tuple[str, str], list[float]] = {key: [] for key in sessions}
+    roof: list[float] = []
+    for _ in range(args.repeats):
+        roof += roofline(args.roofline_mib, args.threads, 1)
+        for key, (sess, nbytes, feeds) in sessions.items():
+            dt = time_call(sess, feeds, args.seconds)
+            gbps[key].append(nbytes / dt / 1e9)
+            tok_s[key].append(next(iter(feeds.values())).shape[0] / dt)
+    print(f"ternary kernels: {custom_ops.kernel_name(custom_ops.find_library())}, {args.threads} threads, "
+          f"ORT {ort.__version__}, {args.repeats} repeats (ranges)")
+    print(f"roofline (C read loop, {args.roofline_mib} MiB): {span(roof)} GB/s")
+    print(f"{'shape':24} {'kernel':8} {'MB/call':>8} {'GB/s':>11} {'% roofline':>11} {'tok/s':>13} {'vs 4-bit':>10}")
+    for (shape, kind), (_, nbytes, _) in sessions.items():
+        ratio = ""
+        if kind != "4bit" and (shape, "4bit") in tok_s:
+            ratio = span([a / b for a, b in zip(tok_s[shape, kind], tok_s[shape, "4bit"])], "{:.2f}") + "x"
+        pct = [100 * g / r for g, r in zip(gbps[shape, kind], roof)]
+        print(f"{shape:24} {kind:8} {nbytes / 1e6:8.2f} {span(gbps[shape, kind]):>11} {span(pct, '{:.0f}'):>11} "
+              f"{span(tok_s[shape, kind], '{:.0f}'):>13} {ratio:>10}")
+
+
+if __name__ == "__main__":
+    main()
