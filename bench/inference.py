@@ -1,6 +1,7 @@
 """CPU inference speed of the four ONNX exports against PyTorch eager, with a memory-bandwidth roofline.
 
-    python bench/inference.py [--sizes tiny,bench] [--threads N] [--prompt-len 128] [--new-tokens 64] [--profile-steps 64]
+    python bench/inference.py [--sizes tiny,bench] [--threads N] [--prompt-len 128] [--new-tokens 64] [--rounds 3]
+                              [--profile-steps 64]
                               [--repeats 3] [--bench-layers 4] [--bw-mb 2048] [--workdir DIR] [--json OUT]
 
 For each model size a random-weight NativeLM (vocab 4096, seed 0) is built and exported four ways
@@ -21,7 +22,9 @@ logits, present.{i}.*):
   as the training forward does). Its decode speed is therefore not comparable per byte read. It is
   slow, so it decodes ``--eager-new-tokens`` (16) tokens in ``--eager-repeats`` (1) timed runs.
 
-Medians over ``repeats`` timed runs after one warm-up. Peak RSS: VmHWM of the child (Linux's ru_maxrss
+Medians over ``repeats`` timed runs after one warm-up; with ``--rounds R`` every runner is measured R
+times, the sweeps interleaved, and each ratio is the median of the ratios measured in the same round
+(side by side), printed with its range. Peak RSS: VmHWM of the child (Linux's ru_maxrss
 is inherited across fork + exec, so it would carry the parent's bandwidth arrays); it includes the
 Python / numpy / torch / ORT import baseline. File size: ``model.onnx`` + its external data.
 
@@ -315,7 +318,20 @@ def bytes_per_token(export: dict[str, Any], shape: dict[str, Any]) -> tuple[floa
 
 
 # ---- report -----------------------------------------------------------------------------------------
-def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], bw: float) -> list[str]:
+def median_round(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per runner, the round of median decode speed, with the range of decode and prefill over all rounds."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in rounds[0]:
+        runs = sorted((r[name] for r in rounds), key=lambda r: r["decode_tokens_per_s"])
+        pick = dict(runs[len(runs) // 2])
+        for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+            pick[f"{key}_range"] = [min(r[key] for r in runs), max(r[key] for r in runs)]
+        out[name] = pick
+    return out
+
+
+def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], bw: float,
+           rounds: list[dict[str, dict[str, Any]]] | None = None) -> list[str]:
     p, shape = info["params"], info["shape"]
     lines = [(f"\n== {size}: {p['total'] / 1e6:.1f}M params ({p['active'] / 1e6:.1f}M active non-embedding), "
               f"d_model {shape['d_model']}, {shape['n_layers']} layers, {shape['n_experts']} experts x "
@@ -345,10 +361,15 @@ def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], 
                      f"{r['prefill_tokens_per_s']:>12.1f}{r['decode_tokens_per_s']:>11.1f}{roof:>13.0f}"
                      f"{100 * r['roofline_fraction']:>7.1f}%{100 * r['graph_roofline_fraction']:>12.1f}%{r['peak_rss_mb']:>12.0f}{r['load_s']:>8.2f}{export_s:>9}")
 
+    spans: dict[str, str] = {}
+
     def ratio(a: str, b: str, key: str) -> float | None:
-        if a in results and b in results:
-            return results[a][key] / results[b][key]
-        return None
+        """Median over the rounds of a / b measured in the same round (side by side); its range noted."""
+        if a not in results or b not in results:
+            return None
+        per_round = sorted(r[a][key] / r[b][key] for r in (rounds or [results]))
+        spans[f"{a}/{b}/{key}"] = f"range {per_round[0]:.3f}-{per_round[-1]:.3f} over {len(per_round)} rounds"
+        return statistics.median(per_round)
 
     t, f = info["variants"].get("ternary", {}), info["variants"].get("fp32", {})
     checks = [("ternary-ops decode / int4 decode", ratio(CUSTOM, "int4", "decode_tokens_per_s"), ">= 2.0", 2.0, True),
@@ -369,6 +390,7 @@ def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], 
             continue
         verdict = "" if bound is None else ("  PASS" if (value >= bound if higher else value <= bound) else "  FAIL")
         lines.append(f"  {label:<36}{value:>8.3f}  {('target ' + target) if target else ''}{verdict}")
+    lines += [f"  {key}: {text}" for key, text in spans.items() if rounds and len(rounds) > 1]
     for name, r in results.items():
         if "profile" in r:
             prof = r["profile"]
@@ -398,6 +420,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="sweeps over all runners, interleaved (a busy machine's load drifts): medians and ranges")
     ap.add_argument("--eager-new-tokens", type=int, default=16, help="decode steps of torch eager (recompute)")
     ap.add_argument("--eager-repeats", type=int, default=1, help="timed runs of torch eager")
     ap.add_argument("--bench-layers", type=int, default=12, help="layers of the bench model (gpu preset shape)")
@@ -438,23 +462,32 @@ def main() -> None:
             t0 = time.perf_counter()
             info = spawn("export", base)
             print(f"[{size}] built + exported in {time.perf_counter() - t0:.1f}s", flush=True)
-            results: dict[str, dict[str, Any]] = {}
-            for name in [r for r in RUNNERS if r in only]:
-                t0 = time.perf_counter()
-                if name == "torch-eager":
-                    results[name] = spawn("eager", {**base, "new_tokens": args.eager_new_tokens,
-                                                    "repeats": args.eager_repeats})
-                else:
-                    results[name] = spawn("onnx", {**base, "path": info["variants"][name]["path"],
-                                                   "library": library.path if name == CUSTOM else None})
-                    if name == CUSTOM:
-                        results[name]["ops"] = f"nativelm:{library.kernel}"
-                print(f"[{size}] {name}: decode {results[name]['decode_tokens_per_s']:.1f} tok/s "
-                      f"({time.perf_counter() - t0:.1f}s)", flush=True)
-            lines = report(size, info, results, bw["roofline_gbs"])
+            rounds: list[dict[str, dict[str, Any]]] = []
+            for round_no in range(args.rounds):
+                results: dict[str, dict[str, Any]] = {}
+                for name in [r for r in RUNNERS if r in only]:
+                    t0 = time.perf_counter()
+                    if name == "torch-eager":
+                        results[name] = spawn("eager", {**base, "new_tokens": args.eager_new_tokens,
+                                                        "repeats": args.eager_repeats})
+                    else:
+                        results[name] = spawn("onnx", {**base, "path": info["variants"][name]["path"],
+                                                       "library": library.path if name == CUSTOM else None,
+                                                       "profile_steps": args.profile_steps if round_no == 0 else 0})
+                        if name == CUSTOM:
+                            results[name]["ops"] = f"nativelm:{library.kernel}"
+                    print(f"[{size}] round {round_no + 1}: {name}: decode "
+                          f"{results[name]['decode_tokens_per_s']:.1f} tok/s ({time.perf_counter() - t0:.1f}s)",
+                          flush=True)
+                rounds.append(results)
+            results = median_round(rounds)
+            for name, profiled in rounds[0].items():
+                if "profile" in profiled:
+                    results[name]["profile"] = profiled["profile"]
+            lines = report(size, info, results, bw["roofline_gbs"], rounds)
             print("\n".join(lines), flush=True)
             lines_all += lines
-            out["sizes"][size] = {"model": info, "results": results}
+            out["sizes"][size] = {"model": info, "results": results, "rounds": rounds}
     finally:
         if tmp is not None:
             tmp.cleanup()
