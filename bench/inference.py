@@ -1,12 +1,15 @@
-"""CPU inference speed of the three ONNX exports against PyTorch eager, with a memory-bandwidth roofline.
+"""CPU inference speed of the four ONNX exports against PyTorch eager, with a memory-bandwidth roofline.
 
-    python bench/inference.py [--sizes tiny,bench] [--threads N] [--prompt-len 128] [--new-tokens 64]
+    python bench/inference.py [--sizes tiny,bench] [--threads N] [--prompt-len 128] [--new-tokens 64] [--rounds 3]
+                              [--profile-steps 64]
                               [--repeats 3] [--bench-layers 4] [--bw-mb 2048] [--workdir DIR] [--json OUT]
 
-For each model size a random-weight NativeLM (vocab 4096, seed 0) is built and exported three ways
-with ``build_graph`` directly (no parity checks: the weights are random): ``ternary`` (2-bit
-MatMulNBits + 2-bit QMoE), ``int4`` (4-bit MatMulNBits + 4-bit QMoE) and ``fp32`` (MatMul, MoE as
-dense standard ONNX over all experts). Each variant, and PyTorch eager, then runs in its own
+For each model size a random-weight NativeLM (vocab 4096, seed 0) is built and exported four ways
+with ``build_graph`` directly (no parity checks: the weights are random): ``ternary-ops`` (nativelm's
+TernaryMatMul + TernaryMoE, five trits per byte; run with the operator library of
+``nativelm.runtime.session.find_ops_library``, skipped with a note where it is not built),
+``ternary`` (2-bit MatMulNBits + 2-bit QMoE), ``int4`` (4-bit MatMulNBits + 4-bit QMoE) and ``fp32``
+(MatMul, MoE as dense standard ONNX over all experts). Each variant, and PyTorch eager, then runs in its own
 subprocess (so the peak RSS of one does not include another's), with ONNX Runtime sessions opened
 as ``nativelm.runtime.session.open_session`` does (CPU EP, intra-op threads, inter-op 1) and fed
 with the runtime's I/O convention (input_ids, attention_mask, past_key_values.{i}.key/value ->
@@ -19,12 +22,16 @@ logits, present.{i}.*):
   as the training forward does). Its decode speed is therefore not comparable per byte read. It is
   slow, so it decodes ``--eager-new-tokens`` (16) tokens in ``--eager-repeats`` (1) timed runs.
 
-Medians over ``repeats`` timed runs after one warm-up. Peak RSS: VmHWM of the child (Linux's ru_maxrss
+Medians over ``repeats`` timed runs after one warm-up; with ``--rounds R`` every runner is measured R
+times, the sweeps interleaved, and each ratio is the median of the ratios measured in the same round
+(side by side), printed with its range. Peak RSS: VmHWM of the child (Linux's ru_maxrss
 is inherited across fork + exec, so it would carry the parent's bandwidth arrays); it includes the
 Python / numpy / torch / ORT import baseline. File size: ``model.onnx`` + its external data.
 
-Roofline: bandwidth (numpy reductions over a ``bw-mb`` array, best of several, with 1 and with
-``threads`` threads) ÷ bytes read per decoded token. Bytes per token are taken from the exported
+Roofline: bandwidth ÷ bytes read per decoded token. The bandwidth is the tuned C read loop built
+beside the operator library (``bench/ternary_kernels.py``'s, same threads, a ``bw-mb`` buffer) where
+it is built, else numpy reductions over a ``bw-mb`` array (best of several, with 1 and with
+``threads`` threads), which read slower and so flatter the exports; both are printed. Bytes per token are taken from the exported
 initializers of each part: attention + router + norms + LM head + one embedding row + top_k/n_experts
 of the expert bytes (the active experts). The fp32 export's dense MoE really reads all experts, so its
 "graph" bytes per token are also shown; eager is compared against the fp32 active bytes.
@@ -52,7 +59,8 @@ from typing import Any
 import numpy as np
 
 VOCAB = 4096
-VARIANTS = ("ternary", "int4", "fp32")
+VARIANTS = ("ternary-ops", "ternary", "int4", "fp32")
+CUSTOM = "ternary-ops"  # the export on nativelm's operators: its session registers the library
 RUNNERS = VARIANTS + ("torch-eager",)
 
 
@@ -116,27 +124,55 @@ def _prompt(length: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, VOCAB, size=(1, length), dtype=np.int64)
 
 
-def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
+def _session(spec: dict[str, Any], profile: bool = False) -> Any:
+    """A CPU session as the board runtime opens one (the operator library registered for ternary-ops)."""
     import onnxruntime as ort
 
-    t0 = time.perf_counter()
     options = ort.SessionOptions()
     options.intra_op_num_threads = spec["threads"]
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(spec["path"], options, providers=["CPUExecutionProvider"])
+    options.enable_profiling = profile
+    if profile:
+        options.profile_file_prefix = str(Path(spec["workdir"]) / "profile")
+    if spec.get("library"):
+        options.register_custom_ops_library(spec["library"])
+    return ort.InferenceSession(spec["path"], options, providers=["CPUExecutionProvider"])
+
+
+def decode_profile(spec: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """ORT's profiler over `profile_steps` one-token decode steps after the prompt: kernel time per operator
+    type (share of all kernel time) and nodes per step."""
+    from nativelm.export.kernels import profile_kernels
+
+    steps = spec["profile_steps"]
+    runs = profile_kernels(_session(spec, profile=True), feeds, runs=steps)
+    by_op: dict[str, int] = {}
+    for r in runs:
+        by_op[r.op_type] = by_op.get(r.op_type, 0) + r.duration_us
+    total = sum(by_op.values()) or 1
+    return {"steps": steps, "nodes_per_step": len(runs) / steps, "kernel_us_per_step": total / steps,
+            "share": {op: us / total for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])}}
+
+
+def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    session = _session(spec)
     load_s = time.perf_counter() - t0
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
     kv_heads, head_dim = inputs["past_key_values.0.key"].shape[1], inputs["past_key_values.0.key"].shape[3]
 
-    def run(ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def feeds(ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
         total = past[0].shape[2] + ids.shape[1]
         feed = {"input_ids": ids, "attention_mask": np.ones((1, total), dtype=np.int64)}
         for i in range(n_layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
-        res = session.run(outputs, feed)
+        return feed
+
+    def run(ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        res = session.run(outputs, feeds(ids, past))
         return res[0], res[1:]
 
     empty = [np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)] * (2 * n_layers)
@@ -153,7 +189,11 @@ def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
             token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
         return prefill, time.perf_counter() - start
 
-    return _timed(once, spec, load_s)
+    result = _timed(once, spec, load_s)
+    if spec.get("profile_steps"):
+        logits, past = run(prompt, empty)
+        result["profile"] = decode_profile(spec, feeds(np.array([[int(logits[0, -1].argmax())]]), past))
+    return result
 
 
 def child_eager(spec: dict[str, Any]) -> dict[str, Any]:
@@ -243,8 +283,25 @@ def bandwidth(mb: int, threads: int, tries: int = 7) -> dict[str, float]:
         out[f"sum_{k}t"] = best(read_sum, a.nbytes, k)
         out[f"dot_{k}t"] = best(read_dot, a.nbytes, k)
         out[f"copy_{k}t"] = best(copy, 2 * a.nbytes, k)
-    out["roofline_gbs"] = max(v for key, v in out.items() if key.startswith(("sum", "dot")))
+    out["numpy_roofline_gbs"] = max(v for key, v in out.items() if key.startswith(("sum", "dot")))
+    out["roofline_gbs"] = out["numpy_roofline_gbs"]
+    c_loop = c_read_loop(mb, threads, tries)
+    if c_loop is not None:  # the tuned C read loop reads faster than numpy: the honest roofline
+        out["c_read_gbs"] = c_loop
+        out["roofline_gbs"] = c_loop
     return out
+
+
+def c_read_loop(mb: int, threads: int, tries: int) -> float | None:
+    """Best GB/s of the C read loop built beside the operator library (bench/ternary_kernels.py), None
+    where it is not built."""
+    from nativelm.runtime.custom_ops import find_library
+
+    if find_library() is None or not (find_library().parent / "read_bandwidth").is_file():
+        return None
+    from ternary_kernels import roofline
+
+    return max(roofline(mb, threads, tries))
 
 
 # ---- bytes per token ----------------------------------------------------------------------------------
@@ -255,12 +312,26 @@ def bytes_per_token(export: dict[str, Any], shape: dict[str, Any]) -> tuple[floa
     embed_row = parts.get("embedding", 0) / VOCAB
     ffn = parts.get("ffn", 0)
     active = dense + embed_row + ffn * shape["top_k"] / shape["n_experts"]
-    graph = active if "QMoE" in json.dumps(export["choices"].get("moe", {})) else dense + embed_row + ffn
+    routed = any(op in json.dumps(export["choices"].get("moe", {})) for op in ("QMoE", "TernaryMoE"))
+    graph = active if routed else dense + embed_row + ffn
     return active, graph
 
 
 # ---- report -----------------------------------------------------------------------------------------
-def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], bw: float) -> list[str]:
+def median_round(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per runner, the round of median decode speed, with the range of decode and prefill over all rounds."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in rounds[0]:
+        runs = sorted((r[name] for r in rounds), key=lambda r: r["decode_tokens_per_s"])
+        pick = dict(runs[len(runs) // 2])
+        for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+            pick[f"{key}_range"] = [min(r[key] for r in runs), max(r[key] for r in runs)]
+        out[name] = pick
+    return out
+
+
+def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], bw: float,
+           rounds: list[dict[str, dict[str, Any]]] | None = None) -> list[str]:
     p, shape = info["params"], info["shape"]
     lines = [(f"\n== {size}: {p['total'] / 1e6:.1f}M params ({p['active'] / 1e6:.1f}M active non-embedding), "
               f"d_model {shape['d_model']}, {shape['n_layers']} layers, {shape['n_experts']} experts x "
@@ -290,13 +361,24 @@ def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], 
                      f"{r['prefill_tokens_per_s']:>12.1f}{r['decode_tokens_per_s']:>11.1f}{roof:>13.0f}"
                      f"{100 * r['roofline_fraction']:>7.1f}%{100 * r['graph_roofline_fraction']:>12.1f}%{r['peak_rss_mb']:>12.0f}{r['load_s']:>8.2f}{export_s:>9}")
 
+    spans: dict[str, str] = {}
+
     def ratio(a: str, b: str, key: str) -> float | None:
-        if a in results and b in results:
-            return results[a][key] / results[b][key]
-        return None
+        """Median over the rounds of a / b measured in the same round (side by side); its range noted."""
+        if a not in results or b not in results:
+            return None
+        per_round = sorted(r[a][key] / r[b][key] for r in (rounds or [results]))
+        spans[f"{a}/{b}/{key}"] = f"range {per_round[0]:.3f}-{per_round[-1]:.3f} over {len(per_round)} rounds"
+        return statistics.median(per_round)
 
     t, f = info["variants"].get("ternary", {}), info["variants"].get("fp32", {})
-    checks = [("ternary decode / fp32 decode", ratio("ternary", "fp32", "decode_tokens_per_s"), ">= 2.5", 2.5, True),
+    checks = [("ternary-ops decode / int4 decode", ratio(CUSTOM, "int4", "decode_tokens_per_s"), ">= 2.0", 2.0, True),
+              ("ternary-ops prefill / int4 prefill", ratio(CUSTOM, "int4", "prefill_tokens_per_s"), ">= 1.0", 1.0,
+               True),
+              ("ternary-ops decode / ternary decode", ratio(CUSTOM, "ternary", "decode_tokens_per_s"), "", None, True),
+              ("ternary-ops decode % of roofline", results[CUSTOM]["roofline_fraction"] if CUSTOM in results
+               else None, ">= 0.60", 0.6, True),
+              ("ternary decode / fp32 decode", ratio("ternary", "fp32", "decode_tokens_per_s"), ">= 2.5", 2.5, True),
               ("ternary decode / int4 decode", ratio("ternary", "int4", "decode_tokens_per_s"), ">= 1.2", 1.2, True),
               ("ternary file / fp32 file", t.get("file_bytes", 0) / f["file_bytes"] if f else None, "<= 0.100",
                0.1, False),
@@ -308,6 +390,13 @@ def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], 
             continue
         verdict = "" if bound is None else ("  PASS" if (value >= bound if higher else value <= bound) else "  FAIL")
         lines.append(f"  {label:<36}{value:>8.3f}  {('target ' + target) if target else ''}{verdict}")
+    lines += [f"  {key}: {text}" for key, text in spans.items() if rounds and len(rounds) > 1]
+    for name, r in results.items():
+        if "profile" in r:
+            prof = r["profile"]
+            lines.append(f"  {name} decode profile ({prof['steps']} steps, {prof['nodes_per_step']:.0f} nodes/step, "
+                         f"{prof['kernel_us_per_step']:.0f} us kernels/step): "
+                         + ", ".join(f"{op} {100 * v:.0f}%" for op, v in prof["share"].items() if v >= 0.01))
     for name, ex in info["variants"].items():
         parts = sorted(ex["part_bytes"].items(), key=lambda kv: -kv[1])
         lines.append(f"  {name} file parts (MB): " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in parts if v >= 1e4))
@@ -317,6 +406,13 @@ def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], 
     return lines
 
 
+def _library() -> Any:
+    """nativelm's operator library as the board runtime finds it (None: not built)."""
+    from nativelm.runtime.session import find_ops_library
+
+    return find_ops_library()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="tiny,bench")
@@ -324,12 +420,16 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="sweeps over all runners, interleaved (a busy machine's load drifts): medians and ranges")
     ap.add_argument("--eager-new-tokens", type=int, default=16, help="decode steps of torch eager (recompute)")
     ap.add_argument("--eager-repeats", type=int, default=1, help="timed runs of torch eager")
     ap.add_argument("--bench-layers", type=int, default=12, help="layers of the bench model (gpu preset shape)")
     ap.add_argument("--bw-mb", type=int, default=2048, help="array size of the bandwidth test, MiB")
     ap.add_argument("--only", default=",".join(RUNNERS), help="subset of " + ",".join(RUNNERS))
     ap.add_argument("--workdir", default=None, help="where exports go (default: a temporary folder, removed)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="also profile this many decode steps of each export with ORT's profiler (kernel time by op)")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -340,11 +440,17 @@ def main() -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, threads {args.threads}, "
           f"prompt {args.prompt_len}, new tokens {args.new_tokens}, repeats {args.repeats}", flush=True)
     bw = bandwidth(args.bw_mb, args.threads)
-    print(f"memory bandwidth (GB/s, best of 7, {args.bw_mb} MiB float64): "
+    print(f"memory bandwidth (GB/s, best of 7, {args.bw_mb} MiB; roofline_gbs: the C read loop where built): "
           + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()), flush=True)
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="nativelm-bench-")
     workdir = args.workdir or tmp.name  # type: ignore[union-attr]
     only = [r for r in args.only.split(",") if r]
+    library = _library()
+    if library is None and CUSTOM in only:
+        only.remove(CUSTOM)
+        print(f"note: nativelm's operator library is not built here; {CUSTOM} is not run", flush=True)
+    elif library is not None:
+        print(f"operator library: {library.path} (kernel {library.kernel})", flush=True)
     out: dict[str, Any] = {"bandwidth": bw, "args": {k: v for k, v in vars(args).items() if k != "child"},
                            "sizes": {}}
     lines_all: list[str] = []
@@ -352,24 +458,36 @@ def main() -> None:
         for size in [s for s in args.sizes.split(",") if s]:
             base = {"size": size, "bench_layers": args.bench_layers, "threads": args.threads,
                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                    "workdir": workdir}
+                    "workdir": workdir, "profile_steps": args.profile_steps}
             t0 = time.perf_counter()
             info = spawn("export", base)
             print(f"[{size}] built + exported in {time.perf_counter() - t0:.1f}s", flush=True)
-            results: dict[str, dict[str, Any]] = {}
-            for name in [r for r in RUNNERS if r in only]:
-                t0 = time.perf_counter()
-                if name == "torch-eager":
-                    results[name] = spawn("eager", {**base, "new_tokens": args.eager_new_tokens,
-                                                    "repeats": args.eager_repeats})
-                else:
-                    results[name] = spawn("onnx", {**base, "path": info["variants"][name]["path"]})
-                print(f"[{size}] {name}: decode {results[name]['decode_tokens_per_s']:.1f} tok/s "
-                      f"({time.perf_counter() - t0:.1f}s)", flush=True)
-            lines = report(size, info, results, bw["roofline_gbs"])
+            rounds: list[dict[str, dict[str, Any]]] = []
+            for round_no in range(args.rounds):
+                results: dict[str, dict[str, Any]] = {}
+                for name in [r for r in RUNNERS if r in only]:
+                    t0 = time.perf_counter()
+                    if name == "torch-eager":
+                        results[name] = spawn("eager", {**base, "new_tokens": args.eager_new_tokens,
+                                                        "repeats": args.eager_repeats})
+                    else:
+                        results[name] = spawn("onnx", {**base, "path": info["variants"][name]["path"],
+                                                       "library": library.path if name == CUSTOM else None,
+                                                       "profile_steps": args.profile_steps if round_no == 0 else 0})
+                        if name == CUSTOM:
+                            results[name]["ops"] = f"nativelm:{library.kernel}"
+                    print(f"[{size}] round {round_no + 1}: {name}: decode "
+                          f"{results[name]['decode_tokens_per_s']:.1f} tok/s ({time.perf_counter() - t0:.1f}s)",
+                          flush=True)
+                rounds.append(results)
+            results = median_round(rounds)
+            for name, profiled in rounds[0].items():
+                if "profile" in profiled:
+                    results[name]["profile"] = profiled["profile"]
+            lines = report(size, info, results, bw["roofline_gbs"], rounds)
             print("\n".join(lines), flush=True)
             lines_all += lines
-            out["sizes"][size] = {"model": info, "results": results}
+            out["sizes"][size] = {"model": info, "results": results, "rounds": rounds}
     finally:
         if tmp is not None:
             tmp.cleanup()

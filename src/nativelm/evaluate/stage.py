@@ -135,6 +135,7 @@ def run_evaluate(export_dir: Path, data_dir: Path, ev: EvaluateParams, provenanc
     sizes, weights = manifest.get("sizes", {}), manifest.get("weights", {})
     metrics: dict[str, Any] = {
         "variant": manifest.get("variant"),
+        "ops": bench.get("ops"),  # the graph evaluated: nativelm:<kernel>, fallback or contrib
         "ptq": int(ptq_label(manifest)["ptq"]),  # the gate does not hold a PTQ export to held-out parity
         **ppl,
         "parity_ppl_torch": held.get("ppl_torch"),
@@ -156,7 +157,7 @@ def run_evaluate(export_dir: Path, data_dir: Path, ev: EvaluateParams, provenanc
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
 
-    tags = {**provenance.tags(), **ptq_tags(manifest)}
+    tags = {**provenance.tags(), **ptq_tags(manifest), "ops": str(bench.get("ops"))}
     _note(f"building the release folder {release_dir}")
     release = build_release(release_dir, export_dir, {
         **provenance.tags(), "source_model_sha256": manifest.get("source", {}).get("model_sha256"),

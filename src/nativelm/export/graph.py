@@ -118,6 +118,7 @@ class _Decoder:
         inputs, outputs = self.value_infos()
         graph = helper.make_graph(b.nodes, "nativelm_decoder", inputs, outputs, b.inits)
         opsets = [helper.make_opsetid("", self.params.opset), helper.make_opsetid(ops.MS_DOMAIN, ops.MS_OPSET)]
+        opsets += [helper.make_opsetid(domain, version) for domain, version in self.variant.opsets()]
         onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="nativelm")
         onnx_model.doc_string, props = self.variant.model_props()
         helper.set_model_props(onnx_model, props)

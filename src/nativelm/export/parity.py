@@ -48,12 +48,15 @@ class OnnxDecoder:
     """An exported decoder in an ONNX Runtime CPU session: full forward and greedy decoding with the cache.
 
     Layer count, KV heads and head size are read from the graph's `past_key_values.*` inputs.
+    `library`: nativelm's operator library, registered for a graph on its operators.
     """
 
-    def __init__(self, model: str | Path | bytes, threads: int = 0) -> None:
+    def __init__(self, model: str | Path | bytes, threads: int = 0, library: str | None = None) -> None:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if library is not None:  # nativelm's operator library (the ternary-ops graph)
+            options.register_custom_ops_library(library)
         source = str(model) if isinstance(model, Path) else model
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.past_shapes: dict[str, tuple[int, int]] = {}

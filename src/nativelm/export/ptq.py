@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from nativelm.model.bitlinear import levels
 from nativelm.model.transformer import build_model
-from nativelm.params.export import ExportParams, Variant
+from nativelm.params.export import TERNARY_VARIANTS, ExportParams, Variant
 from nativelm.params.model import TERNARY_BITS, ModelParams
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def resolved(params: ExportParams, model: NativeLM) -> ExportParams:
 def ptq_method(model: NativeLM, params: ExportParams) -> str | None:
     """What post-training quantization the (resolved) variant applies to `model`; None when it is exact."""
     p = params
-    if p.variant == "ternary" and not is_ternary(model):
+    if p.variant in TERNARY_VARIANTS and not is_ternary(model):
         act_bits = model.params.act_bits if model.params.quantize else ACT_BITS
         return f"absmean-ternary per-matrix, int{act_bits} activations"
     from_forward = p.comparison_weights == "forward" or not model.params.quantize  # an fp model has one kind
@@ -108,7 +108,7 @@ def plan(model: NativeLM, params: ExportParams) -> ExportPlan:
     concrete = resolved(params, model)
     method = ptq_method(model, concrete)
     source = model
-    if concrete.variant == "ternary" and method is not None:
+    if concrete.variant in TERNARY_VARIANTS and method is not None:
         if not params.ptq:
             return ExportPlan(concrete, model, params.variant, None)
         source = ternarized(model)

@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 
 from nativelm import __version__
 from nativelm.errors import NativelmError
-from nativelm.export import parity
+from nativelm.export import custom_graph, parity
 from nativelm.export.graph import ExportGraph, build_graph, check_model
 from nativelm.export.ptq import ExportPlan
 from nativelm.formats import prepared
@@ -144,19 +144,21 @@ def weight_report(graph: ExportGraph, model: NativeLM, model_bytes: int) -> dict
             "overhead_bytes": {k: v for k, v in sizes.items() if k not in graph.part_params}, "parts": parts}
 
 
-def _save_model(graph: ExportGraph, folder: Path) -> list[str]:
-    """Write model.onnx (weights inline below ~1.8 GB, else in model.onnx.data); the files written.
+def _save_model(graph: ExportGraph, folder: Path, name: str = MODEL_FILE) -> list[str]:
+    """Write `name` (weights inline below ~1.8 GB, else in `name`.data beside it); the files written.
 
     Saving with external data moves the weights out of `graph.model` (onnx does it in place).
     """
-    path = folder / MODEL_FILE
+    path = folder / name
     if sum(graph.part_bytes().values()) < MAX_INLINE_BYTES:
         onnx.checker.check_model(graph.model)
         onnx.save_model(graph.model, path)
-        return [MODEL_FILE]
+        return [name]
+    data = EXTERNAL_DATA if name == MODEL_FILE else f"{name}.data"
     onnx.save_model(graph.model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=EXTERNAL_DATA, size_threshold=1024)
-    return [MODEL_FILE, EXTERNAL_DATA]
+                    location=data, size_threshold=1024)
+    onnx.checker.check_model(str(path))  # the checker reads the external weights from the path
+    return [name, data]
 
 
 def _check_tokenizer(data_dir: Path, info: dict[str, Any], vocab_size: int) -> Path:
@@ -188,6 +190,32 @@ def load_source(model_file: Path, ep: ExportParams) -> ExportSource:
     check before it opens a tracking run or prints anything."""
     model, info = load_trained_model(model_file)
     return ExportSource(model, info, check_model(model, ep))
+
+
+
+def _parity(source: ExportSource, plan: ExportPlan, decoder: parity.OnnxDecoder, windows: np.ndarray,
+            ep: ExportParams) -> dict[str, Any]:
+    """Held-out parity and the KV-cache check of one saved graph, gated as `plan` says (a NativelmError
+    names the first figure outside its threshold)."""
+    model, p = source.model, source.model.params
+    _note(f"parity on {windows.size} validation tokens ({windows.shape[0]} x {windows.shape[1]})")
+    held_out = parity.held_out_parity(model, decoder, windows, ep.top1_tie_rel)
+    prompt = windows[0][: min(16, p.max_seq_len // 2)].tolist()
+    cache = parity.cache_consistency(decoder, prompt, min(ep.cache_check_tokens, p.max_seq_len - len(prompt)),
+                                     ep.max_cache_logit_rel_diff)
+    figures = {"held_out": held_out, "kv_cache": cache, "gated": parity.gated_checks(plan.ptq),
+               "thresholds": {"min_top1_agreement": ep.min_top1_agreement, "top1_tie_rel": ep.top1_tie_rel,
+                              "max_ppl_rel_diff": ep.max_ppl_rel_diff,
+                              "max_cache_logit_rel_diff": ep.max_cache_logit_rel_diff}}
+    if plan.model is not model:  # ternary PTQ: also against the quantized twin the graph computes
+        figures["quantized_reference"] = parity.held_out_parity(plan.model, decoder, windows, ep.top1_tie_rel)
+    _note(f"top-1 agreement {held_out['top1_agreement']:.4f} (exact {held_out['top1_exact_agreement']:.4f}), "
+          f"perplexity ONNX {held_out['ppl_onnx']:.3f} vs PyTorch {held_out['ppl_torch']:.3f} "
+          f"(relative difference {held_out['ppl_rel_diff']:.2e}); "
+          f"KV cache {'matches' if cache['match'] else 'DIFFERS from'} full recomputation")
+    parity.check_thresholds(figures, plan.params, figures["gated"])
+    figures["passed"] = True
+    return figures
 
 
 def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLogger | None = None,
@@ -222,7 +250,11 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         _note(f"post-training quantization: {plan.method}; held-out parity against the trained model is recorded, "
               "not gated (the KV-cache check is)")
     graph = build_graph(plan.model, plan.params)
-    for line in graph.notes:
+    custom, library = None, None
+    if variant == custom_graph.VARIANT:  # the custom-operator graph, and the contrib graph as model.onnx
+        library = custom_graph.controller_library()
+        custom, graph = graph, build_graph(plan.model, custom_graph.fallback_params(plan.params))
+    for line in graph.notes + (custom.notes if custom else []):
         _note(line)
 
     with atomic_dir(out_dir) as folder:
@@ -231,8 +263,6 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         (folder / GENAI_CONFIG).write_text(json.dumps(genai_config(model), indent=2) + "\n", encoding="utf-8")
         (folder / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config(model), indent=2) + "\n", encoding="utf-8")
         files += [TOKENIZER_FILE, GENAI_CONFIG, TOKENIZER_CONFIG]
-        if EXTERNAL_DATA in files:  # the checker reads the external weights from the path
-            onnx.checker.check_model(str(folder / MODEL_FILE))
 
         decoder = parity.OnnxDecoder(folder / MODEL_FILE, ep.threads)
         probe = windows[0][None, : min(8, windows.shape[1])]
@@ -241,30 +271,28 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         if not kernels["all_prepacked"]:
             _note(f"quantized nodes on a slow kernel: {', '.join(kernels['slow_nodes'] + kernels['not_profiled'])}")
 
-        _note(f"parity on {windows.size} validation tokens ({windows.shape[0]} x {windows.shape[1]})")
-        held_out = parity.held_out_parity(model, decoder, windows, ep.top1_tie_rel)
-        prompt = windows[0][: min(16, p.max_seq_len // 2)].tolist()
-        cache = parity.cache_consistency(decoder, prompt, min(ep.cache_check_tokens, p.max_seq_len - len(prompt)),
-                                         ep.max_cache_logit_rel_diff)
-        figures = {"held_out": held_out, "kv_cache": cache, "gated": parity.gated_checks(plan.ptq),
-                   "thresholds": {"min_top1_agreement": ep.min_top1_agreement, "top1_tie_rel": ep.top1_tie_rel,
-                                  "max_ppl_rel_diff": ep.max_ppl_rel_diff,
-                                  "max_cache_logit_rel_diff": ep.max_cache_logit_rel_diff}}
-        if plan.model is not model:  # ternary PTQ: also against the quantized twin the graph computes
-            figures["quantized_reference"] = parity.held_out_parity(plan.model, decoder, windows, ep.top1_tie_rel)
-        _note(f"top-1 agreement {held_out['top1_agreement']:.4f} (exact {held_out['top1_exact_agreement']:.4f}), "
-              f"perplexity ONNX {held_out['ppl_onnx']:.3f} vs PyTorch {held_out['ppl_torch']:.3f} "
-              f"(relative difference {held_out['ppl_rel_diff']:.2e}); "
-              f"KV cache {'matches' if cache['match'] else 'DIFFERS from'} full recomputation")
-        parity.check_thresholds(figures, plan.params, figures["gated"])
-        figures["passed"] = True
-
+        figures = _parity(source, plan, decoder, windows, ep)
+        held_out, cache = figures["held_out"], figures["kv_cache"]
         golden = parity.golden_continuations(decoder, tokenizer, ep.golden_prompts, ep.golden_tokens,
                                              p.max_seq_len, model)
         del decoder
+        graphs: dict[str, Any] = {}
+        if custom is not None:
+            _note(f"the {custom_graph.VARIANT} graph ({custom_graph.MODEL_FILE}) on nativelm's operators "
+                  f"({library.kernel})")
+            custom_files = _save_model(custom, folder, custom_graph.MODEL_FILE)
+            files += custom_files
+            decoder = parity.OnnxDecoder(folder / custom_graph.MODEL_FILE, ep.threads, library.path)
+            custom_figures = _parity(source, plan, decoder, windows, ep)
+            custom_golden = parity.golden_continuations(decoder, tokenizer, ep.golden_prompts, ep.golden_tokens,
+                                                        p.max_seq_len, model)
+            del decoder
+            custom_bytes = sum((folder / n).stat().st_size for n in custom_files)
+            graphs = custom_graph.manifest_graphs(custom, custom_figures, custom_golden, library.kernel,
+                                                  weight_report(custom, model, custom_bytes))
 
         sizes = {name: (folder / name).stat().st_size for name in files}
-        model_bytes = sum(sizes[n] for n in files if n in (MODEL_FILE, EXTERNAL_DATA))
+        model_bytes = sum(sizes[n] for n in files if n in (MODEL_FILE, EXTERNAL_DATA))  # the contrib graph
         weights = weight_report(graph, model, model_bytes)
         ops_used = Counter(f"{n.domain or 'ai.onnx'}:{n.op_type}" for n in graph.model.graph.node)
         manifest = {
@@ -293,6 +321,7 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
             "parity": figures,
             "golden": {"greedy": True, "kv_cache": True, "max_new_tokens": ep.golden_tokens, "stop_at_eos": False,
                        "eos_token_id": EOS_TOKEN_ID, "prompts": golden},
+            **({"graphs": graphs} if graphs else {}),
             "sha256": {name: sha256_file(folder / name) for name in sorted(files)},
         }
         write_manifest(folder, manifest)
@@ -317,6 +346,7 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         "all_prepacked": int(kernels["all_prepacked"]),
         "quantized_nodes": len(graph.quantized_nodes),
         "golden_torch_prefix_share": float(np.mean(agreement)),
+        **custom_graph.metrics(graphs),
         "export_time_s": time.perf_counter() - started,
     }
     metrics_file.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,9 @@
 - ``ternary``: the native model. Needs a quantized model at 1.58 (or symmetric 2) bits: 2-bit
   MatMulNBits and QMoE on the ternary codes. Other models only with ``export.ptq``, from their
   ternarized twin (`nativelm.export.ptq`, which also resolves ``native``).
+- ``ternary-ops``: the same model on nativelm's own operators (`ternary_ops`: TernaryMatMul,
+  TernaryMoE; five trits per byte), exact; the export folder keeps the ``ternary`` graph beside it
+  as the fallback for a board without the operator library.
 - ``int4``: MatMulNBits / QMoE at 4 bits. From the forward weights (default), integer codes of at most
   7 levels a side (ternary, 3- and 4-bit widths) are stored as they are with their scale: exact.
 - ``fp32``: standard ONNX except GroupQueryAttention and the skip norms: MatMul with the weights the
@@ -21,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nativelm.errors import ParamsError
-from nativelm.export import kernels, moe_graph, ops
+from nativelm.export import kernels, moe_graph, ops, ternary_ops
 from nativelm.export.builder import GraphBuilder
 from nativelm.export.ptq import is_ternary
 from nativelm.export.weights import (
@@ -93,6 +96,10 @@ class ExportVariant:
     def refuse(self, model: NativeLM) -> None:
         """Raise one clear ParamsError line if this variant cannot represent `model`."""
 
+    def opsets(self) -> list[tuple[str, int]]:
+        """(domain, version) of the operator sets the graph uses beyond ai.onnx and com.microsoft."""
+        return []
+
     def model_props(self) -> tuple[str, dict[str, str]]:
         """(doc_string, metadata props) of the ONNX model."""
         return f"nativelm decoder, variant {self.name}", {"nativelm.variant": self.name}
@@ -162,13 +169,63 @@ class Ternary(_QuantizedVariant):
 
     def refuse(self, model: NativeLM) -> None:
         if not model.params.quantize:
-            raise ParamsError("export ternary: the model was trained without quantization (model.quantize: false); "
-                              f"its weights have no ternary codes. Export variant fp32 or int4, {PTQ_HINT}")
+            raise ParamsError(f"export {self.name}: the model was trained without quantization (model.quantize: "
+                              f"false); its weights have no ternary codes. Export variant fp32 or int4, {PTQ_HINT}")
         if not is_ternary(model):
-            raise ParamsError(f"export ternary: the model's weights are at {model.weight_bits} bits (bit_schedule "
+            raise ParamsError(f"export {self.name}: the model's weights are at {model.weight_bits} bits (bit_schedule "
                               f"did not end at 1.58); its forward is not ternary. Export variant int4 or fp32, "
                               f"{PTQ_HINT}")
         super().refuse(model)
+
+
+class TernaryOps(Ternary):
+    """The native model on nativelm's own operators: TernaryMatMul per BitLinear (its RMSNorm gain
+    fused), one TernaryMoE per MoE layer; attention, norms and tables as `Ternary`. Exact: the
+    operators compute BitLinear's per-token int8 activations and the weight-only experts as PyTorch."""
+
+    name = "ternary-ops"
+
+    def __init__(self, params: ExportParams) -> None:
+        super().__init__(params)
+        self._hidden_shape: str | None = None  # one Shape node for every layer's output Reshape
+
+    def emit_linear(self, b: GraphBuilder, lin: Linear, x: str, part: str, output: str | None = None) -> str:
+        output = output or lin.name
+        b.count(part, lin.weight.size + (lin.norm.size if lin.norm is not None else 0))
+        b.add(b.guard(lin.name, lambda: ternary_ops.ternary_matmul(
+            lin.name, x, lin.codes, float(lin.scale), act_bits=lin.act_bits or 0, act_eps=lin.act_eps,
+            gain=lin.norm, norm_eps=lin.norm_eps, output=output)), part)
+        b.choices.setdefault("linear", {"op": f"{ternary_ops.DOMAIN}:TernaryMatMul", "act_bits": lin.act_bits or 0,
+                                        "fused_norm": lin.norm is not None})
+        return output
+
+    def emit_moe(self, b: GraphBuilder, prefix: str, moe: Any, h: str, router: str, output: str) -> None:
+        n_experts, inter, hidden = moe.experts.gate.weight.shape
+        b.count("ffn", 3 * n_experts * inter * hidden)
+        weights = self.experts(moe)
+        name = f"{prefix}.moe"
+        rows = b.node("Reshape", [h, b.const([-1, hidden])], f"{name}.rows")  # TernaryMoE takes (tokens, d)
+        codes = {which: w[1] for which, w in weights.items()}
+        scales = {which: w[2] for which, w in weights.items()}
+        b.add(b.guard(name, lambda: ternary_ops.ternary_moe(name, rows, router, codes, scales, top_k=moe.top_k,
+                                                            output=f"{name}.out")), "ffn")
+        if self._hidden_shape is None:  # (batch, sequence, d_model): the same before every MoE layer
+            self._hidden_shape = b.node("Shape", [h], f"{name}.shape")
+        b.node("Reshape", [f"{name}.out", self._hidden_shape], output)
+        b.choices.setdefault("moe", {"op": f"{ternary_ops.DOMAIN}:TernaryMoE", "top_k": moe.top_k, "act_bits": 0,
+                                     "activation": "reglu"})
+
+    def model_notes(self, p: ModelParams) -> list[str]:
+        return []
+
+    def refuse(self, model: NativeLM) -> None:
+        super().refuse(model)
+        if model.params.act_bits not in (8,):
+            raise ParamsError(f"export {self.name}: TernaryMatMul quantizes activations to 8 bits; the model "
+                              f"quantizes them to {model.params.act_bits} (model.act_bits). Export variant ternary")
+
+    def opsets(self) -> list[tuple[str, int]]:
+        return [(ternary_ops.DOMAIN, ternary_ops.OPSET)]
 
 
 class Int4(_QuantizedVariant):
@@ -197,7 +254,7 @@ class Fp32(ExportVariant):
         return 32
 
 
-VARIANTS: dict[str, type[ExportVariant]] = {v.name: v for v in (Ternary, Int4, Fp32)}
+VARIANTS: dict[str, type[ExportVariant]] = {v.name: v for v in (Ternary, TernaryOps, Int4, Fp32)}
 
 
 def variant_for(params: ExportParams) -> ExportVariant:

@@ -10,6 +10,7 @@ is safe, since every step is idempotent and a lock held by the same owner is tak
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -145,11 +146,30 @@ def failure_line(text: str) -> str:
     return line.removeprefix("error: ")
 
 
+def _run_health(session: BoardSession, folder: str, *flags: str) -> Any:
+    argv = [session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder, *flags]
+    return session.run(argv, check=False)
+
+
 def health_check(session: BoardSession, folder: str) -> str | None:
-    """Run the release's own runtime health check (its golden continuation) on a board folder; None: passed."""
-    argv = [session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder]
-    done = session.run(argv, check=False)
+    """Run the release's own runtime health check (its golden continuation) on a board folder; None: passed.
+
+    No `--json`: the folder may hold an older release whose runtime predates it."""
+    done = _run_health(session, folder)
     return None if done.rc == 0 else failure_line(done.stderr or done.stdout)
+
+
+def health_report(session: BoardSession, folder: str) -> tuple[str | None, dict[str, Any]]:
+    """The health check of a release this controller built: the failure line (None: passed) and the
+    runtime's JSON report (which graph ran: `ops`)."""
+    done = _run_health(session, folder, "--json")
+    if done.rc != 0:
+        return failure_line(done.stderr or done.stdout), {}
+    try:
+        report = json.loads(done.stdout)
+    except ValueError:
+        report = {}
+    return None, report if isinstance(report, dict) else {}
 
 
 def lock_age_s(lock: dict[str, Any]) -> float | None:
@@ -194,7 +214,10 @@ class BoardJob:
 
     def health(self, folder: str) -> str | None:
         """Run the runtime's health check on a release folder of the board; None when it passed."""
-        return health_check(self.session, folder)
+        failure, report = health_report(self.session, folder)
+        # which graph the board ran: nativelm:<kernel>, fallback (library missing) or contrib
+        self.result.extra["ops"] = report.get("ops")
+        return failure
 
     def restore(self, release: str | None, previous: str | None, failure: str) -> None:
         """Put `current`/`previous` back to `release`/`previous` after `failure` (raised as health-current).

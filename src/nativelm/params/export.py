@@ -17,7 +17,8 @@ from pydantic import Field, model_validator
 
 from nativelm.params.base import StrictModel
 
-Variant = Literal["ternary", "fp32", "int4", "native"]
+Variant = Literal["ternary", "ternary-ops", "fp32", "int4", "native"]
+TERNARY_VARIANTS = ("ternary", "ternary-ops")  # the variants that store the ternary codes of the forward
 EmbeddingBits = Literal[4, 8, 16, 32]
 
 DEFAULT_GOLDEN_PROMPTS = (
@@ -32,11 +33,14 @@ class ExportParams(StrictModel):
     """The whole `export` section."""
 
     # ternary: 2-bit MatMulNBits + 2-bit QMoE (the native 1.58-bit model);
+    # ternary-ops: nativelm's own TernaryMatMul / TernaryMoE operators (five trits per byte, exact),
+    # written as model.nativelm.onnx beside the ternary graph (model.onnx), which stays as the fallback
+    # for a board without the operator library;
     # fp32: plain MatMul everywhere, MoE as standard ONNX ops (dense, masked by the routing weights);
     # int4: 4-bit MatMulNBits + 4-bit QMoE, weights quantized symmetric per block;
     # native: the precision the model was trained in (ternary for 1.58 / 2 bits, int4 for 3-4 bits,
     # fp32 for an fp model or 5+ bits), recorded in the manifest as the variant it resolved to
-    variant: Variant = Field("ternary", description="how weights are stored: ternary | fp32 | int4 | native")
+    variant: Variant = Field("ternary", description="how weights are stored: ternary | ternary-ops | fp32 | int4 | native")
     # post-training quantization (PTQ): export a model at a lower precision than it was trained in as
     # ternary (an fp model, or one trained at 3+ bits: absmean ternary weights per matrix, 8-bit
     # per-token activations, as BitLinear computes). false: such an export is refused. int4 of an fp

@@ -3,7 +3,8 @@
     generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
              [--top-p P] [--seed S] [--stream] [--json]
     bench    --model DIR [--prompt-len N] [--new-tokens N] [--repeats N] [--json]
-    health   --model DIR          prints `ok` (exit 0) only when every golden prompt matches
+    health   --model DIR [--json] prints `ok` (exit 0) only when every golden prompt matches
+                                  (--json: {"ok", "prompts", "ops", "ops_reason"}: which graph ran)
 
 Every command takes --threads N (ONNX Runtime intra-op threads; default: all usable CPUs) and
 verifies the sha256 of every file in the folder's manifest.json first (--no-verify skips that).
@@ -62,8 +63,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    check_health(_model(args))
-    print("ok")
+    model = _model(args)
+    prompts = check_health(model)
+    if args.json:
+        print(json.dumps({"ok": True, "prompts": prompts, "ops": model.ops, "ops_reason": model.ops_reason}))
+    else:
+        print("ok")
     return 0
 
 
@@ -118,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
 
     health = command("health", "verify files and golden continuations; prints ok or the first difference")
+    health.add_argument("--json", action="store_true",
+                        help="print one JSON object: ok, prompts checked, ops (nativelm:<kernel>, fallback or contrib)")
     health.set_defaults(handler=cmd_health)
     return parser
 

@@ -173,6 +173,7 @@ def benchmark(model: Model | str | os.PathLike[str], prompt_len: int = 64, new_t
         "model": str(model.folder),
         "model_version": manifest.get("version") or manifest.get("model_version"),
         "variant": manifest.get("variant"),
+        "ops": model.ops,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "repeats": repeats,

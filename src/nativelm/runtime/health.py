@@ -47,7 +47,7 @@ def _ids(value: Any, what: str) -> list[int]:
 
 def golden_entries(model: Model) -> list[Golden]:
     """The manifest's golden prompts; none is a failure (there would be nothing to check)."""
-    golden = model.manifest.get("golden")
+    golden = model.golden
     entries = golden.get("prompts") if isinstance(golden, dict) else golden
     if not isinstance(entries, list) or not entries:
         raise HealthCheckFailed(f"{model.folder / MANIFEST}: has no golden prompts to check")

@@ -12,6 +12,13 @@ The model follows the usual decoder convention (onnxruntime-genai's): inputs `in
 past_len, head_dim]; outputs `logits` [B, S, V] and `present.{i}.key/.value` holding the full cache
 [B, kv_heads, total_len, head_dim]. An optional `position_ids` input is fed too.
 
+A folder may hold two decoders (export variant ``ternary-ops``, `nativelm.export.custom_graph`):
+manifest.json's ``graphs.nativelm`` names the graph on nativelm's own operators and
+``graphs.fallback`` the contrib-operator graph. `load_model` opens the first when the operator
+library loads here (`find_ops_library`; ``NATIVELM_CUSTOM_OPS=off`` hides it) and the second
+otherwise; `Model.ops` says which: ``nativelm:<kernel>``, ``fallback`` (the library is missing, or
+the custom graph would not open: `Model.ops_reason`) or ``contrib`` (a folder with one graph).
+
 Only numpy, onnxruntime and tokenizers are imported: this module ships to boards.
 """
 
@@ -22,7 +29,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,6 +41,11 @@ GENAI_CONFIG = "genai_config.json"
 TOKENIZER = "tokenizer.json"
 MODEL = "model.onnx"
 EOT = "<|endoftext|>"
+
+CUSTOM_GRAPH = "nativelm"  # manifest["graphs"] key of the graph on nativelm's operators
+FALLBACK_GRAPH = "fallback"  # ... and of the contrib-operator graph beside it
+CONTRIB_OPS = "contrib"  # Model.ops of a folder with a single (contrib-operator) graph
+OPS_ENV = "NATIVELM_CUSTOM_OPS"  # "off" (or 0 / no / false): ignore the operator library, run the fallback
 
 KVCache = list[tuple[np.ndarray, np.ndarray]]
 """One (key, value) pair per layer, each [B, kv_heads, length, head_dim]."""
@@ -171,9 +183,12 @@ class Model:
     """
 
     def __init__(self, folder: Path, session: Any, tokenizer: Any, manifest: dict[str, Any],
-                 genai_config: dict[str, Any], model_file: Path, threads: int) -> None:
+                 genai_config: dict[str, Any], model_file: Path, threads: int, ops: str = CONTRIB_OPS,
+                 ops_reason: str | None = None) -> None:
         self.folder = folder
         self.session = session
+        self.ops = ops  # which graph runs: nativelm:<kernel>, fallback or contrib (module docstring)
+        self.ops_reason = ops_reason  # why a folder's custom-operator graph is not the one running
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.genai_config = genai_config
@@ -216,6 +231,13 @@ class Model:
         logits_shape = list(outputs["logits"].shape)
         self.vocab_size = (_positive_int(logits_shape[-1]) if logits_shape else None) \
             or _positive_int(model_cfg.get("vocab_size")) or self._probe_vocab()
+
+    @property
+    def golden(self) -> Any:
+        """The golden continuations of the graph that runs (the custom graph's greedy tokens are its own)."""
+        if self.ops.startswith(f"{CUSTOM_GRAPH}:"):
+            return _section(_section(self.manifest, "graphs"), CUSTOM_GRAPH).get("golden")
+        return self.manifest.get("golden")
 
     # ----------------------------------------------------------------- running
 
@@ -323,8 +345,27 @@ def load_tokenizer(path: Path) -> Any:
         raise TokenizerMismatch(f"{path}: not a readable tokenizer ({first_line(exc)})") from None
 
 
-def open_session(path: Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session on `path`; a file ORT cannot load is one line naming it."""
+class OpsLibrary(NamedTuple):
+    """nativelm's operator library as found on this machine."""
+
+    path: str  # the shared library ONNX Runtime registers
+    kernel: str  # the kernel it chose for this CPU (e.g. avx2, neon, portable)
+
+
+def find_ops_library() -> OpsLibrary | None:
+    """nativelm's operator library (`custom_ops.find_library`), or None when it is not here or `OPS_ENV`
+    hides it; one that is here but will not load is a ModelLoadError."""
+    if os.environ.get(OPS_ENV, "").strip().lower() in ("off", "0", "no", "false"):
+        return None
+    from . import custom_ops
+
+    path = custom_ops.find_library()
+    return None if path is None else OpsLibrary(str(path), custom_ops.kernel_name(path))
+
+
+def open_session(path: Path, threads: int, library: str | None = None) -> Any:
+    """An ONNX Runtime CPU session on `path` (with nativelm's operator `library` registered when given);
+    a file ORT cannot load is one line naming it."""
     import onnxruntime as ort
 
     if not path.is_file():
@@ -333,12 +374,30 @@ def open_session(path: Path, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: warnings would interleave with generated text
+    if library is not None:
+        options.register_custom_ops_library(library)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         size = path.stat().st_size
         raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({size} bytes; truncated or corrupt?): "
                              f"{ort_reason(exc)}") from None
+
+
+def _open_graph(folder: Path, fallback: str, custom: Any, threads: int) -> tuple[Path, Any, str, str | None]:
+    """(model file, session, ops, why not the custom graph) of the graph this machine runs (module docstring)."""
+    if not custom:
+        return folder / fallback, open_session(folder / fallback, threads), CONTRIB_OPS, None
+    try:
+        library = find_ops_library()
+        if library is None:
+            reason = f"nativelm's operator library is not available here ({OPS_ENV} or not installed)"
+        else:
+            session = open_session(folder / str(custom), threads, library.path)
+            return folder / str(custom), session, f"{CUSTOM_GRAPH}:{library.kernel}", None
+    except ModelLoadError as exc:  # a library of another architecture, a damaged build: the fallback still runs
+        reason = str(exc)
+    return folder / fallback, open_session(folder / fallback, threads), FALLBACK_GRAPH, reason
 
 
 def load_model(folder: str | os.PathLike[str], threads: int | None = None, verify: bool = True) -> Model:
@@ -358,11 +417,14 @@ def load_model(folder: str | os.PathLike[str], threads: int | None = None, verif
     genai = _read_json(folder / GENAI_CONFIG, "onnxruntime-genai config") if (folder / GENAI_CONFIG).is_file() else {}
     decoder = _section(_section(genai, "model"), "decoder")
     model_name = str(decoder.get("filename") or MODEL)
-    model_file = folder / model_name
-    if verify and model_name not in manifest_hashes(manifest, folder / MANIFEST):
-        raise IntegrityError(f"{folder / MANIFEST}: has no sha256 for {model_name}, so it cannot be verified")
+    custom_name = _section(_section(manifest, "graphs"), CUSTOM_GRAPH).get("file")
+    hashes = manifest_hashes(manifest, folder / MANIFEST) if verify else {}
+    for name in [model_name] + ([str(custom_name)] if custom_name else []):
+        if verify and name not in hashes:
+            raise IntegrityError(f"{folder / MANIFEST}: has no sha256 for {name}, so it cannot be verified")
     tokenizer = load_tokenizer(folder / TOKENIZER)
-    model = Model(folder, open_session(model_file, threads), tokenizer, manifest, genai, model_file, threads)
+    model_file, session, ops, reason = _open_graph(folder, model_name, custom_name, threads)
+    model = Model(folder, session, tokenizer, manifest, genai, model_file, threads, ops, reason)
     token_count = tokenizer.get_vocab_size(with_added_tokens=True)
     if token_count != model.vocab_size:
         raise TokenizerMismatch(f"{folder / TOKENIZER}: has {token_count} tokens but {model_file.name} predicts "
