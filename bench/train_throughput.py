@@ -3,7 +3,7 @@
     python bench/train_throughput.py [--preset tiny|gpu] [--shapes 1x,4x] [--modes eager,compile]
                                      [--device cpu|cuda] [--steps N] [--batch B] [--seq T] [--warmup W]
                                      [--threads N] [--moe-backend auto|grouped_mm|bmm] [--fuse auto|off|on]
-                                     [--only CONFIGS] [--profile] [--profile-table PATH] [--json PATH]
+                                     [--only CONFIGS] [--bit-switch] [--profile] [--profile-table PATH] [--json PATH]
 
 For each shape and mode, three models of that shape are built side by side and timed in
 interleaved rounds (one training step of each per round, after warm-up steps), median over the rounds:
@@ -24,7 +24,8 @@ tokens + attention FLOPs, ``nativelm.train.metrics``) against the bf16 matmul ra
 card in the same run (an 8192^3 bf16 matmul, mean of 10 after 3 warm-ups), and the peak memory of
 each model's step (``torch.cuda.max_memory_allocated``, as if it were alone on the card). Then the
 step-time ratios ternary MoE / fp dense, fp MoE / fp dense, ternary MoE / fp MoE per shape and mode.
-``--profile`` also counts the CUDA kernels of one step of each model and their summed GPU time
+``--bit-switch`` times the first step of each quantized model after each switch of its weight width
+(8, 4, 3, 1.58 bits: the progressive schedule), against its median step. ``--profile`` also counts the CUDA kernels of one step of each model and their summed GPU time
 (``--profile-table``: the kernels by GPU time, appended to that file). The first (warm-up) step of the
 ternary model includes compiling its quantizers on CUDA (``--fuse``).
 """
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from nativelm.model import build_model, compiled, preset_params
+from nativelm.model import build_model, compiled, preset_params, set_weight_bits
 from nativelm.model import dispatch as dispatch_module
 from nativelm.params.train import TRAIN_PRESETS
 from nativelm.train.metrics import device_peak_flops, flops_per_token, mfu
@@ -174,6 +175,17 @@ def profile_step(runner: Runner, table: Path | None = None) -> tuple[int, float]
         return None
 
 
+def bit_switch_steps(runner: Runner, widths: tuple[float, ...] = (8.0, 4.0, 3.0, 1.58)) -> dict[str, float]:
+    """ms of the first step after each switch of the weight width (the progressive schedule's), then back
+    at ternary: a switch that recompiles shows as a step far above the normal one."""
+    out = {}
+    for bits in widths:
+        set_weight_bits(runner.model, bits)
+        out[f"{bits:g}"] = runner.timed_step() * 1e3
+    set_weight_bits(runner.model, 1.58)
+    return out
+
+
 def csv_choice(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     """Comma-separated values of `allowed` (argparse type): one clear error for anything else."""
     items = [t for t in text.split(",") if t]
@@ -214,6 +226,11 @@ def run_group(args: argparse.Namespace, device: torch.device, shape: str, mode: 
             p = r.params
             row["moe_backend"] = dispatch_module.grouped_backend(device, torch.bfloat16 if device.type == "cuda"
                                                             else torch.float32, p.d_model, 2 * p.expert_ffn)
+        if args.bit_switch and r.params.quantize:
+            row["bit_switch_ms"] = bit_switch_steps(r)
+            print(f"  {shape} {mode} {r.name}: first step after switching to each width (ms): "
+                  + ", ".join(f"{k} bits {v:.1f}" for k, v in row["bit_switch_ms"].items())
+                  + f" (median step {row['ms_per_step']:.1f})", flush=True)
         if args.profile and device.type == "cuda":
             prof = profile_step(r, args.profile_table)
             if prof is not None:
@@ -283,6 +300,8 @@ def main() -> None:
     parser.add_argument("--fuse", choices=("auto", "off", "on"), default="auto",
                         help="quantizers torch.compile'd (auto: on CUDA) or eager (off); nativelm.model.compiled.FUSE")
     parser.add_argument("--only", default="", help="comma-separated subset of the configurations")
+    parser.add_argument("--bit-switch", action="store_true",
+                        help="after timing, time the first step after each switch of the weight width (8, 4, 3, 1.58)")
     parser.add_argument("--profile", action="store_true", help="count CUDA kernels and GPU time of one step each")
     parser.add_argument("--profile-table", type=Path, default=None, help="with --profile: write kernel tables here")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
