@@ -155,3 +155,23 @@ def test_fused_quantizer_keeps_a_compiled_variant_for_every_layer_width(monkeypa
         assert w.grad is not None and w.grad.abs().sum() > 0
     assert "recompile_limit" not in caplog.text
     assert not compiled._COMPILE_FAILED
+
+
+def test_switching_weight_width_compiles_nothing_new(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The progressive schedule switches widths mid-run: the compiled quantizer takes Q as a tensor input,
+    so every width runs the one compiled graph (a recompile would stall training for seconds)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(compiled, "FUSE", "on")
+    monkeypatch.setattr(compiled, "_COMPILE_FAILED", set())
+    torch._dynamo.reset()
+    w = torch.randn(3, 24, 16, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    graphs = []
+    for bits in (8.0, 4.0, 3.0, 1.58):
+        (q,) = bl.quantize_weight_groups([[w]], bits, 1e-5, torch.float32)
+        codes, scale = bl.weight_codes(w, bits, 1e-5)
+        # compiled on CPU the absmean may differ from eager by its summation order (an ulp of the scale)
+        torch.testing.assert_close(q, codes * scale[:, None, None], rtol=1e-6, atol=0.0)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert not compiled._COMPILE_FAILED
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], f"compiled graphs after each width: {graphs}"

@@ -52,26 +52,46 @@ def levels(bits: float) -> int:
     return 1 if bits == TERNARY_BITS else 2 ** (int(bits) - 1) - 1
 
 
+_LEVELS: dict[tuple, Tensor] = {}
+
+
+def level_arg(bits: float, device: torch.device) -> int | Tensor:
+    """Q at `bits` as the quantizers take it: a cached 0-d fp32 tensor on `device`, so a compiled
+    quantizer sees every width as the same input and a switch of the progressive schedule compiles
+    nothing; a plain int inside a model-wide torch.compile (which guards on the width anyway)."""
+    q = levels(bits)
+    if torch.compiler.is_compiling():
+        return q
+    key = (q, device.type, device.index)
+    if key not in _LEVELS:
+        _LEVELS[key] = torch.tensor(float(q), device=device)
+    return _LEVELS[key]
+
+
 def weight_codes(w: Tensor, bits: float = TERNARY_BITS, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """Integer codes (as a float tensor, in [-Q, Q]) and the per-matrix scale of `w` at `bits`.
 
     `w` is one matrix (out, in) -> 0-d scale, or a stack of matrices (E, out, in) -> scales (E,),
     each matrix quantized on its own (its own absmean / absmax), all in one set of ops.
     """
-    q = levels(bits)
+    return _codes(w, levels(bits), eps)
+
+
+def _codes(w: Tensor, q: int | Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """`weight_codes` with Q given (an int, or a 0-d tensor from `level_arg`: the same IEEE results)."""
     wf = w.detach().float()
     absw = wf.abs()
     if wf.dim() <= 2:
         scale = torch.minimum(absw.mean(), absw.amax() / q).clamp(min=eps)
-        return (wf / scale).round().clamp(-q, q), scale
+        return torch.clamp((wf / scale).round(), -q, q), scale
     dims = (-2, -1)
     scale = torch.minimum(absw.mean(dims), absw.amax(dims) / q).clamp(min=eps)
-    return (wf / scale[..., None, None]).round_().clamp_(-q, q), scale
+    return torch.clamp((wf / scale[..., None, None]).round_(), -q, q), scale
 
 
-def _fake_quant_weight(w: Tensor, bits: float, eps: float) -> Tensor:
-    """codes · scale of `w` (per matrix), fp32, no gradient."""
-    codes, scale = weight_codes(w, bits, eps)
+def _fake_quant_weight(w: Tensor, q: int | Tensor, eps: float) -> Tensor:
+    """codes · scale of `w` (per matrix) at Q levels, fp32, no gradient."""
+    codes, scale = _codes(w, q, eps)
     return codes.mul_(scale[..., None, None] if scale.dim() else scale)
 
 
@@ -92,9 +112,9 @@ class _QuantizeWeight(torch.autograd.Function):
     """codes · scale (cast to `dtype`) forward; straight-through (identity) gradient to the latent `w`."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, bits: float, eps: float, dtype: torch.dtype) -> Tensor:
+    def forward(ctx, w: Tensor, q: int | Tensor, eps: float, dtype: torch.dtype) -> Tensor:
         ctx.w_dtype = w.dtype
-        return _fake_quant_weight(w, bits, eps).to(dtype)
+        return _fake_quant_weight(w, q, eps).to(dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
@@ -113,14 +133,14 @@ class _QuantizeActivation(torch.autograd.Function):
         return grad, None, None
 
 
-def _ste_weight(w: Tensor, bits: float, eps: float, dtype: torch.dtype) -> Tensor:
+def _ste_weight(w: Tensor, q: int | Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     """Quantized `w` in `dtype`, straight-through to `w`. Eagerly an autograd.Function (no extra
     kernels); under torch.compile the same as plain ops, ``q + (w - w.detach())`` (exactly q forward,
     identity gradient), which the compiler fuses away: PyTorch 2.11 was seen to return zero gradients
     through a compiled autograd.Function whose backward passes its gradient through unchanged."""
     if torch.compiler.is_compiling():
-        return _fake_quant_weight(w, bits, eps).to(dtype) + (w - w.detach()).to(dtype)
-    return _QuantizeWeight.apply(w, bits, eps, dtype)
+        return _fake_quant_weight(w, q, eps).to(dtype) + (w - w.detach()).to(dtype)
+    return _QuantizeWeight.apply(w, q, eps, dtype)
 
 
 def _ste_activation(x: Tensor, bits: int, eps: float) -> Tensor:
@@ -130,8 +150,8 @@ def _ste_activation(x: Tensor, bits: int, eps: float) -> Tensor:
     return _QuantizeActivation.apply(x, bits, eps)
 
 
-def _quantize_weight(w: Tensor, bits: float, eps: float, dtype: torch.dtype) -> Tensor:
-    return _ste_weight(w, bits, eps, dtype)
+def _quantize_weight(w: Tensor, q: int | Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    return _ste_weight(w, q, eps, dtype)
 
 
 def _norm_quantize(x: Tensor, gain: Tensor | None, norm_eps: float, bits: int | None, eps: float,
@@ -151,10 +171,11 @@ def _norm_quantize_many(x: Tensor, gains: list[Tensor | None], norm_eps: float, 
     return [_norm_quantize(x, g, norm_eps, bits, eps, dtype) for g in gains]
 
 
-def _quantize_weight_groups(groups: list[list[Tensor]], bits: float, eps: float, dtype: torch.dtype) -> list[Tensor]:
+def _quantize_weight_groups(groups: list[list[Tensor]], q: int | Tensor, eps: float,
+                            dtype: torch.dtype) -> list[Tensor]:
     out = []
     for group in groups:
-        qs = [_ste_weight(w, bits, eps, dtype) for w in group]
+        qs = [_ste_weight(w, q, eps, dtype) for w in group]
         out.append(qs[0] if len(qs) == 1 else torch.cat(qs, dim=-2))
     return out
 
@@ -165,7 +186,7 @@ def quantize_weight(w: Tensor, bits: float = TERNARY_BITS, eps: float = 1e-5,
 
     `dtype`: the dtype of the result (default `w`'s), e.g. the autocast dtype, so no second cast is needed.
     """
-    return fused_call(_quantize_weight, w.is_cuda, w, bits, eps, dtype or w.dtype)
+    return fused_call(_quantize_weight, w.is_cuda, w, level_arg(bits, w.device), eps, dtype or w.dtype)
 
 
 def quantize_activation(x: Tensor, bits: int = 8, eps: float = 1e-5) -> Tensor:
@@ -190,7 +211,8 @@ def norm_quantize_many(x: Tensor, gains: list[Tensor | None], norm_eps: float, b
 def quantize_weight_groups(groups: list[list[Tensor]], bits: float, eps: float, dtype: torch.dtype) -> list[Tensor]:
     """`quantize_weight` of many weights in one fused call (one scale per matrix, as ever); the members
     of a group of several are concatenated along the output dim (dim -2) in the same pass."""
-    return fused_call(_quantize_weight_groups, groups[0][0].is_cuda, groups, bits, eps, dtype)
+    w0 = groups[0][0]
+    return fused_call(_quantize_weight_groups, w0.is_cuda, groups, level_arg(bits, w0.device), eps, dtype)
 
 
 class _WeightCodes:

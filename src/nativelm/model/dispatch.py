@@ -51,8 +51,49 @@ class Dispatch:
         return cls(order, order // experts.shape[-1], inverse, row_experts, counts, ends.to(torch.int32))
 
 
+@torch.library.custom_op("nativelm::grouped_mm", mutates_args=())
 def _grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """Rows x (M, in) grouped by `offsets` times their expert's w (E, out, in) transposed: (M, out).
+
+    A custom operator (opaque to torch.compile, with its own backward below), so a model-wide compile
+    runs PyTorch's grouped GEMM kernels without a graph break: compiled, PyTorch 2.11 lowered the
+    weight-gradient grouped matmul so that expert groups had to be multiples of 8 rows (a device-side
+    assert otherwise); this operator keeps the eager kernels, which take any group size."""
     return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+
+
+@_grouped_mm.register_fake
+def _(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[-2])
+
+
+@torch.library.custom_op("nativelm::grouped_mm_backward", mutates_args=())
+def _grouped_mm_backward(grad: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of `_grouped_mm`: rows grad (M, out) times their expert's w -> (M, in); and per expert
+    grad_e^T x_e -> (E, out, in), exactly zero for an expert without rows."""
+    grad = grad.contiguous()
+    gx = torch._grouped_mm(grad, w, offs=offsets)
+    gw = torch._grouped_mm(grad.transpose(0, 1), x, offs=offsets)
+    return gx, gw
+
+
+@_grouped_mm_backward.register_fake
+def _(grad: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), w.new_empty(w.shape)
+
+
+def _grouped_mm_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _grouped_mm_grad(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+    x, w, offsets = ctx.saved_tensors
+    gx, gw = _grouped_mm_backward(grad, x, w, offsets)
+    return gx, gw, None
+
+
+_grouped_mm.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup)
 
 
 def _padded_bmm(x: Tensor, w: Tensor, d: Dispatch) -> Tensor:
@@ -99,8 +140,10 @@ def _check_grouped_mm(device: torch.device, dtype: torch.dtype, n_in: int, n_out
         return False
 
 
+@torch._dynamo.assume_constant_result
 def grouped_backend(device: torch.device, dtype: torch.dtype, n_in: int, n_out: int) -> str:
-    """The backend expert matmuls of these widths use on `device` in `dtype` (checked once, cached)."""
+    """The backend expert matmuls of these widths use on `device` in `dtype` (checked once, cached;
+    a constant to torch.compile, which runs the check while tracing instead of breaking the graph)."""
     if backend != "auto":
         return backend
     key = (device.type, device.index, dtype, n_in, n_out)
@@ -112,16 +155,14 @@ def grouped_backend(device: torch.device, dtype: torch.dtype, n_in: int, n_out: 
     return "grouped_mm" if _GROUPED_MM_OK[key] else "bmm"
 
 
-@torch.compiler.disable
 def grouped_linear(x: Tensor, w: Tensor, d: Dispatch) -> Tensor:
     """Rows x (M, in) grouped by expert -> (M, out): row r times ``w[row_experts[r]].T``; w (E, out, in).
 
-    Always eager, also inside a model-wide torch.compile (a graph break): compiled, PyTorch 2.11 lays
-    the weight-gradient grouped matmul out so that expert groups must be multiples of 8 rows and
-    stops on a device-side assert otherwise; eagerly any group size works."""
+    Inside a model-wide torch.compile the grouped GEMMs stay one opaque operator each (no graph
+    break, see `_grouped_mm`); the padded bmm fallback needs a host sync, so it breaks the graph."""
     if grouped_backend(x.device, x.dtype, w.shape[-1], w.shape[-2]) == "grouped_mm":
         return _grouped_mm(x, w, d.offsets)
-    return _padded_bmm(x, w, d)
+    return torch.compiler.disable(_padded_bmm)(x, w, d)
 
 
 class GatherRows(torch.autograd.Function):
