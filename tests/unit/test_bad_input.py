@@ -18,7 +18,7 @@ from nativelm.errors import NativelmError, ParamsError
 from nativelm.fsutil import BoundedReadError, read_bounded
 from nativelm.params.root import load_params, parse_params
 from nativelm.runtime.errors import BadArgument
-from nativelm.runtime.jsonfile import JsonFileError, read_json_file
+from nativelm.jsonfile import JsonFileError, read_json_file
 from nativelm.yamlio import MAX_DEPTH, MAX_NODES
 from tests.unit.runtime_model import Export
 

@@ -20,7 +20,7 @@ from nativelm.fleet.ssh_trust import KnownHostsError, known_host_keys
 from nativelm.formats.envelope import checked, read_json
 from nativelm.params.root import parse_params
 from nativelm.runtime.errors import RuntimeFailure
-from nativelm.runtime.jsonfile import JsonFileError, read_json_file
+from nativelm.jsonfile import JsonFileError, read_json_file
 from nativelm.runtime.session import verify_folder
 
 SETTINGS = settings(max_examples=150, deadline=None,

@@ -29,8 +29,10 @@ def test_zipapp_contents_and_reproducibility(tmp_path: Path) -> None:
         stub = archive.read("nativelm/__init__.py").decode()
     assert {"__main__.py", "nativelm/__init__.py", "nativelm/runtime/__init__.py", "nativelm/runtime/__main__.py",
             "nativelm/runtime/session.py", "nativelm/runtime/generate.py", "nativelm/runtime/bench.py"} <= names
-    assert all(name.startswith("nativelm/runtime/") or name in ("__main__.py", "nativelm/__init__.py")
+    assert all(name.startswith("nativelm/runtime/") or name in ("__main__.py", "nativelm/__init__.py",
+                                                                 "nativelm/jsonfile.py")
                for name in names)
+    assert "nativelm/jsonfile.py" in names  # the bounded manifest reader the runtime imports
     assert "nativelm/runtime/pack.py" not in names and not any("__pycache__" in n for n in names)
     assert "import" not in stub  # the board's `nativelm` package is only a version string
     assert sorted(os.listdir(tmp_path / "a")) == ["nativelm-runtime.pyz"]  # no temp files left

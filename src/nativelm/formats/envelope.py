@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nativelm.errors import NativelmError
-from nativelm.runtime.errors import MissingFile, RuntimeFailure
-from nativelm.runtime.jsonfile import read_json_file
+from nativelm.jsonfile import JsonFileError, JsonFileMissing, read_json_file
 
 
 def checked(data: Any, path: Path, name: str, version: int, what: str) -> dict[str, Any]:
@@ -27,9 +26,9 @@ def read_json(path: Path, missing_hint: str) -> Any:
     line."""
     try:
         return read_json_file(path)
-    except MissingFile:
+    except JsonFileMissing:
         raise NativelmError(f"{path}: not found ({missing_hint})") from None
-    except RuntimeFailure as exc:
+    except JsonFileError as exc:
         raise NativelmError(str(exc)) from None
 
 

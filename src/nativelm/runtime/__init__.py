@@ -1,7 +1,8 @@
 """The board runtime: run an exported nativelm model with ONNX Runtime, nothing else.
 
 This package is what ships to a board (as one zipapp, see `pack.py`), so it imports nothing from
-the rest of nativelm and nothing beyond numpy, onnxruntime and tokenizers (onnxruntime and tokenizers
+the rest of nativelm but the stdlib-only `nativelm.jsonfile` (shipped with it), and nothing beyond
+numpy, onnxruntime and tokenizers (onnxruntime and tokenizers
 only when a model is loaded, so `--help` stays quick on a slow board).
 
     from nativelm.runtime import load_model, generate, stream, Sampling, benchmark

@@ -1,6 +1,7 @@
 """Pack the board runtime into ONE file: a zipapp runnable as `python nativelm-runtime.pyz ...`.
 
-The archive holds `nativelm/__init__.py` (a stub: only the version), `nativelm/runtime/*.py`
+The archive holds `nativelm/__init__.py` (a stub: only the version), `nativelm/jsonfile.py` (the
+bounded manifest reader, standard library only), `nativelm/runtime/*.py`
 (this package without `pack.py` and the test helper `ternary_reference.py`) and a `__main__.py` calling the runtime's CLI. On the board it
 needs Python with numpy, onnxruntime and tokenizers, nothing else.
 
@@ -29,7 +30,8 @@ from . import __version__
 DEFAULT_OUT = Path("dist/nativelm-runtime.pyz")
 DEFAULT_INTERPRETER = "/usr/bin/env python3"
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip entry can hold
-BUILD_ONLY = {"pack.py", "ternary_reference.py"}  # build and test helpers, never imported on a board
+BUILD_ONLY = {"pack.py", "ternary_reference.py"}
+SHIPPED_LEAVES = ("jsonfile.py",)  # stdlib-only modules of nativelm that the runtime imports  # build and test helpers, never imported on a board
 
 MAIN = '''"""nativelm board runtime (zipapp): python nativelm-runtime.pyz {generate,bench,health} --model DIR ..."""
 from nativelm.runtime.__main__ import run
@@ -46,6 +48,8 @@ def archive_files() -> dict[str, bytes]:
     """{name in the archive: content} of the runtime as it ships."""
     package = Path(__file__).resolve().parent
     files = {"__main__.py": MAIN.encode("utf-8"), "nativelm/__init__.py": PACKAGE_STUB.encode("utf-8")}
+    for shared in SHIPPED_LEAVES:
+        files[f"nativelm/{shared}"] = (package.parent / shared).read_bytes()
     for source in sorted(package.glob("*.py")):
         if source.name not in BUILD_ONLY:
             files[f"nativelm/runtime/{source.name}"] = source.read_bytes()

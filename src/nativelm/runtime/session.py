@@ -19,7 +19,8 @@ library loads here (`find_ops_library`; ``NATIVELM_CUSTOM_OPS=off`` hides it) an
 otherwise; `Model.ops` says which: ``nativelm:<kernel>``, ``fallback`` (the library is missing, or
 the custom graph would not open: `Model.ops_reason`) or ``contrib`` (a folder with one graph).
 
-Only numpy, onnxruntime and tokenizers are imported: this module ships to boards.
+Only numpy, onnxruntime and tokenizers (and the stdlib-only `nativelm.jsonfile`, shipped with the
+runtime) are imported: this module ships to boards.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from nativelm.jsonfile import JsonFileError, read_json_file
+
 from .errors import BadArgument, IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line
-from .jsonfile import read_json_file
 
 MANIFEST = "manifest.json"
 GENAI_CONFIG = "genai_config.json"
@@ -72,7 +74,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise MissingFile(f"{path}: missing ({what})")
-    data = read_json_file(path)
+    try:
+        data = read_json_file(path)
+    except JsonFileError as exc:
+        raise RuntimeFailure(str(exc)) from None
     if not isinstance(data, dict):
         raise RuntimeFailure(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data

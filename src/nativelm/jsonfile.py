@@ -2,8 +2,9 @@
 
 `json.loads` recurses once per nesting level, so a manifest of 100000 `[` ends in a RecursionError
 and a huge one in a memory error; here the size is checked before reading, and the nesting (past
-the parser's own limit, or past `max_depth` once parsed) is one line too. Part of the board runtime (standard library only), and used by the controller's readers
-of export and release manifests too.
+the parser's own limit, or past `max_depth` once parsed) is one line too. Standard library only and
+importing nothing else of nativelm: the board runtime ships this file beside itself
+(`nativelm.runtime.pack`), and the controller's readers of export and release manifests use it too.
 """
 
 from __future__ import annotations
@@ -14,12 +15,19 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingFile, RuntimeFailure, first_line
 
 MANIFEST_BYTES = 4 << 20  # a manifest lists files and figures: kilobytes, never megabytes
 MANIFEST_DEPTH = 32
-class JsonFileError(RuntimeFailure):
+class JsonFileError(ValueError):
     """A JSON file that is not a regular file, too large, too deeply nested or not JSON."""
+
+
+class JsonFileMissing(JsonFileError):
+    """No file at the path."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]
 
 
 def nesting_depth(value: Any) -> int:
@@ -38,13 +46,13 @@ def read_json_file(path: str | os.PathLike[str], limit_bytes: int = MANIFEST_BYT
                    max_depth: int = MANIFEST_DEPTH) -> Any:
     """The JSON value in `path`: a regular file of at most `limit_bytes`, nested at most `max_depth` deep.
 
-    MissingFile if it is not there; JsonFileError (one line naming the file) for anything else.
+    JsonFileMissing if it is not there; JsonFileError (one line naming the file) for anything else.
     """
     path = Path(path)
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise MissingFile(f"{path}: missing") from None
+        raise JsonFileMissing(f"{path}: missing") from None
     except OSError as exc:
         raise JsonFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not stat.S_ISREG(info.st_mode):
@@ -66,7 +74,7 @@ def read_json_file(path: str | os.PathLike[str], limit_bytes: int = MANIFEST_BYT
     except RecursionError:  # the parser recurses per level: far past max_depth, stopped cleanly
         raise JsonFileError(f"{path}: nested deeper than {max_depth} levels") from None
     except ValueError as exc:  # JSONDecodeError, and numbers with too many digits
-        raise JsonFileError(f"{path}: not readable JSON ({first_line(exc)})") from None
+        raise JsonFileError(f"{path}: not readable JSON ({_first_line(exc)})") from None
     if nesting_depth(value) > max_depth:
         raise JsonFileError(f"{path}: nested deeper than {max_depth} levels")
     return value
