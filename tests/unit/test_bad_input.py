@@ -406,3 +406,42 @@ def test_merge_keys_work_and_their_keys_are_checked_too() -> None:
     assert load_yaml("a: &a {x: 1}\nb: {<<: *a, y: 2}\n", "m.yaml", ParamsError)["b"] == {"x": 1, "y": 2}
     with pytest.raises(ParamsError, match="m.yaml:1:"):
         load_yaml("b: {<<: {? [1]: 2}}\n", "m.yaml", ParamsError)
+
+
+def test_a_file_url_that_is_a_fifo_or_too_large_is_one_line(tmp_path: Path) -> None:
+    from nativelm.data.downloads import download_url
+
+    os.mkfifo(tmp_path / "pipe.txt")
+    with pytest.raises(NativelmError, match=r"pipe.txt: is a FIFO, expected a regular file"):
+        download_url((tmp_path / "pipe.txt").as_uri(), timeout_s=5)
+    (tmp_path / "big.txt").write_bytes(b"x" * 2000)
+    with pytest.raises(NativelmError, match=r"big.txt: 1.95 KiB, more than the 1000 bytes allowed"):
+        download_url((tmp_path / "big.txt").as_uri(), timeout_s=5, limit=1000)
+    assert download_url((tmp_path / "big.txt").as_uri(), timeout_s=5) == b"x" * 2000
+
+
+def test_an_http_body_past_the_corpus_bound_is_one_line(tmp_path: Path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    from nativelm.data.downloads import download_url
+
+    (tmp_path / "big.txt").write_bytes(b"x" * 2000)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/big.txt"
+        with pytest.raises(NativelmError, match=r"big.txt: more than the 1000 bytes a corpus may hold"):
+            download_url(url, timeout_s=10, limit=1000)
+        assert download_url(url, timeout_s=10, limit=2000) == b"x" * 2000
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

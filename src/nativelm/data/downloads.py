@@ -12,13 +12,14 @@ import subprocess
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from nativelm.data.documents import sample_names
+from nativelm.data.documents import MAX_CORPUS_BYTES, sample_names
 from nativelm.data.progress import note
 from nativelm.errors import NativelmError
-from nativelm.fsutil import atomic_write_bytes, sha256_file
+from nativelm.fsutil import BoundedReadError, atomic_write_bytes, read_bounded, sha256_file, size_text
 from nativelm.params.data import SourceParams
 
 
@@ -88,18 +89,29 @@ def fetch_sdist(source: SourceParams, cache_dir: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def download_url(url: str, timeout_s: int) -> bytes:
-    """The body of an http(s) or file URL; network and HTTP errors become one clear line."""
+def download_url(url: str, timeout_s: int, limit: int = MAX_CORPUS_BYTES) -> bytes:
+    """The body of an http(s) or file URL, at most `limit` bytes; network and HTTP errors become one clear
+    line. A file URL is read as a local file (a FIFO is refused, not waited on)."""
+    if url.startswith("file://"):
+        try:
+            return read_bounded(urllib.request.url2pathname(urllib.parse.urlparse(url).path), limit)
+        except BoundedReadError as exc:
+            raise NativelmError(f"{url}: {exc}") from None
+        except OSError as exc:
+            raise NativelmError(f"{url}: download failed: {exc.strerror or exc}") from None
     request = urllib.request.Request(url, headers={"User-Agent": "nativelm-prepare"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - scheme checked by params
-            return response.read()
+            body = response.read(limit + 1)
     except urllib.error.HTTPError as exc:
         raise NativelmError(f"{url}: download failed: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         raise NativelmError(f"{url}: download failed: {exc.reason}") from None
     except (OSError, ValueError) as exc:
         raise NativelmError(f"{url}: download failed: {exc}") from None
+    if len(body) > limit:
+        raise NativelmError(f"{url}: more than the {size_text(limit)} a corpus may hold")
+    return body
 
 
 def fetch_url(source: SourceParams, cache_dir: Path) -> bytes:

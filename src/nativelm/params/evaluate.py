@@ -31,5 +31,6 @@ class EvaluateParams(StrictModel):
     bench_repeats: int = Field(3, ge=1, description="benchmark timed repeats")
     # validation tokens scored by the ONNX model for its perplexity (0 = the whole validation split)
     ppl_tokens: int = Field(16384, ge=0, description="validation tokens of the ONNX perplexity (0: all)")
-    # intra-op threads of the ONNX Runtime sessions of the stage (0: every CPU this process may use)
+    # intra-op threads of the ONNX Runtime sessions of the stage (0: every CPU this process may use; the board
+    # runtime refuses more than 4 x the CPUs)
     threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime intra-op threads (0: default)")
