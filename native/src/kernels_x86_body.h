@@ -62,6 +62,13 @@ KATTR void KFN(decode_row)(const uint8_t *row, int K, uint8_t *dig) {
   }
 }
 
+KATTR int32_t KFN(dot_digits)(const uint8_t *dig, const int8_t *x, size_t len) {
+  __m256i a = _mm256_setzero_si256();
+  for (size_t p = 0; p < len; p += 32)
+    a = KDOT(a, _mm256_loadu_si256((const __m256i *)(dig + p)), _mm256_loadu_si256((const __m256i *)(x + p)));
+  return KFN(hsum_i32)(a);
+}
+
 __attribute__((target(KTARGET))) static void KFN(dot_i8)(const uint8_t *w, size_t n, int K, const int8_t *x,
                                                         const int32_t *xsum, size_t m, size_t xstride,
                                                         int32_t *acc, size_t ld) {
@@ -70,46 +77,45 @@ __attribute__((target(KTARGET))) static void KFN(dot_i8)(const uint8_t *w, size_
   if (m == 1) { /* decode: stream each weight byte once, digits straight into the dot products */
     for (size_t row = 0; row < n; row++) {
       const uint8_t *wr = w + row * rb;
-      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(), d[5];
+      /* one accumulator per digit: the dot-product instructions of a block do not wait on each other */
+      __m256i a[5], d[5];
+      for (int i = 0; i < 5; i++) a[i] = _mm256_setzero_si256();
       for (int b = 0; b < nblk; b++) {
         KFN(decode5_cmp)(KFN(load_block)(wr, b, K), d);
         const int8_t *xb = x + (size_t)b * TB_CODES;
-        s0 = KDOT(s0, d[0], _mm256_loadu_si256((const __m256i *)xb));
-        s1 = KDOT(s1, d[1], _mm256_loadu_si256((const __m256i *)(xb + 32)));
-        s0 = KDOT(s0, d[2], _mm256_loadu_si256((const __m256i *)(xb + 64)));
-        s1 = KDOT(s1, d[3], _mm256_loadu_si256((const __m256i *)(xb + 96)));
-        s0 = KDOT(s0, d[4], _mm256_loadu_si256((const __m256i *)(xb + 128)));
+        for (int i = 0; i < 5; i++) a[i] = KDOT(a[i], d[i], _mm256_loadu_si256((const __m256i *)(xb + 32 * i)));
       }
-      acc[row] = KFN(hsum_i32)(_mm256_add_epi32(s0, s1)) - xsum[0];
+      __m256i total = _mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), _mm256_add_epi32(_mm256_add_epi32(a[2], a[3]), a[4]));
+      acc[row] = KFN(hsum_i32)(total) - xsum[0];
     }
     return;
   }
-  uint8_t dig[len];
-  for (size_t row = 0; row < n; row++) {
+  /* prefill: two weight rows decoded once, summed against four activation rows at a time */
+  uint8_t dig[2 * len];
+  size_t row = 0;
+  for (; row + 2 <= n; row += 2) {
     KFN(decode_row)(w + row * rb, K, dig);
+    KFN(decode_row)(w + (row + 1) * rb, K, dig + len);
     size_t r = 0;
-    for (; r + 4 <= m; r += 4) { /* four activation rows per load of the digits */
+    for (; r + 4 <= m; r += 4) {
       const int8_t *x0 = x + r * xstride, *x1 = x0 + xstride, *x2 = x1 + xstride, *x3 = x2 + xstride;
-      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+      __m256i a[8];
+      for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
       for (size_t p = 0; p < len; p += 32) {
-        __m256i dv = _mm256_loadu_si256((const __m256i *)(dig + p));
-        a0 = KDOT(a0, dv, _mm256_loadu_si256((const __m256i *)(x0 + p)));
-        a1 = KDOT(a1, dv, _mm256_loadu_si256((const __m256i *)(x1 + p)));
-        a2 = KDOT(a2, dv, _mm256_loadu_si256((const __m256i *)(x2 + p)));
-        a3 = KDOT(a3, dv, _mm256_loadu_si256((const __m256i *)(x3 + p)));
+        __m256i d0 = _mm256_loadu_si256((const __m256i *)(dig + p)), d1 = _mm256_loadu_si256((const __m256i *)(dig + len + p));
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(x0 + p)), v1 = _mm256_loadu_si256((const __m256i *)(x1 + p));
+        __m256i v2 = _mm256_loadu_si256((const __m256i *)(x2 + p)), v3 = _mm256_loadu_si256((const __m256i *)(x3 + p));
+        a[0] = KDOT(a[0], d0, v0); a[1] = KDOT(a[1], d0, v1); a[2] = KDOT(a[2], d0, v2); a[3] = KDOT(a[3], d0, v3);
+        a[4] = KDOT(a[4], d1, v0); a[5] = KDOT(a[5], d1, v1); a[6] = KDOT(a[6], d1, v2); a[7] = KDOT(a[7], d1, v3);
       }
-      acc[r * ld + row] = KFN(hsum_i32)(a0) - xsum[r];
-      acc[(r + 1) * ld + row] = KFN(hsum_i32)(a1) - xsum[r + 1];
-      acc[(r + 2) * ld + row] = KFN(hsum_i32)(a2) - xsum[r + 2];
-      acc[(r + 3) * ld + row] = KFN(hsum_i32)(a3) - xsum[r + 3];
+      for (int i = 0; i < 8; i++) acc[(r + (size_t)(i & 3)) * ld + row + (size_t)(i >> 2)] = KFN(hsum_i32)(a[i]) - xsum[r + (size_t)(i & 3)];
     }
-    for (; r < m; r++) {
-      const int8_t *xr = x + r * xstride;
-      __m256i a = _mm256_setzero_si256();
-      for (size_t p = 0; p < len; p += 32)
-        a = KDOT(a, _mm256_loadu_si256((const __m256i *)(dig + p)), _mm256_loadu_si256((const __m256i *)(xr + p)));
-      acc[r * ld + row] = KFN(hsum_i32)(a) - xsum[r];
-    }
+    for (; r < m; r++)
+      for (size_t h = 0; h < 2; h++) acc[r * ld + row + h] = KFN(dot_digits)(dig + h * len, x + r * xstride, len) - xsum[r];
+  }
+  for (; row < n; row++) {
+    KFN(decode_row)(w + row * rb, K, dig);
+    for (size_t r = 0; r < m; r++) acc[r * ld + row] = KFN(dot_digits)(dig, x + r * xstride, len) - xsum[r];
   }
 }
 
