@@ -165,8 +165,10 @@ class BoardJob:
 
     def health(self, folder: str) -> str | None:
         """Run the runtime's health check on a release folder of the board; None when it passed."""
-        argv = [self.session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder, "--json"]
-        done = self.session.run(argv, check=False)
+        argv = [self.session.runtime_python, f"{folder}/{RUNTIME_FILE}", "health", "--model", folder]
+        done = self.session.run(argv + ["--json"], check=False)
+        if done.rc == 2 and "--json" in done.stderr:  # a release whose runtime predates health --json
+            done = self.session.run(argv, check=False)
         if done.rc != 0:
             return failure_line(done.stderr or done.stdout)
         try:  # which graph the board ran: nativelm:<kernel>, fallback (library missing) or contrib
