@@ -57,6 +57,7 @@ KATTR __m256i KFN(load_block)(const uint8_t *row, int b, int K) {
 KATTR void KFN(decode_row)(const uint8_t *row, int K, uint8_t *dig) {
   __m256i d[5];
   for (int b = 0; b < t_blocks(K); b++) {
+    _mm_prefetch((const char *)(row + (size_t)b * TB_BYTES + PREFETCH_AHEAD), _MM_HINT_T0);
     KFN(decode5_cmp)(KFN(load_block)(row, b, K), d);
     for (int i = 0; i < 5; i++) _mm256_storeu_si256((__m256i *)(dig + (size_t)b * TB_CODES + TB_BYTES * i), d[i]);
   }
@@ -81,6 +82,9 @@ __attribute__((target(KTARGET))) static void KFN(dot_i8)(const uint8_t *w, size_
       __m256i a[5], d[5];
       for (int i = 0; i < 5; i++) a[i] = _mm256_setzero_si256();
       for (int b = 0; b < nblk; b++) {
+        /* weights stream from memory: ask for them well ahead (the hardware prefetcher alone
+         * keeps too few lines in flight while the decode works) */
+        _mm_prefetch((const char *)(wr + (size_t)b * TB_BYTES + PREFETCH_AHEAD), _MM_HINT_T0);
         KFN(decode5_cmp)(KFN(load_block)(wr, b, K), d);
         const int8_t *xb = x + (size_t)b * TB_CODES;
         for (int i = 0; i < 5; i++) a[i] = KDOT(a[i], d[i], _mm256_loadu_si256((const __m256i *)(xb + 32 * i)));
@@ -140,6 +144,7 @@ __attribute__((target(KTARGET))) static void KFN(dot_f32)(const uint8_t *w, size
       __m256i d[5];
       __m256 t[4];
       for (int b = 0; b < nblk; b++) {
+        _mm_prefetch((const char *)(w + row * rb + (size_t)b * TB_BYTES + PREFETCH_AHEAD), _MM_HINT_T0);
         KFN(decode5)(KFN(load_block)(w + row * rb, b, K), d);
         const float *xb = x + (size_t)b * TB_CODES;
         for (int i = 0; i < 5; i++) {
