@@ -25,7 +25,7 @@ common=(-std=gnu11 -O3 -fPIC -Wall -Wextra -Werror -ffp-contract=off -I"$here/in
 kernels=("$src/prepare.c" "$src/kernels_portable.c" "$src/dispatch.c" "$src/kernels_x86.c" "$src/kernels_arm.c")
 ops=("$src/ort_glue.c" "$src/op_matmul.c" "$src/op_moe.c" "$src/register.c")
 
-"$cc" "${common[@]}" -shared -fvisibility=hidden -o "$out/.libnativelm_ops.so.tmp" "${kernels[@]}" "${ops[@]}" -lm
+"$cc" "${common[@]}" -shared -fvisibility=hidden -pthread -o "$out/.libnativelm_ops.so.tmp" "${kernels[@]}" "${ops[@]}" -lm
 mv -f "$out/.libnativelm_ops.so.tmp" "$out/libnativelm_ops.so"
 "$cc" "${common[@]}" -o "$out/.kernel_check.tmp" "$here/tests/kernel_check.c" "${kernels[@]}" -lm
 mv -f "$out/.kernel_check.tmp" "$out/kernel_check"

@@ -24,6 +24,7 @@ static inline void codes32(const uint8_t *blk, int i, int8x16_t c[2]) {
 static inline void decode_row(const uint8_t *row, int K, int8_t *codes) {
   uint8_t pad[TB_BYTES];
   for (int b = 0; b < t_blocks(K); b++) {
+    __builtin_prefetch(row + (size_t)b * TB_BYTES + 2048); /* weights stream from memory: ask ahead */
     const uint8_t *blk = t_block_at(row, b, K, pad);
     for (int i = 0; i < 5; i++) {
       int8x16_t c[2];

@@ -4,6 +4,8 @@
 
 #include "ternary.h"
 
+#define PREFETCH_AHEAD 2048 /* bytes of weights ahead of the decode */
+
 #define KNAME "avx2"
 #define KSUFFIX avx2
 #define KTARGET "avx2,fma"

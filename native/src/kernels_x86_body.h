@@ -6,25 +6,11 @@
 #define KFN(name) KCAT(name, KSUFFIX)
 #define KATTR __attribute__((target(KTARGET))) static inline
 
-/* Digits (0..2) of 32 packed bytes: d[i] lane j = digit i of byte j (see ternary.h). The byte is held
- * in the high half of a 16-bit lane so that multiplying by 3 wraps exactly mod 256 (no carry in).
- * (The float path wants these 16-bit products; the integer path uses decode5_cmp, fewer multiplies.) */
-KATTR void KFN(decode5)(__m256i q, __m256i d[5]) {
-  const __m256i three = _mm256_set1_epi16(3);
-  __m256i e = _mm256_slli_epi16(q, 8), o = _mm256_and_si256(q, _mm256_set1_epi16((short)0xFF00));
-  for (int i = 0; i < 5; i++) {
-    if (i) {
-      e = _mm256_mullo_epi16(e, three);
-      o = _mm256_mullo_epi16(o, three);
-    }
-    d[i] = _mm256_or_si256(_mm256_mulhi_epu16(e, three), _mm256_slli_epi16(_mm256_mulhi_epu16(o, three), 8));
-  }
-}
-
-/* The same digits with byte adds and compares only: with s = q - 128 (mod 256), digit i of q is
+/* Digits (0..2) of 32 packed bytes, d[i] lane j = digit i of byte j (see ternary.h), with byte adds
+ * and compares only: with s = q - 128 (mod 256), digit i of q is
  * [3^i s > -43] + [3^i s > 42] in signed bytes (q_i >= 86, q_i >= 171), and 3^(i+1) s = 3 * 3^i s
- * (mod 256) needs no carry: three byte adds. */
-KATTR void KFN(decode5_cmp)(__m256i q, __m256i d[5]) {
+ * (mod 256) needs no carry: two byte adds. */
+KATTR void KFN(decode5)(__m256i q, __m256i d[5]) {
   const __m256i lo = _mm256_set1_epi8(-43), hi = _mm256_set1_epi8(42), zero = _mm256_setzero_si256();
   __m256i s = _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80));
   for (int i = 0; i < 5; i++) {
@@ -57,7 +43,8 @@ KATTR __m256i KFN(load_block)(const uint8_t *row, int b, int K) {
 KATTR void KFN(decode_row)(const uint8_t *row, int K, uint8_t *dig) {
   __m256i d[5];
   for (int b = 0; b < t_blocks(K); b++) {
-    KFN(decode5_cmp)(KFN(load_block)(row, b, K), d);
+    _mm_prefetch((const char *)(row + (size_t)b * TB_BYTES + PREFETCH_AHEAD), _MM_HINT_T0);
+    KFN(decode5)(KFN(load_block)(row, b, K), d);
     for (int i = 0; i < 5; i++) _mm256_storeu_si256((__m256i *)(dig + (size_t)b * TB_CODES + TB_BYTES * i), d[i]);
   }
 }
@@ -81,7 +68,10 @@ __attribute__((target(KTARGET))) static void KFN(dot_i8)(const uint8_t *w, size_
       __m256i a[5], d[5];
       for (int i = 0; i < 5; i++) a[i] = _mm256_setzero_si256();
       for (int b = 0; b < nblk; b++) {
-        KFN(decode5_cmp)(KFN(load_block)(wr, b, K), d);
+        /* weights stream from memory: ask for them well ahead (the hardware prefetcher alone
+         * keeps too few lines in flight while the decode works) */
+        _mm_prefetch((const char *)(wr + (size_t)b * TB_BYTES + PREFETCH_AHEAD), _MM_HINT_T0);
+        KFN(decode5)(KFN(load_block)(wr, b, K), d);
         const int8_t *xb = x + (size_t)b * TB_CODES;
         for (int i = 0; i < 5; i++) a[i] = KDOT(a[i], d[i], _mm256_loadu_si256((const __m256i *)(xb + 32 * i)));
       }
@@ -140,6 +130,7 @@ __attribute__((target(KTARGET))) static void KFN(dot_f32)(const uint8_t *w, size
       __m256i d[5];
       __m256 t[4];
       for (int b = 0; b < nblk; b++) {
+        _mm_prefetch((const char *)(w + row * rb + (size_t)b * TB_BYTES + PREFETCH_AHEAD), _MM_HINT_T0);
         KFN(decode5)(KFN(load_block)(w + row * rb, b, K), d);
         const float *xb = x + (size_t)b * TB_CODES;
         for (int i = 0; i < 5; i++) {

@@ -23,21 +23,21 @@ void t_block_f32(const float *x, int K, float *xb) {
   }
 }
 
+static inline int8_t quantize(float v, float s) {
+  float r = nearbyintf(v / s); /* round half to even (the default rounding mode) */
+  return (int8_t)(r > 127.0f ? 127 : (r < -128.0f ? -128 : (int)r));
+}
+
 float t_quantize_i8(const float *x, int K, float act_eps, int8_t *xb, int32_t *xsum) {
   float amax = 0.0f;
   for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
   float s = fmaxf(amax, act_eps) / 127.0f;
-  size_t len = t_blocked_len(K);
+  size_t full = (size_t)(K / TB_CODES) * TB_CODES, len = t_blocked_len(K);
   int32_t sum = 0;
-  for (size_t p = 0; p < len; p++) {
+  for (size_t p = 0; p < full; p++) sum += xb[p] = quantize(x[p], s); /* full blocks: positions as they are */
+  for (size_t p = full; p < len; p++) {
     long src = blocked_source(p, K);
-    int8_t q = 0;
-    if (src >= 0) {
-      float v = nearbyintf(x[src] / s); /* round half to even (the default rounding mode) */
-      q = (int8_t)(v > 127.0f ? 127 : (v < -128.0f ? -128 : (int)v));
-    }
-    xb[p] = q;
-    sum += q;
+    sum += xb[p] = src < 0 ? 0 : quantize(x[src], s);
   }
   *xsum = sum;
   return s;

@@ -1,4 +1,5 @@
 /* The library's entry points: RegisterCustomOps (ORT calls it) and what the Python loader asks. */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,6 +51,13 @@ void op_define(OrtCustomOp *op, const OpCallbacks *cb) {
 }
 
 static OrtCustomOp ops[2];
+static pthread_once_t ops_once = PTHREAD_ONCE_INIT;
+
+static void define_ops(void) {
+  op_matmul_define(&ops[0]);
+  op_moe_define(&ops[1]);
+  if (!g_ort.parallel) ops[0].version = ops[1].version = NATIVELM_ORT_API_VERSION_MIN;
+}
 
 EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   const OrtApi *api = base->GetApi(NATIVELM_ORT_API_VERSION);
@@ -60,9 +68,7 @@ EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase
   const TernaryKernel *k;
   OrtStatus *st = op_kernel(&k);
   if (st) return st;
-  op_matmul_define(&ops[0]);
-  op_moe_define(&ops[1]);
-  if (!g_ort.parallel) ops[0].version = ops[1].version = NATIVELM_ORT_API_VERSION_MIN;
+  pthread_once(&ops_once, define_ops); /* once: sessions already running keep reading these */
   OrtCustomOpDomain *domain = NULL; /* lives as long as the process: sessions keep using it */
   if ((st = ORT_CALL(api, CreateCustomOpDomain)("nativelm", &domain))) return st;
   for (int i = 0; i < 2; i++)

@@ -22,6 +22,7 @@ from nativelm.errors import NativelmError, ParamsError
 from nativelm.export.stage import run_export
 from nativelm.export import custom_graph, parity, ternary_ops
 from nativelm.export.graph import ExportGraph, build_graph
+from nativelm.formats.release import RUNTIME_FILE, build_release
 from nativelm.formats.ternary_pack import packed_row_bytes, unpack_ternary
 from nativelm.model import ModelParams, build_model
 from nativelm.params.export import ExportParams
@@ -261,6 +262,10 @@ def test_ternary_ops_export_runs_on_the_library_and_falls_back_without_it(
     scale = float(np.abs(reference).max())
     assert float(np.abs(logits - reference).max()) <= 0.05 * scale
     assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.95
+
+    release = build_release(tmp_path / "release", folder, {"git_commit": "test"})
+    assert {"model.onnx", custom_graph.MODEL_FILE, RUNTIME_FILE} <= set(release["sha256"])
+    assert load_model(tmp_path / "release", threads=1).ops == model.ops  # what a board with the library runs
 
     monkeypatch.setenv(OPS_ENV, "off")
     fallback = load_model(folder, threads=1)

@@ -68,6 +68,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ternary_ops_moe": ({}, {"variant": "ternary-ops"}),
     "ternary_ops_dense": (DENSE, {"variant": "ternary-ops"}),
     "ternary_ops_dense_no_bitlinear_norm": ({**DENSE, "bitlinear_norm": False}, {"variant": "ternary-ops"}),
+    "ternary_ops_ptq_unquantized": ({"quantize": False}, {"variant": "ternary-ops", **PTQ}),
     "int4_moe": ({}, {"variant": "int4"}),
     "int4_moe_latent": ({}, {"variant": "int4", **LATENT}),
     "int4_moe_3bit": ({"bit_schedule": [[0.0, 3.0]]}, {"variant": "int4"}),

@@ -47,7 +47,8 @@ STAGE_COMMANDS: tuple[tuple[str, str, str], ...] = (  # name, --help line, descr
     ("export",
      "trained model -> quantized ONNX folder (DVC stage `export`)",
      "Export train.model_file to ONNX with ONNX Runtime's quantized operators "
-     "(export.variant: ternary = 2-bit MatMulNBits + QMoE, int4, fp32, or native = the "
+     "(export.variant: ternary = 2-bit MatMulNBits + QMoE, ternary-ops = nativelm's TernaryMatMul + "
+     "TernaryMoE with the ternary graph beside it as fallback, int4, fp32, or native = the "
      "precision the model was trained in), check it against the PyTorch model on "
      "held-out text (top-1 agreement, perplexity, KV cache), record golden "
      "continuations and write export.out_dir atomically. A lower precision than "

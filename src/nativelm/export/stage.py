@@ -194,11 +194,12 @@ def load_source(model_file: Path, ep: ExportParams) -> ExportSource:
 
 
 def _parity(source: ExportSource, plan: ExportPlan, decoder: parity.OnnxDecoder, windows: np.ndarray,
-            ep: ExportParams) -> dict[str, Any]:
+            ep: ExportParams, params: ExportParams) -> dict[str, Any]:
     """Held-out parity and the KV-cache check of one saved graph, gated as `plan` says (a NativelmError
-    names the first figure outside its threshold)."""
+    names the first figure outside its threshold and, by `params.variant`, the graph)."""
     model, p = source.model, source.model.params
-    _note(f"parity on {windows.size} validation tokens ({windows.shape[0]} x {windows.shape[1]})")
+    _note(f"{params.variant} graph: parity on {windows.size} validation tokens ({windows.shape[0]} x "
+          f"{windows.shape[1]})")
     held_out = parity.held_out_parity(model, decoder, windows, ep.top1_tie_rel)
     prompt = windows[0][: min(16, p.max_seq_len // 2)].tolist()
     cache = parity.cache_consistency(decoder, prompt, min(ep.cache_check_tokens, p.max_seq_len - len(prompt)),
@@ -213,7 +214,7 @@ def _parity(source: ExportSource, plan: ExportPlan, decoder: parity.OnnxDecoder,
           f"perplexity ONNX {held_out['ppl_onnx']:.3f} vs PyTorch {held_out['ppl_torch']:.3f} "
           f"(relative difference {held_out['ppl_rel_diff']:.2e}); "
           f"KV cache {'matches' if cache['match'] else 'DIFFERS from'} full recomputation")
-    parity.check_thresholds(figures, plan.params, figures["gated"])
+    parity.check_thresholds(figures, params, figures["gated"])
     figures["passed"] = True
     return figures
 
@@ -271,7 +272,8 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         if not kernels["all_prepacked"]:
             _note(f"quantized nodes on a slow kernel: {', '.join(kernels['slow_nodes'] + kernels['not_profiled'])}")
 
-        figures = _parity(source, plan, decoder, windows, ep)
+        figures = _parity(source, plan, decoder, windows, ep,
+                          plan.params if custom is None else custom_graph.fallback_params(plan.params))
         held_out, cache = figures["held_out"], figures["kv_cache"]
         golden = parity.golden_continuations(decoder, tokenizer, ep.golden_prompts, ep.golden_tokens,
                                              p.max_seq_len, model)
@@ -283,7 +285,7 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
             custom_files = _save_model(custom, folder, custom_graph.MODEL_FILE)
             files += custom_files
             decoder = parity.OnnxDecoder(folder / custom_graph.MODEL_FILE, ep.threads, library.path)
-            custom_figures = _parity(source, plan, decoder, windows, ep)
+            custom_figures = _parity(source, plan, decoder, windows, ep, plan.params)
             custom_golden = parity.golden_continuations(decoder, tokenizer, ep.golden_prompts, ep.golden_tokens,
                                                         p.max_seq_len, model)
             del decoder

@@ -163,6 +163,8 @@ def health_report(session: BoardSession, folder: str) -> tuple[str | None, dict[
     """The health check of a release this controller built: the failure line (None: passed) and the
     runtime's JSON report (which graph ran: `ops`)."""
     done = _run_health(session, folder, "--json")
+    if done.rc == 2 and "--json" in done.stderr:  # a release whose runtime predates health --json
+        done = _run_health(session, folder)
     if done.rc != 0:
         return failure_line(done.stderr or done.stdout), {}
     try:
