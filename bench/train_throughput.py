@@ -24,9 +24,10 @@ tokens + attention FLOPs, ``nativelm.train.metrics``) against the bf16 matmul ra
 card in the same run (an 8192^3 bf16 matmul, mean of 10 after 3 warm-ups), and the peak memory of
 each model's step (``torch.cuda.max_memory_allocated``, as if it were alone on the card). Then the
 step-time ratios ternary MoE / fp dense, fp MoE / fp dense, ternary MoE / fp MoE per shape and mode
-(the ratio of the medians, and the range of the ratios within one round).
+(the ratio of the medians, and in brackets the range over the rounds of the ratio within a round).
 ``--bit-switch`` times the first step of each quantized model after each switch of its weight width
-(8, 4, 3, 1.58 bits: the progressive schedule), against its median step. ``--profile`` also counts the CUDA kernels of one step of each model and their summed GPU time
+(8, 4, 3, 1.58 bits: the progressive schedule), against its median step. ``--profile`` also counts
+the CUDA kernels of one step of each model and their summed GPU time
 (``--profile-table``: the kernels by GPU time, appended to that file). The first (warm-up) step of the
 ternary model includes compiling its quantizers on CUDA (``--fuse``).
 """
