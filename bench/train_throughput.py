@@ -23,9 +23,11 @@ backward, global-norm clipping, AdamW (fused on CUDA), zero_grad; timed with
 tokens + attention FLOPs, ``nativelm.train.metrics``) against the bf16 matmul rate MEASURED on this
 card in the same run (an 8192^3 bf16 matmul, mean of 10 after 3 warm-ups), and the peak memory of
 each model's step (``torch.cuda.max_memory_allocated``, as if it were alone on the card). Then the
-step-time ratios ternary MoE / fp dense, fp MoE / fp dense, ternary MoE / fp MoE per shape and mode.
+step-time ratios ternary MoE / fp dense, fp MoE / fp dense, ternary MoE / fp MoE per shape and mode
+(the ratio of the medians, and in brackets the range over the rounds of the ratio within a round).
 ``--bit-switch`` times the first step of each quantized model after each switch of its weight width
-(8, 4, 3, 1.58 bits: the progressive schedule), against its median step. ``--profile`` also counts the CUDA kernels of one step of each model and their summed GPU time
+(8, 4, 3, 1.58 bits: the progressive schedule), against its median step. ``--profile`` also counts
+the CUDA kernels of one step of each model and their summed GPU time
 (``--profile-table``: the kernels by GPU time, appended to that file). The first (warm-up) step of the
 ternary model includes compiling its quantizers on CUDA (``--fuse``).
 """
@@ -219,6 +221,7 @@ def run_group(args: argparse.Namespace, device: torch.device, shape: str, mode: 
         fpt = flops_per_token(r.model, seq)
         row = {"shape": shape, "mode": mode, "config": r.name, "ms_per_step": med * 1e3,
                "tokens_per_s": tokens / med, "min_ms": min(r.times) * 1e3, "max_ms": max(r.times) * 1e3,
+               "round_ms": [t * 1e3 for t in r.times],
                "active_params": r.model.active_params(), "total_params": r.model.num_params(),
                "gflop_per_token": fpt / 1e9, "mfu": mfu(tokens / med, fpt, peak),
                "peak_mem_gib": r.peak_bytes / 2**30 if device.type == "cuda" else None}
@@ -244,7 +247,8 @@ def run_group(args: argparse.Namespace, device: torch.device, shape: str, mode: 
 
 
 def print_tables(rows: list[dict]) -> dict[str, float]:
-    """The result table and the ratio table (per shape and mode); returns the ratios by name."""
+    """The result table and the ratio table (per shape and mode: the ratio of the medians, and in
+    brackets the range of the ratios of the steps of one round); returns the ratios by name."""
     head = (f"{'shape':<5} {'mode':<7} {'config':<12} {'ms/step':>8} {'(min-max)':>15} {'tokens/s':>10} "
             f"{'total':>7} {'active':>7} {'MFU':>6} {'peak mem':>9}")
     profiled = any("cuda_kernels" in row for row in rows)
@@ -263,19 +267,20 @@ def print_tables(rows: list[dict]) -> dict[str, float]:
         print(line)
     ratios = {}
     print()
-    print(f"{'step-time ratio':<26} " + " ".join(f"{s + ' ' + m:>12}" for s, m in dict.fromkeys(
-        (row["shape"], row["mode"]) for row in rows)))
     groups = list(dict.fromkeys((row["shape"], row["mode"]) for row in rows))
-    by = {(row["shape"], row["mode"], row["config"]): row["ms_per_step"] for row in rows}
+    print(f"{'step-time ratio':<26} " + " ".join(f"{s + ' ' + m:>22}" for s, m in groups))
+    by = {(row["shape"], row["mode"], row["config"]): row for row in rows}
     for a, b in RATIOS:
         cells = []
         for shape, mode in groups:
             if (shape, mode, a) in by and (shape, mode, b) in by:
-                value = by[shape, mode, a] / by[shape, mode, b]
+                ra, rb = by[shape, mode, a], by[shape, mode, b]
+                value = ra["ms_per_step"] / rb["ms_per_step"]
+                per_round = [x / y for x, y in zip(ra["round_ms"], rb["round_ms"])]
                 ratios[f"{shape} {mode}: {a} / {b}"] = value
-                cells.append(f"{value:>11.2f}x")
+                cells.append(f"{value:.2f}x ({min(per_round):.2f}-{max(per_round):.2f})".rjust(22))
             else:
-                cells.append(f"{'-':>12}")
+                cells.append(f"{'-':>22}")
         print(f"{a + ' / ' + b:<26} " + " ".join(cells))
     return ratios
 

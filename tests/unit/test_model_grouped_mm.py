@@ -57,3 +57,18 @@ def test_grouped_mm_matches_per_expert_matmuls(device: str, compiled: bool) -> N
     assert _rel(gx, ref_gx) < tol
     assert _rel(gw[[0, 2, 3]], ref_gw[[0, 2, 3]]) < tol
     assert not gw[1].any()  # the empty expert gets exactly no gradient
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_moe_model_traces_as_one_graph(quantize: bool) -> None:
+    """A model-wide torch.compile sees the whole MoE model as one graph: no break at the expert GEMMs
+    (each break costs a host round trip per layer and keeps the compiler from fusing across it)."""
+    from nativelm.model import ModelParams, build_model
+
+    params = ModelParams(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, window=16,
+                         n_experts=8, expert_ffn=32, top_k=2, quantize=quantize)
+    model = build_model(params, 128, seed=0)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids, ids)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]

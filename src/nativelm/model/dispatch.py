@@ -1,7 +1,8 @@
 """Tokens to experts and back: the sorted dispatch of N·k assignments and the grouped expert matmuls.
 
 The assignments are sorted by expert (stable), every token's row copied k times into that layout,
-the experts applied as one grouped matmul over the expert groups (``torch._grouped_mm``; a
+the experts applied as one grouped matmul over the expert groups (``torch._grouped_mm`` inside the
+custom operator ``nativelm::grouped_mm``, whole under torch.compile: see docs/training.md; a
 zero-padded ``torch.bmm`` where that is unavailable), and each token's k rows summed back in slot
 order with fp32 accumulation. No host synchronisation and no atomics (gathers and reductions only:
 the same result run to run), a constant number of kernels whatever the number of experts.
@@ -96,9 +97,10 @@ def _grouped_mm_grad(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
 _grouped_mm.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup)
 
 
+@torch.compiler.disable
 def _padded_bmm(x: Tensor, w: Tensor, d: Dispatch) -> Tensor:
     """Fallback: rows scattered into a zero-padded (E, C, in) batch (C = the largest group, one host
-    sync), one bmm against (E, in, out), rows gathered back."""
+    sync, so a graph break under torch.compile), one bmm against (E, in, out), rows gathered back."""
     m = x.shape[0]
     cap = int(d.counts.max()) if m else 0
     starts = (d.offsets.long() - d.counts).index_select(0, d.row_experts)
@@ -162,7 +164,7 @@ def grouped_linear(x: Tensor, w: Tensor, d: Dispatch) -> Tensor:
     break, see `_grouped_mm`); the padded bmm fallback needs a host sync, so it breaks the graph."""
     if grouped_backend(x.device, x.dtype, w.shape[-1], w.shape[-2]) == "grouped_mm":
         return _grouped_mm(x, w, d.offsets)
-    return torch.compiler.disable(_padded_bmm)(x, w, d)
+    return _padded_bmm(x, w, d)
 
 
 class GatherRows(torch.autograd.Function):
