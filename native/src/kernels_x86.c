@@ -27,3 +27,67 @@ __attribute__((target("avx2"))) static inline __m256i dot_avx2(__m256i acc, __m2
 #include "kernels_x86_body.h"
 #endif
 
+
+#if defined(__x86_64__)
+/* AVX-512 VNNI: the decode GEMV (m = 1, integer activations) on two weight rows at once, one 32-byte
+ * block of each in the two halves of a 64-byte register, against the block's activations broadcast
+ * to both halves; every other case is AVX-VNNI's. */
+#define K512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,avxvnni")))
+
+K512 static inline __m512i digits512(__m512i s, __m512i lo, __m512i hi, __m512i one, __m512i two) {
+  __m512i d = _mm512_maskz_mov_epi8(_mm512_cmpgt_epi8_mask(s, lo), one);
+  return _mm512_mask_mov_epi8(d, _mm512_cmpgt_epi8_mask(s, hi), two);
+}
+
+K512 static void dot_i8_avx512(const uint8_t *w, size_t n, int K, const int8_t *x, const int32_t *xsum, size_t m,
+                               size_t xstride, int32_t *acc, size_t ld) {
+  if (m != 1 || n < 4) {
+    t_kernel_avxvnni.dot_i8(w, n, K, x, xsum, m, xstride, acc, ld);
+    return;
+  }
+  size_t rb = t_row_bytes(K);
+  int nblk = t_blocks(K);
+  const __m512i lo = _mm512_set1_epi8(-43), hi = _mm512_set1_epi8(42), one = _mm512_set1_epi8(1);
+  const __m512i two = _mm512_set1_epi8(2), flip = _mm512_set1_epi8((char)0x80);
+  size_t row = 0;
+  for (; row + 4 <= n; row += 4) { /* rows (0, 1) in one register, (2, 3) in another: one x load for four */
+    const uint8_t *wr = w + row * rb;
+    __m512i a[2][5];
+    for (int i = 0; i < 5; i++) a[0][i] = a[1][i] = _mm512_setzero_si512();
+    for (int b = 0; b < nblk; b++) {
+      __m512i s[2];
+      for (int h = 0; h < 2; h++) {
+        const uint8_t *r0 = wr + (size_t)(2 * h) * rb, *r1 = r0 + rb;
+        uint8_t pad0[TB_BYTES], pad1[TB_BYTES];
+        _mm_prefetch((const char *)(r0 + (size_t)b * TB_BYTES + PREFETCH_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(r1 + (size_t)b * TB_BYTES + PREFETCH_AHEAD), _MM_HINT_T0);
+        __m256i q0 = _mm256_loadu_si256((const __m256i *)t_block_at(r0, b, K, pad0));
+        __m256i q1 = _mm256_loadu_si256((const __m256i *)t_block_at(r1, b, K, pad1));
+        s[h] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), flip);
+      }
+      const int8_t *xb = x + (size_t)b * TB_CODES;
+      for (int i = 0; i < 5; i++) {
+        __m512i xv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 32 * i)));
+        for (int h = 0; h < 2; h++) {
+          if (i) s[h] = _mm512_add_epi8(s[h], _mm512_add_epi8(s[h], s[h]));
+          a[h][i] = _mm512_dpbusd_epi32(a[h][i], digits512(s[h], lo, hi, one, two), xv);
+        }
+      }
+    }
+    for (int h = 0; h < 2; h++) {
+      __m512i t = _mm512_add_epi32(_mm512_add_epi32(a[h][0], a[h][1]),
+                                   _mm512_add_epi32(_mm512_add_epi32(a[h][2], a[h][3]), a[h][4]));
+      acc[row + 2 * h] = _mm512_mask_reduce_add_epi32(0x00FF, t) - xsum[0];
+      acc[row + 2 * h + 1] = _mm512_mask_reduce_add_epi32((__mmask16)0xFF00, t) - xsum[0];
+    }
+  }
+  if (row < n) t_kernel_avxvnni.dot_i8(w + row * rb, n - row, K, x, xsum, 1, xstride, acc + row, ld);
+}
+
+static void dot_f32_avx512(const uint8_t *w, size_t n, int K, const float *x, size_t m, size_t xstride, float *out,
+                           size_t ld) {
+  t_kernel_avxvnni.dot_f32(w, n, K, x, m, xstride, out, ld);
+}
+
+const TernaryKernel t_kernel_avx512vnni = {"avx512vnni", dot_i8_avx512, dot_f32_avx512};
+#endif

@@ -104,7 +104,8 @@ static size_t make_tasks(const size_t *start, size_t E, size_t N, size_t rb, Tas
   size_t n = 0, chunk = op_chunk_rows(N, rb);
   for (size_t e = 0; e < E; e++)
     if (start[e + 1] > start[e])
-      for (size_t n0 = 0; n0 < N; n0 += chunk) tasks[n++] = (Task){e, n0, n0 + chunk > N ? N - n0 : chunk};
+      for (size_t n0 = 0; n0 < N; n0 += chunk, n++)
+        if (tasks) tasks[n] = (Task){e, n0, n0 + chunk > N ? N - n0 : chunk}; /* NULL: count only */
   return n;
 }
 
@@ -137,15 +138,15 @@ static OrtStatus *moe_compute(void *kernel, OrtKernelContext *ctx) {
   if ((st = op_output(ctx, t[0].dims, 2, &y))) return st;
   if (M == 0) return NULL;
 
-  size_t A = M * k, ntask_max = E * (W + d);
+  size_t A = M * k;
   size_t *experts = op_alloc(A * sizeof(size_t)), *start = op_alloc((E + 1) * sizeof(size_t));
   size_t *slot = op_alloc(A * sizeof(size_t)); /* slot[m*k + i]: the assignment row of (m, i) */
   float *weights = op_alloc(A * sizeof(float)), *p = op_alloc(E * sizeof(float));
   float *g = op_alloc(A * W * sizeof(float)), *u = op_alloc(A * W * sizeof(float)), *yk = op_alloc(A * d * sizeof(float));
-  Task *tasks = op_alloc(ntask_max * sizeof(Task));
+  Task *tasks = NULL;
   Rows xin = {0}, hin = {0};
   int quant = op->act_bits == 8;
-  if (!experts || !start || !slot || !weights || !p || !g || !u || !yk || !tasks || !rows_alloc(&xin, A, d, quant) ||
+  if (!experts || !start || !slot || !weights || !p || !g || !u || !yk || !rows_alloc(&xin, A, d, quant) ||
       !rows_alloc(&hin, A, W, quant)) {
     st = op_error("%s: out of memory", name);
     goto done;
@@ -165,6 +166,11 @@ static OrtStatus *moe_compute(void *kernel, OrtKernelContext *ctx) {
       prepare_row(&xin, slot[a], x + (a / k) * d, op->act_eps);
     }
     free(fill);
+  }
+  size_t ntask = make_tasks(start, E, W, t_row_bytes((int)d), NULL), ntask_down = make_tasks(start, E, d, t_row_bytes((int)W), NULL);
+  if (!(tasks = op_alloc((ntask > ntask_down ? ntask : ntask_down) * sizeof(Task)))) {
+    st = op_error("%s: out of memory", name);
+    goto done;
   }
   MoEJob up = {op, start, tasks, &xin, {t[2].data, t[4].data}, {t[3].data, t[5].data}, 2, W, t_row_bytes((int)d), {g, u}, 0};
   st = op_parallel(ctx, moe_task, make_tasks(start, E, W, up.rb, tasks), &up);

@@ -38,6 +38,7 @@ extern const TernaryKernel t_kernel_portable;
 #if defined(__x86_64__)
 extern const TernaryKernel t_kernel_avx2;
 extern const TernaryKernel t_kernel_avxvnni;
+extern const TernaryKernel t_kernel_avx512vnni;
 #endif
 #if defined(__aarch64__)
 extern const TernaryKernel t_kernel_neon;

@@ -172,7 +172,8 @@ def test_simd_kernel_matches_portable_bit_for_bit(library: Path, monkeypatch: py
     results = {}
     for kernel in (None, "portable"):
         _with_kernel(monkeypatch, kernel)
-        results[kernel] = [_matmul(library, x[:1], codes, 0.3, 0), _matmul(library, x, codes, 0.3, 0),
+        results[kernel] = [_matmul(library, x[:1], codes, 0.3, 0), _matmul(library, x[:1], codes, 0.3, 8),
+                           _matmul(library, x, codes, 0.3, 0),
                            _matmul(library, x, codes, 0.3, 8), _moe(library, moe, 3, 0), _moe(library, moe, 3, 8)]
     assert custom_ops.kernel_name(library) == "portable"
     for simd, portable in zip(results[None], results["portable"]):
