@@ -40,6 +40,7 @@ import argparse
 import collections
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -54,7 +55,7 @@ from pathlib import Path
 
 import yaml
 
-from nativelm.fleet.audit import audit
+from nativelm.fleet.audit import audit, unfinished_logs
 from nativelm.fleet.board_job import DeployHooks
 from nativelm.fleet.inventory import Inventory
 from nativelm.fleet.release import LocalRelease
@@ -157,6 +158,10 @@ def controller_signal(world: World, rng: random.Random, signum: int) -> list[str
             problems.append("no line saying it was interrupted")
         if "ABORTED: interrupted by" not in out:
             problems.append("no summary printed")
+        # what the interrupted process itself left, before any later rollout could clean up after it
+        problems += [f"{name}: still locked by {lock['owner']} after the interrupted rollout exited"
+                     for name in world.names() if (lock := facts_of(world, name)["lock"])]
+        problems += [f"log {rid}: not finished by the interrupted rollout" for rid in unfinished_logs(world.state_dir)]
     next_one = world.deploy(target)  # the operator's next rollout: takes a dead holder's lock over at once
     world.notes += [f"{r.board}: {r.extra[k]}" for r in next_one.boards for k in ("lock_took_over_from", "lock_cleared")
                     if r.extra.get(k)]
@@ -176,9 +181,12 @@ def sshd_killed(world: World, rng: random.Random) -> list[str]:
             stop_board(world.params, victim)
 
     first = world.deploy(target, DeployHooks(on_progress=kill))
-    world.notes += [f"{r.board}: {r.phase}: {r.reason}" for r in first.failed if r.board == victim]
+    failed = [r for r in first.failed if r.board == victim]
+    world.notes += [f"{r.board}: {r.phase}: {r.reason}" for r in failed]
+    problems = [] if killed and failed and "lost (sshd gone?)" in failed[0].reason else \
+        [f"sshd killed mid-upload ({bool(killed)}) reported as: {[r.reason for r in failed]}"]
     start_board(world.params, victim)
-    return recover(world, target)
+    return problems + recover(world, target)
 
 
 def recover(world: World, target: LocalRelease) -> list[str]:
@@ -354,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the trials here")
     args = parser.parse_args(argv)
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # a killed sshd is the point here, not news
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or args.trials < 1:

@@ -1,5 +1,9 @@
 """Prefect flow `fleet-health`: every board's reachability, live release and last benchmark (scheduled).
 
+The live release of each board is verified (size and mtime of its files against the stamp written
+when it verified, every file hashed once fleet.verify_full_every_s has passed) and health-checked;
+a damaged or unhealthy release fails that board's task and the run, as an unreachable board does.
+
 Each board is its own task run (its state, logs and duration in the UI), as in the `rollout` flow:
 a board whose SSH connection failed (refused, no answer, dropped) is asked again, up to
 `board_retries` times; a board that is unreachable for good or serves nothing fails its task.
@@ -60,7 +64,8 @@ def check_boards(choice: service.FleetChoice, fleet: FleetParams, retries: int =
 
 @flow(name="fleet-health", log_prints=True)
 def fleet_health(params_file: str = "params.yaml", board_retries: int = 2) -> dict:
-    """Check every board; the run fails (red in the UI) when a board is unreachable or serves nothing.
+    """Check every board; the run fails (red in the UI) when a board is unreachable, serves nothing, or its
+    live release is damaged or fails its health check.
 
     Args:
         params_file: parameters file of the project
@@ -73,7 +78,8 @@ def fleet_health(params_file: str = "params.yaml", board_retries: int = 2) -> di
     problems = service.unhealthy(rows)
     if problems:
         raise NativelmError(f"{len(problems)} board(s) unhealthy: " + "; ".join(problems))
-    return {r.board: {"current": r.current, "decode_tokens_per_s": r.decode_tokens_per_s} for r in rows}
+    return {r.board: {"current": r.current, "verified": r.verified, "decode_tokens_per_s": r.decode_tokens_per_s}
+            for r in rows}
 
 
 if __name__ == "__main__":

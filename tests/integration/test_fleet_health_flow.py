@@ -78,10 +78,14 @@ def test_the_fleet_health_flow_on_simulated_boards(flows: ModuleType, tmp_path: 
         params_file = tmp_path / "params.yaml"
         params_file.write_text(yaml.safe_dump(fleet.params.model_dump(mode="json")))
         state = flows.fleet_health(params_file=str(params_file), board_retries=1, return_state=True)
-        assert state.is_failed() and "1 board(s) unhealthy: board-2: " in state.message
+        # board-1's live release lists no files: it does not verify, and damage fails the flow too
+        assert state.is_failed() and ("2 board(s) unhealthy: board-1: live release health-test damaged: "
+                                      "release.json has no \"sha256\" map of the release's files; board-2: ") \
+            in state.message
         with get_client(sync_client=True) as client:
             (latest,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
-        # a stopped board refuses the connection: transient, so asked once more before its task fails
-        assert task_runs(str(latest.id)) == {"health board-1": ("COMPLETED", 1), "health board-2": ("FAILED", 2)}
+        # a stopped board refuses the connection: transient, so asked once more before its task fails;
+        # a damaged release is the board's answer: not asked again
+        assert task_runs(str(latest.id)) == {"health board-1": ("FAILED", 1), "health board-2": ("FAILED", 2)}
     finally:
         sim.sim_down(fleet.params)

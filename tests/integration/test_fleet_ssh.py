@@ -281,9 +281,11 @@ def test_status_table_shows_releases_benchmarks_and_unreachable_boards(sim_fleet
         lines = render_status(rows)
         assert lines[0].split() == ["BOARD", "ADDRESS", "STATE", "ARCH", "PYTHON", "FREE_MB", "RELEASE", "PREVIOUS",
                                     "RUNTIME", "DECODE_TOK/S", "NOTE"]
-        assert lines[1].split()[:3] == ["board-1", f"127.0.0.1:{rows[0].address.split(':')[1]}", "ok"]
+        # a live release listing no files does not verify: status says so rather than "ok"
+        assert lines[1].split()[:3] == ["board-1", f"127.0.0.1:{rows[0].address.split(':')[1]}", "damaged"]
         assert "status-test" in lines[1] and "123.5" in lines[1]
-        assert lines[-1] == "3 of 3 boards reachable"
+        assert lines[1].endswith('release.json has no "sha256" map of the release\'s files')
+        assert lines[-1] == "3 of 3 boards reachable, 1 damaged or unhealthy"
     finally:
         with session(sim_fleet, "board-1") as s:
             if before:

@@ -160,6 +160,13 @@ def test_verify_seals_the_release_read_only_and_stamps_it(board: Board) -> None:
     model = folder / "model.onnx"
     assert stamp["files"]["model.onnx"] == {"size": model.stat().st_size, "mtime_ns": model.stat().st_mtime_ns,
                                             "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    old = board.release("v0", {"model.onnx": b"w", "tokenizer.json": b"t"})
+    shared = board.release("v2", {"tokenizer.json": b"t"})
+    os.unlink(shared / "tokenizer.json")
+    os.link(old / "tokenizer.json", shared / "tokenizer.json")  # as an older agent linked shared files
+    board.ok("verify", "v2")
+    assert (shared / "tokenizer.json").stat().st_nlink == 1 and (old / "tokenizer.json").stat().st_nlink == 1
+    assert (shared / "tokenizer.json").read_bytes() == b"t"
     board.ok("hashes", "v1")  # an update of the release opens it again
     assert oct(folder.stat().st_mode & 0o777) == "0o755"
     board.ok("verify", "v1")

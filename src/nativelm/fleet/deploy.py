@@ -2,7 +2,7 @@
 
     connect -> agent -> facts -> (live already and verifies: "unchanged", done)
     -> lock -> facts -> hashes -> link / upload (resumed) -> disk check -> verify
-    -> health of the new release -> activate -> health of `current` (failure: roll back) -> prune -> unlock
+    -> health of the new release -> activate -> health of `current` (failure: restore) -> prune -> unlock
 
 Every step runs on the board through the agent (`fleet/agent/`) or the release's own runtime;
 `current` only moves in `activate`, after the new release's files verified and its golden
@@ -10,9 +10,11 @@ continuation matched, so any failure before that leaves the previous release liv
 failure after it restores both links as they were (`previous` is always the last release that
 passed its health check, never the one that just failed). A release that verifies is sealed
 read-only on the board; files shared with another release are copies (copy-on-write where the
-filesystem can), never hard links, so damage to one release cannot reach another. Each failure is recorded as (phase, one-line reason) in the
-`BoardResult`. A lock left behind by a finished rollout of this controller (its connection dropped
-before it could unlock) is taken over; any other lock stops the board with "locked by ...".
+filesystem can), never hard links, so damage to one release cannot reach another. Each failure is
+recorded as (phase, one-line reason) in the `BoardResult`. A lock left behind by a finished rollout
+of this controller (its connection dropped before it could unlock), or held by a controller of
+this host that is gone, is taken over at once; any other lock stops the board with "locked by ..."
+(see docs/fleet.md). An interrupted rollout stops each board at its next step (fleet/stopping.py).
 
 Boards must be provisioned (`nativelm fleet provision`): a board without the runtime virtualenv
 fails in phase "facts" with the command that fixes it, instead of a slow install mid-rollout.

@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                     "release). More than fleet.max_failed_boards failed boards abort the rollout. Then the "
                     "boards serving the release are benchmarked and the rollout is recorded (one MLflow run, nested "
                     "under the pipeline run that registered the version). Result log: "
-                    "<stack.state_dir>/rollouts/<id>.json. Exit status 1 when any board failed.")
+                    "<stack.state_dir>/rollouts/<id>.json. A lock left by a controller of this host that died is "
+                    "taken over at once. SIGTERM or Ctrl-C stops the rollout cleanly: boards unlocked, log finished "
+                    "as interrupted, summary printed, exit status 143 or 130. Exit status 1 when any board failed.")
     p.add_argument("--model", metavar="SPEC", default=None, type=nonblank("the model"),
                    help="registered version (3), alias (champion), models:/NAME/3 or models:/NAME@alias "
                         "(downloaded from MLflow), or a release folder (default: evaluate.release_dir)")
@@ -48,8 +50,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser(
         "rollback", parents=[common], help="restore the previous release on chosen boards",
         description="Point `current` back at the previous release (or --to RELEASE) on the chosen boards, "
-                    "under each board's lock, after verifying its files; a release that then fails its "
-                    "health check is switched back. Exit status 1 when any board failed.")
+                    "under each board's lock. The target's files are verified and its health check run before "
+                    "the switch: a target failing either is never made live; one that fails through `current` "
+                    "is switched back. Exit status 1 when any board failed (143/130 when stopped by SIGTERM/Ctrl-C).")
     add_board_choice(p)
     p.add_argument("--all", action="store_true", help="every board of the inventory")
     p.add_argument("--to", type=release_name, default=None, metavar="RELEASE",

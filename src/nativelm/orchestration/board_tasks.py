@@ -55,10 +55,10 @@ def run_board_tasks(boards: Sequence[Board], max_parallel: int, submit: Callable
         while waiting and len(running) < max(1, max_parallel):
             board = waiting.pop(0)
             running[submit(board)] = board
-        done = wait(list(running), timeout=WAKE_S).done  # wakes up so a SIGTERM is handled (fleet/stopping.py)
-        if not done:
+        ready = wait(list(running), timeout=WAKE_S).done  # wakes up so a SIGTERM is handled (fleet/stopping.py)
+        if not ready:
             continue
-        finished = next(iter(done))
+        finished = next(iter(ready))
         board = running.pop(finished)
         rows[board.name] = done(board, finished)
     return [rows[b.name] for b in boards]

@@ -133,8 +133,15 @@ def make_writable(folder: Path) -> None:
 
 
 def make_read_only(folder: Path) -> None:
-    """Seal a verified release: its files 0444, the folder 0555 (removal makes it writable first)."""
+    """Seal a verified release: its files 0444, the folder 0555 (removal makes it writable first).
+
+    A file hard-linked to another release (as an older agent linked shared files) gets its own copy first.
+    """
     for path in complete_files(folder).values():
+        if os.stat(str(path)).st_nlink > 1:
+            tmp = path.with_name(f".{path.name}.unlink-{os.getpid()}")
+            clone_file(path, tmp)
+            os.replace(str(tmp), str(path))
         os.chmod(str(path), 0o444)
     os.chmod(str(folder), 0o555)
 
