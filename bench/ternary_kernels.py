@@ -7,7 +7,9 @@ Decode shapes (one token, M=1), each a chain of nodes with distinct weights so o
   gpu-dense-768     24 GEMVs 768->768 (the gpu preset's d_model)
   gpu-moe           8 MoE layers of the gpu preset: 32 experts, top-4, expert width 384 (router MatMul
                     in front of each TernaryMoE; bytes counted: the router and the 4 active experts)
-and one prefill shape (gemv-4096x11008 at M=512, time per token). For each: TernaryMatMul / TernaryMoE
+and one prefill shape (gemv-4096x11008 at M=512, time per token). `--dram` adds gemv-dram: one
+TernaryMatMul 4096 -> 704512 (577 MB of packed weights, far above the last-level cache; ternary only:
+the MatMulNBits models of that size pass protobuf's 2 GB limit or the machine's memory). For each: TernaryMatMul / TernaryMoE
 (the kernel the library picks), MatMulNBits 2-bit (block 128, accuracy_level 4) and 4-bit (block 32,
 accuracy_level 4); GB/s of weights read per call and % of the roofline: the C read loop
 (native/bench/read_bandwidth.c) over a buffer far larger than the last-level cache, same threads.
@@ -28,7 +30,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from nativelm.export import ops, pack
-from nativelm.formats.ternary_pack import pack_ternary
+from nativelm.formats.ternary_pack import packed_row_bytes
 from nativelm.runtime import custom_ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,16 +48,23 @@ def _nbytes(inits: list) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in inits)
 
 
+def random_packed(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    """Packed rows of random ternary codes (..., n, packed_row_bytes(k)), made byte-wise: no int32 codes
+    of the whole matrix in memory (the DRAM shape has 2.9 G weights)."""
+    *lead, n, k = shape
+    byte_of_value = ((np.arange(243) * 256 + 242) // 243).astype(np.uint8)  # q of each base-3 value
+    return byte_of_value[rng.integers(0, 243, size=(*lead, n, packed_row_bytes(k)), dtype=np.uint8)]
+
+
 def linear_chain(kind: str, dims: list[int], m: int, rng: np.random.Generator) -> Model:
     """x [m, dims[0]] through len(dims)-1 linears dims[i] -> dims[i+1] of `kind` (ternary, 2bit, 4bit)."""
     nodes, inits, x = [], [], "x"
     for i, (k, n) in enumerate(zip(dims, dims[1:])):
         out = "y" if i == len(dims) - 2 else f"h{i}"
         if kind == "ternary":
-            codes = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
             nodes.append(helper.make_node("TernaryMatMul", [x, f"w{i}", f"s{i}"], [out], domain="nativelm",
                                           K=k, N=n, act_bits=8))
-            inits += [numpy_helper.from_array(pack_ternary(codes), f"w{i}"),
+            inits += [numpy_helper.from_array(random_packed(rng, n, k), f"w{i}"),
                       numpy_helper.from_array(np.array(0.02, np.float32), f"s{i}")]
         else:
             w = rng.standard_normal((n, k)).astype(np.float32) * 0.02
@@ -83,7 +92,7 @@ def moe_chain(layers: int, d: int, experts: int, top_k: int, width: int, rng: np
         names = [x, f"l{i}"]
         inits.append(numpy_helper.from_array(router, f"r{i}"))
         for key, shape in stacks.items():
-            packed = pack_ternary(rng.integers(-1, 2, size=(experts, *shape)).astype(np.int8))
+            packed = random_packed(rng, experts, *shape)
             inits += [numpy_helper.from_array(packed, f"W{key}{i}"),
                       numpy_helper.from_array(np.full(experts, 0.02, np.float32), f"s{key}{i}")]
             names += [f"W{key}{i}", f"s{key}{i}"]
@@ -133,6 +142,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per configuration and repeat")
     parser.add_argument("--roofline-mib", type=int, default=2048, help="read-loop buffer (far above the LLC)")
+    parser.add_argument("--dram", action="store_true", help="add a 577 MB ternary GEMV (weights from memory)")
     args = parser.parse_args()
     if custom_ops.find_library() is None:
         raise SystemExit("bench/ternary_kernels.py: build the library first: native/build.sh")
@@ -144,6 +154,8 @@ def main() -> None:
         "gpu-moe": {"ternary": moe_chain(8, 768, 32, 4, 384, rng)},
         "prefill-512x4096x11008": {k: linear_chain(k, big[:3], 512, rng) for k in ("ternary", "4bit")},
     }
+    if args.dram:
+        shapes["gemv-dram-4096x704512"] = {"ternary": linear_chain("ternary", [4096, 704512], 1, rng)}
     sessions = {(s, k): (session(m, args.threads), b, f) for s, runs in shapes.items() for k, (m, b, f) in runs.items()}
     gbps: dict[tuple[str, str], list[float]] = {key: [] for key in sessions}
     tok_s: dict[tuple[str, str], list[float]] = {key: [] for key in sessions}

@@ -32,7 +32,7 @@ __attribute__((target("avx2"))) static inline __m256i dot_avx2(__m256i acc, __m2
 /* AVX-512 VNNI: the decode GEMV (m = 1, integer activations) on two weight rows at once, one 32-byte
  * block of each in the two halves of a 64-byte register, against the block's activations broadcast
  * to both halves; every other case is AVX-VNNI's. */
-#define K512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,avxvnni")))
+#define K512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,avxvnni")))
 
 K512 static inline __m512i digits512(__m512i s, __m512i lo, __m512i hi, __m512i one, __m512i two) {
   __m512i d = _mm512_maskz_mov_epi8(_mm512_cmpgt_epi8_mask(s, lo), one);
@@ -49,6 +49,9 @@ K512 static void dot_i8_avx512(const uint8_t *w, size_t n, int K, const int8_t *
   int nblk = t_blocks(K);
   const __m512i lo = _mm512_set1_epi8(-43), hi = _mm512_set1_epi8(42), one = _mm512_set1_epi8(1);
   const __m512i two = _mm512_set1_epi8(2), flip = _mm512_set1_epi8((char)0x80);
+  const __m256i pad = _mm256_set1_epi8((char)T_PAD_BYTE);
+  int full = K / TB_CODES;
+  size_t tail_bytes = t_row_bytes(K - full * TB_CODES);
   size_t row = 0;
   for (; row + 4 <= n; row += 4) { /* rows (0, 1) in one register, (2, 3) in another: one x load for four */
     const uint8_t *wr = w + row * rb;
@@ -58,11 +61,12 @@ K512 static void dot_i8_avx512(const uint8_t *w, size_t n, int K, const int8_t *
       __m512i s[2];
       for (int h = 0; h < 2; h++) {
         const uint8_t *r0 = wr + (size_t)(2 * h) * rb, *r1 = r0 + rb;
-        uint8_t pad0[TB_BYTES], pad1[TB_BYTES];
         _mm_prefetch((const char *)(r0 + (size_t)b * TB_BYTES + PREFETCH_AHEAD), _MM_HINT_T0);
         _mm_prefetch((const char *)(r1 + (size_t)b * TB_BYTES + PREFETCH_AHEAD), _MM_HINT_T0);
-        __m256i q0 = _mm256_loadu_si256((const __m256i *)t_block_at(r0, b, K, pad0));
-        __m256i q1 = _mm256_loadu_si256((const __m256i *)t_block_at(r1, b, K, pad1));
+        /* the tail block: a masked load (no read past the row), the rest padded with zero codes */
+        __mmask32 keep = b < full ? ~(__mmask32)0 : (__mmask32)((1ull << tail_bytes) - 1);
+        __m256i q0 = _mm256_mask_loadu_epi8(pad, keep, r0 + (size_t)b * TB_BYTES);
+        __m256i q1 = _mm256_mask_loadu_epi8(pad, keep, r1 + (size_t)b * TB_BYTES);
         s[h] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), flip);
       }
       const int8_t *xb = x + (size_t)b * TB_CODES;

@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define TB_BYTES 32
 #define TB_CODES 160
@@ -54,8 +55,8 @@ const TernaryKernel *t_kernel_choose(const char **error);
 static inline const uint8_t *t_block_at(const uint8_t *row, int b, int K, uint8_t pad[TB_BYTES]) {
   int full = K / TB_CODES;
   if (b < full) return row + (size_t)b * TB_BYTES;
-  size_t nb = t_row_bytes(K - full * TB_CODES);
-  for (size_t j = 0; j < TB_BYTES; j++) pad[j] = j < nb ? row[(size_t)full * TB_BYTES + j] : T_PAD_BYTE;
+  memset(pad, T_PAD_BYTE, TB_BYTES);
+  memcpy(pad, row + (size_t)full * TB_BYTES, t_row_bytes(K - full * TB_CODES));
   return pad;
 }
 
