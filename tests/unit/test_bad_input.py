@@ -445,3 +445,27 @@ def test_an_http_body_past_the_corpus_bound_is_one_line(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_a_deep_release_manifest_is_one_release_error(tmp_path: Path) -> None:
+    from nativelm.fleet.release import ReleaseError, load_release
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    (folder / "release.json").write_text("[" * 100000 + "]" * 100000, encoding="utf-8")
+    with pytest.raises(ReleaseError, match="release.json: nested deeper than"):
+        load_release(folder)
+
+
+def test_the_board_agent_reads_a_deep_or_huge_json_file_as_one_agent_error(tmp_path: Path) -> None:
+    from nativelm.fleet.agent.files import JSON_LIMIT, AgentError, read_json
+
+    deep = tmp_path / "owner.json"
+    deep.write_text("[" * 100000 + "]" * 100000, encoding="utf-8")
+    with pytest.raises(AgentError, match="owner.json: nested too deeply"):
+        read_json(deep)
+    huge = tmp_path / "release.json"
+    huge.write_text(" " * (JSON_LIMIT + 1), encoding="utf-8")
+    with pytest.raises(AgentError, match="larger than"):
+        read_json(huge)
+    assert read_json(tmp_path / "absent.json") is None

@@ -15,7 +15,6 @@ Every file is checked against release.json before anything is sent.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ from nativelm.formats.release import FORMAT as RELEASE_FORMAT
 from nativelm.formats.release import MANIFEST as RELEASE_MANIFEST
 from nativelm.formats.release import RUNTIME_FILE
 from nativelm.fsutil import atomic_dir, sha256_file
+from nativelm.jsonfile import JsonFileError, read_json_file
 from nativelm.tracking.runs import required_tracking_uri
 
 if TYPE_CHECKING:
@@ -80,9 +80,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ReleaseError(f"{folder}: has no {RELEASE_MANIFEST} (not a release folder; `nativelm evaluate` builds one)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReleaseError(f"{path}: not valid JSON ({exc})") from None
+        manifest = read_json_file(path)
+    except JsonFileError as exc:
+        raise ReleaseError(str(exc)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != RELEASE_FORMAT:
         raise ReleaseError(f"{path}: format is not {RELEASE_FORMAT!r}")
     hashes = manifest.get("sha256")

@@ -163,12 +163,22 @@ def complete_files(folder: Path) -> dict[str, Path]:
             if FILE_PATTERN.fullmatch(p.name) and not p.name.endswith(PART) and p.is_file() and not p.is_symlink()}
 
 
+JSON_LIMIT = 4 << 20  # release.json and owner.json hold file lists and a holder: kilobytes
+
+
 def read_json(path: Path) -> Any:
+    """A bounded JSON file of the board's tree (None when absent): too large or nested too deep is one
+    AgentError, never a memory or recursion error."""
     try:
         with open(str(path), encoding="utf-8") as handle:
-            return json.load(handle)
+            text = handle.read(JSON_LIMIT + 1)
+        if len(text) > JSON_LIMIT:
+            raise AgentError(f"cannot read {path}: larger than {JSON_LIMIT} bytes")
+        return json.loads(text)
     except FileNotFoundError:
         return None
+    except RecursionError:
+        raise AgentError(f"cannot read {path}: nested too deeply") from None
     except (OSError, ValueError) as exc:
         raise AgentError(f"cannot read {path}: {exc}") from None
 
