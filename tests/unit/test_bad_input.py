@@ -283,7 +283,7 @@ def test_good_known_hosts_load_every_pinned_host(tmp_path: Path) -> None:
     import paramiko
 
     from nativelm.fleet.inventory import load_inventory
-    from nativelm.fleet.ssh_trust import known_host_keys
+    from nativelm.fleet.known_hosts import known_host_keys
 
     hashed = paramiko.HostKeys.hash_host("[127.0.0.1]:2221")
     inventory = load_inventory(write_inventory(tmp_path, f"\n# c\n{PINNED} a comment\n{hashed} {PINNED.split(' ', 1)[1]}\n"))

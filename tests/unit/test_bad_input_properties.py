@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from nativelm.errors import NativelmError
 from nativelm.fleet.inventory import InventoryError, parse_inventory
-from nativelm.fleet.ssh_trust import KnownHostsError, known_host_keys
+from nativelm.fleet.known_hosts import KnownHostsError, known_host_keys
 from nativelm.formats.envelope import checked, read_json
 from nativelm.params.root import parse_params
 from nativelm.runtime.errors import RuntimeFailure

@@ -26,7 +26,8 @@ from nativelm.formats.release import RUNTIME_FILE, build_release
 from nativelm.formats.ternary_pack import packed_row_bytes, unpack_ternary
 from nativelm.model import ModelParams, build_model
 from nativelm.params.export import ExportParams
-from nativelm.runtime import benchmark, custom_ops, load_model, ternary_reference
+from nativelm.formats import ternary_reference
+from nativelm.runtime import benchmark, custom_ops, load_model
 from nativelm.runtime.__main__ import main as runtime_main
 from nativelm.runtime.errors import IntegrityError
 from nativelm.runtime.health import check_health

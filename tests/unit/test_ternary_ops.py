@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from nativelm.formats.ternary_pack import pack_ternary
 from nativelm.runtime import custom_ops
 from nativelm.runtime.errors import ModelLoadError
-from nativelm.runtime.ternary_reference import route, ternary_matmul, ternary_moe
+from nativelm.formats.ternary_reference import route, ternary_matmul, ternary_moe
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "native" / "build.sh"

@@ -166,7 +166,7 @@ def parse_inventory(text: str, path: Path) -> Inventory:
     if not known_hosts.is_file():
         raise InventoryError(f"{path}: known_hosts: file not found: {known_hosts} (pin the boards' host keys "
                              f"there: see infra/known_hosts)")
-    from nativelm.fleet.ssh_trust import KnownHostsError, known_host_keys  # paramiko: only once it is needed
+    from nativelm.fleet.known_hosts import KnownHostsError, known_host_keys  # paramiko: only once it is needed
 
     try:
         known_host_keys(known_hosts)  # a malformed line stops here, before any board is contacted

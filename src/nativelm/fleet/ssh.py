@@ -30,15 +30,14 @@ import paramiko
 
 from nativelm.fleet.agent import AGENT_NAME
 from nativelm.fleet.agent_pack import inline_source
+from nativelm.fleet.known_hosts import KnownHostsError, known_host_keys
 from nativelm.fleet.ssh_trust import (
     BoardError,
     HostKeyError,
-    KnownHostsError,
     RefuseUnknown,
     connect_reason,
     connection_dropped,
     fingerprint,
-    known_host_keys,
     load_private_key,
 )
 

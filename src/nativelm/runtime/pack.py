@@ -2,7 +2,7 @@
 
 The archive holds `nativelm/__init__.py` (a stub: only the version), `nativelm/jsonfile.py` (the
 bounded manifest reader, standard library only), `nativelm/runtime/*.py`
-(this package without `pack.py` and the test helper `ternary_reference.py`) and a `__main__.py` calling the runtime's CLI. On the board it
+(this package without `pack.py`) and a `__main__.py` calling the runtime's CLI. On the board it
 needs Python with numpy, onnxruntime and tokenizers, nothing else.
 
 The build is reproducible: entries are sorted and stamped with a fixed date, so the same sources
@@ -30,7 +30,7 @@ from . import __version__
 DEFAULT_OUT = Path("dist/nativelm-runtime.pyz")
 DEFAULT_INTERPRETER = "/usr/bin/env python3"
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip entry can hold
-BUILD_ONLY = {"pack.py", "ternary_reference.py"}
+BUILD_ONLY = {"pack.py"}
 SHIPPED_LEAVES = ("jsonfile.py",)  # stdlib-only modules of nativelm that the runtime imports  # build and test helpers, never imported on a board
 
 MAIN = '''"""nativelm board runtime (zipapp): python nativelm-runtime.pyz {generate,bench,health} --model DIR ..."""

@@ -1,9 +1,9 @@
 """numpy reference of the `nativelm` custom operators (TernaryMatMul, TernaryMoE; docs/kernels.md).
 
 What the C kernels must compute, written plainly: the tests hold the library to it (integer
-paths bit for bit) and the exporter checks its graphs against it. Build/test side only: it reads the
-packed layout from `nativelm.formats`, so `pack.py` leaves it out of the board's zipapp. fp32 throughout, in the order
-the kernels use, so results are reproducible: y = (acc · s_x) · s_w.
+paths bit for bit) and the exporter checks its graphs against it. Controller and test side only (a
+board runs the C library). fp32 throughout, in the order the kernels use, so results are
+reproducible: y = (acc · s_x) · s_w.
 """
 
 from __future__ import annotations
