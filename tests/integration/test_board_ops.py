@@ -15,6 +15,7 @@ import torch
 
 from nativelm.export.stage import run_export
 from nativelm.fleet.board_job import health_report
+from nativelm.fleet.onboard_bench import bench_fleet, render_bench
 from nativelm.fleet.provision import provision, render_provision
 from nativelm.fleet.release import LocalRelease, load_release
 from nativelm.fleet.rollout import render_rollout, rollout
@@ -85,6 +86,9 @@ def test_provision_installs_the_library_and_the_board_runs_nativelm_ops(board: S
         assert failure is None and report["ops"] == f"nativelm:{kernel}" and report["ops_reason"] is None
         [status] = fleet_status(board.inventory, board.inventory.boards, fleet)
         assert (status.state, status.ops) == ("ok", f"nativelm:{kernel}")
+        [row] = bench_fleet(board.inventory, board.inventory.boards, fleet)
+        assert row.error is None and row.ops == f"nativelm:{kernel}" and row.value("decode_tokens_per_s") > 0
+        assert render_bench([row])[1].split()[3] == f"nativelm:{kernel}"
 
         # the library removed from the board: the same release falls back, and a deploy still succeeds
         session.run(["rm", "-f", remote_library(session)])
