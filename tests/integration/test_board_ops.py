@@ -103,6 +103,7 @@ def test_provision_installs_the_library_and_the_board_runs_nativelm_ops(board: S
 
 def test_a_board_without_a_build_for_its_architecture_keeps_the_fallback(
         board: SimFleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert custom_ops.source_build("riscv64") is None  # an architecture native/build.sh does not build
     monkeypatch.setattr(custom_ops, "__file__", str(tmp_path / "src" / "nativelm" / "runtime" / "custom_ops.py"))
     assert custom_ops.source_build(ARCH) == tmp_path / "native" / "build" / custom_ops.TRIPLES[ARCH] / custom_ops.LIBRARY
     line = provision_line(board)
