@@ -192,9 +192,9 @@ def test_deploy_rollback_and_bench_commands(sim_fleet: SimFleet, releases: Relea
 
     assert main(["bench", "--params", str(params), "--boards", "board-1", "--no-mlflow"]) == 0
     bench = capsys.readouterr().out.splitlines()
-    assert bench[0].split()[:3] == ["board", "release", "arch"]
-    assert bench[1].split()[:2] == ["board-1", releases.old.name]
-    decode = float(bench[1].split()[4])
+    assert bench[0].split()[:4] == ["board", "release", "arch", "ops"]
+    assert bench[1].split()[:4] == ["board-1", releases.old.name, "x86_64", "contrib"]  # one graph: contrib ops
+    decode = float(bench[1].split()[5])
     assert decode > 0
     with BoardSession(sim_fleet.inventory.board("board-1"), sim_fleet.inventory, sim_fleet.params.fleet) as s:
         assert s.agent("facts")["last_bench"]["decode_tokens_per_s"] > 0  # kept on the board

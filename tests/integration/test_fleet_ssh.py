@@ -280,7 +280,7 @@ def test_status_table_shows_releases_benchmarks_and_unreachable_boards(sim_fleet
         assert (rows[0].current, rows[0].decode_tokens_per_s) == ("status-test", 123.45)
         lines = render_status(rows)
         assert lines[0].split() == ["BOARD", "ADDRESS", "STATE", "ARCH", "PYTHON", "FREE_MB", "RELEASE", "PREVIOUS",
-                                    "RUNTIME", "DECODE_TOK/S", "NOTE"]
+                                    "RUNTIME", "OPS", "DECODE_TOK/S", "NOTE"]
         # a live release listing no files does not verify: status says so rather than "ok"
         assert lines[1].split()[:3] == ["board-1", f"127.0.0.1:{rows[0].address.split(':')[1]}", "damaged"]
         assert "status-test" in lines[1] and "123.5" in lines[1]

@@ -309,8 +309,8 @@ def test_bench_metrics_table_and_chart(tmp_path: Path) -> None:
 
     figures = {"prefill_tokens_per_s": 900.0, "decode_tokens_per_s": 120.5, "time_to_first_token_ms": 12.25,
                "peak_rss_mb": 80.0, "threads": 2}
-    rows = [BenchRow("board-1", "v3", "aarch64", figures),
-            BenchRow("board-2", "v3", "x86_64", {**figures, "decode_tokens_per_s": 60.5}),
+    rows = [BenchRow("board-1", "v3", "aarch64", {**figures, "ops": "nativelm:neon-dot"}),
+            BenchRow("board-2", "v3", "x86_64", {**figures, "decode_tokens_per_s": 60.5, "ops": "fallback"}),
             BenchRow("board-3", error="connect: connection refused by 127.0.0.1:2222")]
     metrics = bench_metrics(rows)
     assert metrics["board.board-1.decode_tokens_per_s"] == 120.5
@@ -319,12 +319,13 @@ def test_bench_metrics_table_and_chart(tmp_path: Path) -> None:
     assert (metrics["fleet.boards_benched"], metrics["fleet.boards_failed"]) == (2.0, 1.0)
     assert (metrics["fleet.decode_tokens_per_s_min"], metrics["fleet.decode_tokens_per_s_median"]) == (60.5, 90.5)
     table = render_bench(rows)
-    assert table[0].split()[:3] == ["board", "release", "arch"]
-    assert table[1].split() == ["board-1", "v3", "aarch64", "900.0", "120.5", "12.2", "80.0"]
-    assert table[3].split()[:3] == ["board-3", "-", "-"] and table[3].endswith("connection refused by 127.0.0.1:2222")
-    assert bench_markdown(rows).splitlines()[2].startswith("| board-1 | v3 | aarch64 | 900.0 | 120.5 |")
+    assert table[0].split()[:4] == ["board", "release", "arch", "ops"]
+    assert table[1].split() == ["board-1", "v3", "aarch64", "nativelm:neon-dot", "900.0", "120.5", "12.2", "80.0"]
+    assert table[2].split()[3] == "fallback"
+    assert table[3].split()[:4] == ["board-3", "-", "-", "-"] and table[3].endswith("connection refused by 127.0.0.1:2222")
+    assert bench_markdown(rows).splitlines()[2].startswith("| board-1 | v3 | aarch64 | nativelm:neon-dot | 900.0 | 120.5 |")
     csv_lines = bench_csv(rows).splitlines()
-    assert csv_lines[0].startswith("board,release,arch,prefill_tokens_per_s,decode_tokens_per_s")
-    assert csv_lines[3].startswith("board-3,,,") and csv_lines[3].endswith("connect: connection refused by 127.0.0.1:2222")
+    assert csv_lines[0].startswith("board,release,arch,ops,prefill_tokens_per_s,decode_tokens_per_s")
+    assert csv_lines[3].startswith("board-3,,,,") and csv_lines[3].endswith("connect: connection refused by 127.0.0.1:2222")
     chart = bench_chart(rows, tmp_path / "bench.png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

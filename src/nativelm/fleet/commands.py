@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                        "is checked every time: size and mtime of each file against the stamp "
                                        "written when it verified, every file hashed with --verify full or once "
                                        "fleet.verify_full_every_s has passed, then its health check; STATE shows "
-                                       "damaged or unhealthy. Changes nothing on a board but the time of its last "
+                                       "damaged or unhealthy, OPS the graph the check ran (nativelm:<kernel>, "
+                                       "fallback or contrib). Changes nothing on a board but the time of its last "
                                        "full check. Exits 1 when a board is unreachable, damaged or unhealthy.")
     add_board_choice(p)
     p.add_argument("--verify", choices=["auto", "full"], default="auto",
@@ -82,12 +83,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         "file of the live release now")
     p.set_defaults(handler=handler("cmd_status"))
 
-    p = actions.add_parser("provision", parents=[common], help="prepare boards: Python check, layout, runtime venv",
+    p = actions.add_parser("provision", parents=[common], help="prepare boards: Python check, layout, runtime venv, operator library",
                            description="On each board: check Python >= 3.9, create the layout under "
                                        "~/<fleet.remote_root>, install the agent, and create venv/ with "
                                        "fleet.runtime_packages from wheels the controller downloads for the "
-                                       "board's platform and uploads (boards need no internet). Idempotent: a "
-                                       "second run installs nothing.")
+                                       "board's platform and uploads (boards need no internet); then nativelm's "
+                                       "operator library, the controller's native/build.sh build for the board's "
+                                       "architecture, into venv/lib (a board without one runs the fallback graph, "
+                                       "and the line says so). Idempotent: a second run installs nothing.")
     add_board_choice(p)
     p.set_defaults(handler=handler("cmd_provision"))
 

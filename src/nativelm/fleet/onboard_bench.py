@@ -57,6 +57,12 @@ class BenchRow:
     results: dict[str, Any] = field(default_factory=dict)  # the runtime's JSON
     error: str | None = None  # "phase: reason"
 
+    @property
+    def ops(self) -> str | None:
+        """The graph the board benchmarked: nativelm:<kernel>, fallback or contrib (None: a runtime predating it)."""
+        ops = self.results.get("ops")
+        return ops if isinstance(ops, str) else None
+
     def value(self, key: str) -> float | None:
         value = self.results.get(key)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -156,11 +162,11 @@ def bench_fleet(inventory: Inventory, boards: Sequence[Board], fleet: FleetParam
 
 
 def table_rows(rows: Sequence[BenchRow]) -> tuple[list[str], list[list[str]]]:
-    header = ["board", "release", "arch", *COLUMNS.values(), "error"]
+    header = ["board", "release", "arch", "ops", *COLUMNS.values(), "error"]
     body = []
     for row in rows:
         figures = [f"{row.value(k):.1f}" if row.value(k) is not None else "-" for k in COLUMNS]
-        body.append([row.board, row.release or "-", row.arch or "-", *figures, row.error or ""])
+        body.append([row.board, row.release or "-", row.arch or "-", row.ops or "-", *figures, row.error or ""])
     return header, body
 
 
@@ -181,9 +187,9 @@ def bench_markdown(rows: Sequence[BenchRow]) -> str:
 def bench_csv(rows: Sequence[BenchRow]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["board", "release", "arch", *METRICS, "error"])
+    writer.writerow(["board", "release", "arch", "ops", *METRICS, "error"])
     for row in rows:
-        writer.writerow([row.board, row.release or "", row.arch or "",
+        writer.writerow([row.board, row.release or "", row.arch or "", row.ops or "",
                          *["" if row.value(k) is None else row.value(k) for k in METRICS], row.error or ""])
     return out.getvalue()
 

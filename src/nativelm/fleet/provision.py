@@ -7,6 +7,13 @@ with ``pip download`` for the board's Python version and platform (cached under
 ``<state_dir>/wheelhouse/<key>``), uploads the wheels the board lacks (sha256-compared) and
 installs with ``pip install --no-index --find-links``. The pins installed are recorded in
 ``<root>/venv/nativelm-packages.json``, so a second run finds them and installs nothing.
+
+Last, nativelm's operator library (docs/kernels.md): the controller's build for the board's
+architecture (``uname -m`` from its facts: ``native/build/x86_64-linux-gnu/`` from ``native/build.sh``,
+``native/build/aarch64-linux-gnu/`` from ``native/build.sh aarch64``, cross-compiled) goes to
+``<root>/venv/lib/libnativelm_ops.so``, where the board runtime looks for it; it is sent only when its
+bytes differ. A board whose architecture has no build on the controller keeps running the fallback
+graph, and the provision line says so.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from nativelm.fleet.agent_pack import agent_bytes
 from nativelm.fleet.ssh import BoardSession, last_line
 from nativelm.fleet.ssh_trust import BoardError
 from nativelm.fsutil import atomic_dir, atomic_write_text, sha256_file
+from nativelm.runtime import custom_ops
 from nativelm.stack.process import file_lock
 
 if TYPE_CHECKING:
@@ -71,6 +79,7 @@ class ProvisionResult:
     installed: bool = False  # pip ran
     error: str | None = None
     seconds: float = 0.0
+    ops: str = ""  # the operator library: "nativelm library installed", "... up to date", or why the fallback
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,18 +91,37 @@ def ensure_layout(session: BoardSession) -> None:
     session.run(["mkdir", "-p", *(session.path(name) for name in ("bin", "releases", "bench", "wheels"))])
 
 
+def ensure_file(session: BoardSession, local: bytes, remote: str, name: str) -> bool:
+    """Upload `local` to the board's `remote` path (through a .part and a rename) unless it already holds
+    these bytes; whether it was sent."""
+    if session.read_bytes(remote, limit=len(local) + 1) == local:
+        return False
+    session.run(["mkdir", "-p", remote.rsplit("/", 1)[0]])
+    with tempfile.TemporaryDirectory(prefix="nativelm-provision-") as staging:
+        upload = Path(staging) / name
+        upload.write_bytes(local)
+        session.put_file(upload, remote, resume=False)
+    return True
+
+
 def ensure_agent(session: BoardSession) -> bool:
     """Upload the agent to <root>/bin/nativelm-agent.pyz unless the board already has this version."""
-    local = agent_bytes()
-    remote = session.read_bytes(session.agent_path)
-    if remote == local:
-        return False
-    session.run(["mkdir", "-p", session.path("bin")])
-    with tempfile.TemporaryDirectory(prefix="nativelm-agent-") as staging:
-        upload = Path(staging) / AGENT_NAME
-        upload.write_bytes(local)
-        session.put_file(upload, session.agent_path, resume=False)
-    return True
+    return ensure_file(session, agent_bytes(), session.agent_path, AGENT_NAME)
+
+
+def ensure_ops_library(session: BoardSession, arch: str) -> str:
+    """Put the controller's operator library build for `arch` into <root>/venv/lib (module docstring);
+    what the board will run, for the provision line."""
+    build = custom_ops.source_build(arch)
+    if build is None:
+        return f"fallback graph (nativelm builds no operator library for {arch})"
+    if not build.is_file():
+        target = " aarch64" if build.parent.name.startswith("aarch64") else ""
+        return f"fallback graph (no {arch} build of {custom_ops.LIBRARY} here: run native/build.sh{target})"
+    remote = session.path("venv", "lib", custom_ops.LIBRARY)
+    if ensure_file(session, build.read_bytes(), remote, custom_ops.LIBRARY):
+        return f"nativelm library installed ({arch})"
+    return f"nativelm library up to date ({arch})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,9 +272,10 @@ def provision_board(session: BoardSession, fleet: FleetParams, state_dir: Path) 
         install_packages(session, pins)
         installed = True
         actions.append(f"{len(pins)} packages installed")
+    ops = ensure_ops_library(session, str(facts.get("arch") or info.machine))
     return ProvisionResult(session.board.name, True, ".".join(map(str, info.version)), info.machine,
                            tuple(actions) or ("up to date",), sent, installed, None,
-                           time.monotonic() - started)
+                           time.monotonic() - started, ops)
 
 
 def for_each_board(boards: Sequence[Board], max_parallel: int, work: Callable[[Board], T]) -> list[T]:
@@ -280,7 +309,8 @@ def render_provision(results: Sequence[ProvisionResult]) -> list[str]:
     lines = []
     for r in results:
         if r.ok:
-            lines.append(f"{r.board}: ok in {r.seconds:.1f} s (python {r.python}, {r.arch}): {', '.join(r.actions)}")
+            lines.append(f"{r.board}: ok in {r.seconds:.1f} s (python {r.python}, {r.arch}): {', '.join(r.actions)}; "
+                         f"ops: {r.ops}")
         else:
             lines.append(f"{r.board}: FAILED: {r.error}")
     return lines

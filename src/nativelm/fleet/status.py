@@ -1,5 +1,6 @@
 """`nativelm fleet status`: each board's reachability, platform, free disk, live release and last benchmark,
-and whether the live release is intact and healthy.
+and whether the live release is intact and healthy, and which graph its health check ran (OPS:
+nativelm:<kernel> on the operator library `nativelm fleet provision` installs, fallback or contrib).
 
 The controller's copy of the agent is piped to the board's Python (`agent(inline=True)`), so boards
 that were never provisioned answer too. The live release is checked every time: each file's size
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nativelm.errors import NativelmError
-from nativelm.fleet.board_job import health_check
+from nativelm.fleet.board_job import health_report
 from nativelm.fleet.provision import check_packages, for_each_board
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fleet.ssh_trust import BoardError
@@ -49,6 +50,7 @@ class BoardStatus:
     verified: str | None = None  # how the live release was checked: "quick" (size, mtime) or "full" (hashes)
     damage: str | None = None  # what does not match, one line (None: intact, or nothing live)
     unhealthy: str | None = None  # the live release's failing health check, one line
+    ops: str | None = None  # the graph the live release's health check ran: nativelm:<kernel>, fallback, contrib
 
     @property
     def state(self) -> str:
@@ -78,11 +80,12 @@ def check_live(session: BoardSession, release: str, verify: str, runtime: bool) 
     """The live release checked against its stamp (`verify`), then its health check when it is intact."""
     args = [release, f"{session.fleet.verify_full_every_s:g}", *(["full"] if verify == "full" else [])]
     reply = session.agent("check", *args, inline=True)
-    found = {"verified": reply.get("mode"), "damage": None, "unhealthy": None}
+    found = {"verified": reply.get("mode"), "damage": None, "unhealthy": None, "ops": None}
     if not reply.get("ok"):
         found["damage"] = "; ".join(reply.get("problems") or ["does not verify"])
     elif runtime:
-        found["unhealthy"] = health_check(session, session.path("current"))
+        found["unhealthy"], report = health_report(session, session.path("current"))
+        found["ops"] = report.get("ops")
     return found
 
 
@@ -137,7 +140,7 @@ def _cell(value: object, fmt: str = "{}") -> str:
 def render_status(rows: Sequence[BoardStatus]) -> list[str]:
     """A table: one line per board, then a count of reachable boards."""
     header = ("BOARD", "ADDRESS", "STATE", "ARCH", "PYTHON", "FREE_MB", "RELEASE", "PREVIOUS", "RUNTIME",
-              "DECODE_TOK/S", "NOTE")
+              "OPS", "DECODE_TOK/S", "NOTE")
     table = [header]
     for r in rows:
         if not r.reachable:
@@ -147,7 +150,7 @@ def render_status(rows: Sequence[BoardStatus]) -> list[str]:
                  r.locked_by and f"locked by {r.locked_by}"]
         note = "; ".join(n for n in notes if n)
         table.append((r.board, r.address, r.state, _cell(r.arch), _cell(r.python), _cell(r.free_disk_mb),
-                      _cell(r.current), _cell(r.previous), _cell(r.runtime),
+                      _cell(r.current), _cell(r.previous), _cell(r.runtime), _cell(r.ops),
                       _cell(r.decode_tokens_per_s, "{:.1f}"), note))
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in table]

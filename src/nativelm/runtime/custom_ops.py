@@ -1,7 +1,8 @@
 """Find and load nativelm's ONNX Runtime operator library (the `nativelm` domain; docs/kernels.md).
 
 The library is looked for, in order: the path in $NATIVELM_OPS_LIBRARY; `libnativelm_ops.so` next to
-the runtime zipapp (where provisioning puts the board's build); the source checkout's
+the runtime zipapp; `<prefix>/lib/libnativelm_ops.so` of the interpreter running it (on a board:
+`<root>/venv/lib/`, where `nativelm fleet provision` puts the board's build); the source checkout's
 `native/build/<triple>/libnativelm_ops.so` (what `native/build.sh` writes). A missing library is no
 error: `load_library` returns None and the caller runs the contrib-operator graph instead. A library
 that is there but cannot be loaded (wrong architecture, truncated, a bad $NATIVELM_OPS_KERNEL) is one
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +38,26 @@ def _zipapp_dir(here: Path) -> Path | None:
     return None
 
 
+def source_build(machine: str) -> Path | None:
+    """Where the source checkout's `native/build.sh` writes the build for CPU architecture `machine`
+    (`uname -m`); None for an architecture it does not build or when this module runs from a zipapp."""
+    here = Path(__file__).resolve()
+    triple = TRIPLES.get(machine.lower())
+    if triple is None or _zipapp_dir(here) is not None or len(here.parents) <= 3:
+        return None
+    return here.parents[3] / "native" / "build" / triple / LIBRARY
+
+
 def candidates() -> list[Path]:
     """Where the library may be, in the order they are tried."""
-    here = Path(__file__).resolve()
     found = [Path(os.environ[ENV_LIBRARY])] if os.environ.get(ENV_LIBRARY) else []
-    zip_dir = _zipapp_dir(here)
+    zip_dir = _zipapp_dir(Path(__file__).resolve())
     if zip_dir is not None:
         found.append(zip_dir / LIBRARY)
-    triple = TRIPLES.get(platform.machine().lower())
-    if triple and len(here.parents) > 3:
-        found.append(here.parents[3] / "native" / "build" / triple / LIBRARY)
+    found.append(Path(sys.prefix) / "lib" / LIBRARY)
+    build = source_build(platform.machine())
+    if build is not None:
+        found.append(build)
     return found
 
 
