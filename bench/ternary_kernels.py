@@ -26,8 +26,10 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnx
@@ -37,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from nativelm.export import ops, pack
 from nativelm.formats.ternary_pack import packed_row_bytes
 from nativelm.runtime import custom_ops
+from nativelm.runtime.errors import ModelLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
 Model = tuple[onnx.ModelProto, int, dict[str, np.ndarray]]  # (model, weight bytes read per call, feeds)
@@ -112,20 +115,29 @@ def moe_chain(layers: int, d: int, experts: int, top_k: int, width: int, rng: np
 
 
 def session(model: onnx.ModelProto, threads: int, kernel: str | None = None) -> ort.InferenceSession:
-    """An ORT session; `kernel` (a ternary model) forces that kernel, chosen when the session builds its operators."""
+    """An ORT session; `kernel` (a ternary model) forces that kernel, chosen when the session builds its
+    operators (a name this CPU does not run: one line, exit 2)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    custom_ops.load_library(options)
-    saved = os.environ.get("NATIVELM_OPS_KERNEL")
+    saved = os.environ.get(custom_ops.ENV_KERNEL)
     if kernel:
-        os.environ["NATIVELM_OPS_KERNEL"] = kernel
+        os.environ[custom_ops.ENV_KERNEL] = kernel
     try:
+        custom_ops.load_library(options)
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except ModelLoadError as exc:
+        fail(f"--kernels: {exc}")
     finally:
-        os.environ.pop("NATIVELM_OPS_KERNEL", None)
+        os.environ.pop(custom_ops.ENV_KERNEL, None)
         if saved is not None:
-            os.environ["NATIVELM_OPS_KERNEL"] = saved
+            os.environ[custom_ops.ENV_KERNEL] = saved
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit 2."""
+    print(f"bench/ternary_kernels.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def time_call(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], seconds: float) -> float:
@@ -176,7 +188,7 @@ def main() -> None:
     if args.shapes:
         unknown = sorted(set(args.shapes.split(",")) - set(shapes))
         if unknown:
-            raise SystemExit(f"bench/ternary_kernels.py: unknown --shapes {','.join(unknown)} (choose from: {', '.join(shapes)})")
+            fail(f"unknown --shapes {','.join(unknown)} (choose from: {', '.join(shapes)})")
         shapes = {name: runs for name, runs in shapes.items() if name in args.shapes.split(",")}
     sessions = {}
     for s, runs in shapes.items():
