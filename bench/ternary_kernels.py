@@ -1,6 +1,7 @@
 """nativelm's ternary kernels against ONNX Runtime's MatMulNBits and the memory-bandwidth roofline.
 
-    python bench/ternary_kernels.py [--threads 2] [--repeats 5] [--roofline-mib 2048]
+    python bench/ternary_kernels.py [--threads 2] [--repeats 5] [--roofline-mib 2048] [--dram]
+                                    [--kernels avx512vnni,avxvnni] [--shapes gpu-moe,...]
 
 Decode shapes (one token, M=1), each a chain of nodes with distinct weights so one run() reads them all:
   gemv-4096x11008   4 GEMVs alternating 4096->11008 and 11008->4096 (the issue's GEMV, 36 MB ternary)
@@ -13,16 +14,22 @@ the MatMulNBits models of that size pass protobuf's 2 GB limit or the machine's 
 (the kernel the library picks), MatMulNBits 2-bit (block 128, accuracy_level 4) and 4-bit (block 32,
 accuracy_level 4); GB/s of weights read per call and % of the roofline: the C read loop
 (native/bench/read_bandwidth.c) over a buffer far larger than the last-level cache, same threads.
-Everything runs in interleaved rounds, `--repeats` times; each figure is given as its range.
+`--kernels` runs the ternary models once per named kernel (NATIVELM_OPS_KERNEL, docs/kernels.md) side
+by side, each ternary row then also given as a ratio (tok/s) to the first kernel named; `--shapes`
+keeps only the named shapes. Everything runs in interleaved rounds, `--repeats` times; each figure is
+given as its range.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnx
@@ -32,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from nativelm.export import ops, pack
 from nativelm.formats.ternary_pack import packed_row_bytes
 from nativelm.runtime import custom_ops
+from nativelm.runtime.errors import ModelLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
 Model = tuple[onnx.ModelProto, int, dict[str, np.ndarray]]  # (model, weight bytes read per call, feeds)
@@ -106,12 +114,30 @@ def moe_chain(layers: int, d: int, experts: int, top_k: int, width: int, rng: np
     return _model(nodes, inits, {"x": (1, d)}, opsets), active, feeds
 
 
-def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int, kernel: str | None = None) -> ort.InferenceSession:
+    """An ORT session; `kernel` (a ternary model) forces that kernel, chosen when the session builds its
+    operators (a name this CPU does not run: one line, exit 2)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    custom_ops.load_library(options)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    saved = os.environ.get(custom_ops.ENV_KERNEL)
+    if kernel:
+        os.environ[custom_ops.ENV_KERNEL] = kernel
+    try:
+        custom_ops.load_library(options)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except ModelLoadError as exc:
+        fail(f"--kernels: {exc}")
+    finally:
+        os.environ.pop(custom_ops.ENV_KERNEL, None)
+        if saved is not None:
+            os.environ[custom_ops.ENV_KERNEL] = saved
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit 2."""
+    print(f"bench/ternary_kernels.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def time_call(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], seconds: float) -> float:
@@ -143,7 +169,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per configuration and repeat")
     parser.add_argument("--roofline-mib", type=int, default=2048, help="read-loop buffer (far above the LLC)")
     parser.add_argument("--dram", action="store_true", help="add a 577 MB ternary GEMV (weights from memory)")
+    parser.add_argument("--kernels", default="", help="comma-separated kernels to run the ternary models with, side by side")
+    parser.add_argument("--shapes", default="", help="comma-separated shapes to keep (default: all)")
     args = parser.parse_args()
+    kernels = [k for k in args.kernels.split(",") if k] or [None]
     if custom_ops.find_library() is None:
         raise SystemExit("bench/ternary_kernels.py: build the library first: native/build.sh")
     rng = np.random.default_rng(0)
@@ -156,7 +185,17 @@ def main() -> None:
     }
     if args.dram:
         shapes["gemv-dram-4096x704512"] = {"ternary": linear_chain("ternary", [4096, 704512], 1, rng)}
-    sessions = {(s, k): (session(m, args.threads), b, f) for s, runs in shapes.items() for k, (m, b, f) in runs.items()}
+    if args.shapes:
+        unknown = sorted(set(args.shapes.split(",")) - set(shapes))
+        if unknown:
+            fail(f"unknown --shapes {','.join(unknown)} (choose from: {', '.join(shapes)})")
+        shapes = {name: runs for name, runs in shapes.items() if name in args.shapes.split(",")}
+    sessions = {}
+    for s, runs in shapes.items():
+        for k, (m, b, f) in runs.items():
+            for kernel in kernels if k == "ternary" else [None]:
+                label = f"{k}:{kernel}" if kernel else k
+                sessions[s, label] = (session(m, args.threads, kernel), b, f)
     gbps: dict[tuple[str, str], list[float]] = {key: [] for key in sessions}
     tok_s: dict[tuple[str, str], list[float]] = {key: [] for key in sessions}
     roof: list[float] = []
@@ -169,14 +208,18 @@ def main() -> None:
     print(f"ternary kernels: {custom_ops.kernel_name(custom_ops.find_library())}, {args.threads} threads, "
           f"ORT {ort.__version__}, {args.repeats} repeats (ranges)")
     print(f"roofline (C read loop, {args.roofline_mib} MiB): {span(roof)} GB/s")
-    print(f"{'shape':24} {'kernel':8} {'MB/call':>8} {'GB/s':>11} {'% roofline':>11} {'tok/s':>13} {'vs 4-bit':>10}")
+    first = f"ternary:{kernels[0]}" if kernels[0] else "ternary"
+    print(f"{'shape':24} {'kernel':18} {'MB/call':>8} {'GB/s':>11} {'% roofline':>11} {'tok/s':>13} {'vs 4-bit':>10}"
+          f" {'vs ' + first:>20}")
     for (shape, kind), (_, nbytes, _) in sessions.items():
-        ratio = ""
+        ratio, vs_first = "", ""
         if kind != "4bit" and (shape, "4bit") in tok_s:
             ratio = span([a / b for a, b in zip(tok_s[shape, kind], tok_s[shape, "4bit"])], "{:.2f}") + "x"
+        if kind.startswith("ternary") and len(kernels) > 1:
+            vs_first = span([a / b for a, b in zip(tok_s[shape, kind], tok_s[shape, first])], "{:.2f}") + "x"
         pct = [100 * g / r for g, r in zip(gbps[shape, kind], roof)]
-        print(f"{shape:24} {kind:8} {nbytes / 1e6:8.2f} {span(gbps[shape, kind]):>11} {span(pct, '{:.0f}'):>11} "
-              f"{span(tok_s[shape, kind], '{:.0f}'):>13} {ratio:>10}")
+        print(f"{shape:24} {kind:18} {nbytes / 1e6:8.2f} {span(gbps[shape, kind]):>11} {span(pct, '{:.0f}'):>11} "
+              f"{span(tok_s[shape, kind], '{:.0f}'):>13} {ratio:>10} {vs_first:>20}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ const TernaryKernel *const *t_kernels_available(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     int avxvnni = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
-    if (avxvnni && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+    if (avxvnni && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vnni"))
       list[n++] = &t_kernel_avx512vnni;
     if (avxvnni) list[n++] = &t_kernel_avxvnni;
