@@ -23,7 +23,7 @@ mkdir -p "$out"
 src="$here/src"
 common=(-std=gnu11 -O3 -fPIC -Wall -Wextra -Werror -ffp-contract=off -I"$here/include" -I"$src")
 kernels=("$src/prepare.c" "$src/kernels_portable.c" "$src/dispatch.c" "$src/kernels_x86.c" "$src/kernels_arm.c")
-ops=("$src/ort_glue.c" "$src/op_matmul.c" "$src/op_moe.c" "$src/register.c")
+ops=("$src/ort_glue.c" "$src/op_define.c" "$src/op_matmul.c" "$src/op_moe.c" "$src/register.c")
 
 "$cc" "${common[@]}" -shared -fvisibility=hidden -pthread -o "$out/.libnativelm_ops.so.tmp" "${kernels[@]}" "${ops[@]}" -lm
 mv -f "$out/.libnativelm_ops.so.tmp" "$out/libnativelm_ops.so"

@@ -39,7 +39,7 @@ void *op_alloc(size_t bytes);
 OrtStatus *op_created(const char *name, void *op, int64_t act_bits, const TernaryKernel **k, OrtStatus *st,
                       void **out);
 
-/* What differs between the operators; op_define (register.c) fills the rest of an OrtCustomOp. */
+/* What differs between the operators; op_define (op_define.c) fills the rest of an OrtCustomOp. */
 typedef struct OpCallbacks {
   const char *(*name)(const OrtCustomOp *op);
   int (*input_type)(const OrtCustomOp *op, size_t index);
