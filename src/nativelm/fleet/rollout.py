@@ -1,8 +1,15 @@
 """A rollout across the fleet: canary boards first, then the rest in waves, stopping when too many fail.
 
 - Wave 1 is every board of group ``canary``: if any of them fails, the rollout aborts.
-- The other boards follow in waves of ``fleet.max_parallel`` boards, updated at the same time; after
-  a wave, more than ``fleet.max_failed_boards`` failed boards abort the rollout.
+- The other boards follow in waves: up to each cumulative percent of ``fleet.waves`` (rounded up, at
+  least one board a wave), or without it in waves of ``fleet.max_parallel`` boards; at most
+  ``fleet.max_parallel`` boards of a wave are updated at the same time.
+- With ``fleet.gate_max_slowdown`` set, each wave's updated boards are benchmarked and those slower than
+  the previous release on the same board fail (`wave_gate`); then ``fleet.wave_pause_s`` is waited.
+- After a wave, more than ``fleet.max_failed_boards`` failed boards, or more than
+  ``fleet.max_failed_percent`` percent of the rollout's boards, abort the rollout.
+- A board with no result ``fleet.board_deadline_s`` after it started is failed (phase "deadline") and
+  not waited for; its lock stays on the board for a later take-over or `nativelm fleet unlock`.
 - Boards not reached because of an abort are recorded as "skipped", with the reason.
 
 Every board's result goes to ``<stack.state_dir>/rollouts/<rollout id>.json`` (rewritten atomically
@@ -11,7 +18,8 @@ board lock left behind by this one (see `board_job.BoardJob.take_over_leftover`)
 
 `plan_rollout` gives the rollout as a `RolloutPlan`: its waves and the step of one board. `run`
 drives the waves in this process (a thread pool per wave); a caller with its own executor (the
-Prefect flow: one task per board) passes `run_wave`, and the abort rules stay the ones here.
+Prefect flow: one task per board) passes `run_wave`, and the abort rules, gate and pause stay the ones
+here (the deadline is the in-process executor's; the flow's task runs have their own timeouts).
 """
 
 from __future__ import annotations
