@@ -74,7 +74,8 @@ def test_each_board_is_a_task_and_only_connection_failures_are_retried(flows: Mo
     assert [(b["board"], b["outcome"]) for b in log["boards"]] == [
         ("c1", "updated"), ("b1", "updated"), ("b2", "failed"), ("b3", "updated")]
     assert log["finished"] and log["aborted"] is None and log["settings"] == {
-        "max_parallel": 2, "max_failed_boards": 1, "keep_releases": 3}
+        "max_parallel": 2, "max_failed_boards": 1, "keep_releases": 3, "max_failed_percent": 100.0, "waves": None,
+        "wave_pause_s": 0.0, "gate_max_slowdown": None, "board_deadline_s": None}
 
 
 def test_the_rollout_flow_on_the_simulated_fleet(flows: ModuleType, sim_fleet: SimFleet, releases: Releases,

@@ -19,6 +19,7 @@ from nativelm.fleet.inventory import Board
 from nativelm.fleet.progress import Progress
 from nativelm.fleet.release import LocalRelease, RegistrySpec, ReleaseError, load_release, parse_spec
 from nativelm.fleet.rollout import (
+    StopRules,
     Wave,
     log_finished,
     new_rollout_id,
@@ -126,7 +127,7 @@ def outcomes(failing: set[str], seen: list[str] | None = None):
 def test_failed_canary_aborts_and_skips_the_rest() -> None:
     waves = plan_waves([board("c1", "canary"), board("b1"), board("b2")], 4)
     seen: list[str] = []
-    results, abort = run_waves(waves, outcomes({"c1"}, seen), max_parallel=4, max_failed=5)
+    results, abort = run_waves(waves, outcomes({"c1"}, seen), max_parallel=4, rules=StopRules(5))
     assert seen == ["c1"]
     assert abort == "canary failed on c1"
     assert [(r.board, r.outcome) for r in results] == [("c1", "failed"), ("b1", "skipped"), ("b2", "skipped")]
@@ -136,11 +137,11 @@ def test_failed_canary_aborts_and_skips_the_rest() -> None:
 def test_abort_once_more_boards_failed_than_allowed() -> None:
     waves = plan_waves([board(f"b{i}") for i in range(1, 7)], 2)
     seen: list[str] = []
-    results, abort = run_waves(waves, outcomes({"b1", "b3"}, seen), max_parallel=2, max_failed=1)
+    results, abort = run_waves(waves, outcomes({"b1", "b3"}, seen), max_parallel=2, rules=StopRules(1))
     assert sorted(seen) == ["b1", "b2", "b3", "b4"]  # the second failure ends wave 2; wave 3 never starts
     assert abort is not None and "2 boards failed" in abort
     assert [r.outcome for r in results] == ["failed", "updated", "failed", "updated", "skipped", "skipped"]
-    results, abort = run_waves(waves, outcomes({"b1"}), max_parallel=2, max_failed=1)
+    results, abort = run_waves(waves, outcomes({"b1"}), max_parallel=2, rules=StopRules(1))
     assert abort is None and [r.outcome for r in results].count("updated") == 5
 
 
@@ -152,7 +153,7 @@ def test_waves_run_boards_in_parallel_up_to_the_bound() -> None:
         return BoardResult(b.name, "updated")
 
     results, abort = run_waves([Wave("w", tuple(board(f"b{i}") for i in range(3)))], run_one,
-                               max_parallel=3, max_failed=0)
+                               max_parallel=3, rules=StopRules(0))
     assert abort is None and [r.outcome for r in results] == ["updated"] * 3
 
 
@@ -160,7 +161,7 @@ def test_a_crashing_board_job_is_a_failed_board_not_a_crashed_rollout() -> None:
     def run_one(b: Board) -> BoardResult:
         raise KeyError("oops")
 
-    results, abort = run_waves(plan_waves([board("b1")], 1), run_one, max_parallel=1, max_failed=0)
+    results, abort = run_waves(plan_waves([board("b1")], 1), run_one, max_parallel=1, rules=StopRules(0))
     assert (results[0].outcome, results[0].phase) == ("failed", "internal") and "KeyError" in results[0].reason
     assert abort is not None
 

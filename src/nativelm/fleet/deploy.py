@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from nativelm.fleet.board_job import BoardContext, BoardJob, BoardResult, StepFailed, on_board
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fleet.ssh_trust import BoardError
+from nativelm.fleet.status import bench_figure
+from nativelm.fleet.wave_gate import PREVIOUS_DECODE
 from nativelm.formats.release import MANIFEST as RELEASE_MANIFEST
 
 if TYPE_CHECKING:
@@ -181,6 +183,7 @@ class BoardDeploy(BoardJob):
                 self.update(facts)
 
     def update(self, facts: dict[str, Any]) -> None:
+        self.result.extra[PREVIOUS_DECODE] = bench_figure(facts.get("last_bench"))  # for the wave gate
         missing = self.missing_files()
         self.check_disk(facts, missing)
         self.upload(missing)

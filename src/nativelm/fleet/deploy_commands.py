@@ -29,11 +29,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
     p = sub.add_parser(
         "deploy", parents=[common], help="roll a release out to the boards (canary first, then waves)",
-        description="Roll a release out over SSH: canary boards first, then the rest in waves of "
-                    "fleet.max_parallel; files whose sha256 already matches are not sent again, interrupted "
+        description="Roll a release out over SSH: canary boards first, then the rest in waves (cumulative "
+                    "percents fleet.waves, else fleet.max_parallel boards a wave; with fleet.gate_max_slowdown each "
+                    "wave's boards are benchmarked against the previous release, then fleet.wave_pause_s); files whose sha256 already matches are not sent again, interrupted "
                     "uploads resume; on each board every file is verified and the golden health check passes "
                     "before `current` is switched atomically (a failure keeps or restores the previous "
-                    "release). More than fleet.max_failed_boards failed boards abort the rollout. Then the "
+                    "release). More than fleet.max_failed_boards failed boards, or more than fleet.max_failed_percent percent, "
+                    "abort the rollout; a board silent past fleet.board_deadline_s fails, its lock left. Then the "
                     "boards serving the release are benchmarked and the rollout is recorded (one MLflow run, nested "
                     "under the pipeline run that registered the version). Result log: "
                     "<stack.state_dir>/rollouts/<id>.json. A lock left by a controller of this host that died is "

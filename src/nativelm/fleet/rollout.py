@@ -1,8 +1,15 @@
 """A rollout across the fleet: canary boards first, then the rest in waves, stopping when too many fail.
 
 - Wave 1 is every board of group ``canary``: if any of them fails, the rollout aborts.
-- The other boards follow in waves of ``fleet.max_parallel`` boards, updated at the same time; after
-  a wave, more than ``fleet.max_failed_boards`` failed boards abort the rollout.
+- The other boards follow in waves: up to each cumulative percent of ``fleet.waves`` (rounded up, at
+  least one board a wave), or without it in waves of ``fleet.max_parallel`` boards; at most
+  ``fleet.max_parallel`` boards of a wave are updated at the same time.
+- With ``fleet.gate_max_slowdown`` set, each wave's updated boards are benchmarked and those slower than
+  the previous release on the same board fail (`wave_gate`); then ``fleet.wave_pause_s`` is waited.
+- After a wave, more than ``fleet.max_failed_boards`` failed boards, or more than
+  ``fleet.max_failed_percent`` percent of the rollout's boards, abort the rollout.
+- A board with no result ``fleet.board_deadline_s`` after it started is failed (phase "deadline") and
+  not waited for; its lock stays on the board for a later take-over or `nativelm fleet unlock`.
 - Boards not reached because of an abort are recorded as "skipped", with the reason.
 
 Every board's result goes to ``<stack.state_dir>/rollouts/<rollout id>.json`` (rewritten atomically
@@ -11,18 +18,20 @@ board lock left behind by this one (see `board_job.BoardJob.take_over_leftover`)
 
 `plan_rollout` gives the rollout as a `RolloutPlan`: its waves and the step of one board. `run`
 drives the waves in this process (a thread pool per wave); a caller with its own executor (the
-Prefect flow: one task per board) passes `run_wave`, and the abort rules stay the ones here.
+Prefect flow: one task per board) passes `run_wave`, and the abort rules, gate and pause stay the ones
+here (the deadline is the in-process executor's; the flow's task runs have their own timeouts).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +42,8 @@ from nativelm.fleet.board_job import BoardContext, BoardResult, DeployHooks
 from nativelm.fleet.deploy import deploy_to, rollback_on
 from nativelm.fleet.holder import holder_state, this_holder
 from nativelm.fleet.progress import Progress
-from nativelm.fleet.stopping import block_signals_here, interrupted_by, wait_all
+from nativelm.fleet.wave_gate import bench_gate
+from nativelm.fleet.stopping import WAKE_S, block_signals_here, interrupted_by
 from nativelm.fsutil import atomic_write_text
 from nativelm.params.fleet import RELEASE_PATTERN, FleetParams
 
@@ -57,17 +67,60 @@ class Wave:
     gate: bool = False
 
 
-def plan_waves(boards: Sequence[Board], max_parallel: int, canary_group: str = CANARY_GROUP) -> list[Wave]:
-    """The canary wave (if any board is in `canary_group`), then the others in chunks of `max_parallel`."""
+def plan_waves(boards: Sequence[Board], max_parallel: int, canary_group: str = CANARY_GROUP,
+               percents: Sequence[int] | None = None) -> list[Wave]:
+    """The canary wave (if any board is in `canary_group`), then the others: in waves up to each cumulative
+    percent of `percents` (rounded up, at least one board a wave), or without percents in chunks of `max_parallel`."""
     canary = tuple(b for b in boards if canary_group in b.groups)
     rest = [b for b in boards if canary_group not in b.groups]
     waves = [Wave("canary", canary, gate=True)] if canary else []
-    for start in range(0, len(rest), max_parallel):
-        waves.append(Wave(f"wave {len(waves) + 1}", tuple(rest[start:start + max_parallel])))
-    return waves
+    ends = wave_ends(len(rest), percents) if percents else range(max_parallel, len(rest) + max_parallel, max_parallel)
+    start = 0
+    for end in ends:
+        waves.append(Wave(f"wave {len(waves) + 1}", tuple(rest[start:end])))
+        start = end
+    return [w for w in waves if w.boards]
+
+
+def wave_ends(count: int, percents: Sequence[int]) -> list[int]:
+    """Where each percent wave of `count` boards ends: ceil(count * percent / 100), at least one more than
+    the wave before, never past `count`."""
+    ends: list[int] = []
+    for percent in percents:
+        end = min(count, max(math.ceil(count * percent / 100), (ends[-1] if ends else 0) + 1))
+        if not ends or end > ends[-1]:
+            ends.append(end)
+    return ends
 
 
 RunWave = Callable[[Wave], list[BoardResult]]  # every board of the wave, results in the wave's order
+Gate = Callable[[Wave, list[BoardResult]], list[BoardResult]]  # a wave's results, those failing the gate as failed
+Expire = Callable[["Board", float], BoardResult]  # the result of a board silent past its deadline (seconds)
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """When a rollout stops early, and what happens between waves (see the module docstring)."""
+
+    max_failed: int
+    max_failed_percent: float = 100.0
+    pause_s: float = 0.0
+    gate: Gate | None = None
+    deadline_s: float | None = None  # in-process executor only (run_waves)
+
+    def abort_reason(self, wave: Wave, done: Sequence[BoardResult], results: Sequence[BoardResult],
+                     total: int) -> str | None:
+        """Why the rollout stops after `wave` (None: it goes on); `results` are all so far, of `total` boards."""
+        failed_here = [r.board for r in done if r.failed]
+        failed_total = sum(r.failed for r in results)
+        if wave.gate and failed_here:
+            return f"canary failed on {', '.join(failed_here)}"
+        if failed_total > self.max_failed:
+            return f"{failed_total} boards failed (more than fleet.max_failed_boards = {self.max_failed})"
+        if total and failed_total * 100 / total > self.max_failed_percent:
+            return (f"{failed_total} of {total} boards failed (more than fleet.max_failed_percent = "
+                    f"{self.max_failed_percent:g}%)")
+        return None
 
 
 def safe_run(run_one: RunOne, board: Board) -> BoardResult:
@@ -78,44 +131,86 @@ def safe_run(run_one: RunOne, board: Board) -> BoardResult:
         return BoardResult(board.name, "failed", phase="internal", reason=f"{type(exc).__name__}: {exc}")
 
 
-def run_waves(waves: Sequence[Wave], run_one: RunOne, *, max_parallel: int, max_failed: int,
-              stop: threading.Event | None = None) -> tuple[list[BoardResult], str | None]:
+def deadline_result(board: Board, deadline_s: float) -> BoardResult:
+    """A board silent past fleet.board_deadline_s: failed; its lock stays for a take-over or `fleet unlock`."""
+    return BoardResult(board.name, "failed", phase="deadline",
+                       reason=f"deadline: no result within fleet.board_deadline_s = {deadline_s:g} s (its lock, if "
+                              f"any, is left for a later rollout's take-over or `nativelm fleet unlock`)")
+
+
+def pool_wave(pool: ThreadPoolExecutor, wave: Wave, run_one: RunOne, deadline_s: float | None,
+              expire: Expire) -> tuple[list[BoardResult], bool]:
+    """Every board of `wave` in `pool`; a board running longer than `deadline_s` gets `expire`'s result
+    and is not waited for. Returns the results in the wave's order and whether any board was left running."""
+    started: dict[str, float] = {}
+
+    def one(board: Board) -> BoardResult:
+        started[board.name] = time.monotonic()
+        return safe_run(run_one, board)
+
+    futures = {pool.submit(one, b): b for b in wave.boards}
+    results: dict[str, BoardResult] = {}
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=WAKE_S)
+        results.update((futures[f].name, f.result()) for f in done)
+        for future in list(pending) if deadline_s is not None else []:
+            board = futures[future]
+            if board.name in started and time.monotonic() - started[board.name] > deadline_s:
+                results[board.name] = expire(board, deadline_s)
+                pending.discard(future)
+    return [results[b.name] for b in wave.boards], any(r.phase == "deadline" for r in results.values())
+
+
+def run_waves(waves: Sequence[Wave], run_one: RunOne, *, max_parallel: int, rules: StopRules,
+              stop: threading.Event | None = None, expire: Expire = deadline_result,
+              ) -> tuple[list[BoardResult], str | None]:
     """Run the waves in order in this process, each with up to `max_parallel` boards at once (threads).
 
     Interrupted (a signal, an exception), `stop` is set before the pool is waited for, so the running
-    board jobs stop at their next step and unlock instead of finishing the rollout.
+    board jobs stop at their next step and unlock instead of finishing the rollout. A board past its
+    deadline is not waited for (its thread ends when its SSH command times out).
     """
-    with ThreadPoolExecutor(max_workers=max(1, max_parallel), thread_name_prefix="board",
-                            initializer=block_signals_here) as pool:
-        try:
-            return drive_waves(waves, lambda wave: wait_all([pool.submit(safe_run, run_one, b) for b in wave.boards]),
-                               max_failed)
-        except BaseException:
-            if stop is not None:
-                stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    pool = ThreadPoolExecutor(max_workers=max(1, max_parallel), thread_name_prefix="board",
+                              initializer=block_signals_here)
+    left_running = False
+
+    def run_wave(wave: Wave) -> list[BoardResult]:
+        nonlocal left_running
+        results, left = pool_wave(pool, wave, run_one, rules.deadline_s, expire)
+        left_running = left_running or left
+        return results
+
+    try:
+        outcome = drive_waves(waves, run_wave, rules)
+    except BaseException:
+        if stop is not None:
+            stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=not left_running, cancel_futures=True)
+    return outcome
 
 
-def drive_waves(waves: Sequence[Wave], run_wave: RunWave, max_failed: int) -> tuple[list[BoardResult], str | None]:
-    """Run the waves in order with `run_wave`, stopping per the rules of the module docstring.
+def drive_waves(waves: Sequence[Wave], run_wave: RunWave, rules: StopRules) -> tuple[list[BoardResult], str | None]:
+    """Run the waves in order with `run_wave` (then `rules.gate`, then the pause), stopping per `rules`.
 
     Returns every board's result (skipped ones included, in wave order) and the abort reason (None: none).
     """
     results: list[BoardResult] = []
     abort: str | None = None
-    for wave in waves:
+    total = sum(len(w.boards) for w in waves)
+    for index, wave in enumerate(waves):
         if abort is not None:
             results += [skipped(b, abort) for b in wave.boards]
             continue
         done = run_wave(wave)
+        if rules.gate is not None:
+            done = rules.gate(wave, done)
         results += done
-        failed_here = [r.board for r in done if r.failed]
-        failed_total = sum(r.failed for r in results)
-        if wave.gate and failed_here:
-            abort = f"canary failed on {', '.join(failed_here)}"
-        elif failed_total > max_failed:
-            abort = f"{failed_total} boards failed (more than fleet.max_failed_boards = {max_failed})"
+        abort = rules.abort_reason(wave, done, results, total)
+        if abort is None and rules.pause_s and index + 1 < len(waves):
+            time.sleep(rules.pause_s)
     return results, abort
 
 
@@ -266,9 +361,10 @@ class RolloutPlan:
     waves: list[Wave]
     job: RunOne
     max_parallel: int
-    max_failed: int
+    rules: StopRules
     progress: Progress | None = None
     stop: threading.Event = field(default_factory=threading.Event)  # the board jobs' (BoardContext.stop)
+    expired: set[str] = field(default_factory=set)  # boards past their deadline: a late result is not logged
 
     @property
     def rollout_id(self) -> str:
@@ -278,6 +374,8 @@ class RolloutPlan:
         return safe_run(self.job, board)
 
     def record(self, result: BoardResult) -> BoardResult:
+        if result.board in self.expired:
+            return result
         self.log.record(result)
         if self.progress is not None:
             self.progress.done(result)
@@ -285,6 +383,12 @@ class RolloutPlan:
 
     def step(self, board: Board) -> BoardResult:
         return self.record(self.attempt(board))
+
+    def expire(self, board: Board, deadline_s: float) -> BoardResult:
+        """Record `board` as failed by its deadline; whatever its job reports later is dropped."""
+        result = self.record(deadline_result(board, deadline_s))
+        self.expired.add(board.name)
+        return result
 
     def run(self, run_wave: RunWave | None = None) -> RolloutResult:
         """Run every wave (this process's threads, or `run_wave`); finish the log; never raises for boards.
@@ -297,9 +401,9 @@ class RolloutPlan:
         try:
             if run_wave is None:
                 results, aborted = run_waves(self.waves, self.step, max_parallel=self.max_parallel,
-                                             max_failed=self.max_failed, stop=self.stop)
+                                             rules=self.rules, stop=self.stop, expire=self.expire)
             else:
-                results, aborted = drive_waves(self.waves, run_wave, self.max_failed)
+                results, aborted = drive_waves(self.waves, run_wave, self.rules)
         except BaseException as exc:
             self.stop.set()
             if self.progress is not None:
@@ -332,12 +436,17 @@ def plan_rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRe
     rid = rollout_id or new_rollout_id("rollout")
     finish_abandoned_logs(state_dir)
     settings = {"max_parallel": fleet.max_parallel, "max_failed_boards": fleet.max_failed_boards,
-                "keep_releases": fleet.keep_releases}
+                "keep_releases": fleet.keep_releases, "max_failed_percent": fleet.max_failed_percent,
+                "waves": fleet.waves, "wave_pause_s": fleet.wave_pause_s, "gate_max_slowdown": fleet.gate_max_slowdown,
+                "board_deadline_s": fleet.board_deadline_s}
     log = RolloutLog(state_dir, RolloutResult(rid, "deploy", release.name, release.version, _now(),
                                               settings=settings))
     ctx = board_context(inventory, fleet, state_dir, rid, hooks, progress)
-    return RolloutPlan(log, plan_waves(boards, fleet.max_parallel), lambda board: deploy(board, ctx, release),
-                       fleet.max_parallel, fleet.max_failed_boards, progress, ctx.stop)
+    gate = None if fleet.gate_max_slowdown is None else bench_gate(inventory, fleet)
+    rules = StopRules(fleet.max_failed_boards, fleet.max_failed_percent, fleet.wave_pause_s, gate,
+                      fleet.board_deadline_s)
+    return RolloutPlan(log, plan_waves(boards, fleet.max_parallel, percents=fleet.waves),
+                       lambda board: deploy(board, ctx, release), fleet.max_parallel, rules, progress, ctx.stop)
 
 
 def rollout(inventory: Inventory, boards: Sequence[Board], release: LocalRelease, fleet: FleetParams,
@@ -359,7 +468,8 @@ def plan_rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetPar
                                               settings={"max_parallel": fleet.max_parallel}))
     ctx = board_context(inventory, fleet, state_dir, rid, None, progress)
     return RolloutPlan(log, [Wave("all", tuple(boards))], lambda board: rollback_on(board, ctx, to),
-                       fleet.max_parallel, len(boards), progress, ctx.stop)
+                       fleet.max_parallel, StopRules(len(boards), deadline_s=fleet.board_deadline_s), progress,
+                       ctx.stop)
 
 
 def rollback(inventory: Inventory, boards: Sequence[Board], fleet: FleetParams, state_dir: Path, *,

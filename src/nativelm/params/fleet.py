@@ -53,6 +53,11 @@ class FleetParams(StrictModel):
     keepalive_s: int = Field(15, ge=0, le=3600)
     max_parallel: int = Field(4, ge=1, le=256)
     max_failed_boards: int = Field(0, ge=0)
+    max_failed_percent: float = Field(100.0, ge=0, le=100)
+    waves: list[int] | None = Field(None, min_length=1, max_length=100)
+    wave_pause_s: float = Field(0.0, ge=0, le=86400)
+    gate_max_slowdown: float | None = Field(None, gt=0, lt=1)
+    board_deadline_s: float | None = Field(None, gt=0, le=86400)
     lock_stale_s: float = Field(3600.0, gt=0)
     verify_full_every_s: float = Field(86400.0, ge=0)
     runtime_packages: list[str] = Field(
@@ -68,6 +73,17 @@ class FleetParams(StrictModel):
         problem = remote_root_error(value)
         if problem:
             raise ValueError(problem)
+        return value
+
+    @field_validator("waves")
+    @classmethod
+    def _waves(cls, value: list[int] | None) -> list[int] | None:
+        """Cumulative percents of the non-canary boards: rising, each in 1..100, the last one 100."""
+        if value is None:
+            return None
+        if any(not 1 <= p <= 100 for p in value) or any(b <= a for a, b in zip(value, value[1:])) \
+                or value[-1] != 100:
+            raise ValueError(f"{value} must be rising cumulative percents in 1..100 ending at 100 (e.g. [10, 50, 100])")
         return value
 
     def remote_root_under(self, home: str) -> str:
