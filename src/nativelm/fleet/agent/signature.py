@@ -28,6 +28,6 @@ def check_signature(lay: Layout, release: str) -> None:
     with open(folder / RELEASE_MANIFEST, "rb") as manifest:
         done = subprocess.run(argv, stdin=manifest, capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S)
     if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or ["ssh-keygen failed"])[-1]
+        why = ((done.stderr + done.stdout).strip().splitlines() or ["ssh-keygen failed"])[-1]
         raise AgentError(f"release {release} refused: {RELEASE_MANIFEST} signature does not verify "
                          f"against {signers.name} ({why})")
