@@ -21,6 +21,7 @@ from nativelm.fleet.provision import provision
 from nativelm.fleet.release import LocalRelease, ReleaseFile, load_release
 from nativelm.fleet.rollout import RolloutResult, rollout
 from nativelm.fleet.signing import create_signing_key, sign_manifest
+from nativelm.fleet.trial import trial_on
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fsutil import sha256_file
 from nativelm.params.fleet import FleetParams
@@ -101,6 +102,22 @@ def test_a_release_without_signature_is_refused(sim_fleet: SimFleet, releases: R
     assert serving(sim_fleet.inventory, live_old, [BOARD]) == {BOARD: releases.old.name}
 
 
+def test_a_trial_signs_what_it_uploads_and_an_unknown_key_is_refused(sim_fleet: SimFleet, releases: Releases,
+                                                                     live_old: FleetParams, tmp_path: Path) -> None:
+    board = sim_fleet.inventory.board(BOARD)
+    ctx = BoardContext(sim_fleet.inventory, live_old, "signing-test")
+    tried = trial_on(board, ctx, releases.new)
+    assert tried.outcome == "tried", tried
+    assert tried.extra["bench"]
+    stranger = tmp_path / "stranger-key"
+    create_signing_key(stranger)
+    ctx = BoardContext(sim_fleet.inventory, live_old.model_copy(update={"signing_key": str(stranger)}), "signing-test")
+    refused_trial = trial_on(board, ctx, releases.new)
+    assert (refused_trial.outcome, refused_trial.phase) == ("failed", "verify"), refused_trial
+    assert "signature does not verify" in refused_trial.reason
+    assert serving(sim_fleet.inventory, live_old, [BOARD]) == {BOARD: releases.old.name}
+
+
 def test_key_rotation(sim_fleet: SimFleet, releases: Releases, live_old: FleetParams, tmp_path: Path) -> None:
     old_key, new_key = Path(live_old.signing_key), tmp_path / "new-release-key"
     create_signing_key(new_key)
@@ -117,3 +134,4 @@ def test_key_rotation(sim_fleet: SimFleet, releases: Releases, live_old: FleetPa
         assert serving(inv, only_new, [BOARD]) == {BOARD: releases.new.name}
     finally:  # the shared fleet goes back to its own key
         assert [r.ok for r in provision(inv, [inv.board(BOARD)], live_old, state)] == [True]
+
