@@ -1,7 +1,8 @@
 """`nativelm fleet provision`: get boards ready to run releases, over SSH, idempotently.
 
 Per board: check its Python (3.9 or newer), create the layout under the remote root, install
-the agent (only when its sha256 differs), and build ``<root>/venv`` with the pinned
+the agent (only when its sha256 differs), write ``<root>/keys/allowed_signers`` from
+``fleet.allowed_signers`` (the keys a release must be signed by, docs/fleet.md), and build ``<root>/venv`` with the pinned
 ``fleet.runtime_packages``. Boards often have no internet, so the controller fills a wheelhouse
 with ``pip download`` for the board's Python version and platform (cached under
 ``<state_dir>/wheelhouse/<key>``), uploads the wheels the board lacks (sha256-compared) and

@@ -13,11 +13,14 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nativelm.errors import NativelmError
 from nativelm.fleet.agent import RELEASE_MANIFEST, SIGNATURE, SIGNER, SIGNING_NAMESPACE
-from nativelm.fleet.release import LocalRelease, ReleaseFile
 from nativelm.fsutil import sha256_file
+
+if TYPE_CHECKING:
+    from nativelm.fleet.release import LocalRelease
 
 KEYGEN_TIMEOUT_S = 60
 PUBLIC_KEY = re.compile(r"((?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+) ([A-Za-z0-9+/]+={0,2})(?: .*)?")
@@ -63,6 +66,8 @@ def sign_manifest(manifest: Path, key: Path, into: Path) -> Path:
 
 def signed(release: LocalRelease, key: Path) -> LocalRelease:
     """`release` with release.json.sig among its files (kept as it is when it carries one already)."""
+    from nativelm.fleet.release import ReleaseFile  # here: `fleet sim` commands never load the registry client
+
     if SIGNATURE in release.files:
         return release
     into = Path(tempfile.mkstemp(dir=_SIGNATURES.name, suffix="." + SIGNATURE)[1])
