@@ -49,6 +49,8 @@ def free_port_block(n: int) -> int:
 def sim_params(root: Path, boards: int = 3, canary: int = 1, **fleet: object) -> Params:
     """Params whose simulated fleet, inventory and state all live under `root`, on free ports."""
     sim = SimParams(boards=boards, canary=canary, base_port=free_port_block(boards), dir=str(root / "sim"))
+    key = root / "sim" / "release-signing-key"
+    fleet = {"signing_key": str(key), "allowed_signers": [f"{key}.pub"], **fleet}
     return Params(stack=StackParams(state_dir=str(root / "state")),
                   fleet=FleetParams(inventory=str(root / "sim" / "fleet.yaml"), sim=sim, **fleet))
 

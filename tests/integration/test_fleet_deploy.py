@@ -20,6 +20,7 @@ from nativelm.fleet.board_job import BoardResult
 from nativelm.fleet.inventory import Inventory
 from nativelm.fleet.release import LocalRelease, load_release, resolve_release
 from nativelm.fleet.rollout import RolloutResult, render_rollout, rollback, rollout
+from nativelm.fleet.signing import signed
 from nativelm.fleet.ssh import BoardSession
 from nativelm.formats.release import RUNTIME_FILE
 from nativelm.params.fleet import FleetParams
@@ -113,9 +114,9 @@ def test_update_unchanged_link_prune_and_rollback(sim_fleet: SimFleet, releases:
     for result in update.boards:
         assert (result.outcome, result.previous, result.live) == ("updated", releases.old.name, releases.new.name)
         # tokenizer, genai config and runtime are the old release's bytes: linked on the board, not sent
-        assert result.files_linked == 3 and result.files_sent == 3
+        assert result.files_linked == 3 and result.files_sent == 4  # the 3 files that differ, and the signature
         shared = sum(releases.new.files[n].size for n in ("tokenizer.json", "genai_config.json", RUNTIME_FILE))
-        assert result.bytes_sent == releases.new.total_bytes - shared
+        assert result.bytes_sent == signed(releases.new, Path(fleet_params.signing_key)).total_bytes - shared
     log = logged(update)
     assert {row["outcome"] for row in log.values()} == {"updated"}
     key = inv.key_path(inv.boards[0])
@@ -231,8 +232,9 @@ def test_registered_version_from_mlflow_rolls_out_and_is_benchmarked(sim_fleet: 
     inv = sim_fleet.inventory
     result = rollout(inv, inv.boards, release, params.fleet, tmp_path / "state")
     assert result.ok, "\n".join(render_rollout(result))
-    # the same bytes as the sha-named release already on the boards: every file linked, nothing sent
-    assert all((r.files_linked, r.bytes_sent) == (len(release.files), 0) for r in result.boards)
+    # the same bytes as the sha-named release already on the boards: every file linked (its
+    # signature too: same manifest, same key), nothing sent
+    assert all((r.files_linked, r.bytes_sent) == (len(release.files) + 1, 0) for r in result.boards)
     assert serving(inv, params.fleet) == {b.name: release.name for b in inv.boards}
 
     rows = bench_fleet(inv, inv.boards, params.fleet, parallel=1)

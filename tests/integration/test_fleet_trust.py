@@ -16,14 +16,18 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 
 from bench.fleet_faults import KINDS, World, facts_of, run_trial, world_in
+from nativelm.fleet.agent import SIGNATURE
 from nativelm.fleet.holder import this_holder, this_host
 from nativelm.fleet.rollout import new_rollout_id, rollback
+from nativelm.fleet.signing import sign_manifest
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fleet.unlock import unlock
 
@@ -100,17 +104,20 @@ def test_rollback_never_activates_a_release_that_fails_verification_or_health(wo
         assert facts_of(world, "board-2")["current"] == facts["current"]
     finally:
         model.write_bytes(saved)
-    manifest, listing = previous / "manifest.json", previous / "release.json"
-    saved_manifest, saved_listing = manifest.read_bytes(), listing.read_bytes()
+    manifest, listing, signature = previous / "manifest.json", previous / "release.json", previous / SIGNATURE
+    saved_manifest, saved_listing, saved_signature = manifest.read_bytes(), listing.read_bytes(), signature.read_bytes()
     data = json.loads(saved_manifest)  # hashes that verify, a golden continuation that fails the health check
     for entry in data["golden"]:
         entry["tokens"] = [token + 1 for token in entry["tokens"]]
-    for path in (manifest, listing):
+    for path in (manifest, listing, signature):
         path.chmod(0o644)
     manifest.write_text(json.dumps(data))
     listed = json.loads(saved_listing)
     listed["sha256"]["manifest.json"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
     listing.write_text(json.dumps(listed))
+    with tempfile.TemporaryDirectory() as tmp:  # signed again by the fleet's key: only the health check can tell
+        signature.write_bytes(sign_manifest(listing, Path(world.params.fleet.signing_key),
+                                            Path(tmp) / SIGNATURE).read_bytes())
     try:
         failed = rollback(world.inventory, [board], world.params.fleet, world.state_dir).boards[0]
         assert (failed.outcome, failed.phase) == ("failed", "health"), failed
@@ -120,6 +127,7 @@ def test_rollback_never_activates_a_release_that_fails_verification_or_health(wo
     finally:
         manifest.write_bytes(saved_manifest)
         listing.write_bytes(saved_listing)
+        signature.write_bytes(saved_signature)
     ok = rollback(world.inventory, [board], world.params.fleet, world.state_dir).boards[0]
     assert ok.outcome == "rolled-back" and facts_of(world, "board-2")["current"] == facts["previous"]
     back = rollback(world.inventory, [board], world.params.fleet, world.state_dir).boards[0]

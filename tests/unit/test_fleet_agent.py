@@ -16,18 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from nativelm.fleet.agent import AGENT_NAME
+from nativelm.fleet.agent import AGENT_NAME, SIGNATURE
 from nativelm.fleet.agent_pack import agent_bytes, archive_files, inline_source
+from nativelm.fleet.signing import allowed_signers_text, create_signing_key, sign_manifest
 
 
 class Board:
     """A board's remote root in a temp folder, with the agent installed at bin/nativelm-agent.pyz."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, key: Path) -> None:
+        self.root, self.key = root, key
         (root / "bin").mkdir(parents=True)
         self.agent = root / "bin" / AGENT_NAME
         self.agent.write_bytes(agent_bytes())
+        (root / "keys").mkdir()
+        (root / "keys" / "allowed_signers").write_text(allowed_signers_text([f"{key}.pub"]))
 
     def call(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
         # -I -S: no site-packages, no environment: only the standard library is importable
@@ -57,6 +60,7 @@ class Board:
             (folder / file).write_bytes(data)
         manifest = {"name": name, "sha256": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
         (folder / "release.json").write_text(json.dumps(manifest))
+        sign_manifest(folder / "release.json", self.key, folder / SIGNATURE)
         return folder
 
     def link(self, name: str) -> str | None:
@@ -64,9 +68,16 @@ class Board:
         return os.readlink(path) if path.is_symlink() else None
 
 
+@pytest.fixture(scope="module")
+def release_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    key = tmp_path_factory.mktemp("signing") / "release-key"
+    create_signing_key(key)
+    return key
+
+
 @pytest.fixture
-def board(tmp_path: Path) -> Board:
-    return Board(tmp_path / "home" / "nativelm")
+def board(tmp_path: Path, release_key: Path) -> Board:
+    return Board(tmp_path / "home" / "nativelm", release_key)
 
 
 def age(folder: Path, seconds_ago: float) -> None:
@@ -289,7 +300,7 @@ def test_activate_swaps_current_and_previous(board: Board) -> None:
     assert board.ok("activate", "v2")["changed"] is False
     assert board.link("previous") == "releases/v1"
     assert board.error("activate", "v7") == "no complete release v7 on this board (missing release.json)"
-    assert sorted(p.name for p in board.root.iterdir()) == ["bin", "current", "previous", "releases"]
+    assert sorted(p.name for p in board.root.iterdir()) == ["bin", "current", "keys", "previous", "releases"]
 
 
 def test_current_never_disappears_while_activations_run(board: Board) -> None:
@@ -380,3 +391,21 @@ def test_save_bench_is_shown_for_the_current_release(board: Board) -> None:
 def test_bad_arguments_are_refused_with_one_line(board: Board, args: list[str], problem: str) -> None:
     assert problem in board.error(*args)
     assert not (board.root.parent / "etc").exists()
+
+
+def test_verify_refuses_an_unsigned_a_wrongly_signed_and_a_tampered_release(board: Board, tmp_path: Path) -> None:
+    folder = board.release("v1")
+    (folder / SIGNATURE).unlink()
+    assert board.error("verify", "v1") == "release v1 refused: not signed (no release.json.sig)"
+    other = tmp_path / "other-key"
+    create_signing_key(other)
+    sign_manifest(folder / "release.json", other, folder / SIGNATURE)
+    assert board.error("verify", "v1").startswith("release v1 refused: release.json signature does not verify")
+    sign_manifest(folder / "release.json", board.key, folder / SIGNATURE)
+    manifest = json.loads((folder / "release.json").read_text())
+    (folder / "release.json").write_text(json.dumps({**manifest, "name": "v1-tampered"}))
+    assert board.error("verify", "v1").startswith("release v1 refused: release.json signature does not verify")
+    assert not (board.root / "verified" / "v1.json").exists()  # never sealed nor stamped
+    (board.root / "keys" / "allowed_signers").unlink()
+    assert board.error("verify", "v1") == ("release v1 refused: no allowed_signers on this board "
+                                           "(run `nativelm fleet provision`)")

@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = actions.add_parser("sim", parents=[common], help="start/stop/show the simulated fleet",
                            description="`up` starts one real OpenSSH sshd per board on loopback ports "
                                        "(fleet.sim.base_port, +1, ...), each with its own host key, home folder and "
-                                       "authorized key, and writes <fleet.sim.dir>/fleet.yaml and known_hosts; "
+                                       "authorized key, and writes <fleet.sim.dir>/fleet.yaml and known_hosts (and "
+                                       "fleet.signing_key, the release signing key, when it does not exist); "
                                        "idempotent. `down` stops them and their sessions; `status` shows them.")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--boards", type=at_least(0, 64), default=None, metavar="N", help="boards (default fleet.sim.boards)")
@@ -83,9 +84,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         "file of the live release now")
     p.set_defaults(handler=handler("cmd_status"))
 
-    p = actions.add_parser("provision", parents=[common], help="prepare boards: Python check, layout, runtime venv, operator library",
+    p = actions.add_parser("provision", parents=[common],
+                           help="prepare boards: Python check, layout, release signing keys, runtime venv, "
+                                "operator library",
                            description="On each board: check Python >= 3.9, create the layout under "
-                                       "~/<fleet.remote_root>, install the agent, and create venv/ with "
+                                       "~/<fleet.remote_root>, install the agent, write keys/allowed_signers from "
+                                       "fleet.allowed_signers (docs/fleet.md), and create venv/ with "
                                        "fleet.runtime_packages from wheels the controller downloads for the "
                                        "board's platform and uploads (boards need no internet); then nativelm's "
                                        "operator library, the controller's native/build.sh build for the board's "

@@ -1,14 +1,15 @@
 """One board's part of a rollout: a state machine that never leaves a board without a verified release.
 
     connect -> agent -> facts -> (live already and verifies: "unchanged", done)
-    -> lock -> facts -> hashes -> link / upload (resumed) -> disk check -> verify
+    -> lock -> facts -> sign -> hashes -> link / upload (resumed) -> disk check -> verify
     -> health of the new release -> activate -> health of `current` (failure: restore) -> prune -> unlock
 
 Every step runs on the board through the agent (`fleet/agent/`) or the release's own runtime;
 `current` only moves in `activate`, after the new release's files verified and its golden
 continuation matched, so any failure before that leaves the previous release live untouched, and a
 failure after it restores both links as they were (`previous` is always the last release that
-passed its health check, never the one that just failed). A release that verifies is sealed
+passed its health check, never the one that just failed). The board's verify also checks
+release.json's signature (fleet/signing.py): an unsigned or wrongly signed release is never live. A release that verifies is sealed
 read-only on the board; files shared with another release are copies (copy-on-write where the
 filesystem can), never hard links, so damage to one release cannot reach another. Each failure is
 recorded as (phase, one-line reason) in the `BoardResult`. A lock left behind by a finished rollout
@@ -23,9 +24,11 @@ fails in phase "facts" with the command that fixes it, instead of a slow install
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nativelm.fleet.board_job import BoardContext, BoardJob, BoardResult, StepFailed, on_board
+from nativelm.fleet.signing import SigningError, signed
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fleet.ssh_trust import BoardError
 from nativelm.fleet.status import bench_figure
@@ -47,6 +50,14 @@ class BoardDeploy(BoardJob):
         super().__init__(session, ctx, release.name)
         self.release = release
 
+    def sign(self) -> None:
+        """Sign the manifest (fleet.signing_key) before anything is sent: boards refuse unsigned releases."""
+        self.note("sign")
+        try:
+            self.release = signed(self.release, Path(self.ctx.fleet.signing_key))
+        except SigningError as exc:
+            raise StepFailed("sign", str(exc)) from None
+
     def release_path(self, *parts: str) -> str:
         return self.session.path("releases", self.release.name, *parts)
 
@@ -65,6 +76,7 @@ class BoardDeploy(BoardJob):
 
     def missing_files(self) -> dict[str, int]:
         """{file: bytes still to send} after skipping matching files and linking known ones."""
+        self.sign()
         self.note("hashes")
         reply = self.session.agent("hashes", self.release.name)
         remote, partial = reply.get("files", {}), reply.get("partial", {})

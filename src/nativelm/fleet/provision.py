@@ -1,7 +1,8 @@
 """`nativelm fleet provision`: get boards ready to run releases, over SSH, idempotently.
 
 Per board: check its Python (3.9 or newer), create the layout under the remote root, install
-the agent (only when its sha256 differs), and build ``<root>/venv`` with the pinned
+the agent (only when its sha256 differs), write ``<root>/keys/allowed_signers`` from
+``fleet.allowed_signers`` (the keys a release must be signed by, docs/fleet.md), and build ``<root>/venv`` with the pinned
 ``fleet.runtime_packages``. Boards often have no internet, so the controller fills a wheelhouse
 with ``pip download`` for the board's Python version and platform (cached under
 ``<state_dir>/wheelhouse/<key>``), uploads the wheels the board lacks (sha256-compared) and
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 from nativelm.errors import NativelmError
 from nativelm.fleet.agent import AGENT_NAME, PACKAGES_FILE
 from nativelm.fleet.agent_pack import agent_bytes
+from nativelm.fleet.signing import allowed_signers_text
 from nativelm.fleet.ssh import BoardSession, last_line
 from nativelm.fleet.ssh_trust import BoardError
 from nativelm.fsutil import atomic_dir, atomic_write_text, sha256_file
@@ -88,7 +90,7 @@ class ProvisionResult:
 
 def ensure_layout(session: BoardSession) -> None:
     """Create the remote root's folders (lock/ is not one: it exists only while a rollout holds the board)."""
-    session.run(["mkdir", "-p", *(session.path(name) for name in ("bin", "releases", "bench", "wheels"))])
+    session.run(["mkdir", "-p", *(session.path(name) for name in ("bin", "releases", "bench", "wheels", "keys"))])
 
 
 def ensure_file(session: BoardSession, local: bytes, remote: str, name: str) -> bool:
@@ -249,6 +251,18 @@ def install_packages(session: BoardSession, pins: Sequence[str]) -> None:
 # boards
 
 
+def ensure_allowed_signers(session: BoardSession, text: str) -> bool:
+    """Write <root>/keys/allowed_signers (the keys a release must be signed by) unless it holds `text`."""
+    remote = session.path("keys", "allowed_signers")
+    if session.run(["cat", remote], check=False).stdout == text:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "allowed_signers"
+        local.write_text(text, encoding="utf-8")
+        session.put_file(local, remote, resume=False)
+    return True
+
+
 def provision_board(session: BoardSession, fleet: FleetParams, state_dir: Path) -> ProvisionResult:
     """Everything provisioning does on one connected board; raises BoardError on failure."""
     started = time.monotonic()
@@ -258,6 +272,9 @@ def provision_board(session: BoardSession, fleet: FleetParams, state_dir: Path) 
     ensure_layout(session)
     if ensure_agent(session):
         actions.append("agent installed")
+    signers = allowed_signers_text(fleet.allowed_signers)
+    if ensure_allowed_signers(session, signers):
+        actions.append(f"allowed_signers written ({signers.count(chr(10))} keys)")
     facts = session.agent("facts")
     sent = 0
     installed = False
@@ -289,6 +306,7 @@ def for_each_board(boards: Sequence[Board], max_parallel: int, work: Callable[[B
 def provision(inv: Inventory, boards: Sequence[Board], fleet: FleetParams, state_dir: Path) -> list[ProvisionResult]:
     """Provision boards in parallel (fleet.max_parallel); each result says what was done or why it failed."""
     check_packages(fleet.runtime_packages)
+    allowed_signers_text(fleet.allowed_signers)  # bad keys: one line before any board is touched
 
     def one(board: Board) -> ProvisionResult:
         started = time.monotonic()

@@ -32,6 +32,7 @@ import yaml
 
 from nativelm.errors import NativelmError
 from nativelm.fleet.inventory import USER_PATTERN
+from nativelm.fleet.signing import create_signing_key
 from nativelm.fleet.sim_sshd import (
     SIM_HOST,
     SSHD,
@@ -151,7 +152,7 @@ def _board_status(root: Path, params: Params, name: str, action: str | None = No
 def sim_up(params: Params, boards: int | None = None, canary: int | None = None) -> list[SimBoard]:
     """Start (or keep) exactly `boards` simulated boards and write fleet.yaml + known_hosts; idempotent.
 
-    A board whose config changed is restarted; boards beyond the count are stopped and removed
+    Creates fleet.signing_key (and its .pub) when it does not exist yet. A board whose config changed is restarted; boards beyond the count are stopped and removed
     (listed last, action "removed").
     """
     n = params.fleet.sim.boards if boards is None else boards
@@ -178,6 +179,7 @@ def sim_up(params: Params, boards: int | None = None, canary: int | None = None)
             for path in (host_key(root, extra), host_key(root, extra).with_name(f"{extra}_host_ed25519.pub")):
                 path.unlink(missing_ok=True)
         client_pub = public_line(root / "keys" / CLIENT_KEY, "nativelm-fleet-client")
+        create_signing_key(Path(params.fleet.signing_key))  # the simulated fleet's release key (docs/fleet.md)
         actions: dict[str, str] = {}
         for name in names:
             changed = prepare_board(root, name, _port(params, name), user, client_pub)

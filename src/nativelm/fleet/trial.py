@@ -1,6 +1,6 @@
 """Trying a release on boards without serving it: upload, verify, health check, benchmark, remove.
 
-    connect -> agent -> lock -> facts -> hashes -> link / upload -> disk check -> verify
+    connect -> agent -> lock -> facts -> sign -> hashes -> link / upload -> disk check -> verify
     -> health of the release -> the runtime's bench on its folder -> discard -> unlock
 
 `nativelm study` measures each row's decode speed on the boards this way. The steps up to the health

@@ -62,6 +62,11 @@ class FleetParams(StrictModel):
     verify_full_every_s: float = Field(86400.0, ge=0)
     runtime_packages: list[str] = Field(
         default_factory=lambda: ["onnxruntime==1.32.0", "numpy==2.4.6", "tokenizers==0.23.3"], min_length=1)
+    # release signing (docs/fleet.md): the controller's private key (never logged) and the public
+    # keys boards accept (several while a key rotates); `fleet sim up` creates the default key
+    signing_key: str = Field(".nativelm/fleet-sim/release-signing-key", min_length=1)
+    allowed_signers: list[str] = Field(
+        default_factory=lambda: [".nativelm/fleet-sim/release-signing-key.pub"], min_length=1)
     bench_prompt_len: int = Field(64, ge=1, le=8192)
     bench_new_tokens: int = Field(32, ge=1, le=8192)
     bench_repeats: int = Field(3, ge=1, le=100)

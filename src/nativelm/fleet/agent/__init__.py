@@ -17,6 +17,7 @@ Layout under <root>::
     wheels/                  the wheelhouse provisioning installs from
     bin/                     this agent
     verified/<release>.json  the stamp of a verified release: each file's size, mtime, sha256
+    keys/allowed_signers     the public keys a release's signature must verify against (provisioned)
     lock/owner.json          present while a rollout holds the board: its owner and controller
     bench/<release>.json     the last on-board benchmark of each release
 
@@ -38,6 +39,9 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 HOLDER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}:[0-9]{1,10}:[0-9]{1,12}(\.[0-9]{1,6})?")
 MODE_PATTERN = re.compile(r"quick|full")
 RELEASE_MANIFEST = "release.json"
+SIGNATURE = "release.json.sig"  # the controller's `ssh-keygen -Y sign` of release.json (docs/fleet.md)
+SIGNING_NAMESPACE = "nativelm-release"  # fixed: a signature made for anything else never verifies
+SIGNER = "nativelm-release"  # the identity every allowed_signers line names
 PACKAGES_FILE = "nativelm-packages.json"
 PART = ".part"
 

@@ -39,6 +39,7 @@ class Layout:
         self.wheels = root / "wheels"
         self.venv = root / "venv"
         self.verified = root / "verified"
+        self.allowed_signers = root / "keys" / "allowed_signers"
 
     def release(self, name: str) -> Path:
         return self.releases / release_name(name)

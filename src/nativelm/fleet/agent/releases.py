@@ -34,6 +34,7 @@ from .files import (
     write_stamp,
 )
 from .lock import lock_owner
+from .signature import check_signature
 
 
 @command("facts")
@@ -111,8 +112,10 @@ def _find_by_hash(lay: Layout, release: str, name: str, sha: str) -> Path | None
 
 @command("verify RELEASE")
 def cmd_verify(lay: Layout, release: str) -> dict[str, Any]:
-    """Hash every file; a release that verifies is sealed read-only and stamped (see `check`)."""
+    """Hash every file and check the manifest's signature; a release that verifies is sealed
+    read-only and stamped (see `check`)."""
     checked = verify_release(lay, release)
+    check_signature(lay, release)
     make_read_only(lay.release(release))
     write_stamp(lay, release)
     return {"ok": True, "files": checked}
