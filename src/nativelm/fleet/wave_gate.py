@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from nativelm.fleet.onboard_bench import BenchRow, bench_fleet
-
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from nativelm.fleet.board_job import BoardResult
     from nativelm.fleet.inventory import Inventory
+    from nativelm.fleet.onboard_bench import BenchRow
     from nativelm.fleet.rollout import Wave
     from nativelm.params.fleet import FleetParams
 
@@ -54,6 +53,8 @@ def bench_gate(inventory: Inventory, fleet: FleetParams) -> Callable[[Wave, list
 
     def gate(wave: Wave, results: list[BoardResult]) -> list[BoardResult]:
         updated = [b for b, r in zip(wave.boards, results) if r.outcome == "updated"]
+        from nativelm.fleet.onboard_bench import bench_fleet  # MLflow: only once a gate runs
+
         rows = {row.board: row for row in bench_fleet(inventory, updated, fleet)} if updated else {}
         return [gate_result(r, rows[r.board], max_slowdown) if r.board in rows else r for r in results]
 
