@@ -155,8 +155,9 @@ def test_sshd_killed_mid_upload_keeps_the_old_release_and_the_upload_resumes(
     resumed = by_board(second)["board-2"]
     assert resumed.outcome == "updated", resumed
     assert resumed.extra["lock_taken_over"]  # the killed rollout could not unlock; it has finished
-    # what was sent: the rest of model.onnx and release.json, nothing already on the board
-    assert resumed.bytes_sent == model - partial + fresh.files["release.json"].size
+    # what was sent: the rest of model.onnx, release.json and its signature, nothing already on the board
+    signature = (board_root(fleet, "board-2") / "releases" / fresh.name / "release.json.sig").stat().st_size
+    assert resumed.bytes_sent == model - partial + fresh.files["release.json"].size + signature
     assert serving(fleet.inventory, on_old) == dict.fromkeys(names(fleet), fresh.name)
 
 
