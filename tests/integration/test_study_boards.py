@@ -41,6 +41,7 @@ def test_every_row_is_benchmarked_on_every_board_without_going_live(tmp_path: Pa
     root = make_project(tmp_path / "project", {
         "tracking.uri": "off", "study.rows": ROWS, "study.model": TINY_TEST_MODEL, "study.steps": 8, "train.threads": 1,
         "fleet.inventory": sim_fleet.params.fleet.inventory, "stack.state_dir": str(tmp_path / "state"),
+        "fleet.signing_key": sim_fleet.params.fleet.signing_key,  # the key the boards were provisioned with
         **{f"fleet.{k}": v for k, v in BENCH.items()}})
     run_checked([sys.executable, "-m", "nativelm.cli", "prepare"], root)
     before = _facts(sim_fleet)
