@@ -59,7 +59,8 @@ from nativelm.fleet.audit import audit, unfinished_logs
 from nativelm.fleet.board_job import DeployHooks
 from nativelm.fleet.inventory import Inventory
 from nativelm.fleet.release import LocalRelease
-from nativelm.fleet.rollout import RolloutResult, rollout
+from nativelm.fleet.rollout import rollout
+from nativelm.fleet.rollout_log import RolloutResult
 from nativelm.fleet.service import FleetChoice, health
 from nativelm.fleet.sim import rotate_host_key, sim_down, sim_status, sim_up, start_board, stop_board
 from nativelm.fleet.ssh import BoardSession

@@ -32,7 +32,8 @@ from typing import Any
 from nativelm.fleet.inventory import Inventory, load_inventory
 from nativelm.fleet.provision import provision
 from nativelm.fleet.release import LocalRelease, load_release
-from nativelm.fleet.rollout import RolloutResult, rollout
+from nativelm.fleet.rollout import rollout
+from nativelm.fleet.rollout_log import RolloutResult
 from nativelm.fleet.sim import sim_down, sim_status, sim_up
 from nativelm.params.fleet import FleetParams, SimParams
 from nativelm.params.root import Params

@@ -26,7 +26,8 @@ from nativelm.fleet.inventory import Board
 from nativelm.fleet.onboard_bench import BenchOne, BenchRow
 from nativelm.fleet.progress import Progress
 from nativelm.fleet.release import LocalRelease
-from nativelm.fleet.rollout import RolloutPlan, Wave
+from nativelm.fleet.rollout import RolloutPlan
+from nativelm.fleet.waves import Wave
 from nativelm.fleet.stopping import stopping
 from nativelm.orchestration.board_tasks import (
     RETRY_DELAY_S,

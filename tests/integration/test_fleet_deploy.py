@@ -19,7 +19,8 @@ import yaml
 from nativelm.fleet.board_job import BoardResult
 from nativelm.fleet.inventory import Inventory
 from nativelm.fleet.release import LocalRelease, load_release, resolve_release
-from nativelm.fleet.rollout import RolloutResult, render_rollout, rollback, rollout
+from nativelm.fleet.rollout import render_rollout, rollback, rollout
+from nativelm.fleet.rollout_log import RolloutResult
 from nativelm.fleet.signing import signed
 from nativelm.fleet.ssh import BoardSession
 from nativelm.formats.release import RUNTIME_FILE

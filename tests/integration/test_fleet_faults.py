@@ -28,12 +28,8 @@ import pytest
 
 from nativelm.fleet.board_job import DeployHooks
 from nativelm.fleet.release import LocalRelease
-from nativelm.fleet.rollout import (
-    RolloutResult,
-    new_rollout_id,
-    render_rollout,
-    rollout,
-)
+from nativelm.fleet.rollout import render_rollout, rollout
+from nativelm.fleet.rollout_log import RolloutResult, new_rollout_id
 from nativelm.fleet.sim import (
     rotate_host_key,
     sim_status,

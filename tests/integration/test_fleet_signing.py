@@ -19,7 +19,8 @@ from nativelm.fleet.deploy import BoardDeploy
 from nativelm.fleet.inventory import Board
 from nativelm.fleet.provision import provision
 from nativelm.fleet.release import LocalRelease, ReleaseFile, load_release
-from nativelm.fleet.rollout import RolloutResult, rollout
+from nativelm.fleet.rollout import rollout
+from nativelm.fleet.rollout_log import RolloutResult
 from nativelm.fleet.signing import create_signing_key, sign_manifest
 from nativelm.fleet.trial import trial_on
 from nativelm.fleet.ssh import BoardSession

@@ -26,7 +26,8 @@ import pytest
 from bench.fleet_faults import KINDS, World, facts_of, run_trial, world_in
 from nativelm.fleet.agent import SIGNATURE
 from nativelm.fleet.holder import this_holder, this_host
-from nativelm.fleet.rollout import new_rollout_id, rollback
+from nativelm.fleet.rollout import rollback
+from nativelm.fleet.rollout_log import new_rollout_id
 from nativelm.fleet.signing import sign_manifest
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fleet.unlock import unlock

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from nativelm.fleet.board_job import DeployHooks
-from nativelm.fleet.rollout import RolloutResult, render_rollout, rollout
+from nativelm.fleet.rollout import render_rollout, rollout
+from nativelm.fleet.rollout_log import RolloutResult
 from nativelm.fleet.sim import sim_status
 from nativelm.fleet.sim_sshd import process_tree
 from nativelm.fleet.ssh import BoardSession

@@ -18,8 +18,8 @@ from nativelm.fleet.board_job import BoardResult, StepFailed, connect_failure, f
 from nativelm.fleet.inventory import Board
 from nativelm.fleet.onboard_bench import bench_waves
 from nativelm.fleet.onboard_bench import BenchRow
-from nativelm.fleet.rollout import (RolloutPlan, StopRules, Wave, drive_waves, plan_rollout, plan_waves, run_waves,
-                                   wave_ends)
+from nativelm.fleet.rollout import RolloutPlan, plan_rollout
+from nativelm.fleet.waves import StopRules, Wave, drive_waves, plan_waves, run_waves, wave_ends
 from nativelm.fleet.wave_gate import PREVIOUS_DECODE, gate_result
 from nativelm.fleet.ssh import AGENT_REMOTE
 from nativelm.fleet.ssh_trust import BoardError, HostKeyError, connection_dropped

@@ -18,16 +18,9 @@ from nativelm.fleet.board_job import BoardContext, BoardResult, DeployHooks, loc
 from nativelm.fleet.inventory import Board
 from nativelm.fleet.progress import Progress
 from nativelm.fleet.release import LocalRelease, RegistrySpec, ReleaseError, load_release, parse_spec
-from nativelm.fleet.rollout import (
-    StopRules,
-    Wave,
-    log_finished,
-    new_rollout_id,
-    plan_waves,
-    render_rollout,
-    rollout,
-    run_waves,
-)
+from nativelm.fleet.rollout import render_rollout, rollout
+from nativelm.fleet.rollout_log import log_finished, new_rollout_id
+from nativelm.fleet.waves import StopRules, Wave, plan_waves, run_waves
 from nativelm.fleet.stopping import Interrupted, stopping
 from nativelm.formats import release as release_format
 from nativelm.formats.release import MANIFEST as RELEASE_MANIFEST

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from nativelm.errors import NativelmError
 from nativelm.fleet.board_job import health_check
 from nativelm.fleet.provision import for_each_board
-from nativelm.fleet.rollout import rollouts_dir
+from nativelm.fleet.rollout_log import rollouts_dir
 from nativelm.fleet.ssh import BoardSession
 
 if TYPE_CHECKING:

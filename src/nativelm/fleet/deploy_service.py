@@ -31,14 +31,9 @@ from nativelm.fleet.onboard_bench import (
 )
 from nativelm.fleet.progress import Progress
 from nativelm.fleet.release import LocalRelease, resolve_release
-from nativelm.fleet.rollout import (
-    RolloutPlan,
-    RolloutResult,
-    Wave,
-    new_rollout_id,
-    plan_rollout,
-    serving_boards,
-)
+from nativelm.fleet.rollout import RolloutPlan, plan_rollout, serving_boards
+from nativelm.fleet.rollout_log import RolloutResult, new_rollout_id
+from nativelm.fleet.waves import Wave
 from nativelm.fleet.service import PRINT_CONSOLE, Console, FleetChoice, run_plan
 from nativelm.params.root import Params
 from nativelm.tracking.runs import RunLogger, resolve_tracking_uri

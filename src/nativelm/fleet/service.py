@@ -12,7 +12,9 @@ from pathlib import Path
 
 from nativelm.fleet.inventory import Board, Inventory, load_inventory, select_boards
 from nativelm.fleet.progress import Progress
-from nativelm.fleet.rollout import RolloutPlan, RolloutResult, RunWave, plan_rollback, render_rollout
+from nativelm.fleet.rollout import RolloutPlan, plan_rollback, render_rollout
+from nativelm.fleet.rollout_log import RolloutResult
+from nativelm.fleet.waves import RunWave
 from nativelm.fleet.status import BoardStatus, fleet_status
 from nativelm.params.root import Params
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from nativelm.fleet.board_job import BoardResult, on_board
 from nativelm.fleet.deploy import BoardDeploy
 from nativelm.fleet.onboard_bench import BenchRow, bench_fleet, run_bench
-from nativelm.fleet.rollout import board_context, new_rollout_id
+from nativelm.fleet.rollout import board_context
+from nativelm.fleet.rollout_log import new_rollout_id
 
 if TYPE_CHECKING:
     from nativelm.fleet.board_job import BoardContext

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from nativelm.fleet.board_job import BoardResult
     from nativelm.fleet.inventory import Inventory
     from nativelm.fleet.onboard_bench import BenchRow
-    from nativelm.fleet.rollout import Wave
+    from nativelm.fleet.waves import Wave
     from nativelm.params.fleet import FleetParams
 
 PREVIOUS_DECODE = "previous_decode_tokens_per_s"
@@ -48,7 +48,7 @@ def gate_result(result: BoardResult, row: BenchRow, max_slowdown: float) -> Boar
 
 
 def bench_gate(inventory: Inventory, fleet: FleetParams) -> Callable[[Wave, list[BoardResult]], list[BoardResult]]:
-    """The gate of `rollout.StopRules`: benchmark a wave's updated boards and fail those too slow."""
+    """The gate of `waves.StopRules`: benchmark a wave's updated boards and fail those too slow."""
     max_slowdown = fleet.gate_max_slowdown or 0.0
 
     def gate(wave: Wave, results: list[BoardResult]) -> list[BoardResult]:
