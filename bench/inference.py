@@ -7,7 +7,7 @@
 For each model size a random-weight NativeLM (vocab 4096, seed 0) is built and exported four ways
 with ``build_graph`` directly (no parity checks: the weights are random): ``ternary-ops`` (nativelm's
 TernaryMatMul + TernaryMoE, five trits per byte; run with the operator library of
-``nativelm.runtime.session.find_ops_library``, skipped with a note where it is not built),
+``nativelm.runtime.custom_ops.find_ops_library``, skipped with a note where it is not built),
 ``ternary`` (2-bit MatMulNBits + 2-bit QMoE), ``int4`` (4-bit MatMulNBits + 4-bit QMoE) and ``fp32``
 (MatMul, MoE as dense standard ONNX over all experts). Each variant, and PyTorch eager, then runs in its own
 subprocess (so the peak RSS of one does not include another's), with ONNX Runtime sessions opened
@@ -408,7 +408,7 @@ def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], 
 
 def _library() -> Any:
     """nativelm's operator library as the board runtime finds it (None: not built)."""
-    from nativelm.runtime.session import find_ops_library
+    from nativelm.runtime.custom_ops import find_ops_library
 
     return find_ops_library()
 

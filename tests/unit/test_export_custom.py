@@ -31,7 +31,8 @@ from nativelm.runtime import benchmark, custom_ops, load_model
 from nativelm.runtime.__main__ import main as runtime_main
 from nativelm.runtime.errors import IntegrityError
 from nativelm.runtime.health import check_health
-from nativelm.runtime.session import CONTRIB_OPS, CUSTOM_GRAPH, FALLBACK_GRAPH, OPS_ENV
+from nativelm.runtime.custom_ops import OPS_ENV
+from nativelm.runtime.session import CONTRIB_OPS, CUSTOM_GRAPH, FALLBACK_GRAPH
 from tests.unit.runtime_model import update_manifest
 from tests.unit.test_export_graph import TINY, attrs, model_file, nodes_by_op, prepared, trained  # noqa: F401
 

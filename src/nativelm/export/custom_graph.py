@@ -23,7 +23,8 @@ from nativelm.export import ternary_ops
 from nativelm.formats.export_folder import MODEL_FILE as FALLBACK_FILE
 from nativelm.params.export import ExportParams
 from nativelm.runtime.errors import RuntimeFailure
-from nativelm.runtime.session import CUSTOM_GRAPH, FALLBACK_GRAPH, OpsLibrary, find_ops_library
+from nativelm.runtime.custom_ops import OpsLibrary, find_ops_library
+from nativelm.runtime.session import CUSTOM_GRAPH, FALLBACK_GRAPH
 
 if TYPE_CHECKING:
     from nativelm.export.graph import ExportGraph

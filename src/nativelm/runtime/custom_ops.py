@@ -19,13 +19,14 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ModelLoadError, first_line
 
 LIBRARY = "libnativelm_ops.so"
 ENV_LIBRARY = "NATIVELM_OPS_LIBRARY"
 ENV_KERNEL = "NATIVELM_OPS_KERNEL"  # "portable" forces the C fallback (read by the library itself)
+OPS_ENV = "NATIVELM_CUSTOM_OPS"  # "off" (or 0 / no / false): ignore the operator library, run the fallback
 TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu",
            "arm64": "aarch64-linux-gnu"}
 
@@ -94,3 +95,19 @@ def load_library(options: Any, path: Path | None = None) -> str | None:
     except Exception as exc:  # onnxruntime raises its own (non-exported) error types
         raise ModelLoadError(f"{path}: onnxruntime refused the operator library ({first_line(exc)})") from exc
     return name
+
+
+class OpsLibrary(NamedTuple):
+    """nativelm's operator library as found on this machine."""
+
+    path: str  # the shared library ONNX Runtime registers
+    kernel: str  # the kernel it chose for this CPU (e.g. avx2, neon, portable)
+
+
+def find_ops_library() -> OpsLibrary | None:
+    """The operator library and its kernel, or None when it is not here or `OPS_ENV` hides it; one that
+    is here but will not load is a ModelLoadError."""
+    if os.environ.get(OPS_ENV, "").strip().lower() in ("off", "0", "no", "false"):
+        return None
+    path = find_library()
+    return None if path is None else OpsLibrary(str(path), kernel_name(path))

@@ -15,7 +15,7 @@ past_len, head_dim]; outputs `logits` [B, S, V] and `present.{i}.key/.value` hol
 A folder may hold two decoders (export variant ``ternary-ops``, `nativelm.export.custom_graph`):
 manifest.json's ``graphs.nativelm`` names the graph on nativelm's own operators and
 ``graphs.fallback`` the contrib-operator graph. `load_model` opens the first when the operator
-library loads here (`find_ops_library`; ``NATIVELM_CUSTOM_OPS=off`` hides it) and the second
+library loads here (`custom_ops.find_ops_library`; ``NATIVELM_CUSTOM_OPS=off`` hides it) and the second
 otherwise; `Model.ops` says which: ``nativelm:<kernel>``, ``fallback`` (the library is missing, or
 the custom graph would not open: `Model.ops_reason`) or ``contrib`` (a folder with one graph).
 
@@ -30,13 +30,15 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from nativelm.jsonfile import JsonFileError, read_json_file
 
-from .errors import BadArgument, IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line
+from . import custom_ops
+from .threads import check_threads, default_threads
+from .errors import IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line
 
 MANIFEST = "manifest.json"
 GENAI_CONFIG = "genai_config.json"
@@ -47,7 +49,6 @@ EOT = "<|endoftext|>"
 CUSTOM_GRAPH = "nativelm"  # manifest["graphs"] key of the graph on nativelm's operators
 FALLBACK_GRAPH = "fallback"  # ... and of the contrib-operator graph beside it
 CONTRIB_OPS = "contrib"  # Model.ops of a folder with a single (contrib-operator) graph
-OPS_ENV = "NATIVELM_CUSTOM_OPS"  # "off" (or 0 / no / false): ignore the operator library, run the fallback
 
 KVCache = list[tuple[np.ndarray, np.ndarray]]
 """One (key, value) pair per layer, each [B, kv_heads, length, head_dim]."""
@@ -316,28 +317,6 @@ def ort_reason(exc: BaseException) -> str:
     return text
 
 
-def default_threads() -> int:
-    """The CPUs this process may run on (a board's cores, or a container's share)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def max_threads() -> int:
-    """The most intra-op threads a session may ask for: 4 x this machine's CPUs (more only oversubscribes
-    the cores; ONNX Runtime would spend minutes creating 100000 threads)."""
-    return 4 * max(1, os.cpu_count() or 1)
-
-
-def check_threads(threads: int) -> int:
-    """`threads` if it is between 1 and max_threads(); a BadArgument otherwise."""
-    if not 1 <= threads <= max_threads():
-        raise BadArgument(f"threads must be between 1 and {max_threads()} (4 x the {os.cpu_count()} CPUs), "
-                          f"got {threads}")
-    return threads
-
-
 def load_tokenizer(path: Path) -> Any:
     """tokenizer.json as a `tokenizers.Tokenizer`; missing or unreadable is one clear line."""
     from tokenizers import Tokenizer
@@ -348,24 +327,6 @@ def load_tokenizer(path: Path) -> Any:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
         raise TokenizerMismatch(f"{path}: not a readable tokenizer ({first_line(exc)})") from None
-
-
-class OpsLibrary(NamedTuple):
-    """nativelm's operator library as found on this machine."""
-
-    path: str  # the shared library ONNX Runtime registers
-    kernel: str  # the kernel it chose for this CPU (e.g. avx2, neon, portable)
-
-
-def find_ops_library() -> OpsLibrary | None:
-    """nativelm's operator library (`custom_ops.find_library`), or None when it is not here or `OPS_ENV`
-    hides it; one that is here but will not load is a ModelLoadError."""
-    if os.environ.get(OPS_ENV, "").strip().lower() in ("off", "0", "no", "false"):
-        return None
-    from . import custom_ops
-
-    path = custom_ops.find_library()
-    return None if path is None else OpsLibrary(str(path), custom_ops.kernel_name(path))
 
 
 def open_session(path: Path, threads: int, library: str | None = None) -> Any:
@@ -380,7 +341,7 @@ def open_session(path: Path, threads: int, library: str | None = None) -> Any:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: warnings would interleave with generated text
     if library is not None:
-        options.register_custom_ops_library(library)
+        custom_ops.load_library(options, Path(library))
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
@@ -394,9 +355,9 @@ def _open_graph(folder: Path, fallback: str, custom: Any, threads: int) -> tuple
     if not custom:
         return folder / fallback, open_session(folder / fallback, threads), CONTRIB_OPS, None
     try:
-        library = find_ops_library()
+        library = custom_ops.find_ops_library()
         if library is None:
-            reason = f"nativelm's operator library is not available here ({OPS_ENV} or not installed)"
+            reason = f"nativelm's operator library is not available here ({custom_ops.OPS_ENV} or not installed)"
         else:
             session = open_session(folder / str(custom), threads, library.path)
             return folder / str(custom), session, f"{CUSTOM_GRAPH}:{library.kernel}", None
