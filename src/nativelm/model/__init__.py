@@ -2,9 +2,9 @@
 GQA attention with RoPE + sliding window and NoPE global layers, and the LM around them."""
 
 from nativelm.model.attention import Attention, apply_rope, attention_mask, rope_tables
+from nativelm.model.bit_schedule import BitSchedule
 from nativelm.model.bitlinear import (
     BitLinear,
-    BitSchedule,
     ExpertLinear,
     RMSNorm,
     bitlinears,
