@@ -41,6 +41,17 @@ def this_holder() -> str:
     return f"{this_host()}:{os.getpid()}:{started:.2f}"
 
 
+def parse_holder(text: Any) -> dict[str, Any] | None:
+    """{"host", "pid", "started"} of a HOST:PID:START_TIME string (`this_holder`'s form), None if it is not one."""
+    parts = text.split(":") if isinstance(text, str) else []
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    try:
+        return {"host": parts[0], "pid": int(parts[1]), "started": float(parts[2])}
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class HolderState:
     """What is known of a lock's holder: `dead` only when this host can prove it; `why` is one line."""

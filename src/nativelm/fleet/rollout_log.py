@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nativelm.fleet.board_job import BoardResult
-from nativelm.fleet.holder import holder_state, this_holder
+from nativelm.fleet.holder import holder_state, parse_holder, this_holder
 from nativelm.fleet.waves import skipped
 from nativelm.fsutil import atomic_write_text
 from nativelm.jsonfile import JsonFileError, read_json_file
@@ -58,14 +58,10 @@ def finish_abandoned_logs(state_dir: Path, newest: int = 200) -> list[str]:
             log = read_json_file(path)
         except JsonFileError:
             continue
-        holder = log.get("controller") if isinstance(log, dict) and not log.get("finished") else None
-        parts = holder.split(":") if isinstance(holder, str) else []
-        if len(parts) != 3 or not parts[1].isdigit():
+        holder = parse_holder(log.get("controller")) if isinstance(log, dict) and not log.get("finished") else None
+        if holder is None:
             continue
-        try:
-            state = holder_state({"host": parts[0], "pid": int(parts[1]), "started": float(parts[2])})
-        except ValueError:
-            continue
+        state = holder_state(holder)
         if state.dead:
             log.update(finished=True, outcome="died", aborted=f"the rollout died: {state.why}")
             atomic_write_text(path, json.dumps(log, indent=2) + "\n")
