@@ -9,7 +9,6 @@ tests/integration/test_fleet_trust.py assert all of them after every trial (docs
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 from nativelm.errors import NativelmError
 from nativelm.fleet.board_job import health_check
 from nativelm.fleet.provision import for_each_board
-from nativelm.fleet.rollout_log import rollouts_dir
+from nativelm.fleet.rollout_log import log_finished, rollouts_dir
 from nativelm.fleet.ssh import BoardSession
 
 if TYPE_CHECKING:
@@ -47,15 +46,8 @@ def board_problems(session: BoardSession) -> list[str]:
 
 def unfinished_logs(state_dir: Path) -> list[str]:
     """Rollout logs of this controller that are not finished."""
-    found = []
-    for path in sorted(rollouts_dir(state_dir).glob("*.json")):
-        try:
-            finished = json.loads(path.read_text()).get("finished")
-        except (OSError, ValueError, AttributeError):
-            finished = False
-        if not finished:
-            found.append(path.stem)
-    return found
+    return [path.stem for path in sorted(rollouts_dir(state_dir).glob("*.json"))
+            if not log_finished(state_dir, path.stem)]
 
 
 def audit(inv: Inventory, boards: Sequence[Board], fleet: FleetParams, state_dir: Path) -> list[str]:
