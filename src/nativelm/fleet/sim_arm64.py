@@ -43,6 +43,10 @@ _CORE = ("processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes
 _CORES = 256  # more entries than any host has CPUs: the probe keeps those the host's /sys lists
 
 
+class PackagesUnavailable(NativelmError):
+    """apt could not fetch Debian's arm64 packages (no network, no mirror): nothing was built."""
+
+
 def missing_tools() -> list[str]:
     """The host tools an ARM64 board needs that are not installed, as 'tool (package)'."""
     return [f"{tool} ({package})" for tool, package in TOOLS.items() if shutil.which(tool) is None]
@@ -93,14 +97,17 @@ def download_packages(work: Path) -> list[Path]:
         'Dir::Etc::Preferences "/dev/null";', 'Dir::Etc::PreferencesParts "/dev/null";',
         'APT::Install-Recommends "false";', 'APT::Sandbox::User "root";', ""]))
     env = {"APT_CONFIG": str(config)}
-    run_tool(["apt-get", "-q", "update"], "apt-get update for arm64", env)
     for old in (cache / "archives").glob("*.deb"):
         old.unlink()
-    run_tool(["apt-get", "-q", "-y", "--download-only", "install", *ARM64_PACKAGES],
-             f"downloading {' '.join(ARM64_PACKAGES)} for arm64", env)
+    try:
+        run_tool(["apt-get", "-q", "update"], "apt-get update for arm64", env)
+        run_tool(["apt-get", "-q", "-y", "--download-only", "install", *ARM64_PACKAGES],
+                 f"downloading {' '.join(ARM64_PACKAGES)} for arm64", env)
+    except NativelmError as exc:
+        raise PackagesUnavailable(str(exc)) from None
     debs = sorted((cache / "archives").glob("*.deb"))
     if not debs:
-        raise NativelmError(f"apt downloaded no arm64 packages into {cache / 'archives'}")
+        raise PackagesUnavailable(f"apt downloaded no arm64 packages into {cache / 'archives'}")
     return debs
 
 
