@@ -91,6 +91,8 @@ def deployed(board: SimFleet, export_dir: Path, tmp_path_factory: pytest.TempPat
 
 
 def test_provisioning_reads_aarch64_and_installs_aarch64_wheels_and_library(board: SimFleet) -> None:
+    [entry] = board.inventory.boards
+    assert entry.labels == {"kind": "simulated", "arch": "aarch64"} and entry.python.endswith("/usr/bin/python3-qemu")
     state = Path(board.params.stack.state_dir)
     [again] = provision(board.inventory, board.inventory.boards, board.params.fleet, state)
     assert again.ok, render_provision([again])

@@ -120,6 +120,7 @@ def write_wrapper(tmp: Path, rootfs: Path) -> None:
         f"exec {shlex.quote(str(qemu))} -L {shlex.quote(str(rootfs))} -0 \"$0\" "
         f"{shlex.quote(str(rootfs / 'usr/bin/python3.11'))} \"$@\"",
         ""])
+    (tmp / WRAPPER).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(tmp / WRAPPER, script)
     (tmp / WRAPPER).chmod(0o755)
 
