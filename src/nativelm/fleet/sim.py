@@ -14,6 +14,9 @@ runtime see the board's home; the SFTP subsystem (``internal-sftp -d <home>``) s
 too. The controller learns the home with ``printenv HOME`` and uses absolute paths only, so
 nothing depends on the session's working folder. Under root sshd needs its privilege
 separation folder ``/run/sshd``, created here when missing.
+
+The last ``fleet.sim.arm64`` boards are ARM64 boards: the same sshd, but their ``python`` is Debian's
+arm64 Python under qemu-user (``nativelm.fleet.sim_arm64``, docs/fleet.md#an-arm64-board).
 """
 
 from __future__ import annotations
