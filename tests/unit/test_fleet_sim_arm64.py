@@ -41,17 +41,18 @@ def test_a_built_rootfs_is_kept_and_a_failed_download_leaves_it_as_it_was(tmp_pa
     monkeypatch.setenv("PATH", f"{fake_qemu(tmp_path / 'bin').parent}:{os.environ['PATH']}")
     rootfs = tmp_path / "rootfs"
     (rootfs / "usr" / "bin").mkdir(parents=True)
-    (rootfs / sim_arm64.STAMP).write_text(json.dumps(list(sim_arm64.ARM64_PACKAGES)))
+    (rootfs / sim_arm64.STAMP).write_text(sim_arm64.rootfs_stamp(rootfs))
 
     def offline(work: Path) -> list[Path]:
         raise sim_arm64.PackagesUnavailable("apt-get update for arm64 failed: E: no network")
 
     monkeypatch.setattr(sim_arm64, "download_packages", offline)
     assert sim_arm64.ensure_rootfs(rootfs) == rootfs / sim_arm64.WRAPPER  # cached: apt is not asked
-    (rootfs / sim_arm64.STAMP).write_text('["an older package list"]')
+    moved = sim_arm64.rootfs_stamp(tmp_path / "elsewhere")  # the wrapper would name another folder
+    (rootfs / sim_arm64.STAMP).write_text(moved)
     with pytest.raises(sim_arm64.PackagesUnavailable, match="no network"):
         sim_arm64.ensure_rootfs(rootfs)
-    assert (rootfs / sim_arm64.STAMP).read_text() == '["an older package list"]'
+    assert (rootfs / sim_arm64.STAMP).read_text() == moved
     assert sorted(p.name for p in tmp_path.iterdir()) == [".rootfs.lock", "bin", "rootfs"]
 
 

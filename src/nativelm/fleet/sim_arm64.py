@@ -57,6 +57,12 @@ def wrapper_path(rootfs: Path) -> Path:
     return rootfs / WRAPPER
 
 
+def rootfs_stamp(rootfs: Path) -> str:
+    """What a built userland records: a folder built for other packages, moved, or whose wrapper names
+    another qemu is built again."""
+    return json.dumps({"packages": list(ARM64_PACKAGES), "folder": str(rootfs), "qemu": shutil.which("qemu-aarch64")})
+
+
 def ensure_rootfs(rootfs: Path) -> Path:
     """Build the arm64 userland at `rootfs` unless it is there already (module docstring); the wrapper's path.
 
@@ -67,7 +73,7 @@ def ensure_rootfs(rootfs: Path) -> Path:
     if missing:
         raise NativelmError(f"a simulated ARM64 board needs {', '.join(missing)}: "
                             f"bash infra/setup.sh dev installs them")
-    stamp = json.dumps(list(ARM64_PACKAGES))
+    stamp = rootfs_stamp(rootfs)
     rootfs.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(rootfs.parent / f".{rootfs.name}.lock"):
         if (rootfs / STAMP).is_file() and (rootfs / STAMP).read_text() == stamp:
