@@ -27,6 +27,7 @@ from nativelm.fleet.onboard_bench import bench_fleet
 from nativelm.fleet.provision import provision, render_provision
 from nativelm.fleet.rollout import render_rollout, rollout
 from nativelm.fleet.rollout_log import RolloutResult
+from nativelm.fleet.sim import render_sim, sim_status
 from nativelm.fleet.sim_arm64 import PackagesUnavailable, ensure_rootfs, missing_tools
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fleet.status import fleet_status
@@ -92,6 +93,8 @@ def deployed(board: SimFleet, export_dir: Path, tmp_path_factory: pytest.TempPat
 
 def test_provisioning_reads_aarch64_and_installs_aarch64_wheels_and_library(board: SimFleet) -> None:
     [entry] = board.inventory.boards
+    [line] = render_sim(sim_status(board.params))
+    assert line.startswith("board-1") and line.endswith(" [ARM64: python under qemu-user]"), line
     assert entry.labels == {"kind": "simulated", "arch": "aarch64"} and entry.python.endswith("/usr/bin/python3-qemu")
     state = Path(board.params.stack.state_dir)
     [again] = provision(board.inventory, board.inventory.boards, board.params.fleet, state)

@@ -13,9 +13,10 @@ import pytest
 
 from nativelm.errors import NativelmError
 from nativelm.fleet import sim_arm64
-from nativelm.fleet.sim import sim_up
+from nativelm.fleet.sim import SimBoard, render_sim, sim_up
 from nativelm.params.fleet import FleetParams, SimParams
 from nativelm.params.root import Params
+from nativelm.stack.process import ProcState
 
 
 def fake_qemu(folder: Path) -> Path:
@@ -76,3 +77,10 @@ def test_more_arm64_boards_than_boards_are_refused() -> None:
         SimParams(boards=1, canary=0, arm64=2)
     with pytest.raises(NativelmError, match=r"--arm64 must be between 0 and the number of boards \(2\), got 3"):
         sim_up(Params(fleet=FleetParams(sim=SimParams(boards=2))), arm64=3)
+
+
+def test_sim_lines_name_the_emulated_boards_only(tmp_path: Path) -> None:
+    boards = [SimBoard(name, 2220 + i, tmp_path, ProcState.RUNNING, 100 + i, tmp_path / "log", "started",
+                       emulated=(i == 1)) for i, name in enumerate(["board-1", "board-2"])]
+    assert render_sim(boards) == ["board-1    127.0.0.1:2220   started (pid 100)",
+                                  "board-2    127.0.0.1:2221   started (pid 101) [ARM64: python under qemu-user]"]

@@ -74,6 +74,7 @@ class SimBoard:
     log_path: Path
     action: str | None = None  # started, restarted, already running, stopped, not running; None for status
     detail: str = ""
+    emulated: bool = False  # an ARM64 board: its python runs under qemu-user
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,11 +156,21 @@ def _locked(params: Params) -> Iterator[Path]:
         yield root
 
 
+def _emulated_boards(root: Path) -> set[str]:
+    """The ARM64 boards of the fleet.yaml `sim up` last wrote (none when there is none)."""
+    try:
+        boards = (yaml.safe_load((root / "fleet.yaml").read_text()) or {}).get("boards") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return set()
+    return {str(b.get("name")) for b in boards
+            if isinstance(b, dict) and (b.get("labels") or {}).get("arch") == "aarch64"}
+
+
 def _board_status(root: Path, params: Params, name: str, action: str | None = None) -> SimBoard:
     proc = sshd_process(root, name)
     st = proc.status()
     return SimBoard(name, _port(params, name), board_dir(root, name) / "home", st.state, st.pid, proc.log_path,
-                    action, st.detail)
+                    action, st.detail, name in _emulated_boards(root))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +264,8 @@ def render_sim(boards: list[SimBoard]) -> list[str]:
         what = b.action or str(b.state)
         pid = f" (pid {b.pid})" if b.pid and b.state is ProcState.RUNNING else ""
         detail = f": {b.detail}" if b.detail else ""
-        lines.append(f"{b.name:<10} {SIM_HOST}:{b.port:<6} {what}{pid}{detail}")
+        arm64 = " [ARM64: python under qemu-user]" if b.emulated else ""
+        lines.append(f"{b.name:<10} {SIM_HOST}:{b.port:<6} {what}{pid}{detail}{arm64}")
     return lines
 
 
