@@ -34,7 +34,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from nativelm.export import ops, ptq, tables
+from nativelm.export import ops, ops_choice, ptq, tables
 from nativelm.export.builder import GraphBuilder
 from nativelm.export.ptq import ExportPlan
 from nativelm.export.variants import ExportVariant, variant_for
@@ -203,9 +203,9 @@ class _Decoder:
 
 
 def check_model(model: NativeLM, params: ExportParams) -> ExportPlan:
-    """The export plan of `model` (`ptq.plan`), after refusing, with one clear line, a model the
-    chosen variant cannot represent."""
-    plan = ptq.plan(model, params)
+    """The export plan of `model` (`ptq.plan`, ``native`` on nativelm's operators where they fit:
+    `ops_choice`), after refusing, with one clear line, a model the chosen variant cannot represent."""
+    plan = ops_choice.with_custom_ops(ptq.plan(model, params))
     variant_for(plan.params).refuse(plan.model)
     return plan
 
