@@ -3,7 +3,8 @@
 The model params.yaml trains (the one `make run` releases) resolves to ``ternary-ops``; the stage
 writes model.nativelm.onnx beside the contrib graph and its manifest says what ``native`` resolved
 to and why. A model the operators cannot represent, or a controller without the operator library,
-resolves to the contrib graph (``ternary``) with the reason (`nativelm.export.ops_choice`).
+resolves to the contrib graph (``ternary``) with the reason (`nativelm.export.ops_choice`). The
+board runtime asks the graph for the last position's logits only when it generates.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ from nativelm.model import ModelParams, build_model
 from nativelm.params.export import ExportParams
 from nativelm.params.model import with_preset
 from nativelm.params.root import load_params
+from nativelm.runtime import load_model
 from nativelm.runtime.custom_ops import OPS_ENV
 from tests.conftest import REPO
 from tests.unit.test_export_graph import TINY, model_file, prepared, trained  # noqa: F401
@@ -60,6 +63,15 @@ def test_the_default_export_writes_the_custom_graph_and_says_why(
     err = capsys.readouterr().err
     assert f"export: variant native resolved to ternary-ops: the model was trained ternary (1.58 bits); {OPS_REASON}" \
         in err.splitlines()
+
+    model = load_model(folder, threads=1)  # the board runtime generates from the last position's logits only
+    assert model.ops.startswith("nativelm:") and model.has_logits_to_keep
+    ids = np.random.default_rng(4).integers(0, model.vocab_size, (2, 9))
+    every, cache = model.forward(ids)
+    last, last_cache = model.forward(ids, last_only=True)
+    assert every.shape == (2, 9, model.vocab_size) and last.shape == (2, 1, model.vocab_size)
+    np.testing.assert_allclose(last, every[:, -1:], rtol=0, atol=1e-5 * float(np.abs(every).max()))
+    assert all(np.array_equal(a, b) for pair, other in zip(cache, last_cache) for a, b in zip(pair, other))
 
 
 def test_without_the_library_the_default_export_is_the_contrib_graph_with_the_reason(

@@ -188,11 +188,23 @@ def test_ternary_graph_operators_and_attributes(trained: torch.nn.Module,
 
     inputs = [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input]
     assert inputs[:2] == [("input_ids", onnx.TensorProto.INT64), ("attention_mask", onnx.TensorProto.INT64)]
-    assert [i[0] for i in inputs[2:]] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [i[0] for i in inputs[2:-1]] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert inputs[-1] == ("num_logits_to_keep", onnx.TensorProto.INT64)  # optional: an initializer holds its 0
     assert [o.name for o in model.graph.output] == ["logits"] + [f"present.{i}.{kv}" for i in range(2)
                                                                  for kv in ("key", "value")]
     assert ternary.choices["moe"]["expert_weight_bits"] == 2 and ternary.choices["moe"]["fast_kernel"]
     assert ternary.notes == []
+
+
+def test_num_logits_to_keep_cuts_the_logits_to_the_last_positions(decoder: parity.OnnxDecoder) -> None:
+    ids = random_ids(300, 12)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **decoder.empty_past()}
+    every = decoder.session.run(["logits"], feeds)[0]  # not fed: the default, every position (scoring, parity)
+    assert every.shape[:2] == (1, 12)
+    for keep, positions in ((1, 1), (5, 5), (0, 12), (40, 12)):
+        kept = decoder.session.run(["logits"], {**feeds, "num_logits_to_keep": np.array([keep], np.int64)})[0]
+        assert kept.shape == (1, positions, every.shape[2])
+        np.testing.assert_allclose(kept, every[:, 12 - positions:], rtol=0, atol=1e-5 * float(np.abs(every).max()))
 
 
 def test_ternary_tiny_shape_runs_every_quantized_node_prepacked(ternary: export_graph.ExportGraph) -> None:

@@ -10,9 +10,9 @@ as a whole (a failed check leaves the previous export untouched), ``export.out_d
 - ``genai_config.json``: the onnxruntime-genai configuration (decoder, context length, heads,
   input/output names, eos id 0, greedy search defaults), and ``tokenizer_config.json``, the
   tokenizer description onnxruntime-genai reads beside ``tokenizer.json``;
-- ``manifest.json``: variant (``native`` resolved, and why: ``variant_reason``), the PTQ label (`nativelm.export.ptq`), sizes,
-  bits per weight, kernel paths, parity figures, golden continuations of fixed prompts (board health
-  checks) and the sha256 of every other file;
+- ``manifest.json``: variant (``native`` resolved, and why: ``variant_reason``), the PTQ label
+  (`nativelm.export.ptq`), sizes, bits per weight, kernel paths, parity figures, golden continuations
+  of fixed prompts (board health checks) and the sha256 of every other file;
 
 and ``export.metrics_file`` (a DVC metrics file).
 """

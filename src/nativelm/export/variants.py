@@ -219,7 +219,8 @@ class TernaryOps(Ternary):
         return []
 
     def custom_refusal(self, model: NativeLM) -> str | None:
-        """What of a ternary `model` the operators cannot compute exactly (beyond `Ternary`'s refusals); None: nothing."""
+        """What of a ternary `model` the operators cannot compute exactly (beyond `Ternary`'s refusals);
+        None: nothing."""
         if model.params.act_bits not in (8,):
             return (f"TernaryMatMul quantizes activations to 8 bits; the model quantizes them to "
                     f"{model.params.act_bits} (model.act_bits)")
