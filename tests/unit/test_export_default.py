@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from nativelm.cli import main
 from nativelm.errors import ParamsError
 from nativelm.export import custom_graph
 from nativelm.export.graph import check_model
 from nativelm.export.stage import run_export
+from nativelm.formats import trained_model
 from nativelm.model import ModelParams, build_model
 from nativelm.params.export import ExportParams
 from nativelm.params.model import with_preset
@@ -104,3 +107,16 @@ def test_a_model_no_ternary_graph_represents_is_still_refused_in_one_line() -> N
     with pytest.raises(ParamsError, match="^export ternary: model.expert_quant is 'bitlinear'") as caught:
         check_model(model, ExportParams())
     assert caught.value.exit_code == 2 and "\n" not in str(caught.value) and "export variant fp32" in str(caught.value)
+
+
+def test_the_export_command_refuses_such_a_model_by_default_in_one_line_exit_2(
+        prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    model = build_model(ModelParams(**{**TINY, "expert_quant": "bitlinear"}), 320).eval()
+    model_path = trained_model.write(tmp_path / "model.pt", model.state_dict(), model.params, model.vocab_size, {})
+    params = {"data": {"out_dir": str(prepared)}, "train": {"model_file": str(model_path)}, "tracking": {"uri": "off"},
+              "export": {"out_dir": str(tmp_path / "onnx"), "metrics_file": str(tmp_path / "export.json")}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["export", "--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("nativelm: error: export ternary: "), err
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "export.json").exists()
