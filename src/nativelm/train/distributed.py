@@ -4,7 +4,8 @@
 MASTER_ADDR and MASTER_PORT; `init_distributed` reads them and joins the group (NCCL on CUDA,
 gloo on CPU). Without them it returns a single-process context and nothing changes. Each rank
 draws its own batches (the sampler is seeded with (seed, rank)), gradients are averaged by
-DDP, and only rank 0 logs, writes checkpoints, the model file, metrics and plots.
+DDP, and only rank 0 logs, writes checkpoints, the model file, metrics and plots. A process
+that loses a peer mid-run (it died) ends with one line (`PeerLost`), not a traceback or a hang.
 """
 
 from __future__ import annotations
@@ -17,6 +18,25 @@ import torch
 import torch.distributed as dist
 
 from nativelm.errors import NativelmError
+
+
+# set by `nativelm train --nproc N` (train/launch.py) for its processes; a survivor of a lost peer then
+# exits with PEER_LOST_EXIT and no line of its own, and the launcher names the rank that died
+LAUNCHED_ENV = "NATIVELM_LAUNCHED"
+PEER_LOST_EXIT = 3
+
+
+class PeerLost(NativelmError):
+    """A collective failed because another process of the job is gone."""
+
+    exit_code = PEER_LOST_EXIT
+
+
+def peer_lost(rank: int, exc: BaseException) -> PeerLost:
+    """The one-line error of a rank whose collective broke off (the first line of torch's message)."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return PeerLost(f"train: rank {rank} lost another process of the job ({first}); resume from the last "
+                    "checkpoint with the same command (train.resume: auto)")
 
 
 @dataclass(frozen=True)
@@ -66,10 +86,12 @@ def init_distributed(device_type: str) -> DistContext:
     return DistContext(rank=rank, local_rank=local_rank, world_size=world, backend=backend)
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (after a final barrier)."""
+def shutdown(ctx: DistContext, clean: bool = True) -> None:
+    """Leave the process group: after a final barrier when the run ended well, at once after an error
+    (a barrier with a dead peer would fail again or wait for the timeout)."""
     if ctx.enabled and dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -91,15 +113,6 @@ def all_reduce_mean(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= ctx.world_size
     return values
-
-
-def gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank (for checkpointing all samplers)."""
-    if not ctx.enabled:
-        return [obj]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def broadcast_object(ctx: DistContext, obj: Any) -> Any:
