@@ -32,6 +32,17 @@ class PeerLost(NativelmError):
     exit_code = PEER_LOST_EXIT
 
 
+# what gloo's and NCCL's errors say when the other end of a collective is gone (gloo raises plain RuntimeErrors)
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote worker",
+              "nccl communicator was aborted", "socket closed", "timed out")
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """True for the error a collective raises when another process of the job died (not, say, an OOM)."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(m in text for m in _PEER_GONE))
+
+
 def peer_lost(rank: int, exc: BaseException) -> PeerLost:
     """The one-line error of a rank whose collective broke off (the first line of torch's message)."""
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -199,8 +199,8 @@ def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_di
                                started)
             clean = True
             return finished
-    except RuntimeError as exc:  # torch.distributed's errors are RuntimeErrors: a peer is gone
-        if not ctx.enabled or isinstance(exc, NativelmError):
+    except RuntimeError as exc:  # a collective that broke off: another process died
+        if not ctx.enabled or not dist.is_peer_loss(exc):
             raise
         raise dist.peer_lost(ctx.rank, exc) from None
     finally:
