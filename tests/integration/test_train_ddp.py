@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from nativelm.train.launch import rank_pids
 from tests.conftest import free_port
 from tests.integration.test_train_resume import _env, _spec
 from tests.unit.test_train_data import write_token_data
@@ -128,23 +129,6 @@ def _project(folder: Path, token_dir: Path, **train: object) -> Path:
     return folder
 
 
-def _children(pid: int) -> dict[int, int]:
-    """rank -> pid of the processes that the launcher `pid` started (from /proc)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
-        if ppid == pid and ranks:
-            found[ranks[0]] = int(entry.name)
-    return found
-
-
 def test_a_sigkilled_rank_ends_the_job_with_one_line_and_the_checkpoint_resumes(
         token_dir: Path, tmp_path: Path) -> None:
     folder = _project(tmp_path / "job", token_dir, max_steps=300, warmup_steps=2, checkpoint_interval=5,
@@ -155,7 +139,7 @@ def test_a_sigkilled_rank_ends_the_job_with_one_line_and_the_checkpoint_resumes(
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    ranks = _children(proc.pid)
+    ranks = rank_pids(proc.pid)
     assert sorted(ranks) == [0, 1], ranks
     os.kill(ranks[1], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from nativelm.cli import main
+from nativelm.errors import ParamsError
 from nativelm.train import checkpoint as ckpt
 from nativelm.train.distributed import PEER_LOST_EXIT, is_peer_loss, peer_lost
-from nativelm.train.launch import failure_line, first_failure
+from nativelm.train.launch import check_devices, failure_line, first_failure
 
 
 def test_a_global_batch_that_does_not_split_is_one_line_and_starts_nothing(
@@ -54,3 +55,13 @@ def test_a_lost_peer_is_one_line_with_the_first_line_of_torchs_message() -> None
     gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:14245. This is "
                         "typically caused by a remote worker crashing.")
     assert is_peer_loss(gloo) and not is_peer_loss(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # no GPU here: the CUDA device count is stubbed (a one-GPU machine)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_devices(1, "auto")
+    check_devices(2, "cpu")  # gloo on the CPU: any count
+    with pytest.raises(ParamsError, match=r"^--nproc 2 but 1 CUDA device\(s\) visible: DDP on CUDA takes one GPU"):
+        check_devices(2, "cuda")

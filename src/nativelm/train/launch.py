@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from nativelm.errors import NativelmError
+from nativelm.errors import NativelmError, ParamsError
 from nativelm.train import checkpoint as ckpt
 from nativelm.train.distributed import LAUNCHED_ENV, PEER_LOST_EXIT
 
@@ -59,6 +59,19 @@ def failure_line(rank: int, code: int, nproc: int, checkpoint_dir: Path) -> str:
     return f"train: rank {rank} of {nproc} {how}; the other processes were stopped; {resume}"
 
 
+def check_devices(nproc: int, device: str) -> None:
+    """One process per GPU: more processes than visible CUDA devices is one line before anything starts
+    (NCCL refuses two ranks on one device)."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    if nproc > count:
+        raise ParamsError(f"--nproc {nproc} but {count} CUDA device(s) visible: DDP on CUDA takes one GPU per "
+                          "process (train.device: cpu trains with gloo on the CPU)")
+
+
 def launch_training(nproc: int, child_args: Sequence[str], checkpoint_dir: Path) -> int:
     """Run `python -m nativelm.cli <child_args>` as `nproc` DDP processes on this host; 0 when all finish,
     else a NativelmError with `failure_line` (its exit code the failed rank's, 1 for a signal)."""
@@ -80,3 +93,21 @@ def launch_training(nproc: int, child_args: Sequence[str], checkpoint_dir: Path)
     finally:
         os.environ.pop(LAUNCHED_ENV, None)
     return 0
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the processes a launcher started (Linux /proc: their parent and RANK); for the tests and
+    the bench that kill one of them."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        ranks = [int(item[5:]) for item in env if item.startswith(b"RANK=")]
+        if parent == launcher_pid and ranks:
+            found[ranks[0]] = int(entry.name)
+    return found
