@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=at_least(1), default=None, metavar="N", help="optimizer steps of every row")
     p.add_argument("--preset", choices=["tiny", "gpu"], default=None, help="shape and run size of every row")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the rows train")
+    p.add_argument("--devices", default=None, metavar="D,D",
+                   help="train this many cells at once, one per device: cuda:0,cuda:1 (a row per GPU) or cpu,cpu "
+                        "(default: study.devices; none: one after another on --device)")
     p.add_argument("--name", default=None, help="the study's name (its folder and MLflow run)")
     p.add_argument("--boards", default=None, metavar="B,B|all",
                    help="also benchmark every row on these boards of fleet.inventory, never making it live "

@@ -199,7 +199,9 @@ class ResolvedTrain(StrictModel):
     model_file: str
     metrics_file: str
     plots_dir: str
-    global_batch: int | None = None
+    # left out of dumps: the resolved batch_size carries its effect, and the keys of earlier results
+    # (study rows, MLflow params) stay what they were
+    global_batch: int | None = Field(None, exclude=True)
 
     def for_processes(self, world_size: int) -> ResolvedTrain:
         """These settings for a job of `world_size` processes: with global_batch set, each process's batch_size is
