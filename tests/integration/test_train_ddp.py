@@ -131,8 +131,8 @@ def _project(folder: Path, token_dir: Path, **train: object) -> Path:
 
 def test_a_sigkilled_rank_ends_the_job_with_one_line_and_the_checkpoint_resumes(
         token_dir: Path, tmp_path: Path) -> None:
-    folder = _project(tmp_path / "job", token_dir, max_steps=300, warmup_steps=2, checkpoint_interval=5,
-                      eval_interval=300, log_interval=50, device="cpu", batch_size=None, global_batch=8, seq_len=32)
+    folder = _project(tmp_path / "job", token_dir, max_steps=120, warmup_steps=2, checkpoint_interval=5,
+                      eval_interval=120, log_interval=40, device="cpu", batch_size=None, global_batch=8, seq_len=32)
     command = [sys.executable, "-m", "nativelm.cli", "train", "--nproc", "2"]
     proc = subprocess.Popen(command, cwd=folder, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = folder / "checkpoints" / "step_0000005.pt"
@@ -155,4 +155,4 @@ def test_a_sigkilled_rank_ends_the_job_with_one_line_and_the_checkpoint_resumes(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {folder / 'checkpoints'}/step_" in resumed.stderr
     metrics = json.loads((folder / "train.json").read_text())
-    assert metrics["steps"] == 300 and metrics["tokens"] == 300 * 8 * 32
+    assert metrics["steps"] == 120 and metrics["tokens"] == 120 * 8 * 32
