@@ -2,9 +2,12 @@
 
     python bench/ddp_scaling.py --preset tiny --steps 20 --device cpu --nproc 1,2 --json /tmp/ddp.json
     python bench/ddp_scaling.py --preset gpu --steps 200 --device cuda --nproc 1,2,4,8 --json $OUT/ddp.json
+    python bench/ddp_scaling.py --preset gpu --steps 200 --device cuda --nproc 1 --ddp-one   # one GPU: DDP's cost
 
 Reports, in one JSON summary (printed, and written to --json):
 
+- with --ddp-one, also one process under DDP (NATIVELM_DDP=1: a process group of one, NCCL on one GPU)
+  against the plain one (`ddp_overhead`: its tokens/s over the plain run's);
 - tokens/s of the job and per process at each N (median of the logged intervals after the first, which holds
   the warm-up), and the scaling efficiency tokens/s at N / (N x tokens/s at 1);
 - the validation-loss curves side by side and their largest absolute difference from the 1-process curve
@@ -36,6 +39,7 @@ import torch
 import yaml
 
 from nativelm.params.train import TRAIN_PRESETS
+from nativelm.train.distributed import FORCE_DDP_ENV
 from nativelm.train.launch import rank_pids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +58,7 @@ def parse_args() -> argparse.Namespace:
                         help="more params.yaml values of every run (e.g. train.compile=true)")
     parser.add_argument("--work", default="/tmp/ddp_scaling", help="folder of the runs (replaced)")
     parser.add_argument("--json", default=None, help="also write the summary here")
+    parser.add_argument("--ddp-one", action="store_true", help="also train one process under DDP (NATIVELM_DDP=1)")
     args = parser.parse_args()
     args.nproc = [int(n) for n in args.nproc.split(",")]
     if args.nproc[0] != 1 or args.steps < 2 or args.steps % 2:
@@ -91,15 +96,17 @@ def command(nproc: int) -> list[str]:
     return [sys.executable, "-m", "nativelm.cli", "train", "--nproc", str(nproc)]
 
 
-def environment() -> dict[str, str]:
+def environment(ddp_one: bool = False) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE")
+    if ddp_one:
+        env[FORCE_DDP_ENV] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     return env
 
 
-def train(folder: Path, nproc: int) -> subprocess.CompletedProcess:
+def train(folder: Path, nproc: int, ddp_one: bool = False) -> subprocess.CompletedProcess:
     started = time.perf_counter()
-    proc = subprocess.run(command(nproc), cwd=folder, env=environment(), capture_output=True, text=True)
+    proc = subprocess.run(command(nproc), cwd=folder, env=environment(ddp_one), capture_output=True, text=True)
     print(f"  {folder.name}: {nproc} process(es), exit {proc.returncode}, {time.perf_counter() - started:.0f} s",
           file=sys.stderr, flush=True)
     return proc
@@ -123,17 +130,17 @@ def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max(float((a[k].float() - b[k].float()).abs().max()) if a[k].numel() else 0.0 for k in a)
 
 
-def scaling_run(work: Path, args: argparse.Namespace, nproc: int) -> dict[str, Any]:
+def scaling_run(work: Path, args: argparse.Namespace, nproc: int, ddp_one: bool = False) -> dict[str, Any]:
     """One uninterrupted run at `nproc` processes: its throughput and validation curve."""
-    folder = project(work / f"run_{nproc}", args, nproc)
-    proc = train(folder, nproc)
+    folder = project(work / (f"run_{nproc}" + ("_ddp" if ddp_one else "")), args, nproc)
+    proc = train(folder, nproc, ddp_one)
     if proc.returncode != 0:
-        return {"nproc": nproc, "ok": False, "error": (error_lines(proc.stderr) or proc.stderr.splitlines()[-1:])}
+        return {"nproc": nproc, "ddp": ddp_one or nproc > 1, "ok": False, "error": (error_lines(proc.stderr) or proc.stderr.splitlines()[-1:])}
     rows = history(folder)
     speeds = [row["tokens_per_s"] for row in rows if "tokens_per_s" in row]
     steady = speeds[1:] or speeds
     metrics = json.loads((folder / "train.json").read_text())
-    return {"nproc": nproc, "ok": True, "tokens_per_s": statistics.median(steady),
+    return {"nproc": nproc, "ddp": ddp_one or nproc > 1, "ok": True, "tokens_per_s": statistics.median(steady),
             "tokens_per_s_range": [min(steady), max(steady)], "tokens_per_s_per_process": statistics.median(steady) / nproc,
             "val_curve": {int(row["step"]): row["val/loss"] for row in rows if "val/loss" in row},
             "val_loss": metrics["val_loss"], "tokens": metrics["tokens"], "folder": str(folder)}
@@ -185,6 +192,10 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     runs = [scaling_run(work, args, n) for n in args.nproc]
     base = runs[0]
+    if args.ddp_one:
+        runs.insert(1, scaling_run(work, args, 1, ddp_one=True))
+        if runs[1]["ok"] and base["ok"]:
+            runs[1]["ddp_overhead"] = runs[1]["tokens_per_s"] / base["tokens_per_s"]
     for run in runs:
         if run["ok"] and base["ok"]:
             run["scaling_efficiency"] = run["tokens_per_s"] / (run["nproc"] * base["tokens_per_s"])

@@ -65,3 +65,26 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -
     check_devices(2, "cpu")  # gloo on the CPU: any count
     with pytest.raises(ParamsError, match=r"^--nproc 2 but 1 CUDA device\(s\) visible: DDP on CUDA takes one GPU"):
         check_devices(2, "cuda")
+
+
+def test_forced_ddp_joins_a_group_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as torch_dist
+
+    from nativelm.train.distributed import FORCE_DDP_ENV, init_distributed, shutdown, wrap_ddp
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert not init_distributed("cpu").enabled  # a job of one process: no DDP unless forced
+    monkeypatch.setenv(FORCE_DDP_ENV, "1")
+    ctx = init_distributed("cpu")
+    try:
+        assert ctx.enabled and ctx.world_size == 1 and torch_dist.is_initialized()
+        wrapped = wrap_ddp(torch.nn.Linear(2, 2), ctx, torch.device("cpu"))
+        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    finally:
+        shutdown(ctx)
+    assert not torch_dist.is_initialized()

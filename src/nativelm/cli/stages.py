@@ -24,7 +24,8 @@ from nativelm.params.model import with_preset
 from nativelm.params.root import Params
 from nativelm.tracking.flatten import params_hash
 from nativelm.tracking.runs import git_commit, stage_run
-from nativelm.train.distributed import LAUNCHED_ENV, PEER_LOST_EXIT, PeerLost, env_rank, launched_by_torchrun
+from nativelm.train.distributed import (LAUNCHED_ENV, PEER_LOST_EXIT, PeerLost, ddp_forced, env_rank,
+                                        launched_by_torchrun)
 from nativelm.train.launch import check_devices, launch_training
 from nativelm.train.stage import TrainOutputs, run_train
 
@@ -58,7 +59,7 @@ def train(args: argparse.Namespace) -> int:
     """token shards -> trained model + checkpoints + metrics (DVC stage `train`); --nproc N: a DDP job."""
     params = params_of(args)
     nproc = getattr(args, "nproc", 1)
-    if nproc > 1 and not launched_by_torchrun():
+    if (nproc > 1 or ddp_forced()) and not launched_by_torchrun():
         params.train.resolved().for_processes(nproc)  # a global batch that does not split: one line, nothing started
         check_devices(nproc, params.train.device)
         child = ["train", *(["--params", args.params] if args.params else [])]

@@ -24,6 +24,9 @@ from nativelm.errors import NativelmError
 # exits with PEER_LOST_EXIT and no line of its own, and the launcher names the rank that died
 LAUNCHED_ENV = "NATIVELM_LAUNCHED"
 PEER_LOST_EXIT = 3
+# NATIVELM_DDP=1: a job of one process still joins a process group and trains under DDP (NCCL on one GPU),
+# so DDP's own cost shows against a plain run (bench/ddp_scaling.py --ddp-one)
+FORCE_DDP_ENV = "NATIVELM_DDP"
 
 
 class PeerLost(NativelmError):
@@ -58,19 +61,27 @@ class DistContext:
     local_rank: int = 0
     world_size: int = 1
     backend: str | None = None
+    ddp: bool = False  # joined a process group (always when world_size > 1)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.ddp
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+def ddp_forced() -> bool:
+    """NATIVELM_DDP=1: DDP even for one process (`FORCE_DDP_ENV`)."""
+    return os.environ.get(FORCE_DDP_ENV) == "1"
+
+
 def launched_by_torchrun() -> bool:
-    """True when the environment names a multi-process job (torchrun / torch.distributed.launch)."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) and int(os.environ["WORLD_SIZE"]) > 1
+    """True when the environment names a multi-process job (torchrun / torch.distributed.launch), or a job
+    of one process with DDP forced."""
+    return (all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+            and (int(os.environ["WORLD_SIZE"]) > 1 or ddp_forced()))
 
 
 def env_rank() -> int:
@@ -94,7 +105,7 @@ def init_distributed(device_type: str) -> DistContext:
         if device_type == "cuda":
             kwargs["device_id"] = torch.device("cuda", local_rank)
         dist.init_process_group(**kwargs)
-    return DistContext(rank=rank, local_rank=local_rank, world_size=world, backend=backend)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world, backend=backend, ddp=True)
 
 
 def shutdown(ctx: DistContext, clean: bool = True) -> None:
