@@ -78,6 +78,39 @@ def test_each_board_is_a_task_and_only_connection_failures_are_retried(flows: Mo
         "wave_pause_s": 0.0, "gate_max_slowdown": None, "board_deadline_s": None}
 
 
+def test_the_flow_fails_a_board_silent_past_its_deadline(flows: ModuleType, tmp_path: Path) -> None:
+    """fleet.board_deadline_s holds in the Prefect flow too: a board task that gives no result in time
+    is failed (phase deadline) and the wave goes on without it; its late result is not logged."""
+    import threading
+
+    boards = [board("c1", "canary"), board("b1"), board("b2")]
+    release = type("Release", (), {"name": "v3", "version": 3})()
+    release_b1 = threading.Event()
+
+    def deploy(b: Board, ctx: BoardContext, rel: LocalRelease) -> BoardResult:
+        if b.name == "b1":  # silent: answers only when the test lets it, long after the deadline
+            release_b1.wait(30)
+        return BoardResult(b.name, "updated", release="v3", live="v3")
+
+    plan = plan_rollout(None, boards, release, FleetParams(max_parallel=2, max_failed_boards=1,
+                                                           board_deadline_s=2.0), tmp_path, deploy=deploy)
+
+    @flow(name="rollout-deadline")
+    def waves() -> object:
+        executor = flows.PrefectExecutor(retries=0, retry_delay_s=0)
+        return plan.run(lambda wave: executor.deploy_wave(plan, wave))
+
+    try:
+        result = waves()
+    finally:
+        release_b1.set()
+    log = json.loads(result.log_path.read_text())
+    outcomes = {b["board"]: (b["outcome"], b.get("phase")) for b in log["boards"]}
+    assert outcomes["b1"] == ("failed", "deadline") and outcomes["b2"][0] == "updated", outcomes
+    assert "board_deadline_s = 2 s" in next(b["reason"] for b in log["boards"] if b["board"] == "b1")
+    assert log["finished"]
+
+
 def test_the_rollout_flow_on_the_simulated_fleet(flows: ModuleType, sim_fleet: SimFleet, releases: Releases,
                                                  tmp_path: Path) -> None:
     data = sim_fleet.params.model_dump(mode="json")

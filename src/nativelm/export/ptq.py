@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nativelm.model.bitlinear import levels
+from nativelm.model.quantizers import levels
 from nativelm.model.transformer import build_model
 from nativelm.params.export import TERNARY_VARIANTS, ExportParams, Variant
 from nativelm.params.model import TERNARY_BITS, ModelParams
