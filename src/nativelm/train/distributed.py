@@ -1,11 +1,12 @@
-"""Distributed data parallel under `torchrun`: process group from the environment, rank-0 duties.
+"""Distributed data parallel under `nativelm train --nproc N` or `torchrun`: process group, rank-0 duties.
 
-`torchrun --nproc_per_node=N -m nativelm.cli train` sets RANK, LOCAL_RANK, WORLD_SIZE,
-MASTER_ADDR and MASTER_PORT; `init_distributed` reads them and joins the group (NCCL on CUDA,
-gloo on CPU). Without them it returns a single-process context and nothing changes. Each rank
-draws its own batches (the sampler is seeded with (seed, rank)), gradients are averaged by
-DDP, and only rank 0 logs, writes checkpoints, the model file, metrics and plots. A process
-that loses a peer mid-run (it died) ends with one line (`PeerLost`), not a traceback or a hang.
+`torchrun --nproc_per_node=N -m nativelm.cli train` (or the launcher of `train/launch.py`) sets
+RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `init_distributed` reads them and joins
+the group (NCCL on CUDA, gloo on CPU). Without them it returns a single-process context and
+nothing changes. Each rank reads its slice of one global micro-batch (`data.BatchSampler`),
+gradients are averaged by DDP, and only rank 0 logs, writes checkpoints, the model file, metrics
+and plots. A process that loses a peer mid-run (it died) ends with one line (`PeerLost`), not a
+traceback or a hang (docs/training.md).
 """
 
 from __future__ import annotations
