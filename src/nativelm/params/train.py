@@ -74,8 +74,8 @@ class TrainParams(StrictModel):
         None, ge=1, description="steps between validation passes; the last step is always validated "
                                 "(null: preset; tiny 100, gpu 200)")
     eval_batches: int | None = Field(
-        None, ge=1, le=100_000, description="fixed validation micro-batches per validation pass "
-                                            "(null: preset; tiny 8, gpu 32)")
+        None, ge=1, le=100_000, description="fixed validation batches per validation pass, each of "
+                                            "batch_size x processes sequences (null: preset; tiny 8, gpu 32)")
     checkpoint_interval: int | None = Field(
         None, ge=1, description="steps between checkpoints; the last step always writes one "
                                 "(null: preset; tiny 100, gpu 500)")
