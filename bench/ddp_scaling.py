@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default="/tmp/ddp_scaling", help="folder of the runs (replaced)")
     parser.add_argument("--json", default=None, help="also write the summary here")
     parser.add_argument("--ddp-one", action="store_true", help="also train one process under DDP (NATIVELM_DDP=1)")
+    parser.add_argument("--scaling-only", action="store_true", help="skip the resume and SIGKILL checks")
     args = parser.parse_args()
     args.nproc = [int(n) for n in args.nproc.split(",")]
     if args.nproc[0] != 1 or args.steps < 2 or args.steps % 2:
@@ -203,7 +204,7 @@ def main() -> None:
     biggest = next((run for run in reversed(runs) if run["ok"] and run["nproc"] > 1), None)
     summary: dict[str, Any] = {"preset": args.preset, "steps": args.steps, "device": args.device,
                                "cpus": os.cpu_count(), "gpus": torch.cuda.device_count(), "runs": runs}
-    if biggest is not None:
+    if biggest is not None and not args.scaling_only:
         n = biggest["nproc"]
         summary["resume"] = [resume_check(work, args, biggest, n), resume_check(work, args, biggest, 1)]
         summary["sigkill"] = sigkill_check(work, args, n)

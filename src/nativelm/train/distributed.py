@@ -12,6 +12,7 @@ traceback or a hang (docs/training.md).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ PEER_LOST_EXIT = 3
 # NATIVELM_DDP=1: a job of one process still joins a process group and trains under DDP (NCCL on one GPU),
 # so DDP's own cost shows against a plain run (bench/ddp_scaling.py --ddp-one)
 FORCE_DDP_ENV = "NATIVELM_DDP"
+GLOO_SETTLE_S = 0.2  # `shutdown`: time for gloo's worker to free the last collectives
 
 
 class PeerLost(NativelmError):
@@ -111,10 +113,16 @@ def init_distributed(device_type: str) -> DistContext:
 
 def shutdown(ctx: DistContext, clean: bool = True) -> None:
     """Leave the process group: after a final barrier when the run ended well, at once after an error
-    (a barrier with a dead peer would fail again or wait for the timeout)."""
+    (a barrier with a dead peer would fail again or wait for the timeout).
+
+    After the barrier this thread lets go of the GIL for a moment: gloo's worker thread still frees the
+    barrier's work (and the collectives before it), which takes the GIL; had this thread gone on to free
+    the group (or DDP's reducer, its last owner), that destructor would join the worker while holding
+    the GIL, and the process would hang at its end (seen here on a 2-process run)."""
     if ctx.enabled and dist.is_initialized():
         if clean:
             dist.barrier()
+            time.sleep(GLOO_SETTLE_S)
         dist.destroy_process_group()
 
 

@@ -165,7 +165,7 @@ def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_di
             data = load_token_data(data_dir)
             model = build_model(model_params, data.vocab_size, seed=seed).to(device)
             optimizer = build_optimizer(model, cfg, fused=True if device.type == "cuda" else None)
-            wrapped: torch.nn.Module = dist.wrap_ddp(model, ctx, device)
+            wrapped = dist.wrap_ddp(model, ctx, device)
             if compiles(cfg.compile, device):
                 wrapped = torch.compile(wrapped)
             sampler = BatchSampler(data.train, cfg.batch_size, cfg.seq_len, seed=seed, rank=ctx.rank,
