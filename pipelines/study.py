@@ -67,13 +67,14 @@ def study(
         name: the study's name: its folder and MLflow run (study.name)
         boards: boards of the fleet every row is also benchmarked on, never made live; [all]: every board
             (study.boards)
-        parallel: cells trained at the same time (one per GPU or worker)
+        parallel: cells trained at the same time (one per GPU or worker); with study.devices in params.yaml,
+            one cell per device instead
     """
     params = load_params(PROJECT_DIR / "params.yaml")
     section = params.study.with_overrides(
         {"rows": rows, "preset": preset, "steps": steps, "seeds": seeds, "lrs": learning_rates,
          "device": device, "name": name, "boards": boards}, "study (params.yaml and the form)")
-    result = run_study(params, section, as_tasks(max(1, parallel)))
+    result = run_study(params, section, None if section.devices else as_tasks(max(1, parallel)))
     return {"folder": str(result.folder), "rows": [s.row for s in result.summaries],
             "best": {s.row: {"lr": s.lr, "ppl_onnx": s.ppl_onnx.mean} for s in result.summaries}}
 

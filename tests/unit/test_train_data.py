@@ -87,12 +87,18 @@ def test_sampler_state_restores_the_same_future_batches(token_dir: Path) -> None
     assert all(torch.equal(e, b.next_batch()[0]) for e in expected)
 
 
-def test_ranks_draw_different_batches_same_seed_same_batches(token_dir: Path) -> None:
+def test_ranks_read_slices_of_one_global_batch_whatever_the_process_count(token_dir: Path) -> None:
     data = load_token_data(token_dir)
-    r0, r1, again = (BatchSampler(data.train, 8, 16, seed=1, rank=r) for r in (0, 1, 0))
-    first = r0.next_batch()[0]
-    assert not torch.equal(first, r1.next_batch()[0])
-    assert torch.equal(first, again.next_batch()[0])
+    one = BatchSampler(data.train, 16, 16, seed=1)
+    r0, r1 = (BatchSampler(data.train, 8, 16, seed=1, rank=r, world_size=2) for r in (0, 1))
+    for _ in range(3):  # step after step, the two halves are the one-process batch
+        whole = one.next_batch()[0]
+        assert torch.equal(torch.cat([r0.next_batch()[0], r1.next_batch()[0]]), whole)
+    assert r0.state_dict() == r1.state_dict() == one.state_dict()
+    other_seed, same_seed = (BatchSampler(data.train, 16, 16, seed=s).next_batch()[0] for s in (2, 1))
+    assert not torch.equal(other_seed, same_seed)
+    with pytest.raises(NativelmError, match="rank 2 is outside a job of 2"):
+        BatchSampler(data.train, 8, 16, seed=1, rank=2, world_size=2)
 
 
 def test_validation_positions_are_fixed_and_bounded(token_dir: Path) -> None:

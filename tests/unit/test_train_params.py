@@ -37,6 +37,8 @@ def test_presets_fill_null_knobs_and_explicit_values_win() -> None:
         ({"schedule": "linear"}, "schedule"),
         ({"lr": "0.003"}, "lr"),  # strict: a quoted number is not a number
         ({"bacth_size": 8}, "bacth_size"),  # typo'd key
+        ({"global_batch": 16, "batch_size": 8}, "set batch_size (8) or global_batch (16), not both"),
+        ({"global_batch": 15, "grad_accum": 2}, "global_batch (15) does not divide by grad_accum (2)"),
     ],
 )
 def test_bad_values_are_rejected_with_the_field_named(values: dict, fragment: str) -> None:
@@ -83,3 +85,13 @@ def test_a_null_model_shape_key_takes_the_preset_value() -> None:
     assert parse_params("model: {d_model: null}\n").model.d_model == ModelParams().d_model
     with pytest.raises(ParamsError, match="model.router_aux_weight"):  # null only means "preset" for shape keys
         parse_params("model: {router_aux_weight: null}\n")
+
+
+def test_global_batch_is_split_over_the_processes_and_a_remainder_is_one_line() -> None:
+    cfg = TrainParams(global_batch=24, grad_accum=2).resolved()
+    assert cfg.batch_size == 12  # one process
+    assert [cfg.for_processes(n).batch_size for n in (1, 2, 3, 6)] == [12, 6, 4, 2]
+    assert TrainParams(batch_size=8).resolved().for_processes(4).batch_size == 8  # per process as written
+    with pytest.raises(ParamsError, match=r"^train\.global_batch 24 does not divide over 5 processes x grad_accum 2: "
+                                          r"pick a multiple of 10$"):
+        cfg.for_processes(5)

@@ -41,8 +41,9 @@ STAGE_COMMANDS: tuple[tuple[str, str, str], ...] = (  # name, --help line, descr
      "Train the sparse 1.58-bit model of params.yaml (model, train) on the token "
      "shards of data.out_dir: periodic atomic checkpoints (a killed run resumes "
      "exactly with train.resume: auto), metrics to MLflow, final metrics to "
-     "train.metrics_file, the model to train.model_file. Under `torchrun` it trains "
-     "with DDP. train.preset (tiny | gpu) fills every train size knob and model shape key left null; "
+     "train.metrics_file, the model to train.model_file. With --nproc N (or under `torchrun`) it "
+     "trains with DDP on N processes; train.global_batch keeps the step's batch the same for any N, "
+     "a checkpoint resumes on another N, and a process that dies ends the job with one line. train.preset (tiny | gpu) fills every train size knob and model shape key left null; "
      "a value written in params.yaml always wins."),
     ("export",
      "trained model -> quantized ONNX folder (DVC stage `export`)",
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, summary, description in STAGE_COMMANDS:
         stage = sub.add_parser(name, parents=[common], help=summary, description=description)
         stage.set_defaults(handler=f"nativelm.cli.stages:{name}")
+        if name == "train":
+            stage.add_argument("--nproc", type=at_least(1), default=1, metavar="N",
+                               help="DDP processes on this host (default 1; one per GPU on CUDA, gloo on CPU), "
+                                    "started as torchrun would")
 
     p = sub.add_parser("generate", parents=[common], help="continue a prompt with the exported model",
                        description="Load an export folder with the board runtime (every file's sha256 is "
@@ -125,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=at_least(1), default=None, metavar="N", help="optimizer steps of every row")
     p.add_argument("--preset", choices=["tiny", "gpu"], default=None, help="shape and run size of every row")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the rows train")
+    p.add_argument("--devices", default=None, metavar="D,D",
+                   help="train this many cells at once, one per device: cuda:0,cuda:1 (a row per GPU) or cpu,cpu "
+                        "(default: study.devices; none: one after another on --device)")
     p.add_argument("--name", default=None, help="the study's name (its folder and MLflow run)")
     p.add_argument("--boards", default=None, metavar="B,B|all",
                    help="also benchmark every row on these boards of fleet.inventory, never making it live "

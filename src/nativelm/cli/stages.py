@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,9 @@ from nativelm.params.model import with_preset
 from nativelm.params.root import Params
 from nativelm.tracking.flatten import params_hash
 from nativelm.tracking.runs import git_commit, stage_run
-from nativelm.train.distributed import env_rank
+from nativelm.train.distributed import (LAUNCHED_ENV, PEER_LOST_EXIT, PeerLost, ddp_forced, env_rank,
+                                        launched_by_torchrun)
+from nativelm.train.launch import check_devices, launch_training
 from nativelm.train.stage import TrainOutputs, run_train
 
 
@@ -53,8 +56,24 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    """token shards -> trained model + checkpoints + metrics (DVC stage `train`)."""
+    """token shards -> trained model + checkpoints + metrics (DVC stage `train`); --nproc N: a DDP job."""
     params = params_of(args)
+    nproc = getattr(args, "nproc", 1)
+    if (nproc > 1 or ddp_forced()) and not launched_by_torchrun():
+        params.train.resolved().for_processes(nproc)  # a global batch that does not split: one line, nothing started
+        check_devices(nproc, params.train.device)
+        child = ["train", *(["--params", args.params] if args.params else [])]
+        return launch_training(nproc, child, Path(params.train.checkpoint_dir))
+    try:
+        return _train_this_process(params)
+    except PeerLost:
+        if os.environ.get(LAUNCHED_ENV):  # the launcher names the rank that died
+            return PEER_LOST_EXIT
+        raise
+
+
+def _train_this_process(params: Params) -> int:
+    """One process of the job (the only one without DDP): rank 0 logs to MLflow and prints the figures."""
     train_here = functools.partial(run_train, params.model, params.train, params.seed, Path(params.data.out_dir),
                                    TrainOutputs.of(params.train))
     if env_rank() != 0:  # under torchrun only rank 0 talks to MLflow

@@ -26,7 +26,7 @@ def study(args: argparse.Namespace) -> int:
     section = params.study.with_overrides(
         {"rows": rows, "lrs": _listed(args.lrs, float), "seeds": _listed(args.seeds, int), "steps": args.steps,
          "preset": args.preset, "device": args.device, "name": args.name,
-         "boards": _listed(args.boards, str)},
+         "boards": _listed(args.boards, str), "devices": _listed(args.devices, str)},
         "study (params.yaml and the command line)")
     run_study(params, section)
     return 0

@@ -7,9 +7,9 @@ The row names are fixed here; what each row is (family, precision, export) is `s
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, StringConstraints, ValidationError, model_validator
 
 from nativelm.errors import ParamsError
 from nativelm.params.base import StrictModel
@@ -39,6 +39,10 @@ class StudyParams(StrictModel):
     lrs: list[float] = Field([], max_length=16, description="learning-rate grid ([]: the preset's rate only)")
     model: dict[str, Any] = Field({}, description="model-section overrides applied to every row (e.g. d_model)")
     device: Device = Field("auto", description="auto | cpu | cuda")
+    devices: list[Annotated[str, StringConstraints(pattern=r"^(cpu|cuda:[0-9]+)$")]] = Field(
+        [], max_length=64, description="train this many cells at once, one per device (cpu or cuda:N; a device "
+                                       "named twice takes two), exports one at a time ([]: one after another on "
+                                       "`device`)")
     boards: list[str] = Field([], max_length=256, description=(
         "boards of fleet.inventory each row is also benchmarked on, without going live ([]: none; [all]: every board)"))
     out_dir: str = Field("studies", min_length=1, description="where studies keep their rows, table and charts")

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from nativelm.errors import ParamsError
 from nativelm.params.base import StrictModel
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -53,7 +54,12 @@ class TrainParams(StrictModel):
     seq_len: int | None = Field(
         None, ge=8, le=65536, description="tokens per training sequence (null: preset; tiny 128, gpu 512)")
     batch_size: int | None = Field(
-        None, ge=1, le=65536, description="sequences per micro-batch on each process (null: preset; tiny 16, gpu 64)")
+        None, ge=1, le=65536, description="sequences per micro-batch on each process (null: preset; tiny 16, gpu 64; "
+                                          "with global_batch set: global_batch / (grad_accum x processes))")
+    global_batch: int | None = Field(
+        None, ge=1, le=1 << 24, description="sequences per optimizer step over all processes, the same whatever the "
+                                            "process count (null: batch_size x grad_accum x processes); needs "
+                                            "batch_size null and must divide by grad_accum x processes")
     grad_accum: int | None = Field(
         None, ge=1, le=4096, description="micro-batches accumulated per optimizer step (null: preset; 1)")
     max_steps: int | None = Field(
@@ -68,8 +74,8 @@ class TrainParams(StrictModel):
         None, ge=1, description="steps between validation passes; the last step is always validated "
                                 "(null: preset; tiny 100, gpu 200)")
     eval_batches: int | None = Field(
-        None, ge=1, le=100_000, description="fixed validation micro-batches per validation pass "
-                                            "(null: preset; tiny 8, gpu 32)")
+        None, ge=1, le=100_000, description="fixed validation batches per validation pass, each of "
+                                            "batch_size x processes sequences (null: preset; tiny 8, gpu 32)")
     checkpoint_interval: int | None = Field(
         None, ge=1, description="steps between checkpoints; the last step always writes one "
                                 "(null: preset; tiny 100, gpu 500)")
@@ -136,6 +142,12 @@ class TrainParams(StrictModel):
             if r.warmup_steps + decay > r.max_steps:
                 raise ValueError(f"warmup_steps ({r.warmup_steps}) + decay steps ({decay} = decay_frac "
                                  f"{self.decay_frac} x max_steps) exceed max_steps ({r.max_steps})")
+        if self.global_batch is not None:
+            if self.batch_size is not None:
+                raise ValueError(f"set batch_size ({self.batch_size}) or global_batch ({self.global_batch}), not both: "
+                                 "with global_batch each process's batch is global_batch / (grad_accum x processes)")
+            if self.global_batch % r.grad_accum:
+                raise ValueError(f"global_batch ({self.global_batch}) does not divide by grad_accum ({r.grad_accum})")
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("precision fp16 needs CUDA (loss scaling); use fp32 or bf16 on CPU")
         return self
@@ -146,6 +158,8 @@ class TrainParams(StrictModel):
         values = {name: (getattr(self, name) if getattr(self, name) is not None else base[name])
                   for name in PRESET_FIELDS}
         values["lr"] = float(values["lr"])
+        if self.global_batch is not None:  # one process; ResolvedTrain.for_processes splits it over N
+            values["batch_size"] = max(1, self.global_batch // values["grad_accum"])
         return ResolvedTrain(**values, **{k: getattr(self, k) for k in type(self).model_fields
                                           if k not in PRESET_FIELDS and k != "preset"}, preset=self.preset)
 
@@ -188,6 +202,20 @@ class ResolvedTrain(StrictModel):
     model_file: str
     metrics_file: str
     plots_dir: str
+    # left out of dumps: the resolved batch_size carries its effect, and the keys of earlier results
+    # (study rows, MLflow params) stay what they were
+    global_batch: int | None = Field(None, exclude=True)
+
+    def for_processes(self, world_size: int) -> ResolvedTrain:
+        """These settings for a job of `world_size` processes: with global_batch set, each process's batch_size is
+        its share (one clear line when it does not divide); without it, batch_size is per process as written."""
+        if self.global_batch is None or world_size == 1:
+            return self
+        share, left = divmod(self.global_batch, self.grad_accum * world_size)
+        if left or share == 0:
+            raise ParamsError(f"train.global_batch {self.global_batch} does not divide over {world_size} processes x "
+                              f"grad_accum {self.grad_accum}: pick a multiple of {self.grad_accum * world_size}")
+        return self.model_copy(update={"batch_size": share})
 
 
 def recipe_split_step(max_steps: int, split: float) -> int:

@@ -34,6 +34,7 @@ from nativelm.params.model import ModelParams, with_preset
 from nativelm.params.root import Params
 from nativelm.params.study import StudyParams
 from nativelm.params.train import TRAIN_PRESETS, TrainParams
+from nativelm.study.devices import bind_device
 from nativelm.study.rows import ROWS, TRAININGS, Row, Training, trainings_of
 from nativelm.study.sizing import Bytes, bytes_of, export_bytes, size_to_match
 from nativelm.tracking.flatten import params_hash
@@ -94,6 +95,7 @@ class Study:
         self.fleet: FleetChoice | None = (
             choose_boards(params, [] if study.boards == ["all"] else list(study.boards)) if study.boards else None)
         self._on_boards = threading.Lock()  # one row on the boards at a time, also when cells run in parallel
+        self._exporting = threading.Lock()
 
     # ---- what each cell and row is --------------------------------------------------------------
     def cells(self) -> list[Cell]:
@@ -182,8 +184,9 @@ class Study:
         return result if result.get("key") == self.row_key(row, cell) else None
 
     def run_cell(self, cell: Cell, on_result: Callable[[dict[str, Any]], None],
-                 label: str = "") -> list[dict[str, Any]]:
-        """One cell's training and every requested row that exports it; `on_result` sees each new result."""
+                 label: str = "", device: str | None = None) -> list[dict[str, Any]]:
+        """One cell's training (on `device`, else study.device) and every requested row that exports it;
+        `on_result` sees each new result. Cells on several devices export one at a time."""
         rows = [ROWS[r] for r in self.study.rows if ROWS[r].training == cell.training.name]
         done = {row.name: self._with_boards(self.finished(row, cell), self.folder / cell.slug / row.name)
                 for row in rows}
@@ -192,12 +195,13 @@ class Study:
             return [r for r in done.values() if r]
         _note(f"{label}training {cell.slug} ({', '.join(r.name for r in rows)})")
         self.model_params(cell.training)  # an equal-bytes row is sized before it trains
-        trained = self._train(cell)
+        trained = self._train(cell, device)
         results = []
         for row in rows:
             result = done[row.name]
             if result is None:
-                result = self._export_and_evaluate(row, cell, trained)
+                with self._exporting:  # CPU speed figures are measured with no other export beside them
+                    result = self._export_and_evaluate(row, cell, trained)
                 if "error" not in result:
                     on_result(result)
             results.append(result)
@@ -215,8 +219,11 @@ class Study:
                             "train": self.train_params(cell).resolved().model_dump(mode="json"),
                             "seed": cell.seed, "data": self.data_hash})
 
-    def _train(self, cell: Cell) -> dict[str, Any]:
+    def _train(self, cell: Cell, device: str | None = None) -> dict[str, Any]:
+        """Train a cell (or keep its model); `device` (study.devices) is not part of its key."""
         train = self.train_params(cell)
+        if device is not None:
+            train = train.model_copy(update={"device": bind_device(device)})
         out = TrainOutputs.of(train)
         record = out.metrics_file.parent / TRAINED
         key = self.training_key(cell)

@@ -22,6 +22,7 @@ from nativelm.fsutil import atomic_write_text
 from nativelm.params.root import Params
 from nativelm.params.study import StudyParams
 from nativelm.study.charts import write_charts
+from nativelm.study.devices import on_devices
 from nativelm.study.report import RowSummary, failures_of, markdown, summarize, write_tables
 from nativelm.study.runner import Study
 from nativelm.tracking.runs import RunLogger, tracked_run
@@ -73,8 +74,11 @@ def one_after_another(runner: Study, on_result: Callable[[dict[str, Any]], None]
     return runner.run(on_result)
 
 
-def run_study(params: Params, study: StudyParams, run_cells: CellMap = one_after_another) -> StudyResult:
-    """Every row of `study` (resuming what a previous start finished), then the table and charts."""
+def run_study(params: Params, study: StudyParams, run_cells: CellMap | None = None) -> StudyResult:
+    """Every row of `study` (resuming what a previous start finished), then the table and charts; the cells
+    run as `run_cells` maps them, by default one per device of study.devices at once, else one after another."""
+    if run_cells is None:
+        run_cells = on_devices(study.devices) if study.devices else one_after_another
     started = time.perf_counter()
     runner = Study(params, study)
     folder = runner.folder

@@ -2,8 +2,8 @@
 
 A checkpoint is one file ``step_NNNNNNN.pt`` (torch.save, loaded back with
 ``weights_only=True``) holding the model and optimizer state, the fp16 loss scaler, the number
-of completed steps, the RNG states of torch (CPU and CUDA), numpy and Python, every rank's
-batch-sampler state, the metric history (for the final loss curve) and a fingerprint of the
+of completed steps, the RNG states of torch (CPU and CUDA), numpy and Python, the batch
+sampler's state (the same on every rank) and the process count, the metric history (for the final loss curve) and a fingerprint of the
 settings that shape the trajectory. It is written to a temporary file in the same folder,
 fsynced and renamed, then the ``latest`` pointer file is replaced the same way; older
 checkpoints beyond ``keep`` are removed afterwards. A kill at any moment leaves either the
@@ -57,8 +57,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # written on a machine with more devices: those there are
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def _fsync_dir(folder: Path) -> None:

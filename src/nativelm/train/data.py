@@ -3,12 +3,19 @@
 Each batch is `batch_size` windows of `seq_len + 1` consecutive tokens (inputs are the first
 `seq_len`, targets the last `seq_len`), drawn uniformly over every start position of every
 shard of the split (a window never crosses a shard boundary). The generator is a numpy PCG64
-seeded from (seed, rank); its state is a small JSON-able dict that checkpoints save and
+seeded from the seed alone; its state is a small JSON-able dict that checkpoints save and
 restore, so a resumed run draws exactly the batches the uninterrupted run would have drawn.
+
+Under DDP every process runs the same generator and draws the global micro-batch
+(`batch_size x world_size` windows); process `rank` reads its contiguous slice of it. So the
+windows of a step depend on the global batch only, not on how many processes share it: one
+process with batch 16 and two with batch 8 train on the same windows, and a checkpoint written
+by N processes resumes on any other number with the same data order (docs/training.md).
 
 Validation uses fixed batches: windows at evenly spaced starts over the validation split,
 the same every time and on every run, so validation losses are comparable across steps
-and runs.
+and runs. Under DDP its batches are global micro-batches too, each rank scoring its slice, so
+the validation set does not depend on the number of processes either.
 """
 
 from __future__ import annotations
@@ -65,29 +72,34 @@ def _window_starts(shards: Sequence[np.ndarray], span: int, split: str) -> np.nd
 class BatchSampler:
     """Random training windows from a seeded generator whose state can be saved and restored."""
 
-    def __init__(self, shards: Sequence[np.ndarray], batch_size: int, seq_len: int, seed: int, rank: int = 0) -> None:
+    def __init__(self, shards: Sequence[np.ndarray], batch_size: int, seq_len: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise NativelmError(f"rank {rank} is outside a job of {world_size} process(es)")
         self.shards = list(shards)
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.seed = seed
         self.rank = rank
+        self.world_size = world_size
         self._starts = _window_starts(self.shards, seq_len + 1, "train")
         self._cum = np.cumsum(self._starts)
-        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, rank, 0x7A1])))
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0, 0x7A1])))
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator's state (plain dict of ints and strings)."""
-        return {"rank": self.rank, "seed": self.seed, "bit_generator": self.rng.bit_generator.state}
+        """The generator's state (plain dict of ints and strings), the same on every rank."""
+        return {"seed": self.seed, "bit_generator": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["bit_generator"]
 
     def positions(self) -> list[tuple[int, int]]:
-        """Draw the next batch's (shard index, start) pairs."""
-        flat = self.rng.integers(0, int(self._cum[-1]), size=self.batch_size)
+        """Draw the next global micro-batch and return this rank's (shard index, start) pairs."""
+        flat = self.rng.integers(0, int(self._cum[-1]), size=self.batch_size * self.world_size)
         shard_idx = np.searchsorted(self._cum, flat, side="right")
         offsets = flat - np.concatenate([[0], self._cum[:-1]])[shard_idx]
-        return [(int(s), int(o)) for s, o in zip(shard_idx, offsets, strict=True)]
+        pairs = [(int(s), int(o)) for s, o in zip(shard_idx, offsets, strict=True)]
+        return rank_slice(pairs, self.rank, self.batch_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), int64 tensors of shape (batch_size, seq_len), on CPU."""
@@ -100,6 +112,11 @@ def windows_to_batch(shards: Sequence[np.ndarray], positions: Sequence[tuple[int
     rows = np.stack([np.asarray(shards[s][o:o + seq_len + 1], dtype=np.int64) for s, o in positions])
     tensor = torch.from_numpy(rows)
     return tensor[:, :-1].contiguous(), tensor[:, 1:].contiguous()
+
+
+def rank_slice(global_batch: Sequence[tuple[int, int]], rank: int, batch_size: int) -> list[tuple[int, int]]:
+    """Rank `rank`'s contiguous share of a global micro-batch (empty past a short last batch)."""
+    return list(global_batch[rank * batch_size:(rank + 1) * batch_size])
 
 
 def validation_positions(shards: Sequence[np.ndarray], n_batches: int, batch_size: int,

@@ -14,7 +14,8 @@ steps, validation runs every ``eval_interval`` steps, a checkpoint is written ev
 next step (weights, optimizer and scaler state, RNG states, sampler state, step) is in the
 checkpoint and the learning rate and width are pure functions of the step, so a resumed run
 repeats exactly the steps the interrupted one would have taken (bit for bit on CPU with the
-same thread count).
+same thread count and process count). On another process count with the same global batch it
+resumes the same state and data order, but not bit for bit (`RESUMED_ELSEWHERE`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from torch import nn
 from nativelm.errors import NativelmError
 from nativelm.params.train import ResolvedTrain
 from nativelm.train import checkpoint as ckpt
-from nativelm.train.data import BatchSampler, validation_positions, windows_to_batch
-from nativelm.train.distributed import DistContext, all_reduce_sum, barrier, gather_objects, unwrap
+from nativelm.train.data import BatchSampler, rank_slice, validation_positions, windows_to_batch
+from nativelm.train.distributed import DistContext, all_reduce_sum, barrier, unwrap
 from nativelm.train.guards import check_every_parameter_learns
 from nativelm.train.metrics import mfu
 from nativelm.train.precision import Precision, resolve_precision, torch_threads
@@ -45,6 +46,10 @@ from nativelm.train.progress import training_bar
 from nativelm.train.schedule import StepSchedule
 
 MetricSink = Callable[[dict[str, float], int], None]
+# the one line a resume on another process count prints (docs/training.md)
+RESUMED_ELSEWHERE = ("checkpoint written by {written} process(es), resumed on {now}: model, optimizer, schedule, step "
+                     "and data order are restored exactly, but the run is not bit-identical to an uninterrupted "
+                     "one (gradients are averaged in another order, and the MoE balance loss is per process)")
 
 # resolve_precision and torch_threads live in nativelm.train.precision; importable from here as before
 __all__ = ["LoopResult", "LoopState", "MetricSink", "Precision", "Trainer", "resolve_precision", "torch_threads"]
@@ -168,9 +173,10 @@ class Trainer:
 
     # ---- validation -------------------------------------------------------------------------------
     def val_positions(self) -> list[list[tuple[int, int]]]:
+        """The fixed validation batches, global micro-batches (each rank scores its slice)."""
         if self._val_positions is None:
             self._val_positions = validation_positions(self.val_shards, self.cfg.eval_batches,
-                                                       self.cfg.batch_size, self.cfg.seq_len)
+                                                       self.cfg.batch_size * self.ctx.world_size, self.cfg.seq_len)
         return self._val_positions
 
     @torch.no_grad()
@@ -179,8 +185,8 @@ class Trainer:
         model = self.raw_model  # no DDP needed without gradients
         was_training = model.training
         model.eval()
-        batches = self.val_positions()
-        mine = batches[self.ctx.rank::self.ctx.world_size]
+        sliced = (rank_slice(batch, self.ctx.rank, self.cfg.batch_size) for batch in self.val_positions())
+        mine = [positions for positions in sliced if positions]
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # ce * tokens, tokens
         stats: list[dict[str, torch.Tensor]] | None = None
         for positions in mine:
@@ -215,14 +221,14 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def checkpoint_payload(self) -> dict[str, Any]:
-        samplers = gather_objects(self.ctx, self.sampler.state_dict())
         return {
             "fingerprint": self.fingerprint,
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.capture_rng(),
-            "samplers": samplers,
+            "sampler": self.sampler.state_dict(),  # the same on every rank (data.BatchSampler)
+            "world_size": self.ctx.world_size,
             "tokens": self.state.tokens,
             "train_time_s": self.state.train_time_s,
             "history": self.state.history,
@@ -240,11 +246,10 @@ class Trainer:
         self.optimizer.load_state_dict(data["optimizer"])
         if data.get("scaler"):
             self.scaler.load_state_dict(data["scaler"])
-        samplers = data["samplers"]
-        if len(samplers) != self.ctx.world_size:
-            raise NativelmError(f"checkpoint was written by {len(samplers)} processes, this run has "
-                                f"{self.ctx.world_size}")
-        self.sampler.load_state_dict(samplers[self.ctx.rank])
+        self.sampler.load_state_dict(data["sampler"])
+        written_by = int(data["world_size"])
+        if written_by != self.ctx.world_size:
+            _note(self.ctx, RESUMED_ELSEWHERE.format(written=written_by, now=self.ctx.world_size))
         ckpt.restore_rng(data["rng"])
         self.state = LoopState(step=int(data["step"]), tokens=int(data["tokens"]),
                                train_time_s=float(data["train_time_s"]), history=list(data["history"]),
@@ -268,7 +273,7 @@ class Trainer:
             if data.get("fingerprint") != self.fingerprint:
                 if self.cfg.resume == "require":
                     raise NativelmError(f"{path}: made with different settings (model, training, data or "
-                                        "process count); train.resume is `require`, so not starting over")
+                                        "global batch); train.resume is `require`, so not starting over")
                 _note(self.ctx, f"{path.name} was made with different settings: starting fresh")
                 data, clear = None, True
             elif int(data["step"]) > self.cfg.max_steps:

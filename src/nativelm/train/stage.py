@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 LOSS_PNG = "loss.png"
 EXPERT_LOAD_PNG = "expert_load.png"
 # settings that change what a run computes; the others (intervals, paths, progress ...) do not
-_TRAJECTORY_FIELDS = ("seq_len", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps", "schedule",
+# (batch_size enters as the global micro-batch, batch_size x processes: docs/training.md)
+_TRAJECTORY_FIELDS = ("seq_len", "grad_accum", "max_steps", "lr", "warmup_steps", "schedule",
                       "decay_frac", "decay_shape", "min_lr_ratio", "recipe", "recipe_split", "recipe_lr_drop", "optimizer", "beta1", "beta2", "eps",
                       "weight_decay", "grad_clip")
 
@@ -98,11 +99,17 @@ MODEL_LAYOUT = 2
 
 def fingerprint(cfg: ResolvedTrain, model_params: ModelParams, seed: int, world_size: int,
                 vocab_size: int, manifest: dict[str, Any], precision: str) -> str:
-    """Hash of everything that shapes the trajectory: a checkpoint resumes only a run with the same one."""
+    """Hash of everything that shapes the trajectory: a checkpoint resumes only a run with the same one.
+
+    The process count enters only through the global micro-batch (batch_size x world_size): the
+    batches of a step are the same windows for any split of it (`data.BatchSampler`), so a
+    checkpoint written by N processes resumes on M with the same global batch.
+    """
     shards = {k: v for k, v in manifest.get("sha256", {}).items() if k.startswith("train_") or k == "tokenizer.json"}
     tree = {"train": {k: getattr(cfg, k) for k in _TRAJECTORY_FIELDS}, "model": model_params.model_dump(mode="json"),
             "layout": MODEL_LAYOUT,
-            "seed": seed, "world_size": world_size, "vocab_size": vocab_size, "data": shards, "precision": precision}
+            "global_micro_batch": cfg.batch_size * world_size,
+            "seed": seed, "vocab_size": vocab_size, "data": shards, "precision": precision}
     return params_hash(tree)
 
 
@@ -149,17 +156,20 @@ def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_di
         device = torch.device("cuda", ctx.local_rank if ctx.enabled else device.index)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    clean = False
     try:
+        cfg = cfg.for_processes(ctx.world_size)
         precision = resolve_precision(cfg.precision, device)
         with torch_threads(cfg.threads):
             _seed_everything(seed)
             data = load_token_data(data_dir)
             model = build_model(model_params, data.vocab_size, seed=seed).to(device)
             optimizer = build_optimizer(model, cfg, fused=True if device.type == "cuda" else None)
-            wrapped: torch.nn.Module = dist.wrap_ddp(model, ctx, device)
+            wrapped = dist.wrap_ddp(model, ctx, device)
             if compiles(cfg.compile, device):
                 wrapped = torch.compile(wrapped)
-            sampler = BatchSampler(data.train, cfg.batch_size, cfg.seq_len, seed=seed, rank=ctx.rank)
+            sampler = BatchSampler(data.train, cfg.batch_size, cfg.seq_len, seed=seed, rank=ctx.rank,
+                                   world_size=ctx.world_size)
             fp = fingerprint(cfg, model_params, seed, ctx.world_size, data.vocab_size, data.manifest,
                              precision.name)
             counts = {"total_params": model.num_params(), "active_params": model.active_params(),
@@ -190,10 +200,16 @@ def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_di
                 result.last_val, result.val_stats = trainer.validate()
             if not result.last_train:
                 result.last_train = next((h for h in reversed(trainer.state.history) if "train/loss" in h), {})
-            return _finish(cfg, out, seed, ctx, model, model_params, data, trainer, result, counts, fp, logger,
-                           started)
+            finished = _finish(cfg, out, seed, ctx, model, model_params, data, trainer, result, counts, fp, logger,
+                               started)
+            clean = True
+            return finished
+    except RuntimeError as exc:  # a collective that broke off: another process died
+        if not ctx.enabled or not dist.is_peer_loss(exc):
+            raise
+        raise dist.peer_lost(ctx.rank, exc) from None
     finally:
-        dist.shutdown(ctx)
+        dist.shutdown(ctx, clean)
 
 
 def _finish(cfg: ResolvedTrain, out: TrainOutputs, seed: int, ctx: Any, model: NativeLM, model_params: ModelParams,
