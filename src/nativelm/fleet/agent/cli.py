@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-# lock and releases are imported for their commands, which register themselves in COMMANDS
-from . import AGENT_NAME, COMMANDS, AgentError, checked_args, lock, releases  # noqa: F401
+# lock, pull and releases are imported for their commands, which register themselves in COMMANDS
+from . import AGENT_NAME, COMMANDS, AgentError, checked_args, lock, pull, releases  # noqa: F401
 from .files import Layout
 
 # piped in (`python3 - --root DIR ...`, see agent_pack.inline_source): the modules have no file then
