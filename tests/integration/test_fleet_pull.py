@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,12 +22,10 @@ from typing import Any, NamedTuple
 import pytest
 
 from nativelm.fleet.agent.channel import in_wave
-from nativelm.fleet.agent_pack import agent_bytes
-from nativelm.fleet.provision import pull_config
 from nativelm.fleet.publish import publish, read_channel, set_paused, store_client, write_channel
 from nativelm.fleet.pull_status import pulled_status, render_pulled
-from nativelm.fleet.signing import allowed_signers_text, create_signing_key
-from nativelm.fleet.sim_store import create_fleet_bucket, moto_store, use_test_credentials
+from nativelm.fleet.signing import create_signing_key
+from nativelm.fleet.sim_store import create_fleet_bucket, make_pull_board, moto_store, use_test_credentials
 from nativelm.params.fleet import FleetParams, PullParams
 from tests.integration.test_fleet_deploy import Releases, build_releases
 
@@ -61,24 +57,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
         yield Store(fleet, client)
 
 
-def make_board(root: Path, fleet: FleetParams, name: str = BOARD) -> Path:
-    """A board's agent root: the agent zipapp, allowed_signers, pull/config.json, a runtime virtualenv."""
-    (root / "bin").mkdir(parents=True)
-    (root / "bin" / "nativelm-agent.pyz").write_bytes(agent_bytes())
-    (root / "keys").mkdir()
-    (root / "keys" / "allowed_signers").write_text(allowed_signers_text(fleet.allowed_signers))
-    (root / "pull").mkdir()
-    (root / "pull" / "config.json").write_text(json.dumps(pull_config(fleet, name)))
-    secret = root / "pull" / "credentials.json"  # the board's own key: it may write status/<board>.json only
-    secret.write_text(json.dumps({"access_key": name, "secret_key": f"{name}-secret"}))
-    secret.chmod(0o600)
-    python = root / "venv" / "bin" / "python"  # this test's own virtualenv: it has the runtime's pinned packages
-    python.parent.mkdir(parents=True)
-    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
-    python.chmod(0o755)
-    return root
-
-
 def pull(root: Path) -> tuple[int, dict[str, Any] | None, str]:
     """Run one poll as the board's timer does: (exit status, the JSON report, stderr)."""
     done = subprocess.run(["python3", str(root / "bin" / "nativelm-agent.pyz"), "pull", "now"],
@@ -103,7 +81,7 @@ def refused(root: Path, what: str) -> str:
 
 
 def test_pull_update_unchanged_status_and_rollback(store: Store, releases: Releases, tmp_path: Path) -> None:
-    root = make_board(tmp_path / "board", store.fleet)
+    root = make_pull_board(tmp_path / "board", store.fleet)
     publish(releases.old, store.fleet, 100, store.client)
     rc, report, err = pull(root)
     assert rc == 0 and report["outcome"] == "updated" and report["reported"], (report, err)
@@ -133,7 +111,7 @@ def test_pull_update_unchanged_status_and_rollback(store: Store, releases: Relea
 def test_percent_and_pause(store: Store, releases: Releases, tmp_path: Path) -> None:
     inside = next(f"board-{i}" for i in range(100) if in_wave(f"board-{i}", 30))
     outside = next(f"board-{i}" for i in range(100) if not in_wave(f"board-{i}", 30))
-    boards = {name: make_board(tmp_path / name, store.fleet, name) for name in (inside, outside)}
+    boards = {name: make_pull_board(tmp_path / name, store.fleet, name) for name in (inside, outside)}
     publish(releases.old, store.fleet, 100, store.client)
     for root in boards.values():
         assert pull(root)[1]["outcome"] in ("updated", "unchanged")
@@ -151,7 +129,7 @@ def signed_by(fleet: FleetParams, key: Path) -> FleetParams:
 
 
 def test_refusals_keep_the_live_release(store: Store, releases: Releases, tmp_path: Path) -> None:
-    root = make_board(tmp_path / "board", store.fleet)
+    root = make_pull_board(tmp_path / "board", store.fleet)
     publish(releases.old, store.fleet, 100, store.client)
     assert pull(root)[1]["outcome"] == "updated"
     stranger = tmp_path / "stranger-key"
@@ -191,7 +169,7 @@ def test_the_store_down_keeps_the_board_running(store: Store, releases: Releases
         fleet = store.fleet.model_copy(update={"pull": store.fleet.pull.model_copy(update={"endpoint": endpoint})})
         client = store_client(fleet.pull)
         create_fleet_bucket(client, fleet.pull.bucket)
-        root = make_board(tmp_path / "board", fleet)
+        root = make_pull_board(tmp_path / "board", fleet)
         publish(releases.old, fleet, 100, client)
         assert pull(root)[1]["outcome"] == "updated"
         publish(releases.new, fleet, 100, client)
