@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import yaml
 
 from nativelm.fleet.agent.channel import in_wave
 from nativelm.fleet.publish import publish, read_channel, set_paused, store_client, write_channel
@@ -27,6 +28,7 @@ from nativelm.fleet.pull_status import pulled_status, render_pulled
 from nativelm.fleet.signing import create_signing_key
 from nativelm.fleet.sim_store import create_fleet_bucket, make_pull_board, moto_store, use_test_credentials
 from nativelm.params.fleet import FleetParams, PullParams
+from nativelm.params.root import Params
 from tests.integration.test_fleet_deploy import Releases, build_releases
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -179,3 +181,35 @@ def test_the_store_down_keeps_the_board_running(store: Store, releases: Releases
         assert (rc, report["outcome"]) == (0, "offline") and "unreachable" in report["reason"]
         assert live(root)[0] == releases.old.name
         assert report["reported"] is False
+
+
+def test_the_commands(store: Store, releases: Releases, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fleet publish`, `fleet channel` and `fleet status` (pull mode) as a user runs them."""
+    from nativelm.cli import main
+
+    inventory = tmp_path / "fleet.yaml"  # the boards `fleet status` expects to hear from (never connected to)
+    (tmp_path / "known_hosts").write_text("")
+    (tmp_path / "no-key").write_text("")
+    inventory.write_text(yaml.safe_dump({"boards": [{"name": "board-cli", "host": "127.0.0.1", "port": 22,
+                                                     "user": "nobody", "key": str(tmp_path / "no-key")}]}))
+    data = Params(fleet=store.fleet.model_copy(update={"inventory": str(inventory)})).model_dump(mode="json")
+    data["tracking"]["uri"] = "off"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(data))
+    root = make_pull_board(tmp_path / "board", store.fleet, "board-cli")
+
+    assert main(["fleet", "publish", "--params", str(params), "--model", str(releases.old.folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"published {releases.old.name}" in out and f"{releases.old.name} on 100% of boards" in out
+    assert main(["fleet", "status", "--params", str(params)]) == 1  # board-cli never reported: silent
+    assert "board-cli  silent" in capsys.readouterr().out
+    assert pull(root)[1]["outcome"] in ("updated", "unchanged")
+    assert main(["fleet", "status", "--params", str(params), "--boards", "board-cli"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("board-cli"))
+    assert row.split()[2] == releases.old.name
+    assert main(["fleet", "channel", "pause", "--params", str(params)]) == 0
+    assert "(PAUSED)" in capsys.readouterr().out
+    assert main(["fleet", "channel", "resume", "--params", str(params)]) == 0
+    assert "(PAUSED)" not in capsys.readouterr().out
+    assert main(["fleet", "publish", "--params", str(params), "--percent", "120"]) == 2
+    assert "must be in 0..100" in capsys.readouterr().err

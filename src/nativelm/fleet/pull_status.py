@@ -1,8 +1,8 @@
 """`nativelm fleet status` in pull mode: what each board last reported to the store (status/<board>.json).
 
 Nothing connects to a board: a pulled fleet may be thousands of boards behind NAT. A board of the
-inventory that never reported, or whose last report is older than fleet.pull.stale_after_s, is
-"silent"; a report whose outcome is failed shows its one-line reason (docs/fleet-at-scale.md).
+inventory that never reported, or whose last report is older than a heartbeat, a poll period and
+its jitter (fleet.pull), is "silent"; a report whose outcome is failed shows its one-line reason (docs/fleet-at-scale.md).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def pulled_status(pull: PullParams, boards: Sequence[str], client: Any = None) -
         age = _age_s(report.get("at"))
         state = str(report.get("outcome", "failed"))
         reason = str(report.get("reason") or "")
-        if age is None or age > pull.stale_after_s:
+        if age is None or age > pull.silent_after_s:
             state, reason = "silent", f"last report {'unknown' if age is None else f'{age / 3600:.1f} h'} ago" + (
                 f" ({reason})" if reason else "")
         rows.append(PulledBoard(name, state, report.get("current"), report.get("previous"), report.get("wanted"),

@@ -56,8 +56,12 @@ class PullParams(StrictModel):
     region: str = Field("us-east-1", pattern=NAME_PATTERN)
     poll_s: float = Field(900.0, ge=10, le=7 * 86400)
     jitter_s: float = Field(600.0, ge=0, le=7 * 86400)
-    heartbeat_s: float = Field(86400.0, ge=0, le=30 * 86400)
-    stale_after_s: float = Field(3 * 3600.0, gt=0)
+    heartbeat_s: float = Field(3600.0, ge=0, le=30 * 86400)
+
+    @property
+    def silent_after_s(self) -> float:
+        """The longest a working board goes without a report: a heartbeat, a poll period and its jitter."""
+        return self.heartbeat_s + self.poll_s + self.jitter_s
 
 
 class FleetParams(StrictModel):

@@ -6,7 +6,7 @@ Shipped to each board as one zipapp, ``<root>/bin/nativelm-agent.pyz`` (built by
 controller pipes the agent to ``python3 -``). Every command prints one JSON object on stdout and
 exits 0; a failure prints one line ``error: ...`` on stderr and exits 1. Every argument is validated
 here as well as on the controller, by what its command's usage line calls it (RELEASE, NAME,
-SHA256, OWNER, STALE_S, KEEP, HOLDER, EVERY_S, MODE, PREVIOUS).
+SHA256, OWNER, STALE_S, KEEP, HOLDER, EVERY_S, MODE, PREVIOUS, START).
 
 Layout under <root>::
 

@@ -39,7 +39,7 @@ class PullConfig:
     region: str = "us-east-1"
     jitter_s: float = 0.0
     keep: int = 3
-    heartbeat_s: float = 86400.0
+    heartbeat_s: float = 3600.0
 
 
 def _field(data: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
@@ -70,7 +70,7 @@ def read_config(lay: Layout) -> PullConfig:
     return PullConfig(_field(data, "endpoint", _ENDPOINT), _field(data, "bucket", _BUCKET),
                       _field(data, "channel", _NAME), _field(data, "board", _NAME), region,
                       _number(data, "jitter_s", 0.0, 0), int(_number(data, "keep", 3, 1)),
-                      _number(data, "heartbeat_s", 86400.0, 0))
+                      _number(data, "heartbeat_s", 3600.0, 0))
 
 
 def read_credentials(lay: Layout) -> Credentials | None:
