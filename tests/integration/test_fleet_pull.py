@@ -6,7 +6,8 @@ agent runs as it does on a board: the zipapp, `python3 nativelm-agent.pyz pull n
 first release and an update (the status object in the store, `fleet status`'s pulled table), an
 unchanged poll costing one conditional request, a rollback by publishing the older release again,
 a staged percent, pause, a wrongly signed release, a tampered file, a release failing its health
-check, a wrongly signed and a replayed channel, and the store going down: each refused with one
+check, a wrongly signed and a replayed channel, damage in the live release (fetched again), and the
+store going down: each refused with one
 line while the board keeps serving what it had.
 """
 
@@ -23,13 +24,16 @@ import pytest
 import yaml
 
 from nativelm.fleet.agent.channel import in_wave
+from nativelm.fleet.provision import provision
 from nativelm.fleet.publish import publish, read_channel, set_paused, store_client, write_channel
 from nativelm.fleet.pull_status import pulled_status, render_pulled
 from nativelm.fleet.signing import create_signing_key
 from nativelm.fleet.sim_store import create_fleet_bucket, make_pull_board, moto_store, use_test_credentials
+from nativelm.fleet.ssh import BoardSession
 from nativelm.params.fleet import FleetParams, PullParams
 from nativelm.params.root import Params
-from tests.integration.test_fleet_deploy import Releases, build_releases
+from tests.integration.conftest import SimFleet
+from tests.integration.test_fleet_deploy import BENCH, Releases, build_releases
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -91,6 +95,16 @@ def test_pull_update_unchanged_status_and_rollback(store: Store, releases: Relea
 
     rc, report, _ = pull(root)  # nothing new: one conditional GET (304), nothing reported again
     assert (rc, report["outcome"], report["requests"], report["bytes"], report["reported"]) == (0, "unchanged", 1, 0, False)
+
+    model = root / "releases" / releases.old.name / "model.onnx"  # damage in the live release ...
+    model.chmod(0o644)
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    rc, report, _ = pull(root)  # ... is found by the next poll (size + mtime) and fetched again
+    assert (rc, report["outcome"], report["fetched_files"]) == (0, "repaired", 3), report  # the model, release.json, its .sig
+    assert "changed since verified: model.onnx" in report["damage"]
+    assert live(root) == (releases.old.name, None) and model.read_bytes() == (releases.old.folder / "model.onnx").read_bytes()
 
     done = publish(releases.new, store.fleet, 100, store.client)
     assert done.channel["previous"] == releases.old.name
@@ -211,5 +225,26 @@ def test_the_commands(store: Store, releases: Releases, tmp_path: Path, capsys: 
     assert "(PAUSED)" in capsys.readouterr().out
     assert main(["fleet", "channel", "resume", "--params", str(params)]) == 0
     assert "(PAUSED)" not in capsys.readouterr().out
-    assert main(["fleet", "publish", "--params", str(params), "--percent", "120"]) == 2
+    with pytest.raises(SystemExit) as bad:
+        main(["fleet", "publish", "--params", str(params), "--percent", "120"])
+    assert bad.value.code == 2
     assert "must be in 0..100" in capsys.readouterr().err
+
+
+def test_a_real_sshd_board_provisioned_for_pull_mode_pulls(sim_fleet: SimFleet, store: Store, releases: Releases) -> None:
+    """`fleet provision` with fleet.mode: pull writes the board's pull/config.json; its agent then pulls over its own
+    network access (here run through SSH once, as its timer would run it) and switches."""
+    inv = sim_fleet.inventory
+    board = inv.board("board-3")
+    fleet = sim_fleet.params.fleet.model_copy(update={"mode": "pull", "pull": store.fleet.pull, **BENCH})
+    assert [r.ok for r in provision(inv, [board], fleet, Path(sim_fleet.params.stack.state_dir))] == [True]
+    publish(releases.new, fleet, 100, store.client)
+    with BoardSession(board, inv, fleet) as session:
+        try:
+            config = json.loads(session.read_bytes(session.path("pull", "config.json")))
+            assert (config["board"], config["endpoint"], config["channel"]) == ("board-3", store.fleet.pull.endpoint, "stable")
+            report = session.agent("pull", "now")
+            assert report["outcome"] in ("updated", "unchanged") and report["current"] == releases.new.name, report
+            assert session.agent("verify", releases.new.name)["ok"]
+        finally:  # the shared fleet goes back to push mode
+            session.run(["rm", "-rf", session.path("pull")])

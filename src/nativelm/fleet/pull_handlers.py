@@ -38,9 +38,10 @@ def cmd_channel(args: argparse.Namespace) -> int:
 
 
 def pulled_fleet_status(args: argparse.Namespace, params: Params) -> int:
-    """`fleet status` when fleet.mode is pull: the boards' reports in the store; exit 1 when one is bad."""
+    """`fleet status` when fleet.mode is pull: the boards' reports in the store (without --boards/--groups also
+    boards the inventory does not list); exit 1 when one failed or is silent."""
     boards = [b.name for b in chosen(args, params).boards]
-    channel, rows = pulled_status(params.fleet.pull, boards)
+    channel, rows = pulled_status(params.fleet.pull, boards, others=not (args.boards or args.groups))
     for line in render_pulled(channel, rows):
         print(line)
     return 1 if any(r.state in BAD for r in rows) else 0

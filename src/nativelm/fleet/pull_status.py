@@ -59,12 +59,13 @@ def _age_s(at: Any) -> float | None:
     return (datetime.datetime.now(datetime.UTC) - moment).total_seconds()
 
 
-def pulled_status(pull: PullParams, boards: Sequence[str], client: Any = None) -> tuple[dict | None, list[PulledBoard]]:
-    """The channel and one row per board: every inventory board in `boards`, then any other that reported."""
+def pulled_status(pull: PullParams, boards: Sequence[str], client: Any = None,
+                  others: bool = True) -> tuple[dict | None, list[PulledBoard]]:
+    """The channel and one row per board: each of `boards`, then (`others`) any other board that reported."""
     client = client or store_client(pull)
     reports = read_reports(client, pull)
     rows = []
-    for name in [*boards, *sorted(set(reports) - set(boards))]:
+    for name in [*boards, *(sorted(set(reports) - set(boards)) if others else [])]:
         report = reports.get(name)
         if report is None:
             rows.append(PulledBoard(name, "silent", reason="never reported"))

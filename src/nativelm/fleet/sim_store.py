@@ -94,7 +94,7 @@ def runtime_wrapper(venv: Path, python: str = sys.executable) -> Path:
     return wrapper
 
 
-def make_pull_board(root: Path, fleet: FleetParams, name: str) -> Path:
+def make_pull_board(root: Path, fleet: FleetParams, name: str = "board-1") -> Path:
     """A board's agent root as `nativelm fleet provision` leaves it in pull mode, plus the board's own store key."""
     (root / "bin").mkdir(parents=True, exist_ok=True)
     (root / "bin" / AGENT_NAME).write_bytes(agent_bytes())

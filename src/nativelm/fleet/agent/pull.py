@@ -30,7 +30,7 @@ from .channel import parse_channel, wanted_release
 from .files import Layout, read_json, write_atomic
 from .lock import cmd_lock, cmd_unlock
 from .pull_fetch import PullConfig, discard_quietly, fetch_release, open_store, read_config, read_small_json
-from .releases import cmd_activate, cmd_prune, cmd_restore
+from .releases import cmd_activate, cmd_check, cmd_prune, cmd_restore
 from .signature import check_signed
 from .store import Store, StoreDown
 
@@ -38,6 +38,7 @@ STATE = "state.json"
 CHANNEL_FILE = "channel.json"
 HEALTH_TIMEOUT_S = 600
 LOCK_STALE_S = 3600
+FULL_CHECK_EVERY_S = 86400  # the live release's files are all hashed once a day (else size and mtime)
 Health = Callable[[Layout, Path], "str | None"]  # a release folder -> None (passed) or the failure line
 
 
@@ -120,7 +121,7 @@ def switch_to(store: Store, lay: Layout, config: PullConfig, release: str, healt
 
 
 def poll(lay: Layout, config: PullConfig, health: Health = runtime_health) -> dict[str, Any]:
-    """One poll; the report (outcome: unchanged, updated, paused, skipped, offline, busy, failed). Never raises
+    """One poll; the report (outcome: unchanged, updated, repaired, paused, skipped, offline, busy, failed). Never raises
     for what the store or the release does: that is the report's `reason`."""
     state = read_json(lay.pull / STATE) or {}
     store = open_store(lay, config)
@@ -132,8 +133,13 @@ def poll(lay: Layout, config: PullConfig, health: Health = runtime_health) -> di
         failed_before = state.get("failed") == [wanted, channel["serial"]]
         if channel["paused"]:
             report["outcome"] = "paused"
-        elif wanted is None or wanted == current:
+        elif wanted is None:
             pass
+        elif wanted == current:
+            damage = cmd_check(lay, current, FULL_CHECK_EVERY_S)["problems"]  # size + mtime; every hash daily
+            if damage:  # the files that differ are fetched again, then the usual checks
+                report.update(_update(store, lay, config, wanted, health, state), outcome="repaired",
+                              damage="; ".join(damage))
         elif failed_before:  # tried under this very channel: not again until something is published
             report.update(outcome="skipped", reason=f"{wanted} failed here before: {state.get('failed_reason')}")
         else:
