@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import CHANNEL_NAMESPACE, RUNTIME, AgentError, command
+from . import CHANNEL_NAMESPACE, RUNTIME, AgentError
 from .channel import parse_channel, wanted_release
 from .files import Layout, read_json, write_atomic
 from .lock import cmd_lock, cmd_unlock
@@ -196,8 +196,8 @@ def _report(store: Store, config: PullConfig, state: dict[str, Any], report: dic
     report["reported"] = True
 
 
-@command("pull [START]")
-def cmd_pull(lay: Layout, start: str = "jittered") -> dict[str, Any]:
+def pull_once(lay: Layout, start: str = "jittered") -> dict[str, Any]:
+    """The agent's `pull [START]` (registered in cli.py): the poll, after the jitter; a failure raised as one line."""
     config = read_config(lay)
     if start == "jittered" and config.jitter_s > 0:
         time.sleep(random.uniform(0, config.jitter_s))  # noqa: S311 - spreading load, not a secret

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import PART, RELEASE_MANIFEST, SIGNATURE, AgentError
 from .files import JSON_LIMIT, Layout, listed_files, read_json
@@ -28,8 +27,7 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
-@dataclass(frozen=True)
-class PullConfig:
+class PullConfig(NamedTuple):
     """pull/config.json, written by `nativelm fleet provision` when fleet.mode is pull."""
 
     endpoint: str
