@@ -26,6 +26,7 @@ import yaml
 from nativelm.fleet.agent.channel import in_wave
 from nativelm.fleet.provision import provision
 from nativelm.fleet.publish import publish, read_channel, set_paused, store_client, write_channel
+from nativelm.fleet.pull_gate import widening_refusal
 from nativelm.fleet.pull_status import pulled_status, render_pulled
 from nativelm.fleet.signing import create_signing_key
 from nativelm.fleet.sim_store import create_fleet_bucket, make_pull_board, moto_store, use_test_credentials
@@ -248,3 +249,25 @@ def test_a_real_sshd_board_provisioned_for_pull_mode_pulls(sim_fleet: SimFleet, 
             assert session.agent("verify", releases.new.name)["ok"]
         finally:  # the shared fleet goes back to push mode
             session.run(["rm", "-rf", session.path("pull")])
+
+
+def test_a_wave_with_failures_is_not_widened(store: Store, releases: Releases) -> None:
+    pull = store.fleet.pull.model_copy(update={"channel": "gate"})
+    fleet = store.fleet.model_copy(update={"pull": pull, "max_failed_boards": 1})
+    publish(releases.new, fleet, 10, store.client)
+    serial = read_channel(store.client, pull)["serial"]
+
+    def reported(board: str, outcome: str) -> None:  # what the boards of the wave said
+        report = {"board": board, "channel": "gate", "outcome": outcome, "wanted": releases.new.name, "serial": serial}
+        store.client.put_object(Bucket=pull.bucket, Key=f"status/{board}.json", Body=json.dumps(report).encode())
+
+    reported("gate-1", "updated")
+    reported("gate-2", "failed")
+    assert widening_refusal(store.client, fleet, releases.new.name, 50) is None  # one failure: within the tolerance
+    reported("gate-3", "skipped")
+    refusal = widening_refusal(store.client, fleet, releases.new.name, 50)
+    assert refusal.startswith(f"not widening {releases.new.name} to 50%: 2 of the 3 boards that reported on it failed "
+                              "(gate-2, gate-3; fleet.max_failed_boards = 1")
+    assert widening_refusal(store.client, fleet.model_copy(update={"max_failed_boards": 2}), releases.new.name, 50) is None
+    assert widening_refusal(store.client, fleet, releases.new.name, 10) is None  # not wider
+    assert widening_refusal(store.client, fleet, releases.old.name, 100) is None  # rolling back is never refused

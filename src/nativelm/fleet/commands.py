@@ -136,11 +136,14 @@ def register_pull(actions: argparse._SubParsersAction, common: argparse.Argument
                                        "channels/<fleet.pull.channel>.json: boards whose stable wave position is "
                                        "below --percent switch to it at their next poll, the others keep the "
                                        "release it replaces. Publish again with a higher --percent to widen the "
-                                       "wave; publish an older release to roll back.")
+                                       "wave (refused while more boards that took it failed than "
+                                       "fleet.max_failed_boards / fleet.max_failed_percent allow, unless --force); "
+                                       "publish an older release to roll back.")
     p.add_argument("--model", metavar="SPEC", default=None, type=nonblank("the model"),
                    help="registered version, alias, models:/ URI or release folder (default: evaluate.release_dir)")
     p.add_argument("--percent", type=percent, default=100.0, metavar="P",
                    help="percent of the fleet that runs this release (default 100)")
+    p.add_argument("--force", action="store_true", help="widen the wave even when boards that took it failed")
     p.set_defaults(handler=handler("cmd_publish", PULL_HANDLERS))
 
     p = actions.add_parser("channel", parents=[common], help="pull mode: show, pause or resume the channel",

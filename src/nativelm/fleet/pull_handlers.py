@@ -10,7 +10,8 @@ import argparse
 from nativelm.cliargs import params_of
 from nativelm.fleet import deploy_service
 from nativelm.fleet.handlers import chosen
-from nativelm.fleet.publish import publish, read_channel, set_paused, store_client
+from nativelm.fleet.publish import StoreError, publish, read_channel, set_paused, store_client
+from nativelm.fleet.pull_gate import widening_refusal
 from nativelm.fleet.pull_status import BAD, channel_line, pulled_status, render_pulled
 from nativelm.params.root import Params
 
@@ -19,7 +20,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
     """Upload a signed release to the store once and ramp the channel to --percent of the boards."""
     params = params_of(args)
     release = deploy_service.resolve(params, args.model)
-    done = publish(release, params.fleet, args.percent)
+    client = store_client(params.fleet.pull)
+    refusal = None if args.force else widening_refusal(client, params.fleet, release.name, args.percent)
+    if refusal:
+        raise StoreError(refusal)
+    done = publish(release, params.fleet, args.percent, client)
     print(f"published {done.release}: {done.files_sent} files sent ({done.bytes_sent / 2**20:.1f} MiB), "
           f"{done.files_kept} already in the store")
     print(channel_line(done.channel))
