@@ -178,6 +178,8 @@ def test_refusals_keep_the_live_release(store: Store, releases: Releases, tmp_pa
     refused(root, "channel stable refused: channel.json signature does not verify")
     write_channel(store.client, store.fleet, {**read_channel(store.client, store.fleet.pull), "serial": 5})
     refused(root, "channel stable refused: serial 5 is older than serial")
+    (root / "pull" / "state.json").unlink()  # the board's memory lost: its saved channel still has the serial
+    refused(root, "channel stable refused: serial 5 is older than serial")
     assert live(root)[0] == releases.old.name
 
 

@@ -90,13 +90,24 @@ def fetch_channel(store: Store, lay: Layout, config: PullConfig, state: dict[str
     what = f"channel {config.channel}"
     check_signed(lay, incoming, incoming.with_name(CHANNEL_FILE + ".sig"), CHANNEL_NAMESPACE, what)
     channel = parse_channel(read_small_json(reply.body, what), config.channel)
-    if channel["serial"] < int(state.get("serial", 0)):
-        raise AgentError(f"{what} refused: serial {channel['serial']} is older than serial {state['serial']} "
+    followed = _followed_serial(lay, config, state)
+    if channel["serial"] < followed:
+        raise AgentError(f"{what} refused: serial {channel['serial']} is older than serial {followed} "
                          "this board already followed (a replayed channel)")
     os.replace(incoming.with_name(CHANNEL_FILE + ".sig"), saved.with_name(CHANNEL_FILE + ".sig"))
     os.replace(incoming, saved)
     state.update(serial=channel["serial"], etag=reply.etag)
     return channel
+
+
+def _followed_serial(lay: Layout, config: PullConfig, state: dict[str, Any]) -> int:
+    """The highest channel serial this board followed: its state's, or its saved channel's if the state was lost."""
+    followed = state.get("serial")
+    followed = followed if isinstance(followed, int) else 0
+    try:
+        return max(followed, parse_channel(read_json(lay.pull / CHANNEL_FILE), config.channel)["serial"])
+    except AgentError:
+        return followed
 
 
 def switch_to(store: Store, lay: Layout, config: PullConfig, release: str, health: Health) -> dict[str, Any]:
@@ -120,10 +131,20 @@ def switch_to(store: Store, lay: Layout, config: PullConfig, release: str, healt
     return {**fetched, "pruned": pruned}
 
 
+def _read_state(lay: Layout) -> dict[str, Any]:
+    """What earlier polls remembered (serial, ETag, a failed release, the last report); a damaged file is
+    forgotten (the next channel is fetched and verified in full; the saved channel keeps its serial)."""
+    try:
+        state = read_json(lay.pull / STATE)
+    except AgentError:
+        state = None
+    return state if isinstance(state, dict) else {}
+
+
 def poll(lay: Layout, config: PullConfig, health: Health = runtime_health) -> dict[str, Any]:
     """One poll; the report (outcome: unchanged, updated, repaired, paused, skipped, offline, busy, failed). Never raises
     for what the store or the release does: that is the report's `reason`."""
-    state = read_json(lay.pull / STATE) or {}
+    state = _read_state(lay)
     store = open_store(lay, config)
     report: dict[str, Any] = {"board": config.board, "channel": config.channel, "outcome": "unchanged"}
     try:
@@ -138,8 +159,10 @@ def poll(lay: Layout, config: PullConfig, health: Health = runtime_health) -> di
         elif wanted == current:
             damage = cmd_check(lay, current, FULL_CHECK_EVERY_S)["problems"]  # size + mtime; every hash daily
             if damage:  # the files that differ are fetched again, then the usual checks
-                report.update(_update(store, lay, config, wanted, health, state), outcome="repaired",
-                              damage="; ".join(damage))
+                repair = _update(store, lay, config, wanted, health, state)
+                report.update(repair, damage="; ".join(damage))
+                if repair["outcome"] == "updated":
+                    report["outcome"] = "repaired"
         elif failed_before:  # tried under this very channel: not again until something is published
             report.update(outcome="skipped", reason=f"{wanted} failed here before: {state.get('failed_reason')}")
         else:
