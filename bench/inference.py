@@ -12,8 +12,8 @@ TernaryMatMul + TernaryMoE, five trits per byte; run with the operator library o
 (MatMul, MoE as dense standard ONNX over all experts). Each variant, and PyTorch eager, then runs in its own
 subprocess (so the peak RSS of one does not include another's), with ONNX Runtime sessions opened
 as ``nativelm.runtime.session.open_session`` does (CPU EP, intra-op threads, inter-op 1) and fed
-with the runtime's I/O convention (input_ids, attention_mask, past_key_values.{i}.key/value ->
-logits, present.{i}.*):
+with the runtime's I/O convention (input_ids, attention_mask, past_key_values.{i}.key/value and, where
+the graph takes it, num_logits_to_keep 1 -> the last position's logits, present.{i}.*):
 
 - prefill: one run over a ``prompt-len`` prompt of fixed pseudo-random ids, tokens/s;
 - decode: ``new-tokens`` greedy steps of one token each with the KV cache, tokens/s;
@@ -156,6 +156,8 @@ def decode_profile(spec: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[s
 
 
 def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
+    from nativelm.formats.export_folder import LOGITS_TO_KEEP
+
     t0 = time.perf_counter()
     session = _session(spec)
     load_s = time.perf_counter() - t0
@@ -163,12 +165,15 @@ def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
     outputs = [o.name for o in session.get_outputs()]
     n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
     kv_heads, head_dim = inputs["past_key_values.0.key"].shape[1], inputs["past_key_values.0.key"].shape[3]
+    keep_input = LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}  # an input with a default
 
     def feeds(ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
         total = past[0].shape[2] + ids.shape[1]
         feed = {"input_ids": ids, "attention_mask": np.ones((1, total), dtype=np.int64)}
         for i in range(n_layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+        if keep_input:  # the last position's logits only, as the board runtime generates
+            feed[LOGITS_TO_KEEP] = np.ones(1, dtype=np.int64)
         return feed
 
     def run(ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -153,7 +154,8 @@ def time_call(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], seconds:
 
 def roofline(mib: int, threads: int, reps: int) -> list[float]:
     """GB/s of the tuned C read loop, one figure per repetition."""
-    binary = custom_ops.find_library().parent / "read_bandwidth"
+    # the checkout's build (the library itself may come from $NATIVELM_OPS_LIBRARY: an A/B of two builds)
+    binary = custom_ops.source_build(platform.machine()).parent / "read_bandwidth"
     out = subprocess.run([str(binary), str(mib), str(threads), str(reps)], capture_output=True, text=True, check=True)
     return [float(v) for v in out.stdout.split()]
 

@@ -3,6 +3,7 @@
 #   system packages through apt (when root), a virtualenv in .venv, the package with its pinned
 #   dependencies (constraints.txt). Idempotent: a second run with nothing changed takes seconds.
 # Usage: bash infra/setup.sh [dev]     ("dev" adds the test tools)
+#        NATIVELM_ARM64=1 bash infra/setup.sh   (adds only what a simulated ARM64 board needs: `make run ARM64=1`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,9 +14,12 @@ extras="${1:-}"
 apt_packages=(git openssh-server openssh-client python3-venv gcc libc6-dev)
 # dev (tests) only: chromium, driven headless by Playwright (the system browser: Playwright's own
 # browser download is never used), fonts so pages render text; postgresql for MLflow on PostgreSQL.
-# The ARM64 operator build is cross-compiled and its kernels are tested under qemu-user.
-dev_apt_packages=(chromium fonts-liberation postgresql gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
-if [ "$extras" = dev ]; then apt_packages+=("${dev_apt_packages[@]}"); fi
+dev_apt_packages=(chromium fonts-liberation postgresql)
+# The ARM64 operator build is cross-compiled; its kernels are tested, and the simulated ARM64 board's
+# Debian arm64 Python runs, under qemu-user (that board's userland is fetched by apt at first use, docs/fleet.md).
+arm64_apt_packages=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
+if [ "$extras" = dev ]; then apt_packages+=("${dev_apt_packages[@]}" "${arm64_apt_packages[@]}"); fi
+if [ -n "${NATIVELM_ARM64:-}" ] && [ "$extras" != dev ]; then apt_packages+=("${arm64_apt_packages[@]}"); fi
 
 missing=()
 for pkg in "${apt_packages[@]}"; do
@@ -36,6 +40,8 @@ fi
 # compiler models still run, on the contrib-operator graph
 if command -v "${CC:-gcc}" >/dev/null 2>&1; then
   bash native/build.sh >/dev/null
+  # and the ARM64 build that provisioning sends to ARM64 boards, where the cross compiler is installed
+  if command -v aarch64-linux-gnu-gcc >/dev/null 2>&1; then bash native/build.sh aarch64 >/dev/null; fi
 else
   echo "setup: warning: no C compiler (gcc): the nativelm operator library is not built, models use the fallback graph" >&2
 fi

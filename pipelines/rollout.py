@@ -82,8 +82,10 @@ class PrefectExecutor:
         self.deploy_task = deploy_board.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
 
     def deploy_wave(self, plan: RolloutPlan, wave: Wave) -> list[BoardResult]:
+        deadline_s = plan.rules.deadline_s  # fleet.board_deadline_s: a silent board fails, its task is left
         return run_board_tasks(wave.boards, plan.max_parallel, lambda board: self.deploy_task.submit(plan, board),
-                               lambda board, done: plan.record(outcome_of(done, board, crashed_deploy)))
+                               lambda board, done: plan.record(outcome_of(done, board, crashed_deploy)),
+                               deadline_s, lambda board: plan.expire(board, deadline_s))
 
     def bench_wave(self, bench_one: BenchOne, boards: Sequence[Board]) -> list[BenchRow]:
         return run_board_tasks(boards, len(boards), lambda board: bench_board.submit(bench_one, board),

@@ -35,9 +35,8 @@ typedef struct MoEJob {
   int failed;
 } MoEJob;
 
-static void moe_task(void *data, size_t t) {
-  MoEJob *j = data;
-  const Task *task = &j->tasks[t];
+/* The rows of `task` (one expert, output rows n0 .. n0+cn-1) times each weight stack of `j`. */
+static void apply(MoEJob *j, const Task *task) {
   size_t a0 = j->start[task->e], m = j->start[task->e + 1] - a0;
   const Rows *in = j->in;
   int32_t *acc = in->quant ? op_alloc(m * task->cn * sizeof(int32_t)) : NULL;
@@ -56,6 +55,11 @@ static void moe_task(void *data, size_t t) {
     }
   }
   free(acc);
+}
+
+static void moe_task(void *data, size_t t) {
+  MoEJob *j = data;
+  apply(j, &j->tasks[t]);
 }
 
 static void prepare_row(Rows *rows, size_t a, const float *x, float eps) {
@@ -100,6 +104,36 @@ static void route(const float *logits, size_t E, size_t k, float *p, size_t *exp
   for (size_t i = 0; i < k; i++) weights[i] = weights[i] / wsum;
 }
 
+/* Few rows (decode): one task per active expert does its gate and up, ReGLU, and its down, so the
+ * operator waits on the thread pool once instead of twice; every row is computed as the two-phase
+ * path computes it (same kernels, same order), so the result is the same bit for bit. */
+typedef struct ExpertJob {
+  MoEJob *up, *down;
+  const size_t *active; /* the experts with rows */
+  const float *g, *u;
+  Rows *hin;
+  size_t W;
+  float eps;
+} ExpertJob;
+
+static void relu_gate_row(const ExpertJob *j, size_t a) {
+  float *h = (float *)j->g + a * j->W;
+  const float *u = j->u + a * j->W;
+  for (size_t n = 0; n < j->W; n++) h[n] = fmaxf(h[n], 0.0f) * u[n];
+  prepare_row(j->hin, a, h, j->eps);
+}
+
+static void expert_task(void *data, size_t t) {
+  ExpertJob *j = data;
+  size_t e = j->active[t];
+  Task gate_up = {e, 0, j->up->N}, down = {e, 0, j->down->N};
+  apply(j->up, &gate_up);
+  for (size_t a = j->up->start[e]; a < j->up->start[e + 1]; a++) relu_gate_row(j, a);
+  apply(j->down, &down);
+}
+
+enum { FUSED_MAX_TOKENS = 8 }; /* up to this many tokens a call runs one task per expert */
+
 static size_t make_tasks(const size_t *start, size_t E, size_t N, size_t rb, Task *tasks) {
   size_t n = 0, chunk = op_chunk_rows(N, rb);
   for (size_t e = 0; e < E; e++)
@@ -141,12 +175,13 @@ static OrtStatus *moe_compute(void *kernel, OrtKernelContext *ctx) {
   size_t A = M * k;
   size_t *experts = op_alloc(A * sizeof(size_t)), *start = op_alloc((E + 1) * sizeof(size_t));
   size_t *slot = op_alloc(A * sizeof(size_t)); /* slot[m*k + i]: the assignment row of (m, i) */
+  size_t *experts_active = op_alloc(E * sizeof(size_t));
   float *weights = op_alloc(A * sizeof(float)), *p = op_alloc(E * sizeof(float));
   float *g = op_alloc(A * W * sizeof(float)), *u = op_alloc(A * W * sizeof(float)), *yk = op_alloc(A * d * sizeof(float));
   Task *tasks = NULL;
   Rows xin = {0}, hin = {0};
   int quant = op->act_bits == 8;
-  if (!experts || !start || !slot || !weights || !p || !g || !u || !yk || !rows_alloc(&xin, A, d, quant) ||
+  if (!experts || !start || !slot || !experts_active || !weights || !p || !g || !u || !yk || !rows_alloc(&xin, A, d, quant) ||
       !rows_alloc(&hin, A, W, quant)) {
     st = op_error("%s: out of memory", name);
     goto done;
@@ -173,16 +208,21 @@ static OrtStatus *moe_compute(void *kernel, OrtKernelContext *ctx) {
     goto done;
   }
   MoEJob up = {op, start, tasks, &xin, {t[2].data, t[4].data}, {t[3].data, t[5].data}, 2, W, t_row_bytes((int)d), {g, u}, 0};
-  st = op_parallel(ctx, moe_task, make_tasks(start, E, W, up.rb, tasks), &up);
-  if (st) goto done;
-  for (size_t a = 0; a < A; a++) {
-    float *h = g + a * W;
-    for (size_t n = 0; n < W; n++) h[n] = fmaxf(h[n], 0.0f) * u[a * W + n];
-    prepare_row(&hin, a, h, op->act_eps);
-  }
   MoEJob down = {op, start, tasks, &hin, {t[6].data, NULL}, {t[7].data, NULL}, 1, d, t_row_bytes((int)W), {yk, NULL}, 0};
-  st = op_parallel(ctx, moe_task, make_tasks(start, E, d, down.rb, tasks), &down);
-  if (st) goto done;
+  ExpertJob fused = {&up, &down, experts_active, g, u, &hin, W, op->act_eps};
+  if (M <= FUSED_MAX_TOKENS) {
+    size_t n_active = 0;
+    for (size_t e = 0; e < E; e++)
+      if (start[e + 1] > start[e]) experts_active[n_active++] = e;
+    st = op_parallel(ctx, expert_task, n_active, &fused);
+    if (st) goto done;
+  } else {
+    st = op_parallel(ctx, moe_task, make_tasks(start, E, W, up.rb, tasks), &up);
+    if (st) goto done;
+    for (size_t a = 0; a < A; a++) relu_gate_row(&fused, a);
+    st = op_parallel(ctx, moe_task, make_tasks(start, E, d, down.rb, tasks), &down);
+    if (st) goto done;
+  }
   if (up.failed || down.failed) { st = op_error("%s: out of memory", name); goto done; }
   for (size_t m = 0; m < M; m++) {
     float *ym = y + m * d;
@@ -194,7 +234,7 @@ static OrtStatus *moe_compute(void *kernel, OrtKernelContext *ctx) {
     }
   }
 done:
-  free(experts); free(start); free(slot); free(weights); free(p); free(g); free(u); free(yk); free(tasks);
+  free(experts); free(start); free(slot); free(experts_active); free(weights); free(p); free(g); free(u); free(yk); free(tasks);
   rows_free(&xin);
   rows_free(&hin);
   return st;

@@ -46,9 +46,12 @@ def free_port_block(n: int) -> int:
     raise RuntimeError(f"no {n} consecutive free loopback ports found")
 
 
-def sim_params(root: Path, boards: int = 3, canary: int = 1, **fleet: object) -> Params:
-    """Params whose simulated fleet, inventory and state all live under `root`, on free ports."""
-    sim = SimParams(boards=boards, canary=canary, base_port=free_port_block(boards), dir=str(root / "sim"))
+def sim_params(root: Path, boards: int = 3, canary: int = 1, sim: dict[str, object] | None = None,
+               **fleet: object) -> Params:
+    """Params whose simulated fleet, inventory and state all live under `root`, on free ports (`sim`: more
+    fleet.sim values)."""
+    sim = SimParams(boards=boards, canary=canary, base_port=free_port_block(boards), dir=str(root / "sim"),
+                    **(sim or {}))
     key = root / "sim" / "release-signing-key"
     fleet = {"signing_key": str(key), "allowed_signers": [f"{key}.pub"], **fleet}
     return Params(stack=StackParams(state_dir=str(root / "state")),
@@ -56,9 +59,9 @@ def sim_params(root: Path, boards: int = 3, canary: int = 1, **fleet: object) ->
 
 
 def make_sim_fleet(root: Path, boards: int = 3, canary: int = 1, provisioned: bool = True,
-                   **fleet: object) -> SimFleet:
+                   sim: dict[str, object] | None = None, **fleet: object) -> SimFleet:
     """Start a simulated fleet under `root` (stop it with `sim_down(fleet.params)`); provision it if asked."""
-    params = sim_params(root, boards, canary, **fleet)
+    params = sim_params(root, boards, canary, sim, **fleet)
     sim_up(params)
     inventory = load_inventory(params.fleet.inventory)
     if provisioned:
@@ -69,13 +72,14 @@ def make_sim_fleet(root: Path, boards: int = 3, canary: int = 1, provisioned: bo
 
 
 @contextlib.contextmanager
-def running_sim_fleet(root: Path, boards: int = 3, canary: int = 1, **fleet: object) -> Iterator[SimFleet]:
+def running_sim_fleet(root: Path, boards: int = 3, canary: int = 1, sim: dict[str, object] | None = None,
+                      **fleet: object) -> Iterator[SimFleet]:
     """A provisioned simulated fleet under `root` for the length of the block (a module fixture's own)."""
-    sim = make_sim_fleet(root, boards, canary, **fleet)
+    running = make_sim_fleet(root, boards, canary, sim=sim, **fleet)
     try:
-        yield sim
+        yield running
     finally:
-        sim_down(sim.params)
+        sim_down(running.params)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """nativelm's operator library on a real sshd board: `fleet provision` installs the controller's build
-for the board's architecture (bytes compared: a second run sends nothing), a `ternary-ops` release
-then runs its custom-operator graph there (health --json, the rollout's record and `fleet status`
-say nativelm:<kernel>); with the library gone the same board runs the fallback graph and a deploy
-still succeeds (docs/kernels.md)."""
+for the board's architecture (bytes compared: a second run sends nothing), the default export's
+release (`export.variant: native` resolves a ternary model to `ternary-ops`) then runs its
+custom-operator graph there (health --json, the rollout's record and `fleet status` say
+nativelm:<kernel>); with the library gone the same board runs the fallback graph and a deploy still
+succeeds (docs/kernels.md)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from nativelm.fleet.release import LocalRelease, load_release
 from nativelm.fleet.rollout import render_rollout, rollout
 from nativelm.fleet.ssh import BoardSession
 from nativelm.fleet.status import fleet_status
+from nativelm.params.export import ExportParams
 from nativelm.runtime import custom_ops
 from tests.integration.conftest import SimFleet, running_sim_fleet
 from tests.integration.test_fleet_deploy import BENCH
@@ -44,12 +46,13 @@ def board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimFleet]:
 def export_dir(prepared: Path, model_file: Path, trained: torch.nn.Module,  # noqa: F811
                tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ops-export")
-    run_export(model_file, prepared, stage_params(folder))
+    manifest = run_export(model_file, prepared, stage_params(folder, variant=ExportParams().variant)).manifest
+    assert (manifest["variant_requested"], manifest["variant"]) == ("native", "ternary-ops")  # the default release
     return folder / "onnx"
 
 
 def release_of(export_dir: Path, root: Path, note: str) -> LocalRelease:
-    """A release of the ternary-ops export (the note makes each a release of its own name)."""
+    """A release of the default (ternary-ops) export (the note makes each a release of its own name)."""
     return load_release(build_release(root / f"release-{note}", export_dir, note))
 
 

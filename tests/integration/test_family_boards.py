@@ -2,7 +2,8 @@
 tiny size, and its release rolled out to a real sshd board that health-checks it before serving it.
 
 One project, the family switched between runs: `prepare` runs once, the other stages again for each
-family. phi3 (full precision) exports as `fp32` until the exporter picks a variant by itself.
+family. The export variant is the default, `native`: each family's the exporter picks by itself
+(the ternary ones on nativelm's operators, phi3 at full precision).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from tests.integration.test_fleet_deploy import BENCH, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# family -> (export variant, what the trained model must be: ffn, quantize, ffn_act, layer scaling on)
+# family -> (the variant native resolves to, what the trained model must be: ffn, quantize, ffn_act, layer scaling on)
 FAMILIES = {
-    "smallthinker": ("ternary", ("moe", True, "reglu", False)),
-    "bitnet": ("ternary", ("dense", True, "swiglu", False)),
-    "openelm": ("ternary", ("dense", True, "swiglu", True)),
+    "smallthinker": ("ternary-ops", ("moe", True, "reglu", False)),
+    "bitnet": ("ternary-ops", ("dense", True, "swiglu", False)),
+    "openelm": ("ternary-ops", ("dense", True, "swiglu", True)),
     "phi3": ("fp32", ("dense", False, "swiglu", False)),
 }
 
@@ -45,17 +46,17 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_project(tmp_path_factory.mktemp("families") / "proj", {"tracking.uri": "off", "model.window": None})
 
 
-def _set_family(project: Path, family: str, variant: str) -> None:
+def _set_family(project: Path, family: str) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"]["family"] = family
-    params["export"]["variant"] = variant
+    assert params["export"]["variant"] == "native"  # the default, left as it is
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_trains_exports_and_serves_on_a_board(family: str, project: Path, board: SimFleet) -> None:
     variant, knobs = FAMILIES[family]
-    _set_family(project, family, variant)
+    _set_family(project, family)
     repro = run_checked([str(BIN / "dvc"), "repro"], project)
     for stage in ("train", "export", "evaluate"):
         assert f"Running stage '{stage}'" in repro.stdout, repro.stdout
@@ -68,7 +69,7 @@ def test_family_trains_exports_and_serves_on_a_board(family: str, project: Path,
         assert [b.attn.n_heads for b in model.blocks] == [2, 4]
         assert [b.ffn.hidden for b in model.blocks] == [128, 256]
     manifest = json.loads((project / "models/onnx/manifest.json").read_text())
-    assert manifest["variant"] == variant and manifest["parity"]["passed"]
+    assert (manifest["variant_requested"], manifest["variant"]) == ("native", variant) and manifest["parity"]["passed"]
     assert json.loads((project / "metrics/evaluate.json").read_text())["ppl_onnx"] > 0
 
     fleet = board.params.fleet.model_copy(update=BENCH)
@@ -76,4 +77,6 @@ def test_family_trains_exports_and_serves_on_a_board(family: str, project: Path,
     result = rollout(board.inventory, board.inventory.boards, release, fleet, Path(board.params.stack.state_dir))
     assert result.ok, "\n".join(render_rollout(result))
     assert [r.outcome for r in result.boards] == ["updated"]  # health-checked on the board, then switched
+    ops = result.boards[0].extra["ops"]  # the provisioned board has the operator library
+    assert ops.startswith("nativelm:") if variant == "ternary-ops" else ops == "contrib", ops
     assert serving(board.inventory, fleet) == {"board-1": release.name}

@@ -136,3 +136,20 @@ def test_key_rotation(sim_fleet: SimFleet, releases: Releases, live_old: FleetPa
     finally:  # the shared fleet goes back to its own key
         assert [r.ok for r in provision(inv, [inv.board(BOARD)], live_old, state)] == [True]
 
+
+
+def test_a_missing_signing_key_is_one_line_before_any_board(sim_fleet: SimFleet, releases: Releases,
+                                                           live_old: FleetParams, tmp_path: Path) -> None:
+    """`nativelm deploy` (and the rollout flow) sign once, up front: no key, no rollout, no board touched."""
+    from nativelm.fleet import deploy_service
+    from nativelm.fleet.service import FleetChoice
+    from nativelm.fleet.signing import SigningError
+
+    missing = tmp_path / "no-such-key"
+    params = sim_fleet.params.model_copy(update={"fleet": live_old.model_copy(update={"signing_key": str(missing)})})
+    choice = FleetChoice(sim_fleet.inventory, (sim_fleet.inventory.board(BOARD),))
+    logs = set((Path(params.stack.state_dir) / "rollouts").glob("*.json"))
+    with pytest.raises(SigningError) as err:
+        deploy_service.deploy(params, choice, releases.new, bench=False, record=False)
+    assert str(err.value) == f"{missing}: no signing key there (fleet.signing_key; `nativelm fleet sim up` creates one)"
+    assert set((Path(params.stack.state_dir) / "rollouts").glob("*.json")) == logs  # no rollout, no board touched

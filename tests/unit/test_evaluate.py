@@ -99,6 +99,8 @@ def test_evaluate_writes_metrics_and_a_verified_release(project: Path, monkeypat
     assert metrics["ppl_tokens_scored"] == 256 - metrics["ppl_windows"]  # 4 windows of 64, one target fewer each
     assert metrics["top1_agreement"] == export_manifest["parity"]["held_out"]["top1_agreement"]
     assert metrics["model_bytes"] == (export / MODEL_FILE).stat().st_size
+    # the default export (native) is ternary-ops: the benchmark ran its custom-operator graph
+    assert export_manifest["variant"] == "ternary-ops" and metrics["ops"].startswith("nativelm:"), metrics["ops"]
 
 
 def test_whole_validation_split_when_ppl_tokens_is_zero(project: Path, monkeypatch: pytest.MonkeyPatch,

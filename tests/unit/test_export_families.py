@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from nativelm.export import parity
+from nativelm.export import custom_graph, parity
 from nativelm.export.graph import build_graph
 from nativelm.export.stage import run_export
 from nativelm.formats import trained_model
@@ -121,14 +121,16 @@ def test_each_family_exports_with_parity(family: str, variant: str, prepared: Pa
     assert_genai_matches_board(tmp_path / "onnx", "anna sees the", 8)
 
 
-@pytest.mark.parametrize("variant", ["ternary", "int4", "fp32"])
+@pytest.mark.parametrize("variant", ["ternary", "ternary-ops", "int4", "fp32"])
 @pytest.mark.parametrize("family", ["bitnet", "openelm"])
 def test_swiglu_and_layer_scaling_match_pytorch_in_every_variant(family: str, variant: str) -> None:
     model = build_model(family_params(family), 200, seed=5).eval()
-    dec = parity.OnnxDecoder(build_graph(model, ExportParams(variant=variant)).model.SerializeToString(), threads=1)
+    library = str(custom_graph.controller_library().path) if variant == custom_graph.VARIANT else None
+    dec = parity.OnnxDecoder(build_graph(model, ExportParams(variant=variant)).model.SerializeToString(), threads=1,
+                             library=library)
     ids = np.random.default_rng(6).integers(0, 200, (1, 24)).astype(np.int64)
     logits, reference = dec.forward(ids)[0], parity.torch_logits(model, ids)
-    rel = 1e-3 if variant == "fp32" else 0.05  # int8 block activations of MatMulNBits: close, not identical
+    rel = 1e-3 if variant == "fp32" else 0.05  # 8-bit tables (and MatMulNBits' int8 blocks): close, not identical
     assert np.abs(logits - reference).max() <= rel * np.abs(reference).max()
 
 

@@ -101,8 +101,11 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ternary_moe_ptq_4bit": ({"bit_schedule": [[0.0, 4.0]]}, PTQ),
     "ternary_moe_ptq_unquantized_bitlinear_experts": ({"quantize": False, "expert_quant": "bitlinear"}, PTQ),
     "ternary_dense_ptq_unquantized": ({**DENSE, "quantize": False}, PTQ),
-    # native: the variant of the training precision
+    # native (the default): the variant of the training precision, a ternary one on nativelm's operators
+    # where they represent it (the operator library is built: tests/unit/test_ternary_ops.py)
     "native_moe": ({}, NATIVE),
+    "native_moe_act_bits_4": ({"act_bits": 4}, NATIVE),
+    "native_moe_ptq_unquantized": ({"quantize": False}, {**NATIVE, **PTQ}),
     "native_moe_4bit": ({"bit_schedule": [[0.0, 4.0]]}, NATIVE),
     "native_moe_8bit": ({"bit_schedule": [[0.0, 8.0]]}, NATIVE),
     "native_moe_unquantized": ({"quantize": False}, NATIVE),
@@ -144,8 +147,9 @@ def _regenerate():
 
 
 def export(model_overrides: dict[str, Any], export_overrides: dict[str, Any]) -> ExportGraph:
+    """The graph of BASE + `model_overrides`, variant ternary unless `export_overrides` name one."""
     model = build_model(ModelParams(**{**BASE, **model_overrides}), VOCAB, seed=0).eval()
-    return build_graph(model, ExportParams(**export_overrides))
+    return build_graph(model, ExportParams(**{"variant": "ternary", **export_overrides}))
 
 
 def hashes(graph: ExportGraph) -> dict[str, str]:
@@ -170,6 +174,14 @@ def test_export_graph_matches_its_golden_hashes(name: str) -> None:
 
 def test_the_default_family_exports_todays_graph() -> None:
     assert hashes(export({"family": "smallthinker"}, {})) == hashes(export({}, {}))
+
+
+@pytest.mark.parametrize(("name", "same_as"), [("native_moe", "ternary_ops_moe"),
+                                               ("native_moe_act_bits_4", "ternary_moe_act_bits_4"),
+                                               ("native_moe_ptq_unquantized", "ternary_ops_ptq_unquantized"),
+                                               ("native_moe_unquantized", "fp32_moe_unquantized")])
+def test_native_is_the_graph_of_the_variant_it_resolves_to(name: str, same_as: str) -> None:
+    assert hashes(export(*CASES[name])) == hashes(export(*CASES[same_as]))
 
 
 def test_golden_file_has_no_stale_cases() -> None:

@@ -111,7 +111,7 @@ def trained(prepared: Path) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def ternary(trained: torch.nn.Module) -> export_graph.ExportGraph:
-    return build_graph(trained, ExportParams())
+    return build_graph(trained, ExportParams(variant="ternary"))
 
 
 @pytest.fixture(scope="module")
@@ -188,11 +188,23 @@ def test_ternary_graph_operators_and_attributes(trained: torch.nn.Module,
 
     inputs = [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input]
     assert inputs[:2] == [("input_ids", onnx.TensorProto.INT64), ("attention_mask", onnx.TensorProto.INT64)]
-    assert [i[0] for i in inputs[2:]] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [i[0] for i in inputs[2:-1]] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert inputs[-1] == ("num_logits_to_keep", onnx.TensorProto.INT64)  # optional: an initializer holds its 0
     assert [o.name for o in model.graph.output] == ["logits"] + [f"present.{i}.{kv}" for i in range(2)
                                                                  for kv in ("key", "value")]
     assert ternary.choices["moe"]["expert_weight_bits"] == 2 and ternary.choices["moe"]["fast_kernel"]
     assert ternary.notes == []
+
+
+def test_num_logits_to_keep_cuts_the_logits_to_the_last_positions(decoder: parity.OnnxDecoder) -> None:
+    ids = random_ids(300, 12)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **decoder.empty_past()}
+    every = decoder.session.run(["logits"], feeds)[0]  # not fed: the default, every position (scoring, parity)
+    assert every.shape[:2] == (1, 12)
+    for keep, positions in ((1, 1), (5, 5), (0, 12), (40, 12)):
+        kept = decoder.session.run(["logits"], {**feeds, "num_logits_to_keep": np.array([keep], np.int64)})[0]
+        assert kept.shape == (1, positions, every.shape[2])
+        np.testing.assert_allclose(kept, every[:, 12 - positions:], rtol=0, atol=1e-5 * float(np.abs(every).max()))
 
 
 def test_ternary_tiny_shape_runs_every_quantized_node_prepacked(ternary: export_graph.ExportGraph) -> None:
@@ -347,7 +359,7 @@ def test_qmoe_falls_back_when_fast_rules_fail_and_says_so(d_model: int, expert_f
                                                           block: int | None, fast: bool) -> None:
     params = ModelParams(**{**TINY, "d_model": d_model, "n_heads": 4, "expert_ffn": expert_ffn})
     model = build_model(params, 200, seed=4).eval()
-    graph = build_graph(model, ExportParams(block_size=32))
+    graph = build_graph(model, ExportParams(variant="ternary", block_size=32))
     choice = graph.choices["moe"]
     assert (choice["expert_weight_bits"], choice["block_size"], choice["fast_kernel"]) == (bits, block, fast)
     assert len(graph.notes) == 1 and "QMoE" in graph.notes[0]
@@ -361,7 +373,7 @@ def test_qmoe_falls_back_when_fast_rules_fail_and_says_so(d_model: int, expert_f
 
 def test_dense_ffn_model_exports_its_reglu_as_ternary_matmuls() -> None:
     model = build_model(ModelParams(**{**TINY, "ffn": "dense", "dense_ffn": 256}), 200, seed=6).eval()
-    graph = build_graph(model, ExportParams())
+    graph = build_graph(model, ExportParams(variant="ternary"))
     ops_used = nodes_by_op(graph.model)
     assert "QMoE" not in ops_used and "MatMul" not in ops_used  # no router either
     outputs = {n.name: list(n.output) for n in ops_used["MatMulNBits"]}
@@ -387,10 +399,10 @@ def test_bitlinear_experts_are_refused_by_qmoe_and_exact_in_fp32() -> None:
 def test_models_the_ternary_variant_cannot_represent_are_refused() -> None:
     small = {**TINY, "d_model": 64, "n_heads": 4, "expert_ffn": 32}
     with pytest.raises(NativelmError, match="quantize: false"):
-        build_graph(build_model(ModelParams(**small, quantize=False), 100), ExportParams())
+        build_graph(build_model(ModelParams(**small, quantize=False), 100), ExportParams(variant="ternary"))
     eight_bit = build_model(ModelParams(**small, bit_schedule=[[0.0, 8.0]]), 100)
     with pytest.raises(NativelmError, match="8.0 bits"):
-        build_graph(eight_bit, ExportParams())
+        build_graph(eight_bit, ExportParams(variant="ternary"))
     build_graph(eight_bit, ExportParams(variant="fp32"))  # the comparison variants take any width
 
 
@@ -434,9 +446,9 @@ def model_file(trained: torch.nn.Module, prepared: Path, tmp_path_factory: pytes
 
 
 def test_run_export_writes_a_verified_folder(prepared: Path, model_file: Path, tmp_path: Path) -> None:
-    export = ExportParams(out_dir=str(tmp_path / "onnx"), metrics_file=str(tmp_path / "metrics/export.json"),
-                          parity_tokens=256, golden_prompts=["anna sees", "the old"], golden_tokens=8,
-                          cache_check_tokens=40, threads=1)
+    export = ExportParams(variant="ternary", out_dir=str(tmp_path / "onnx"),
+                          metrics_file=str(tmp_path / "metrics/export.json"), parity_tokens=256,
+                          golden_prompts=["anna sees", "the old"], golden_tokens=8, cache_check_tokens=40, threads=1)
     result = run_export(model_file, prepared, export)
     folder = tmp_path / "onnx"
     assert sorted(p.name for p in folder.iterdir()) == sorted([MODEL_FILE, TOKENIZER_FILE, GENAI_CONFIG,
@@ -512,7 +524,8 @@ def test_parity_failure_keeps_the_previous_export(prepared: Path, model_file: Pa
     before = {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()}
     metrics_before = (tmp_path / "export.json").read_bytes()
     with pytest.raises(NativelmError, match="perplexity relative difference .* > max_ppl_rel_diff 0.0"):
-        run_export(model_file, prepared, ExportParams(min_top1_agreement=0.0, max_ppl_rel_diff=0.0, **common))
+        run_export(model_file, prepared, ExportParams(variant="ternary", min_top1_agreement=0.0, max_ppl_rel_diff=0.0,
+                                                      **common))
     assert {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()} == before
     assert (tmp_path / "export.json").read_bytes() == metrics_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "onnx"]
@@ -523,8 +536,9 @@ def test_large_models_keep_their_weights_in_external_data(prepared: Path, model_
     from nativelm.export import stage
 
     monkeypatch.setattr(stage, "MAX_INLINE_BYTES", 1)  # as if the weights passed protobuf's 2 GB limit
-    export = ExportParams(out_dir=str(tmp_path / "onnx"), metrics_file=str(tmp_path / "export.json"),
-                          parity_tokens=128, golden_prompts=["anna"], golden_tokens=4, cache_check_tokens=8, threads=1)
+    export = ExportParams(variant="ternary", out_dir=str(tmp_path / "onnx"), metrics_file=str(tmp_path / "export.json"),
+                          parity_tokens=128, golden_prompts=["anna"], golden_tokens=4, cache_check_tokens=8,
+                          threads=1)
     manifest = run_export(model_file, prepared, export).manifest
     folder = tmp_path / "onnx"
     assert (folder / MODEL_FILE).stat().st_size < 100_000 < (folder / EXTERNAL_DATA).stat().st_size

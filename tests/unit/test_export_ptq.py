@@ -116,12 +116,12 @@ def test_the_twin_of_a_quantized_model_keeps_its_norms_and_activation_width() ->
     twin = ptq.ternarized(model)
     assert twin.weight_bits == 1.58 and model.weight_bits == 8.0 and twin.params.act_bits == 6
     torch.testing.assert_close(twin.blocks[0].attn.k_proj.gain, model.blocks[0].attn.k_proj.gain)
-    assert ptq.ptq_method(model, ExportParams()) == "absmean-ternary per-matrix, int6 activations"
+    assert ptq.ptq_method(model, ExportParams(variant="ternary")) == "absmean-ternary per-matrix, int6 activations"
 
 
 def test_a_ternary_ptq_graph_is_the_native_graph_of_the_twin(fp_model: torch.nn.Module) -> None:
-    graph = build_graph(fp_model, ExportParams(ptq=True))
-    native = build_graph(ptq.ternarized(fp_model), ExportParams())
+    graph = build_graph(fp_model, ExportParams(variant="ternary", ptq=True))
+    native = build_graph(ptq.ternarized(fp_model), ExportParams(variant="ternary"))
     assert graph.model.SerializeToString() == native.model.SerializeToString()
     ops_used = nodes_by_op(graph.model)
     linears = [attrs(n) for n in ops_used["MatMulNBits"] if n.name != "lm_head"]
@@ -133,7 +133,7 @@ def test_a_ternary_ptq_graph_is_the_native_graph_of_the_twin(fp_model: torch.nn.
 
 def test_a_ternary_ptq_export_computes_the_ternarized_model_within_native_thresholds(
         fp_model: torch.nn.Module, prepared: Path) -> None:
-    graph = build_graph(fp_model, ExportParams(ptq=True))
+    graph = build_graph(fp_model, ExportParams(variant="ternary", ptq=True))
     decoder = parity.OnnxDecoder(graph.model.SerializeToString(), threads=1)
     rows = windows(prepared, fp_model.params.max_seq_len)
     twin_figures = parity.held_out_parity(ptq.ternarized(fp_model), decoder, rows)
@@ -161,8 +161,10 @@ def test_native_resolves_to_the_precision_the_model_was_trained_in(model: dict, 
 
         set_weight_bits(built, float(model["bit_schedule"][-1][1]))
     assert ptq.native_variant(built) == variant
-    assert build_graph(built, ExportParams(variant="native")).variant == variant
-    assert not check_model(built, ExportParams(variant="native")).ptq
+    on_ops = {"ternary": "ternary-ops"}.get(variant, variant)  # a ternary MoE: nativelm's operators represent it
+    assert build_graph(built, ExportParams(variant="native")).variant == on_ops
+    plan = check_model(built, ExportParams(variant="native"))
+    assert not plan.ptq and plan.reason.startswith(ptq.native_reason(built))
 
 
 @pytest.mark.parametrize(("model", "export", "method"), [
@@ -195,7 +197,7 @@ def test_dense_int4_ptq_names_no_expert_block() -> None:
 @pytest.mark.parametrize("model", [FP, EIGHT])
 def test_ternary_without_ptq_is_refused_with_one_line_naming_export_ptq(model: dict) -> None:
     with pytest.raises(ParamsError, match=r"set export\.ptq: true") as caught:
-        check_model(small(**model), ExportParams())
+        check_model(small(**model), ExportParams(variant="ternary"))
     assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
 
 
@@ -217,7 +219,8 @@ def test_held_out_thresholds_do_not_gate_a_ptq_export_but_the_cache_check_does()
 
 def test_run_export_of_an_fp_model_as_ternary_ptq_is_labelled_and_records_its_parity(
         prepared: Path, fp_file: Path, tmp_path: Path) -> None:
-    ep = ExportParams(out_dir=str(tmp_path / "onnx"), metrics_file=str(tmp_path / "export.json"), ptq=True, **QUICK)
+    ep = ExportParams(variant="ternary", out_dir=str(tmp_path / "onnx"), metrics_file=str(tmp_path / "export.json"),
+                      ptq=True, **QUICK)
     result = run_export(fp_file, prepared, ep)
     manifest = json.loads((tmp_path / "onnx" / MANIFEST).read_text())
     assert manifest == result.manifest
@@ -237,7 +240,8 @@ def test_run_export_of_an_fp_model_as_ternary_ptq_is_labelled_and_records_its_pa
 
 def test_run_export_refuses_ternary_of_an_fp_model_without_ptq_and_writes_nothing(
         prepared: Path, fp_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ep = ExportParams(out_dir=str(tmp_path / "onnx"), metrics_file=str(tmp_path / "export.json"), **QUICK)
+    ep = ExportParams(variant="ternary", out_dir=str(tmp_path / "onnx"), metrics_file=str(tmp_path / "export.json"),
+                      **QUICK)
     with pytest.raises(ParamsError, match="export.ptq: true"):
         run_export(fp_file, prepared, ep)
     assert list(tmp_path.iterdir()) == [] and capsys.readouterr().err == ""
@@ -247,6 +251,7 @@ def test_run_export_native_and_int4_of_an_fp_model(prepared: Path, fp_file: Path
     common = {**QUICK, "metrics_file": str(tmp_path / "export.json")}
     native = run_export(fp_file, prepared, ExportParams(variant="native", out_dir=str(tmp_path / "a"), **common))
     assert (native.manifest["variant"], native.manifest["variant_requested"]) == ("fp32", "native")
+    assert native.manifest["variant_reason"] == "the model was trained without quantization (model.quantize: false)"
     assert native.manifest["ptq"] is False and "ptq_method" not in native.manifest
     assert native.manifest["parity"]["gated"] == ["held_out", "kv_cache"]
     int4 = run_export(fp_file, prepared, ExportParams(variant="int4", out_dir=str(tmp_path / "b"), **common))

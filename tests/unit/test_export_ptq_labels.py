@@ -54,8 +54,9 @@ def test_the_ptq_label_reaches_the_export_run_the_release_the_registry_and_the_g
     experiment = client.create_experiment("ptq", artifact_location=str(tmp_path / "artifacts"))
     export_run = client.create_run(experiment).info.run_id
     export_dir = tmp_path / "onnx"
-    run_export(fp_file, prepared, ExportParams(out_dir=str(export_dir), metrics_file=str(tmp_path / "export.json"),
-                                               ptq=True, **QUICK), logger=RunLogger(client, export_run))
+    run_export(fp_file, prepared, ExportParams(variant="ternary", out_dir=str(export_dir), ptq=True, **QUICK,
+                                               metrics_file=str(tmp_path / "export.json")),
+               logger=RunLogger(client, export_run))
     data = client.get_run(export_run).data
     assert (data.tags["ptq"], data.tags["ptq_method"], data.tags["variant"]) == ("true", TERNARY_METHOD, "ternary")
     assert data.metrics["ptq"] == 1.0 and data.params["export.ptq"] == "True"
@@ -103,8 +104,9 @@ def write_params(folder: Path, prepared: Path, model_file: Path, **export: objec
     ("fp", {"variant": "fp32"}, "fp32", False),
     ("fp", {"variant": "native"}, "fp32", False),
     ("fp", {"variant": "int4"}, "int4", True),
-    ("fp", {"ptq": True}, "ternary", True),
-    ("eight", {"ptq": True}, "ternary", True),
+    ("fp", {"variant": "ternary", "ptq": True}, "ternary", True),
+    ("eight", {"variant": "ternary", "ptq": True}, "ternary", True),
+    ("fp", {"ptq": True}, "ternary-ops", True),  # the default native: ternary by PTQ, on nativelm's operators
 ])
 def test_export_command_exports_and_labels(source: str, export: dict, variant: str, ptq: bool, prepared: Path,
                                            fp_file: Path, eight_bit_file: Path, tmp_path: Path) -> None:
@@ -119,7 +121,7 @@ def test_export_command_refuses_ternary_without_ptq_in_one_line_exit_2(
         source: str, prepared: Path, fp_file: Path, eight_bit_file: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     model_file = fp_file if source == "fp" else eight_bit_file
-    assert main(["export", "--params", str(write_params(tmp_path, prepared, model_file))]) == 2
+    assert main(["export", "--params", str(write_params(tmp_path, prepared, model_file, variant="ternary"))]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("nativelm: error: export ternary: ") and "export.ptq: true" in err
@@ -127,7 +129,7 @@ def test_export_command_refuses_ternary_without_ptq_in_one_line_exit_2(
 
 
 def test_export_console_script_refusal_has_no_traceback(prepared: Path, fp_file: Path, tmp_path: Path) -> None:
-    params = write_params(tmp_path, prepared, fp_file)
+    params = write_params(tmp_path, prepared, fp_file, variant="ternary")
     proc = subprocess.run([Path(sys.executable).parent / "nativelm", "export", "--params", str(params)],
                           capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr

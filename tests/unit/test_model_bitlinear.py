@@ -17,7 +17,7 @@ from nativelm.model import (
     set_weight_bits,
     weight_code_shares,
 )
-from nativelm.model import bitlinear as bl
+from nativelm.model import quantizers as bl
 from nativelm.model.bitlinear import bitlinears
 
 
@@ -150,7 +150,7 @@ def test_fused_quantizer_keeps_a_compiled_variant_for_every_layer_width(monkeypa
     caplog.set_level(logging.WARNING, logger="torch._dynamo")
     for width in range(16, 16 + 8 * 11, 8):  # 11 widths, each forward and backward
         w = torch.nn.Parameter(torch.randn(width, 32))
-        out = bl.quantize_weight_groups([[w]], 1.58, 1e-5, torch.float32)
+        out = bl.quantize_weight_groups([[w]], bl.level_arg(1.58, w.device), 1e-5, torch.float32)
         out[0].sum().backward()
         assert w.grad is not None and w.grad.abs().sum() > 0
     assert "recompile_limit" not in caplog.text
@@ -168,10 +168,32 @@ def test_switching_weight_width_compiles_nothing_new(monkeypatch: pytest.MonkeyP
     w = torch.randn(3, 24, 16, generator=torch.Generator().manual_seed(2)).requires_grad_()
     graphs = []
     for bits in (8.0, 4.0, 3.0, 1.58):
-        (q,) = bl.quantize_weight_groups([[w]], bits, 1e-5, torch.float32)
+        (q,) = bl.quantize_weight_groups([[w]], bl.level_arg(bits, w.device), 1e-5, torch.float32)
         codes, scale = bl.weight_codes(w, bits, 1e-5)
         # compiled on CPU the absmean may differ from eager by its summation order (an ulp of the scale)
         torch.testing.assert_close(q, codes * scale[:, None, None], rtol=1e-6, atol=0.0)
         graphs.append(counters["stats"]["unique_graphs"])
     assert not compiled._COMPILE_FAILED
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], f"compiled graphs after each width: {graphs}"
+
+
+def test_model_wide_compile_recompiles_nothing_when_the_schedule_switches_width() -> None:
+    """`train.compile` wraps the whole model: the layers' widths reach the compiled forward as their
+    `q_levels` buffers (changed in place), so 8 -> 4 -> 3 -> 1.58 bits runs the one graph, and each
+    width's output is the eager model's at that width."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    params = ModelParams(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, n_experts=4, top_k=2, expert_ffn=16,
+                         max_seq_len=16, bit_schedule=[[0.0, 8.0], [0.5, 1.58]])
+    model = build_model(params, 64)
+    fast = torch.compile(model, backend="eager", fullgraph=True)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    graphs = []
+    for bits in (8.0, 4.0, 3.0, 1.58):
+        set_weight_bits(model, bits)
+        assert all(float(m.q_levels) == bl.levels(bits) for m in bitlinears(model))
+        got = fast(tokens).logits
+        graphs.append(counters["stats"]["unique_graphs"])
+        torch.testing.assert_close(got, model(tokens).logits, rtol=0.0, atol=0.0)
     assert graphs[0] >= 1 and graphs[-1] == graphs[0], f"compiled graphs after each width: {graphs}"

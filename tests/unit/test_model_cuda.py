@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nativelm.model import ModelParams, MoE, ReGLU, bitlinear, build_model, compiled, route
+from nativelm.model import ModelParams, MoE, ReGLU, build_model, compiled, quantizers, route
 from nativelm.model import dispatch as dispatch_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -89,9 +89,9 @@ def test_compiled_weight_quantizer_gives_exactly_the_eager_codes(monkeypatch: py
     groups = [[w.to(CUDA).requires_grad_()] for w in attn] + [[w.to(CUDA).requires_grad_() for w in experts]]
     for bits in (1.58, 4.0):
         monkeypatch.setattr(compiled, "FUSE", "auto")
-        fused = bitlinear.quantize_weight_groups(groups, bits, 1e-5, torch.bfloat16)
+        fused = quantizers.quantize_weight_groups(groups, quantizers.level_arg(bits, CUDA), 1e-5, torch.bfloat16)
         monkeypatch.setattr(compiled, "FUSE", "off")
-        eager = bitlinear.quantize_weight_groups(groups, bits, 1e-5, torch.bfloat16)
+        eager = quantizers.quantize_weight_groups(groups, quantizers.level_arg(bits, CUDA), 1e-5, torch.bfloat16)
         for a, b in zip(fused, eager):
             mismatched = int((a != b).sum())
             print(f"bits {bits}: {mismatched} of {a.numel()} quantized weights differ")
@@ -114,7 +114,7 @@ def test_compiled_activation_quantizer_matches_eager(monkeypatch: pytest.MonkeyP
         monkeypatch.setattr(compiled, "FUSE", mode)
         x = x0.clone().requires_grad_()
         gains = [g.clone().requires_grad_() for g in gains0]
-        outs = bitlinear.norm_quantize_many(x, gains, 1e-5, 8, 1e-5, torch.bfloat16)
+        outs = quantizers.norm_quantize_many(x, gains, 1e-5, 8, 1e-5, torch.bfloat16)
         sum((o.float() * g).sum() for o, g in zip(outs, g_out)).backward()
         results[mode] = ([o.detach() for o in outs], x.grad, [g.grad for g in gains])
     (o0, gx0, gg0), (o1, gx1, gg1) = results["off"], results["auto"]

@@ -44,6 +44,8 @@ def test_forward_returns_the_full_cache(export: Export) -> None:
     logits2, present2 = model.forward(np.array([[8]]), present)
     assert logits2.shape == (1, 1, export.vocab) and present2[1][1].shape[2] == 4
     assert np.array_equal(present2[0][0][:, :, :3], present[0][0])
+    # a graph without the optional num_logits_to_keep input (written before it existed): every position still
+    assert not model.has_logits_to_keep and model.forward(np.array([[5, 6, 7]]), last_only=True)[0].shape[1] == 3
 
 
 def test_altered_byte_is_a_hash_mismatch_naming_the_file(folder: Path) -> None:

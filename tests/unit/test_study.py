@@ -47,7 +47,7 @@ def test_study_params_refuse_bad_grids() -> None:
 def test_equal_bytes_sizing_matches_the_real_export() -> None:
     """The int4 fp model it picks weighs what the ternary target does, measured by the exporter itself."""
     ternary = ModelParams.model_validate(SHAPE)
-    target = export_bytes(ternary, VOCAB, ExportParams())
+    target = export_bytes(ternary, VOCAB, ExportParams(variant="ternary"))
     fp = ModelParams.model_validate({**SHAPE, "quantize": False})
     sized, got = size_to_match(fp, target, VOCAB, ExportParams(variant="int4"))
     assert got == export_bytes(sized, VOCAB, ExportParams(variant="int4"))

@@ -146,6 +146,20 @@ def test_moe_matches_reference(library: Path, top_k: int, act_bits: int) -> None
     _assert_float_close(_moe(library, t, top_k, act_bits), _moe_reference(t, top_k, act_bits))
 
 
+@pytest.mark.parametrize("act_bits", [0, 8])
+def test_moe_one_task_per_expert_equals_the_two_phase_path(library: Path, act_bits: int) -> None:
+    """Up to 8 tokens (decode) the operator runs each expert's gate, up and down as one task; more run
+    gate/up for all experts, then down. Rows are independent, so 20 rows at once (two phases) and the
+    same rows 8, 8, 4 at a time (one task per expert) must agree bit for bit."""
+    rng = np.random.default_rng(5 + act_bits)
+    t = _moe_inputs(rng, 20, 96, 6, 48)
+    whole = _moe(library, t, 3, act_bits)
+    parts = [_moe(library, dict(t, X=t["X"][i:i + 8], logits=t["logits"][i:i + 8]), 3, act_bits)
+             for i in range(0, 20, 8)]
+    np.testing.assert_array_equal(whole, np.concatenate(parts))
+    _assert_float_close(whole, _moe_reference(t, 3, act_bits))
+
+
 def test_moe_routing_ties_take_the_lower_expert(library: Path) -> None:
     rng = np.random.default_rng(11)
     t = _moe_inputs(rng, 3, 64, 4, 32)

@@ -172,3 +172,21 @@ def test_compile_flag_wraps_the_model(token_dir: Path, tmp_path: Path, monkeypat
     monkeypatch.setattr(torch, "compile", fake_compile)
     train_stage(make_params(token_dir, tmp_path, compile=True, max_steps=2, warmup_steps=0, decay_frac=0.5))
     assert len(compiled) == 1
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    ("auto", "cuda", True), ("auto", "cpu", False), (True, "cpu", True), (False, "cuda", False)])
+def test_compile_auto_means_cuda_only(setting: bool | str, device: str, expected: bool) -> None:
+    """The default `train.compile: auto` compiles on CUDA (the faster step) and keeps CPU runs eager
+    (bit-exact on resume); an explicit true / false wins."""
+    from nativelm.train.stage import compiles
+
+    assert compiles(setting, torch.device(device)) is expected
+
+
+def test_compile_setting_refuses_other_words() -> None:
+    from nativelm.params.train import TrainParams
+
+    assert TrainParams(compile="auto").compile == "auto" and TrainParams(compile=False).compile is False
+    with pytest.raises(ValueError, match="compile"):
+        TrainParams(compile="sometimes")

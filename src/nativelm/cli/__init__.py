@@ -47,9 +47,10 @@ STAGE_COMMANDS: tuple[tuple[str, str, str], ...] = (  # name, --help line, descr
     ("export",
      "trained model -> quantized ONNX folder (DVC stage `export`)",
      "Export train.model_file to ONNX with ONNX Runtime's quantized operators "
-     "(export.variant: ternary = 2-bit MatMulNBits + QMoE, ternary-ops = nativelm's TernaryMatMul + "
-     "TernaryMoE with the ternary graph beside it as fallback, int4, fp32, or native = the "
-     "precision the model was trained in), check it against the PyTorch model on "
+     "(export.variant: native, the default = the precision the model was trained in, a ternary "
+     "model on ternary-ops where nativelm's operators represent it and their library is built, else "
+     "ternary, the manifest saying which and why; ternary = 2-bit MatMulNBits + QMoE, ternary-ops = "
+     "nativelm's TernaryMatMul + TernaryMoE with the ternary graph beside it as fallback, int4, fp32), check it against the PyTorch model on "
      "held-out text (top-1 agreement, perplexity, KV cache), record golden "
      "continuations and write export.out_dir atomically. A lower precision than "
      "training is post-training quantization (ternary of an fp model only with "

@@ -14,7 +14,8 @@ One block of the graph, ternary variant (the PyTorch block of `nativelm.model.tr
     y        = QMoE(h2, router)      2-bit experts, ReGLU as fused SwiGLU (alpha 1e6, beta 0), top-k;
                                      a dense FFN is gate/up/down linears with Relu (ReGLU) or
                                      x·Sigmoid(x) (SwiGLU) between
-    logits   = LM head(final norm(x + y))   MatMulNBits 8 (or 4) bits, or fp16/fp32 MatMul
+    logits   = LM head(final norm(x + y))   MatMulNBits 8 (or 4) bits, or fp16/fp32 MatMul, on the last
+                                     num_logits_to_keep positions (a Slice; the input's default 0: all)
 
 Model I/O: the onnxruntime-genai decoder convention of `nativelm.formats.export_folder`. Under
 layer-wise scaling each GroupQueryAttention has its layer's num_heads (q_proj / o_proj and the FFN
@@ -30,11 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from nativelm.export import ops, ptq, tables
+from nativelm.export import ops, ops_choice, ptq, tables
 from nativelm.export.builder import GraphBuilder
 from nativelm.export.ptq import ExportPlan
 from nativelm.export.variants import ExportVariant, variant_for
@@ -43,6 +45,7 @@ from nativelm.formats.export_folder import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
+    LOGITS_TO_KEEP,
     PAST_KEY,
     PAST_VALUE,
     PRESENT_KEY,
@@ -84,7 +87,8 @@ class ExportGraph:
 
 def io_names(n_layers: int) -> dict[str, Any]:
     """The graph's input and output names (genai_config.json and the runtime use the same)."""
-    return {"inputs": [INPUT_IDS, ATTENTION_MASK] + [n % i for i in range(n_layers) for n in (PAST_KEY, PAST_VALUE)],
+    return {"inputs": [INPUT_IDS, ATTENTION_MASK] + [n % i for i in range(n_layers) for n in (PAST_KEY, PAST_VALUE)]
+            + [LOGITS_TO_KEEP],
             "outputs": [LOGITS] + [n % i for i in range(n_layers) for n in (PRESENT_KEY, PRESENT_VALUE)]}
 
 
@@ -114,7 +118,7 @@ class _Decoder:
         assert pending is not None
         h = b.skip_rms("final_norm", pending[0], pending[1], as_numpy(model.norm.weight), model.norm.eps, None)
         b.count("norms", model.norm.weight.numel())
-        tables.lm_head(b, model, self.params, self.variant.table_bits(self.params.lm_head_bits), h)
+        tables.lm_head(b, model, self.params, self.variant.table_bits(self.params.lm_head_bits), self.kept(h))
         inputs, outputs = self.value_infos()
         graph = helper.make_graph(b.nodes, "nativelm_decoder", inputs, outputs, b.inits)
         opsets = [helper.make_opsetid("", self.params.opset), helper.make_opsetid(ops.MS_DOMAIN, ops.MS_OPSET)]
@@ -124,20 +128,28 @@ class _Decoder:
         helper.set_model_props(onnx_model, props)
         return onnx_model
 
+    def kept(self, h: str) -> str:
+        """`h` [B, S, d] cut to its last `LOGITS_TO_KEEP` positions (Slice from -N; 0, the default, keeps
+        all): a generating runtime asks for one, so the LM head runs on one row per sequence."""
+        b = self.b
+        b.init(LOGITS_TO_KEEP, np.zeros(1, np.int64), "constants")  # the input's default value
+        start = b.node("Neg", [LOGITS_TO_KEEP], "logits.start")
+        return b.node("Slice", [h, start, b.const([np.iinfo(np.int64).max]), b.const([1])], "logits.kept")
+
     def value_infos(self) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
         """The typed graph inputs and outputs (names of `io_names`, dynamic batch and lengths)."""
         p, kv, hd = self.p, self.p.n_kv_heads, self.p.head_dim
         f32, i64 = TensorProto.FLOAT, TensorProto.INT64
         inputs = [helper.make_tensor_value_info(INPUT_IDS, i64, ["batch_size", "sequence_length"]),
                   helper.make_tensor_value_info(ATTENTION_MASK, i64, ["batch_size", "total_sequence_length"])]
-        outputs = [helper.make_tensor_value_info(LOGITS, f32, ["batch_size", "sequence_length",
-                                                               self.model.vocab_size])]
+        outputs = [helper.make_tensor_value_info(LOGITS, f32, ["batch_size", "logits_length", self.model.vocab_size])]
         for i in range(p.n_layers):
             for name in (PAST_KEY % i, PAST_VALUE % i):
                 inputs.append(helper.make_tensor_value_info(name, f32, ["batch_size", kv, "past_sequence_length", hd]))
             for name in (PRESENT_KEY % i, PRESENT_VALUE % i):
                 outputs.append(helper.make_tensor_value_info(name, f32,
                                                              ["batch_size", kv, "total_sequence_length", hd]))
+        inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, i64, [1]))
         return inputs, outputs
 
     def linear(self, module: Any, name: str, x: str, part: str, output: str | None = None) -> str:
@@ -203,9 +215,9 @@ class _Decoder:
 
 
 def check_model(model: NativeLM, params: ExportParams) -> ExportPlan:
-    """The export plan of `model` (`ptq.plan`), after refusing, with one clear line, a model the
-    chosen variant cannot represent."""
-    plan = ptq.plan(model, params)
+    """The export plan of `model` (`ptq.plan`, ``native`` on nativelm's operators where they fit:
+    `ops_choice`), after refusing, with one clear line, a model the chosen variant cannot represent."""
+    plan = ops_choice.with_custom_ops(ptq.plan(model, params))
     variant_for(plan.params).refuse(plan.model)
     return plan
 

@@ -86,6 +86,7 @@ def profile_kernels(session_or_model: object, feeds: Mapping[str, np.ndarray], r
             options = ort.SessionOptions()
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(folder) / "profile")
+            options.log_severity_level = 3  # errors only (the optional num_logits_to_keep input is a warning)
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         for _ in range(runs):
             session.run(None, dict(feeds))

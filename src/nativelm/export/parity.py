@@ -53,6 +53,7 @@ class OnnxDecoder:
 
     def __init__(self, model: str | Path | bytes, threads: int = 0, library: str | None = None) -> None:
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT warns of the optional num_logits_to_keep input
         if threads:
             options.intra_op_num_threads = threads
         if library is not None:  # nativelm's operator library (the ternary-ops graph)

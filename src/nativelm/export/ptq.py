@@ -11,7 +11,9 @@ An export at a lower precision than training is post-training quantization (PTQ)
 - ``int4`` of an fp model or of one trained at 5+ bits (codes that do not fit 4 bits): block-wise
   symmetric absmax re-quantization (`weights.integer_weight`); allowed as ever, now labelled.
 
-``native`` resolves to the variant of the training precision (`native_variant`). The label
+``native`` (the default) resolves to the variant of the training precision (`native_variant`), or
+with ``export.ptq`` to ternary for a model trained above it; `plan` records why (``reason``), and
+`nativelm.export.ops_choice` then takes a ternary one onto nativelm's own operators where they fit. The label
 (`ExportPlan.label`) goes to the manifest, metrics, MLflow and the release, never into the graph:
 the ONNX bytes of an export do not depend on what it is called.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nativelm.model.bitlinear import levels
+from nativelm.model.quantizers import levels
 from nativelm.model.transformer import build_model
 from nativelm.params.export import TERNARY_VARIANTS, ExportParams, Variant
 from nativelm.params.model import TERNARY_BITS, ModelParams
@@ -48,11 +50,27 @@ def native_variant(model: NativeLM) -> Variant:
     return "fp32"
 
 
-def resolved(params: ExportParams, model: NativeLM) -> ExportParams:
-    """`params` with ``variant: native`` replaced by the variant it means for `model`."""
+def native_reason(model: NativeLM) -> str:
+    """Why `native_variant` chose what it did, in a few words for the manifest and the stage's output."""
+    if not model.params.quantize:
+        return "the model was trained without quantization (model.quantize: false)"
+    bits = f"{float(model.weight_bits):g} bits"
+    if is_ternary(model):
+        return f"the model was trained ternary ({bits})"
+    if native_variant(model) == "int4":
+        return f"the model was trained at {bits} (int4 stores its codes exactly)"
+    return f"the model was trained at {bits} (more levels than int4 stores)"
+
+
+def resolved(params: ExportParams, model: NativeLM) -> tuple[ExportParams, str | None]:
+    """`params` with ``variant: native`` replaced by the variant it means for `model`, and why (None when
+    a variant was named). ``export.ptq`` asks for ternary of a model trained above it."""
     if params.variant != "native":
-        return params
-    return params.model_copy(update={"variant": native_variant(model)})
+        return params, None
+    variant, reason = native_variant(model), native_reason(model)
+    if params.ptq and variant != "ternary":
+        variant, reason = "ternary", f"{reason}; export.ptq: true quantizes it to ternary"
+    return params.model_copy(update={"variant": variant}), reason
 
 
 def ptq_method(model: NativeLM, params: ExportParams) -> str | None:
@@ -92,6 +110,7 @@ class ExportPlan:
     model: NativeLM  # the trained model, or its ternarized twin (ternary PTQ)
     requested: Variant  # the variant params asked for (native, or the same as params.variant)
     method: str | None  # the PTQ applied; None: the export is at the training precision (or above)
+    reason: str | None = None  # why ``native`` resolved to params.variant; None: the variant was named
 
     @property
     def ptq(self) -> bool:
@@ -105,11 +124,11 @@ class ExportPlan:
 def plan(model: NativeLM, params: ExportParams) -> ExportPlan:
     """The export of `model` that `params` ask for; ternary PTQ builds from the twin only with ``params.ptq``
     (without it the variant refuses the model, naming ``export.ptq``)."""
-    concrete = resolved(params, model)
+    concrete, reason = resolved(params, model)
     method = ptq_method(model, concrete)
     source = model
     if concrete.variant in TERNARY_VARIANTS and method is not None:
         if not params.ptq:
-            return ExportPlan(concrete, model, params.variant, None)
+            return ExportPlan(concrete, model, params.variant, None, reason)
         source = ternarized(model)
-    return ExportPlan(concrete, source, params.variant, method)
+    return ExportPlan(concrete, source, params.variant, method, reason)

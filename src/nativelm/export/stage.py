@@ -10,9 +10,9 @@ as a whole (a failed check leaves the previous export untouched), ``export.out_d
 - ``genai_config.json``: the onnxruntime-genai configuration (decoder, context length, heads,
   input/output names, eos id 0, greedy search defaults), and ``tokenizer_config.json``, the
   tokenizer description onnxruntime-genai reads beside ``tokenizer.json``;
-- ``manifest.json``: variant (``native`` resolved), the PTQ label (`nativelm.export.ptq`), sizes,
-  bits per weight, kernel paths, parity figures, golden continuations of fixed prompts (board health
-  checks) and the sha256 of every other file;
+- ``manifest.json``: variant (``native`` resolved, and why: ``variant_reason``), the PTQ label
+  (`nativelm.export.ptq`), sizes, bits per weight, kernel paths, parity figures, golden continuations
+  of fixed prompts (board health checks) and the sha256 of every other file;
 
 and ``export.metrics_file`` (a DVC metrics file).
 """
@@ -245,6 +245,8 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
         raise NativelmError(f"export parity: {exc}; lower export.parity_tokens or prepare more validation data") from None
 
     variant = plan.params.variant
+    if plan.reason is not None:
+        _note(f"variant {plan.requested} resolved to {variant}: {plan.reason}")
     _note(f"building the {variant} graph of {model_file} ({p.n_layers} layers, d_model {p.d_model}, "
           f"vocab {model.vocab_size})")
     if plan.ptq:
@@ -302,6 +304,7 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
             "format_version": FORMAT_VERSION,
             "variant": variant,
             "variant_requested": plan.requested,
+            **({"variant_reason": plan.reason} if plan.reason is not None else {}),
             **plan.label(),
             "nativelm_version": __version__,
             "onnxruntime_version": onnxruntime.__version__,

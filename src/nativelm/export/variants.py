@@ -218,11 +218,19 @@ class TernaryOps(Ternary):
     def model_notes(self, p: ModelParams) -> list[str]:
         return []
 
+    def custom_refusal(self, model: NativeLM) -> str | None:
+        """What of a ternary `model` the operators cannot compute exactly (beyond `Ternary`'s refusals);
+        None: nothing."""
+        if model.params.act_bits not in (8,):
+            return (f"TernaryMatMul quantizes activations to 8 bits; the model quantizes them to "
+                    f"{model.params.act_bits} (model.act_bits)")
+        return None
+
     def refuse(self, model: NativeLM) -> None:
         super().refuse(model)
-        if model.params.act_bits not in (8,):
-            raise ParamsError(f"export {self.name}: TernaryMatMul quantizes activations to 8 bits; the model "
-                              f"quantizes them to {model.params.act_bits} (model.act_bits). Export variant ternary")
+        refusal = self.custom_refusal(model)
+        if refusal is not None:
+            raise ParamsError(f"export {self.name}: {refusal}. Export variant ternary")
 
     def opsets(self) -> list[tuple[str, int]]:
         return [(ternary_ops.DOMAIN, ternary_ops.OPSET)]

@@ -1,6 +1,8 @@
 """`nativelm fleet ...`: the simulated fleet, board status and provisioning on the command line.
 
-    fleet sim up [--boards N] [--canary N]   start (or keep) N sshd boards; write fleet.yaml + known_hosts
+    fleet sim up [--boards N] [--canary N] [--arm64 N]
+                                             start (or keep) N sshd boards (the last --arm64 N of them
+                                             ARM64, emulated); write fleet.yaml + known_hosts
     fleet sim down [--purge]                 stop them (--purge: delete the simulated fleet's folder)
     fleet sim status                         each simulated board's sshd
     fleet status [--boards a,b] [--groups g] [--inventory PATH]
@@ -68,6 +70,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--boards", type=at_least(0, 64), default=None, metavar="N", help="boards (default fleet.sim.boards)")
     p.add_argument("--canary", type=at_least(0, 64), default=None, metavar="N",
                    help="boards in group `canary` (default fleet.sim.canary)")
+    p.add_argument("--arm64", type=at_least(0, 64), default=None, metavar="N",
+                   help="of the boards, the last N are ARM64 boards: Debian's arm64 Python under qemu-user, its "
+                        "userland built once into fleet.sim.arm64_rootfs (needs qemu-user; default fleet.sim.arm64)")
     p.add_argument("--purge", action="store_true", help="with down: also delete the simulated fleet's folder")
     p.set_defaults(handler=handler("cmd_sim"))
 

@@ -35,6 +35,7 @@ from nativelm.fleet.rollout import RolloutPlan, plan_rollout, serving_boards
 from nativelm.fleet.rollout_log import RolloutResult, new_rollout_id
 from nativelm.fleet.waves import Wave
 from nativelm.fleet.service import PRINT_CONSOLE, Console, FleetChoice, run_plan
+from nativelm.fleet.signing import signed
 from nativelm.params.root import Params
 from nativelm.tracking.runs import RunLogger, resolve_tracking_uri
 
@@ -104,7 +105,10 @@ def plan_deploy(params: Params, choice: FleetChoice, release: LocalRelease,
 def deploy(params: Params, choice: FleetChoice, release: LocalRelease, *, bench: bool = True, record: bool = True,
            progress: Progress | None = None, console: Console = PRINT_CONSOLE, executor: Executor | None = None,
            flow_run_id: str | None = None) -> DeployReport:
-    """Roll `release` out, benchmark the boards that serve it, record both in MLflow (`record`)."""
+    """Roll `release` out, benchmark the boards that serve it, record both in MLflow (`record`).
+    The manifest is signed first, once: a missing or unusable fleet.signing_key is one line before
+    any board is touched (not a failure per board)."""
+    release = signed(release, Path(params.fleet.signing_key))
     plan = plan_deploy(params, choice, release, progress)
     result = run_plan(plan, console, None if executor is None else lambda wave: executor.deploy_wave(plan, wave))
     report = DeployReport(release, result)

@@ -42,7 +42,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     """Start, stop or show the simulated fleet."""
     params = params_of(args)
     if args.action == "up":
-        boards = sim.sim_up(params, args.boards, args.canary)
+        boards = sim.sim_up(params, args.boards, args.canary, args.arm64)
     elif args.action == "down":
         boards = sim.sim_down(params, purge=args.purge)
     else:

@@ -20,7 +20,7 @@ waves and their stop rules are `waves`.
 `plan_rollout` gives the rollout as a `RolloutPlan`: its waves and the step of one board. `run`
 drives the waves in this process (a thread pool per wave); a caller with its own executor (the
 Prefect flow: one task per board) passes `run_wave`, and the abort rules, gate and pause stay the ones
-here (the deadline is the in-process executor's; the flow's task runs have their own timeouts).
+here, and so is the deadline (`orchestration.board_tasks.run_board_tasks` expires a silent board's task).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ runtime see the board's home; the SFTP subsystem (``internal-sftp -d <home>``) s
 too. The controller learns the home with ``printenv HOME`` and uses absolute paths only, so
 nothing depends on the session's working folder. Under root sshd needs its privilege
 separation folder ``/run/sshd``, created here when missing.
+
+The last ``fleet.sim.arm64`` boards are ARM64 boards: the same sshd, but their ``python`` is Debian's
+arm64 Python under qemu-user (``nativelm.fleet.sim_arm64``, docs/fleet.md#an-arm64-board).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import yaml
 from nativelm.errors import NativelmError
 from nativelm.fleet.inventory import USER_PATTERN
 from nativelm.fleet.signing import create_signing_key
+from nativelm.fleet.sim_arm64 import ensure_rootfs
 from nativelm.fleet.sim_sshd import (
     SIM_HOST,
     SSHD,
@@ -70,19 +74,30 @@ class SimBoard:
     log_path: Path
     action: str | None = None  # started, restarted, already running, stopped, not running; None for status
     detail: str = ""
+    emulated: bool = False  # an ARM64 board: its python runs under qemu-user
 
 
 # ----------------------------------------------------------------------------------------------
 # paths
 
 
-def sim_dir(params: Params) -> Path:
-    """The simulated fleet's folder, absolute; refused if sshd_config and remote paths cannot hold it."""
-    folder = Path(params.fleet.sim.dir).expanduser().absolute()
+def _safe_folder(value: str, key: str) -> Path:
+    """`value` as an absolute folder; refused if sshd_config and remote paths cannot hold it."""
+    folder = Path(value).expanduser().absolute()
     if not _SAFE_PATH.fullmatch(str(folder)):
-        raise NativelmError(f"fleet.sim.dir: {folder} holds characters an sshd config or a remote path "
+        raise NativelmError(f"{key}: {folder} holds characters an sshd config or a remote path "
                             f"cannot take; choose a folder whose path is letters, digits and ._/+@- only")
     return folder
+
+
+def sim_dir(params: Params) -> Path:
+    """The simulated fleet's folder, absolute."""
+    return _safe_folder(params.fleet.sim.dir, "fleet.sim.dir")
+
+
+def arm64_python(params: Params) -> str:
+    """The `python` of the ARM64 boards, building their userland first when it is not cached (sim_arm64)."""
+    return str(ensure_rootfs(_safe_folder(params.fleet.sim.arm64_rootfs, "fleet.sim.arm64_rootfs")))
 
 
 def board_name(i: int) -> str:
@@ -115,13 +130,16 @@ def _user() -> str:
 # inventory and known_hosts
 
 
-def _write_inventory(root: Path, params: Params, names: list[str], canary: int, user: str) -> None:
+def _write_inventory(root: Path, params: Params, names: list[str], canary: int, user: str,
+                     arm64: dict[str, str]) -> None:
+    """fleet.yaml and known_hosts; `arm64` maps the ARM64 boards to their python."""
     boards = []
     for i, name in enumerate(names):
         groups = ["fleet", "canary"] if i < canary else ["fleet"]
+        labels = {"kind": "simulated", "arch": "aarch64"} if name in arm64 else {"kind": "simulated"}
         boards.append({"name": name, "host": SIM_HOST, "port": _port(params, name), "user": user,
-                       "key": f"keys/{CLIENT_KEY}", "groups": groups, "labels": {"kind": "simulated"},
-                       "python": SIM_PYTHON})
+                       "key": f"keys/{CLIENT_KEY}", "groups": groups, "labels": labels,
+                       "python": arm64.get(name, SIM_PYTHON)})
     head = ("# The simulated fleet, written by `nativelm fleet sim up` (real sshd on loopback ports).\n"
             "# Paths are relative to this file's folder. Do not edit: the next `sim up` rewrites it.\n")
     body = yaml.safe_dump({"known_hosts": "known_hosts", "boards": boards}, sort_keys=False)
@@ -138,35 +156,52 @@ def _locked(params: Params) -> Iterator[Path]:
         yield root
 
 
+def _emulated_boards(root: Path) -> set[str]:
+    """The ARM64 boards of the fleet.yaml `sim up` last wrote (none when there is none)."""
+    try:
+        boards = (yaml.safe_load((root / "fleet.yaml").read_text()) or {}).get("boards") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return set()
+    return {str(b.get("name")) for b in boards
+            if isinstance(b, dict) and (b.get("labels") or {}).get("arch") == "aarch64"}
+
+
 def _board_status(root: Path, params: Params, name: str, action: str | None = None) -> SimBoard:
     proc = sshd_process(root, name)
     st = proc.status()
     return SimBoard(name, _port(params, name), board_dir(root, name) / "home", st.state, st.pid, proc.log_path,
-                    action, st.detail)
+                    action, st.detail, name in _emulated_boards(root))
 
 
 # ----------------------------------------------------------------------------------------------
 # public
 
 
-def sim_up(params: Params, boards: int | None = None, canary: int | None = None) -> list[SimBoard]:
+def sim_up(params: Params, boards: int | None = None, canary: int | None = None,
+           arm64: int | None = None) -> list[SimBoard]:
     """Start (or keep) exactly `boards` simulated boards and write fleet.yaml + known_hosts; idempotent.
 
-    Creates fleet.signing_key (and its .pub) when it does not exist yet. A board whose config changed is restarted; boards beyond the count are stopped and removed
-    (listed last, action "removed").
+    The last `arm64` of them are ARM64 boards (their python emulated, docs/fleet.md). Creates
+    fleet.signing_key (and its .pub) when it does not exist yet. A board whose config changed is
+    restarted; boards beyond the count are stopped and removed (listed last, action "removed").
     """
     n = params.fleet.sim.boards if boards is None else boards
     n_canary = params.fleet.sim.canary if canary is None else canary
+    n_arm64 = params.fleet.sim.arm64 if arm64 is None else arm64
     if not 1 <= n <= 64:
         raise NativelmError(f"--boards must be between 1 and 64, got {n}")
     if not 0 <= n_canary <= n:
         raise NativelmError(f"--canary must be between 0 and the number of boards ({n}), got {n_canary}")
+    if not 0 <= n_arm64 <= n:
+        raise NativelmError(f"--arm64 must be between 0 and the number of boards ({n}), got {n_arm64}")
     if params.fleet.sim.base_port + n - 1 > 65535:
         raise NativelmError(f"fleet.sim.base_port {params.fleet.sim.base_port} leaves no room for {n} boards")
     if not SSHD.is_file():
         raise NativelmError(f"{SSHD} not found: install openssh-server (bash infra/setup.sh does)")
     user = _user()
     names = [board_name(i) for i in range(1, n + 1)]
+    python = arm64_python(params) if n_arm64 else SIM_PYTHON
+    arm64_boards = {name: python for name in names[n - n_arm64:]}
     with _locked(params) as root:
         privsep_dir()
         removed = []
@@ -194,7 +229,7 @@ def sim_up(params: Params, boards: int | None = None, canary: int | None = None)
             start_sshd(root, name, _port(params, name))
             actions[name] = "restarted" if running else "started"
         wait_ready(root, {name: _port(params, name) for name, act in actions.items() if act != "already running"})
-        _write_inventory(root, params, names, n_canary, user)
+        _write_inventory(root, params, names, n_canary, user, arm64_boards)
         return [_board_status(root, params, name, actions[name]) for name in names] + removed
 
 
@@ -229,7 +264,8 @@ def render_sim(boards: list[SimBoard]) -> list[str]:
         what = b.action or str(b.state)
         pid = f" (pid {b.pid})" if b.pid and b.state is ProcState.RUNNING else ""
         detail = f": {b.detail}" if b.detail else ""
-        lines.append(f"{b.name:<10} {SIM_HOST}:{b.port:<6} {what}{pid}{detail}")
+        arm64 = " [ARM64: python under qemu-user]" if b.emulated else ""
+        lines.append(f"{b.name:<10} {SIM_HOST}:{b.port:<6} {what}{pid}{detail}{arm64}")
     return lines
 
 

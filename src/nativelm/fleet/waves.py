@@ -75,7 +75,7 @@ class StopRules:
     max_failed_percent: float = 100.0
     pause_s: float = 0.0
     gate: Gate | None = None
-    deadline_s: float | None = None  # in-process executor only (run_waves)
+    deadline_s: float | None = None  # fleet.board_deadline_s (run_waves, and the Prefect flow through run_board_tasks)
 
     def abort_reason(self, wave: Wave, done: Sequence[BoardResult], results: Sequence[BoardResult],
                      total: int) -> str | None:

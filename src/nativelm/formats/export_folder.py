@@ -31,6 +31,9 @@ EOS_TOKEN_ID = 0  # <|endoftext|> (nativelm.formats.prepared.EOT_ID)
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
+# optional input int64 [1]: logits of the last N positions only (default 0: every position); generation
+# feeds 1, so the LM head runs on one row per sequence; scoring and onnxruntime-genai leave it out
+LOGITS_TO_KEEP = "num_logits_to_keep"
 PAST_KEY = "past_key_values.%d.key"
 PAST_VALUE = "past_key_values.%d.value"
 PRESENT_KEY = "present.%d.key"

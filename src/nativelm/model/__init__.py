@@ -8,10 +8,7 @@ from nativelm.model.bitlinear import (
     ExpertLinear,
     RMSNorm,
     bitlinears,
-    quantize_activation,
-    quantize_weight,
     set_weight_bits,
-    weight_codes,
 )
 from nativelm.model.dispatch import Dispatch
 from nativelm.model.moe import (
@@ -25,6 +22,7 @@ from nativelm.model.moe import (
     route,
     z_loss,
 )
+from nativelm.model.quantizers import quantize_activation, quantize_weight, weight_codes
 from nativelm.model.stats import (
     expert_load_matrix,
     flat_metrics,

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nativelm.model.bitlinear import BitLinear, compute_dtype, norm_quantize_many
+from nativelm.model.bitlinear import BitLinear, compute_dtype
+from nativelm.model.quantizers import norm_quantize_many
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nativelm.model.compiled import fused_call
+from nativelm.model.quantizers import levels, norm_quantize, quantize_activation, quantize_weight_at, weight_codes
 from nativelm.params.model import TERNARY_BITS, check_bits
 
 
@@ -47,180 +47,31 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
-def levels(bits: float) -> int:
-    """Q, the number of non-zero levels on each side of zero at a weight width."""
-    return 1 if bits == TERNARY_BITS else 2 ** (int(bits) - 1) - 1
-
-
-_LEVELS: dict[tuple, Tensor] = {}
-
-
-def level_arg(bits: float, device: torch.device) -> int | Tensor:
-    """Q at `bits` as the quantizers take it: a cached 0-d fp32 tensor on `device`, so a compiled
-    quantizer sees every width as the same input and a switch of the progressive schedule compiles
-    nothing; a plain int inside a model-wide torch.compile (which guards on the width anyway)."""
-    q = levels(bits)
-    if torch.compiler.is_compiling():
-        return q
-    key = (q, device.type, device.index)
-    if key not in _LEVELS:
-        _LEVELS[key] = torch.tensor(float(q), device=device)
-    return _LEVELS[key]
-
-
-def weight_codes(w: Tensor, bits: float = TERNARY_BITS, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """Integer codes (as a float tensor, in [-Q, Q]) and the per-matrix scale of `w` at `bits`.
-
-    `w` is one matrix (out, in) -> 0-d scale, or a stack of matrices (E, out, in) -> scales (E,),
-    each matrix quantized on its own (its own absmean / absmax), all in one set of ops.
-    """
-    return _codes(w, levels(bits), eps)
-
-
-def _codes(w: Tensor, q: int | Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """`weight_codes` with Q given (an int, or a 0-d tensor from `level_arg`: the same IEEE results)."""
-    wf = w.detach().float()
-    absw = wf.abs()
-    if wf.dim() <= 2:
-        scale = torch.minimum(absw.mean(), absw.amax() / q).clamp(min=eps)
-        return torch.clamp((wf / scale).round(), -q, q), scale
-    dims = (-2, -1)
-    scale = torch.minimum(absw.mean(dims), absw.amax(dims) / q).clamp(min=eps)
-    return torch.clamp((wf / scale[..., None, None]).round_(), -q, q), scale
-
-
-def _fake_quant_weight(w: Tensor, q: int | Tensor, eps: float) -> Tensor:
-    """codes · scale of `w` (per matrix) at Q levels, fp32, no gradient."""
-    codes, scale = _codes(w, q, eps)
-    return codes.mul_(scale[..., None, None] if scale.dim() else scale)
-
-
-def _fake_quant_activation(x: Tensor, bits: int, eps: float) -> Tensor:
-    """Per-token absmax fake quantization of `x` (fp32, no gradient)."""
-    q = 2 ** (bits - 1) - 1
-    xf = x.detach().float()
-    # max |x| per token: one reduction kernel on CUDA; abs + amax is faster on CPU (both exact)
-    if xf.is_cuda:
-        absmax = torch.linalg.vector_norm(xf, ord=math.inf, dim=-1, keepdim=True)
-    else:
-        absmax = xf.abs().amax(-1, keepdim=True)
-    scale = absmax.clamp_(min=eps).div_(q)
-    return (xf / scale).round_().clamp_(-q - 1, q).mul_(scale)
-
-
-class _QuantizeWeight(torch.autograd.Function):
-    """codes · scale (cast to `dtype`) forward; straight-through (identity) gradient to the latent `w`."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, q: int | Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-        ctx.w_dtype = w.dtype
-        return _fake_quant_weight(w, q, eps).to(dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        return grad.to(ctx.w_dtype), None, None, None
-
-
-class _QuantizeActivation(torch.autograd.Function):
-    """Per-token absmax fake quantization forward; straight-through (identity) gradient."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, bits: int, eps: float) -> Tensor:
-        return _fake_quant_activation(x, bits, eps).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return grad, None, None
-
-
-def _ste_weight(w: Tensor, q: int | Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    """Quantized `w` in `dtype`, straight-through to `w`. Eagerly an autograd.Function (no extra
-    kernels); under torch.compile the same as plain ops, ``q + (w - w.detach())`` (exactly q forward,
-    identity gradient), which the compiler fuses away: PyTorch 2.11 was seen to return zero gradients
-    through a compiled autograd.Function whose backward passes its gradient through unchanged."""
-    if torch.compiler.is_compiling():
-        return _fake_quant_weight(w, q, eps).to(dtype) + (w - w.detach()).to(dtype)
-    return _QuantizeWeight.apply(w, q, eps, dtype)
-
-
-def _ste_activation(x: Tensor, bits: int, eps: float) -> Tensor:
-    """Fake-quantized `x` (in x's dtype), straight-through; see `_ste_weight` for the two forms."""
-    if torch.compiler.is_compiling():
-        return _fake_quant_activation(x, bits, eps).to(x.dtype) + (x - x.detach())
-    return _QuantizeActivation.apply(x, bits, eps)
-
-
-def _quantize_weight(w: Tensor, q: int | Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    return _ste_weight(w, q, eps, dtype)
-
-
-def _norm_quantize(x: Tensor, gain: Tensor | None, norm_eps: float, bits: int | None, eps: float,
-                   dtype: torch.dtype) -> Tensor:
-    with torch.autocast(x.device.type, enabled=False):
-        if gain is not None:
-            x = F.rms_norm(x.float(), (x.shape[-1],), gain.float(), norm_eps).to(x.dtype)
-        if bits is not None:
-            x = _ste_activation(x, bits, eps)
-        return x.to(dtype)
-
-
-def _norm_quantize_many(x: Tensor, gains: list[Tensor | None], norm_eps: float, bits: int | None, eps: float,
-                        dtype: torch.dtype) -> list[Tensor]:
-    if all(g is None for g in gains):  # no norms: one quantized input serves them all
-        return [_norm_quantize(x, None, norm_eps, bits, eps, dtype)] * len(gains)
-    return [_norm_quantize(x, g, norm_eps, bits, eps, dtype) for g in gains]
-
-
-def _quantize_weight_groups(groups: list[list[Tensor]], q: int | Tensor, eps: float,
-                            dtype: torch.dtype) -> list[Tensor]:
-    out = []
-    for group in groups:
-        qs = [_ste_weight(w, q, eps, dtype) for w in group]
-        out.append(qs[0] if len(qs) == 1 else torch.cat(qs, dim=-2))
-    return out
-
-
-def quantize_weight(w: Tensor, bits: float = TERNARY_BITS, eps: float = 1e-5,
-                    dtype: torch.dtype | None = None) -> Tensor:
-    """Fake-quantized weight codes · scale (per matrix of `w`), with a straight-through gradient to `w`.
-
-    `dtype`: the dtype of the result (default `w`'s), e.g. the autocast dtype, so no second cast is needed.
-    """
-    return fused_call(_quantize_weight, w.is_cuda, w, level_arg(bits, w.device), eps, dtype or w.dtype)
-
-
-def quantize_activation(x: Tensor, bits: int = 8, eps: float = 1e-5) -> Tensor:
-    """Per-token (last dim) symmetric absmax quantization, straight-through gradient."""
-    return _QuantizeActivation.apply(x, bits, eps)
-
-
-def norm_quantize(x: Tensor, gain: Tensor | None, norm_eps: float, bits: int | None, eps: float,
-                  dtype: torch.dtype | None = None) -> Tensor:
-    """BitLinear's input path: RMSNorm with `gain` (None: no norm), then per-token `bits`-bit absmax
-    quantization (None: none), straight-through; the result in `dtype` (default x's)."""
-    return fused_call(_norm_quantize, x.is_cuda, x, gain, norm_eps, bits, eps, dtype or x.dtype)
-
-
-def norm_quantize_many(x: Tensor, gains: list[Tensor | None], norm_eps: float, bits: int | None, eps: float,
-                       dtype: torch.dtype | None = None) -> list[Tensor]:
-    """`norm_quantize` of one input for several BitLinear layers (each its own gain) in one fused call:
-    the input is read once and its gradients are summed in the same kernel."""
-    return fused_call(_norm_quantize_many, x.is_cuda, x, list(gains), norm_eps, bits, eps, dtype or x.dtype)
-
-
-def quantize_weight_groups(groups: list[list[Tensor]], bits: float, eps: float, dtype: torch.dtype) -> list[Tensor]:
-    """`quantize_weight` of many weights in one fused call (one scale per matrix, as ever); the members
-    of a group of several are concatenated along the output dim (dim -2) in the same pass."""
-    w0 = groups[0][0]
-    return fused_call(_quantize_weight_groups, w0.is_cuda, groups, level_arg(bits, w0.device), eps, dtype)
-
-
 class _WeightCodes:
-    """Integer codes of a quantized weight, shared by BitLinear (out, in) and ExpertLinear (E, out, in)."""
+    """Integer codes of a quantized weight, shared by BitLinear (out, in) and ExpertLinear (E, out, in).
+
+    The width lives twice: `weight_bits` (a float, for the exporter and the logs) and the buffer
+    `q_levels` (Q as a 0-d fp32 tensor, not saved), which is what the forward reads. A compiled model
+    sees a tensor whose value changes in place, so a switch of the progressive schedule recompiles
+    nothing (docs/training.md)."""
 
     weight: Tensor
-    weight_bits: float
     eps: float
+    q_levels: Tensor
+
+    def _init_width(self, bits: float) -> None:
+        self.register_buffer("q_levels", torch.tensor(float(levels(check_bits(bits)))), persistent=False)
+        self._weight_bits = check_bits(bits)
+
+    @property
+    def weight_bits(self) -> float:
+        return self._weight_bits
+
+    @weight_bits.setter
+    def weight_bits(self, bits: float) -> None:
+        self._weight_bits = check_bits(bits)
+        with torch.no_grad():
+            self.q_levels.fill_(float(levels(self._weight_bits)))
 
     def weight_codes(self) -> tuple[Tensor, Tensor]:
         """Codes (int8 for <= 8 bits, else int16) and fp32 scale(s) at the current width:
@@ -263,7 +114,7 @@ class BitLinear(_WeightCodes, nn.Module):
         self.quantize = quantize
         self.act_bits = act_bits
         self.eps = eps
-        self.weight_bits = check_bits(weight_bits)
+        self._init_width(weight_bits)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.norm = RMSNorm(in_features, norm_eps) if (quantize and norm) else None
@@ -296,7 +147,7 @@ class BitLinear(_WeightCodes, nn.Module):
         """The weight the forward multiplies by (codes · scale, straight-through), in `dtype`."""
         if not self.quantize:
             return self.weight.to(dtype)
-        return quantize_weight(self.weight, self.weight_bits, self.eps, dtype)
+        return quantize_weight_at(self.weight, self.q_levels, self.eps, dtype)
 
 
 class ExpertLinear(_WeightCodes, nn.Module):
@@ -327,7 +178,7 @@ class ExpertLinear(_WeightCodes, nn.Module):
         self.quantize = quantize
         self.act_bits = act_bits if quantize else None
         self.eps, self.norm_eps = eps, norm_eps
-        self.weight_bits = check_bits(weight_bits)
+        self._init_width(weight_bits)
         self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
         bound = 1.0 / math.sqrt(in_features)  # what BitLinear's kaiming_uniform_(a=sqrt(5)) gives per expert
         nn.init.uniform_(self.weight, -bound, bound)
@@ -344,7 +195,7 @@ class ExpertLinear(_WeightCodes, nn.Module):
         """(E, out, in) weights as the forward uses them, in `dtype` (straight-through to the latent weight)."""
         if not self.quantize:
             return self.weight.to(dtype)
-        return quantize_weight(self.weight, self.weight_bits, self.eps, dtype)
+        return quantize_weight_at(self.weight, self.q_levels, self.eps, dtype)
 
     def prepare_input(self, x: Tensor, row_experts: Tensor) -> Tensor:
         """RMSNorm (each row with its expert's gain) and activation quantization of rows x (M, in)
@@ -375,5 +226,8 @@ def set_weight_bits(model: nn.Module, bits: float) -> None:
     bits = check_bits(bits)
     for m in bitlinears(model):
         m.weight_bits = bits
+    for m in model.modules():
+        if hasattr(m, "one_width"):
+            m.one_width()  # refresh what a compiled forward reads
     if hasattr(model, "weight_bits"):
         model.weight_bits = bits

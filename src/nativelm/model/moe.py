@@ -19,13 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nativelm.model.bitlinear import (
-    BitLinear,
-    ExpertLinear,
-    compute_dtype,
-    fused_call,
-    quantize_weight_groups,
-)
+from nativelm.model.bitlinear import BitLinear, ExpertLinear, compute_dtype
+from nativelm.model.compiled import fused_call
+from nativelm.model.quantizers import quantize_weight_groups
 from nativelm.model.dispatch import Dispatch, GatherRows, combine_rows, grouped_linear
 
 
@@ -168,7 +164,7 @@ class Experts(nn.Module):
         if not self.gate.quantize:
             g, u, d = (lin.weight.to(dtype) for lin in (self.gate, self.up, self.down))
             return [torch.cat((g, u), dim=1), d] if self.weight_only else [g, u, d]
-        return quantize_weight_groups(self.quant_groups(), self.gate.weight_bits, self.gate.eps, dtype)
+        return quantize_weight_groups(self.quant_groups(), self.gate.q_levels, self.gate.eps, dtype)
 
     def forward(self, x: Tensor, d: Dispatch, row_weights: Tensor,
                 weights: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:

@@ -28,9 +28,9 @@ from nativelm.model.bitlinear import (
     ExpertLinear,
     RMSNorm,
     compute_dtype,
-    quantize_weight_groups,
     set_weight_bits,
 )
+from nativelm.model.quantizers import quantize_weight_groups
 from nativelm.model.moe import DenseFFN, MoE, load_balancing_loss, z_loss
 from nativelm.errors import ParamsError
 from nativelm.fsutil import size_text
@@ -81,16 +81,26 @@ class Block(nn.Module):
         else:
             self.ffn = DenseFFN(p.d_model, p.layer_ffn(index), linear_kw, p.ffn_act)
         self._quantized = [m for m in self.modules() if isinstance(m, (BitLinear, ExpertLinear)) and m.quantize]
+        self._one_width = True
 
     def quantized_weights(self, dtype: torch.dtype) -> tuple[list[Tensor] | None, list[Tensor] | None]:
         """The quantized weights of the attention and the FFN, all in one fused call (None for a part
         that is not quantized, or when the parts' widths differ: each part then quantizes its own)."""
         layers = self._quantized
-        if not layers or len({(m.weight_bits, m.eps) for m in layers}) != 1:
+        if not layers or not self.one_width():
             return None, None
         attn, ffn = self.attn.quant_groups(), self.ffn.quant_groups()
-        out = quantize_weight_groups(attn + ffn, layers[0].weight_bits, layers[0].eps, dtype)
+        out = quantize_weight_groups(attn + ffn, layers[0].q_levels, layers[0].eps, dtype)
         return (out[: len(attn)] or None), (out[len(attn):] or None)
+
+    def one_width(self) -> bool:
+        """Whether every quantized layer of the block has the same width and eps. Eagerly checked each
+        call; a compiled forward reads the answer `set_weight_bits` left (`_one_width`), because reading
+        the widths themselves would make every switch of the schedule a recompile."""
+        if torch.compiler.is_compiling():
+            return self._one_width
+        self._one_width = len({(m.weight_bits, m.eps) for m in self._quantized}) == 1
+        return self._one_width
 
     def forward(self, x: Tensor, offset: int = 0) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor | None]:
         """x (B, T, d) -> (x, stats, lb_loss, z_loss); the losses are None for a dense FFN."""

@@ -8,6 +8,7 @@ no answer, dropped, see fleet/ssh_trust.py) is what `connection_failed` retries.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -47,18 +48,27 @@ def outcome_of(future: PrefectFuture, board: Board, crashed: Callable[[Board, st
 
 
 def run_board_tasks(boards: Sequence[Board], max_parallel: int, submit: Callable[[Board], PrefectFuture],
-                    done: Callable[[Board, PrefectFuture], T]) -> list[T]:
+                    done: Callable[[Board, PrefectFuture], T], deadline_s: float | None = None,
+                    expire: Callable[[Board], T] | None = None) -> list[T]:
     """Submit one task per board, at most `max_parallel` running at once; `done` turns each finished
-    task into its row as it finishes. The rows in board order."""
+    task into its row as it finishes. A task still running `deadline_s` after its submission (retries
+    included) gets `expire`'s row and is no longer waited for (fleet.board_deadline_s: a silent board
+    fails; whatever it reports later is the caller's to drop). The rows in board order."""
     waiting, running, rows = list(boards), {}, {}
+    started: dict[str, float] = {}
     while waiting or running:
         while waiting and len(running) < max(1, max_parallel):
             board = waiting.pop(0)
             running[submit(board)] = board
+            started[board.name] = time.monotonic()
         ready = wait(list(running), timeout=WAKE_S).done  # wakes up so a SIGTERM is handled (fleet/stopping.py)
-        if not ready:
+        for future in ready:
+            board = running.pop(future)
+            rows[board.name] = done(board, future)
+        if deadline_s is None or expire is None:
             continue
-        finished = next(iter(ready))
-        board = running.pop(finished)
-        rows[board.name] = done(board, finished)
+        for future, board in list(running.items()):
+            if time.monotonic() - started[board.name] > deadline_s:
+                running.pop(future)
+                rows[board.name] = expire(board)
     return [rows[b.name] for b in boards]

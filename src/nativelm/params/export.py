@@ -38,12 +38,16 @@ class ExportParams(StrictModel):
     # for a board without the operator library;
     # fp32: plain MatMul everywhere, MoE as standard ONNX ops (dense, masked by the routing weights);
     # int4: 4-bit MatMulNBits + 4-bit QMoE, weights quantized symmetric per block;
-    # native: the precision the model was trained in (ternary for 1.58 / 2 bits, int4 for 3-4 bits,
-    # fp32 for an fp model or 5+ bits), recorded in the manifest as the variant it resolved to
-    variant: Variant = Field("ternary", description="how weights are stored: ternary | ternary-ops | fp32 | int4 | native")
+    # native (the default): the precision the model was trained in (ternary for 1.58 / 2 bits, int4 for
+    # 3-4 bits, fp32 for an fp model or 5+ bits; with ptq: true, ternary for any of them), a ternary one as
+    # ternary-ops where nativelm's operators represent it and their library is on this machine, else as
+    # ternary (`nativelm.export.ops_choice`); the manifest records the variant it resolved to and why
+    variant: Variant = Field("native", description="how weights are stored: native (the training precision; "
+                                                   "ternary-ops where it fits) | ternary | ternary-ops | fp32 | int4")
     # post-training quantization (PTQ): export a model at a lower precision than it was trained in as
     # ternary (an fp model, or one trained at 3+ bits: absmean ternary weights per matrix, 8-bit
-    # per-token activations, as BitLinear computes). false: such an export is refused. int4 of an fp
+    # per-token activations, as BitLinear computes; variant native then means ternary). false: such a
+    # ternary export is refused (native exports such a model at its own precision). int4 of an fp
     # (or 5+-bit) model is PTQ too and needs no opt-in. A PTQ export is labelled ptq (manifest,
     # metrics, MLflow, release.json, registry) and its held-out parity against the model it came
     # from is recorded, not gated (the KV-cache check still is; so is the gate's)

@@ -35,11 +35,16 @@ class SimParams(StrictModel):
     canary: int = Field(1, ge=0, le=64)
     base_port: int = Field(2220, ge=1024, le=65000)
     dir: str = Field(".nativelm/fleet-sim", min_length=1)
+    # the last `arm64` boards run Debian's arm64 userland under qemu-user, built once into arm64_rootfs
+    arm64: int = Field(0, ge=0, le=64)
+    arm64_rootfs: str = Field(".nativelm/arm64-rootfs", min_length=1)
 
     @model_validator(mode="after")
     def _canary_fits(self) -> "SimParams":
         if self.canary > self.boards:
             raise ValueError(f"canary ({self.canary}) is more than boards ({self.boards})")
+        if self.arm64 > self.boards:
+            raise ValueError(f"arm64 ({self.arm64}) is more than boards ({self.boards})")
         return self
 
 

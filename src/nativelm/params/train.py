@@ -24,6 +24,7 @@ Recipe = Literal["standard", "bitnet"]
 DecayShape = Literal["linear", "sqrt", "cosine"]
 Resume = Literal["auto", "off", "require"]
 Device = Literal["auto", "cpu", "cuda"]
+Compile = bool | Literal["auto"]
 PresetName = Literal["tiny", "gpu"]
 
 # fields a preset fills when params.yaml leaves them null
@@ -104,7 +105,9 @@ class TrainParams(StrictModel):
     precision: Precision = Field(
         "auto", description="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast) | fp16 (CUDA, loss scaling)")
     device: Device = Field("auto", description="auto (CUDA when available) | cpu | cuda")
-    compile: bool = Field(False, description="wrap the model in torch.compile")
+    compile: Compile = Field(
+        "auto", description="torch.compile the model: auto (on CUDA, where a compiled step is ~1.8x faster at the gpu "
+                            "preset; off on CPU, which stays bit-exact) | true | false")
     threads: int = Field(
         0, ge=0, le=1024, description="CPU threads for torch (0: torch's default); fixed for bit-exact CPU runs")
 
@@ -176,7 +179,7 @@ class ResolvedTrain(StrictModel):
     grad_clip: float
     precision: Precision
     device: Device
-    compile: bool
+    compile: Compile
     threads: int
     resume: Resume
     keep_checkpoints: int

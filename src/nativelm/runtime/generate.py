@@ -93,16 +93,17 @@ class Decoder:
         if not ids:
             raise RuntimeFailure("the prompt has no tokens")
         self.tokens = [int(i) for i in ids]
-        logits, self.cache = self.model.forward(np.array([self.tokens], dtype=np.int64))
+        logits, self.cache = self.model.forward(np.array([self.tokens], dtype=np.int64), last_only=True)
         return logits[0, -1]
 
     def step(self, token: int) -> np.ndarray:
         """Append `token`; the logits [V] of the next position."""
         self.tokens.append(int(token))
         if self.full_recompute:
-            logits, self.cache = self.model.forward(np.array([self.tokens], dtype=np.int64))
+            logits, self.cache = self.model.forward(np.array([self.tokens], dtype=np.int64), last_only=True)
         else:
-            logits, self.cache = self.model.forward(np.array([[int(token)]], dtype=np.int64), self.cache)
+            logits, self.cache = self.model.forward(np.array([[int(token)]], dtype=np.int64), self.cache,
+                                                    last_only=True)
         return logits[0, -1]
 
 

@@ -1,16 +1,18 @@
 """Load an export folder on a board: verify every file, open the tokenizer and the ONNX session.
 
 An export folder holds `model.onnx` (and any external-data files), `tokenizer.json`,
-`genai_config.json` and `manifest.json`. The manifest records the sha256 of every other file
-(`{"sha256": {name: hex}}`, as every nativelm manifest does; `{"files": {name: hex | {"sha256": hex}}}`
-and `{"files": [{"path": name, "sha256": hex}]}` are read too). `load_model` refuses, with one line
-naming the file, a folder where a listed file is missing or altered, where ONNX Runtime cannot load
-the model, or where the tokenizer's vocabulary is not the model's.
+`genai_config.json` and `manifest.json`, which records the sha256 of every other file (`folder`).
+`load_model` refuses, with one line naming the file, a folder where a listed file is missing or
+altered, where ONNX Runtime cannot load the model, or where the tokenizer's vocabulary is not the
+model's.
 
 The model follows the usual decoder convention (onnxruntime-genai's): inputs `input_ids` int64
 [B, S], `attention_mask` int64 [B, total_len], `past_key_values.{i}.key/.value` [B, kv_heads,
 past_len, head_dim]; outputs `logits` [B, S, V] and `present.{i}.key/.value` holding the full cache
-[B, kv_heads, total_len, head_dim]. An optional `position_ids` input is fed too.
+[B, kv_heads, total_len, head_dim]. An optional `position_ids` input is fed too, and an optional
+`num_logits_to_keep` int64 [1] (nativelm's exports since it was added; default 0: every position) is
+fed 1 when the caller wants the last position's logits only (generation), so that the LM head runs
+on one row per sequence.
 
 A folder may hold two decoders (export variant ``ternary-ops``, `nativelm.export.custom_graph`):
 manifest.json's ``graphs.nativelm`` names the graph on nativelm's own operators and
@@ -25,7 +27,6 @@ runtime) are imported: this module ships to boards.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -34,16 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from nativelm.jsonfile import JsonFileError, read_json_file
-
 from . import custom_ops
-from .threads import check_threads, default_threads
 from .errors import IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line
+from .folder import MANIFEST, MODEL, TOKENIZER, manifest_hashes, read_json, read_manifest, verify_folder
+from .threads import check_threads, default_threads
 
-MANIFEST = "manifest.json"
 GENAI_CONFIG = "genai_config.json"
-TOKENIZER = "tokenizer.json"
-MODEL = "model.onnx"
+LOGITS_TO_KEEP = "num_logits_to_keep"  # the optional input of the module docstring
 EOT = "<|endoftext|>"
 
 CUSTOM_GRAPH = "nativelm"  # manifest["graphs"] key of the graph on nativelm's operators
@@ -55,90 +53,6 @@ KVCache = list[tuple[np.ndarray, np.ndarray]]
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-
-
-# --------------------------------------------------------------------------- files and hashes
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (model files can be larger than a board's free memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(chunk)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise MissingFile(f"{path}: missing ({what})")
-    try:
-        data = read_json_file(path)
-    except JsonFileError as exc:
-        raise RuntimeFailure(str(exc)) from None
-    if not isinstance(data, dict):
-        raise RuntimeFailure(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """manifest.json of an export folder; missing or unreadable is one clear line."""
-    return _read_json(Path(folder) / MANIFEST, "every export folder has one")
-
-
-def manifest_hashes(manifest: dict[str, Any], where: Path) -> dict[str, str]:
-    """{relative file name: sha256 hex} recorded in a manifest, in the layouts described above."""
-    found: dict[str, str] = {}
-    table = manifest.get("sha256")
-    if isinstance(table, dict):
-        found.update({str(k): v for k, v in table.items()})
-    files = manifest.get("files")
-    if isinstance(files, dict):
-        for name, entry in files.items():
-            found[str(name)] = entry.get("sha256") if isinstance(entry, dict) else entry
-    elif isinstance(files, list):
-        for entry in files:
-            if isinstance(entry, dict) and (entry.get("path") or entry.get("name")):
-                found[str(entry.get("path") or entry.get("name"))] = entry.get("sha256")
-    for name, digest in found.items():
-        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
-            raise RuntimeFailure(f"{where}: entry {name!r} has no valid sha256 ({digest!r})")
-        parts = Path(name).parts
-        if Path(name).is_absolute() or ".." in parts or not parts:
-            raise RuntimeFailure(f"{where}: entry {name!r} is not a file name inside the folder")
-    if not found:
-        raise RuntimeFailure(f"{where}: lists no file hashes (expected a 'sha256' table)")
-    return {name: digest.lower() for name, digest in found.items()}
-
-
-def verify_folder(folder: Path, manifest: dict[str, Any] | None = None,
-                  required: Sequence[str] = (MODEL, TOKENIZER)) -> dict[str, Any]:
-    """Check every file the manifest lists against its sha256; return the manifest.
-
-    The `required` files must be listed (an unlisted model file would go unchecked). Files in the
-    folder that the manifest does not list (a runtime, logs) are ignored.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MissingFile(f"{folder}: no such model folder")
-    manifest = read_manifest(folder) if manifest is None else manifest
-    where = folder / MANIFEST
-    hashes = manifest_hashes(manifest, where)
-    for name in required:
-        if name not in hashes:
-            raise IntegrityError(f"{where}: has no sha256 for {name}, so it cannot be verified")
-    for name in sorted(hashes):
-        path = folder / name
-        if not path.is_file():
-            raise MissingFile(f"{path}: missing (listed in {MANIFEST})")
-        actual = sha256_file(path)
-        if actual != hashes[name]:
-            raise IntegrityError(f"{path}: sha256 mismatch (manifest {hashes[name][:12]}..., "
-                                 f"file {actual[:12]}...): the file is altered or incomplete")
-    return manifest
 
 
 # --------------------------------------------------------------------------- metadata helpers
@@ -217,6 +131,8 @@ class Model:
                                          f"or present.{i}.{part}")
         self.n_layers = len(layers)
         self.has_position_ids = "position_ids" in inputs
+        overridable = {i.name for i in session.get_overridable_initializers()}  # inputs with a default
+        self.has_logits_to_keep = LOGITS_TO_KEEP in inputs or LOGITS_TO_KEEP in overridable
         self._output_names = ["logits"] + [f"present.{i}.{p}" for i in layers for p in ("key", "value")]
         model_cfg = _section(genai_config, "model")
         decoder = _section(model_cfg, "decoder")
@@ -252,10 +168,12 @@ class Model:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
         return [(empty, empty) for _ in range(self.n_layers)]
 
-    def forward(self, input_ids: np.ndarray, past: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
+    def forward(self, input_ids: np.ndarray, past: KVCache | None = None,
+                last_only: bool = False) -> tuple[np.ndarray, KVCache]:
         """Run the decoder on `input_ids` [B, S] after `past` (None: an empty cache).
 
-        Returns logits [B, S, V] and the present cache (past followed by the S new positions).
+        Returns logits [B, S, V] ([B, 1, V] with `last_only` on a graph that takes `num_logits_to_keep`)
+        and the present cache (past followed by the S new positions).
         """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -268,6 +186,8 @@ class Model:
                                        "attention_mask": np.ones((batch, total), dtype=np.int64)}
         if self.has_position_ids:
             feed["position_ids"] = np.broadcast_to(np.arange(past_len, total, dtype=np.int64), (batch, seq)).copy()
+        if last_only and self.has_logits_to_keep:
+            feed[LOGITS_TO_KEEP] = np.ones(1, dtype=np.int64)
         for i, (key, value) in enumerate(past):
             feed[f"past_key_values.{i}.key"] = key
             feed[f"past_key_values.{i}.value"] = value
@@ -380,7 +300,7 @@ def load_model(folder: str | os.PathLike[str], threads: int | None = None, verif
         manifest = verify_folder(folder, required=(TOKENIZER,))
     else:
         manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
-    genai = _read_json(folder / GENAI_CONFIG, "onnxruntime-genai config") if (folder / GENAI_CONFIG).is_file() else {}
+    genai = read_json(folder / GENAI_CONFIG, "onnxruntime-genai config") if (folder / GENAI_CONFIG).is_file() else {}
     decoder = _section(_section(genai, "model"), "decoder")
     model_name = str(decoder.get("filename") or MODEL)
     custom_name = _section(_section(manifest, "graphs"), CUSTOM_GRAPH).get("file")

@@ -106,6 +106,11 @@ def fingerprint(cfg: ResolvedTrain, model_params: ModelParams, seed: int, world_
     return params_hash(tree)
 
 
+def compiles(setting: bool | str, device: torch.device) -> bool:
+    """Whether `train.compile` wraps the model in torch.compile on `device` (auto: on CUDA only)."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -152,7 +157,7 @@ def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_di
             model = build_model(model_params, data.vocab_size, seed=seed).to(device)
             optimizer = build_optimizer(model, cfg, fused=True if device.type == "cuda" else None)
             wrapped: torch.nn.Module = dist.wrap_ddp(model, ctx, device)
-            if cfg.compile:
+            if compiles(cfg.compile, device):
                 wrapped = torch.compile(wrapped)
             sampler = BatchSampler(data.train, cfg.batch_size, cfg.seq_len, seed=seed, rank=ctx.rank)
             fp = fingerprint(cfg, model_params, seed, ctx.world_size, data.vocab_size, data.manifest,
@@ -164,7 +169,7 @@ def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_di
                       f"{model_params.n_experts if model_params.ffn == 'moe' else 0} experts (top "
                       f"{model_params.top_k}); {counts['total_params']:,} parameters, {counts['active_params']:,} "
                       f"active non-embedding; {data.train_tokens:,} train tokens; device {device}, "
-                      f"{precision.name}, {ctx.world_size} process(es), {cfg.max_steps} steps of "
+                      f"{precision.name}{', compiled' if compiles(cfg.compile, device) else ''}, {ctx.world_size} process(es), {cfg.max_steps} steps of "
                       f"{cfg.batch_size * cfg.grad_accum * ctx.world_size} x {cfg.seq_len} tokens")
                 if logger is not None:
                     logger.log_params({"resolved": {"train": cfg.model_dump(mode="json"),
