@@ -47,7 +47,7 @@ def test_allowed_signers_line_limits_the_key_to_release_signatures(tmp_path: Pat
     pub = tmp_path / "k.pub"
     pub.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB4x someone@host\n")
     assert allowed_signers_line(pub) == (
-        'nativelm-release namespaces="nativelm-release" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB4x')
+        'nativelm-release namespaces="nativelm-release,nativelm-channel" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB4x')
 
 
 @pytest.mark.parametrize(("content", "problem"), [

@@ -8,6 +8,8 @@
     fleet status [--boards a,b] [--groups g] [--inventory PATH]
     fleet provision [--boards a,b] [--groups g] [--inventory PATH]
     fleet unlock --boards a,b [--groups g] [--force]   clear locks a dead rollout left behind
+    fleet publish [--model SPEC] [--percent P]   pull mode: upload a signed release, ramp the channel
+    fleet channel show|pause|resume          pull mode: the channel boards follow
 
 Only the parsers are built here: the handlers (nativelm.fleet.handlers, with SSH and the rest) are
 imported when a command runs, so `nativelm --help` stays fast.
@@ -18,10 +20,11 @@ from __future__ import annotations
 import argparse
 import re
 
-from nativelm.cliargs import at_least
+from nativelm.cliargs import at_least, nonblank
 from nativelm.params.fleet import NAME_PATTERN
 
 HANDLERS = "nativelm.fleet.handlers"
+PULL_HANDLERS = "nativelm.fleet.pull_handlers"
 
 
 def names(text: str) -> list[str]:
@@ -82,7 +85,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                        "fleet.verify_full_every_s has passed, then its health check; STATE shows "
                                        "damaged or unhealthy, OPS the graph the check ran (nativelm:<kernel>, "
                                        "fallback or contrib). Changes nothing on a board but the time of its last "
-                                       "full check. Exits 1 when a board is unreachable, damaged or unhealthy.")
+                                       "full check. Exits 1 when a board is unreachable, damaged or unhealthy. "
+                                       "With fleet.mode: pull, shows instead what each board last reported to the "
+                                       "store (no board is contacted); exits 1 when one failed or is silent.")
     add_board_choice(p)
     p.add_argument("--verify", choices=["auto", "full"], default="auto",
                    help="auto: size + mtime, hashes on fleet.verify_full_every_s's schedule; full: hash every "
@@ -111,3 +116,43 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add_board_choice(p)
     p.add_argument("--force", action="store_true", help="also remove a lock whose holder may still be running")
     p.set_defaults(handler=handler("cmd_unlock"))
+
+    register_pull(actions, common)
+
+
+def percent(text: str) -> float:
+    """An argparse type: a percent of the fleet, 0..100."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in 0..100: {text!r}")
+    return value
+
+
+def register_pull(actions: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`fleet publish` and `fleet channel`: pull mode (docs/fleet-at-scale.md)."""
+    p = actions.add_parser("publish", parents=[common], help="pull mode: upload a signed release, ramp the channel",
+                           description="Sign the release (fleet.signing_key) and upload it once to the object store "
+                                       "(fleet.pull.endpoint, bucket fleet.pull.bucket, releases/<release>/; files "
+                                       "already there are not sent again; credentials from AWS_ACCESS_KEY_ID / "
+                                       "AWS_SECRET_ACCESS_KEY), then write the signed channel "
+                                       "channels/<fleet.pull.channel>.json: boards whose stable wave position is "
+                                       "below --percent switch to it at their next poll, the others keep the "
+                                       "release it replaces. Publish again with a higher --percent to widen the "
+                                       "wave (refused while more boards that took it failed than "
+                                       "fleet.max_failed_boards / fleet.max_failed_percent allow, unless --force); "
+                                       "publish an older release to roll back.")
+    p.add_argument("--model", metavar="SPEC", default=None, type=nonblank("the model"),
+                   help="registered version, alias, models:/ URI or release folder (default: evaluate.release_dir)")
+    p.add_argument("--percent", type=percent, default=100.0, metavar="P",
+                   help="percent of the fleet that runs this release (default 100)")
+    p.add_argument("--force", action="store_true", help="widen the wave even when boards that took it failed")
+    p.set_defaults(handler=handler("cmd_publish", PULL_HANDLERS))
+
+    p = actions.add_parser("channel", parents=[common], help="pull mode: show, pause or resume the channel",
+                           description="show: the channel as published; pause: every board stays on what it runs "
+                                       "(a new signed channel, serial + 1); resume: the ramp goes on.")
+    p.add_argument("action", choices=["show", "pause", "resume"])
+    p.set_defaults(handler=handler("cmd_channel", PULL_HANDLERS))

@@ -59,8 +59,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the status table; exit 1 when a chosen board is unreachable, damaged or unhealthy."""
+    """Print the status table; exit 1 when a chosen board is unreachable, damaged or unhealthy (pull mode:
+    what the boards reported to the store; exit 1 when one failed or is silent)."""
     params = params_of(args)
+    if params.fleet.mode == "pull":
+        from nativelm.fleet.pull_handlers import pulled_fleet_status  # here: it imports this module
+
+        return pulled_fleet_status(args, params)
     rows = service.health(params, chosen(args, params), args.verify)
     for line in render_status(rows):
         print(line)

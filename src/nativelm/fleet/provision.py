@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nativelm.errors import NativelmError
 from nativelm.fleet.agent import AGENT_NAME, PACKAGES_FILE
@@ -263,6 +263,24 @@ def ensure_allowed_signers(session: BoardSession, text: str) -> bool:
     return True
 
 
+def pull_config(fleet: FleetParams, board: str) -> dict[str, Any]:
+    """<root>/pull/config.json of `board` in pull mode: the store, the channel, its own name (docs/fleet-at-scale.md)."""
+    pull = fleet.pull
+    return {"endpoint": pull.endpoint, "bucket": pull.bucket, "channel": pull.channel, "region": pull.region,
+            "board": board, "jitter_s": pull.jitter_s, "keep": fleet.keep_releases, "heartbeat_s": pull.heartbeat_s}
+
+
+def ensure_pull_config(session: BoardSession, fleet: FleetParams) -> bool:
+    """Write <root>/pull/config.json unless it holds what fleet.pull says already."""
+    text = json.dumps(pull_config(fleet, session.board.name), indent=1, sort_keys=True)
+    remote = session.path("pull", "config.json")
+    if session.run(["cat", remote], check=False).stdout == text:
+        return False
+    session.run(["mkdir", "-p", session.path("pull")])
+    session.write_bytes(remote, text.encode("utf-8"))
+    return True
+
+
 def provision_board(session: BoardSession, fleet: FleetParams, state_dir: Path) -> ProvisionResult:
     """Everything provisioning does on one connected board; raises BoardError on failure."""
     started = time.monotonic()
@@ -275,6 +293,8 @@ def provision_board(session: BoardSession, fleet: FleetParams, state_dir: Path) 
     signers = allowed_signers_text(fleet.allowed_signers)
     if ensure_allowed_signers(session, signers):
         actions.append(f"allowed_signers written ({signers.count(chr(10))} keys)")
+    if fleet.mode == "pull" and ensure_pull_config(session, fleet):
+        actions.append("pull/config.json written")
     facts = session.agent("facts")
     sent = 0
     installed = False

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nativelm.errors import NativelmError
-from nativelm.fleet.agent import RELEASE_MANIFEST, SIGNATURE, SIGNER, SIGNING_NAMESPACE
+from nativelm.fleet.agent import CHANNEL_NAMESPACE, RELEASE_MANIFEST, SIGNATURE, SIGNER, SIGNING_NAMESPACE
 from nativelm.fsutil import sha256_file
 
 if TYPE_CHECKING:
@@ -51,14 +51,14 @@ def create_signing_key(key: Path) -> bool:
     return True
 
 
-def sign_manifest(manifest: Path, key: Path, into: Path) -> Path:
-    """Write the signature of `manifest` made with `key` to `into` (a fresh file); return `into`."""
+def sign_manifest(manifest: Path, key: Path, into: Path, namespace: str = SIGNING_NAMESPACE) -> Path:
+    """Write the signature of `manifest` made with `key` in `namespace` to `into` (a fresh file); return `into`."""
     if not key.is_file():
         raise SigningError(f"{key}: no signing key there (fleet.signing_key; `nativelm fleet sim up` creates one)")
     with tempfile.TemporaryDirectory(dir=into.parent) as tmp:
         copy = Path(tmp) / RELEASE_MANIFEST
         copy.write_bytes(manifest.read_bytes())
-        _keygen(["-q", "-Y", "sign", "-f", str(key), "-n", SIGNING_NAMESPACE, str(copy)],
+        _keygen(["-q", "-Y", "sign", "-f", str(key), "-n", namespace, str(copy)],
                 f"{key}: cannot sign {manifest}")
         copy.with_name(SIGNATURE).replace(into)
     return into
@@ -77,7 +77,7 @@ def signed(release: LocalRelease, key: Path) -> LocalRelease:
 
 
 def allowed_signers_line(public_key: Path) -> str:
-    """The allowed_signers line that lets `public_key` sign releases (and nothing else)."""
+    """The allowed_signers line that lets `public_key` sign releases and pull channels (and nothing else)."""
     try:
         text = public_key.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -85,7 +85,7 @@ def allowed_signers_line(public_key: Path) -> str:
     found = PUBLIC_KEY.fullmatch(text)
     if not found:
         raise SigningError(f"{public_key}: not an OpenSSH public key (one line: TYPE BASE64 [COMMENT])")
-    return f'{SIGNER} namespaces="{SIGNING_NAMESPACE}" {found.group(1)} {found.group(2)}'
+    return f'{SIGNER} namespaces="{SIGNING_NAMESPACE},{CHANNEL_NAMESPACE}" {found.group(1)} {found.group(2)}'
 
 
 def allowed_signers_text(public_keys: Sequence[str]) -> str:

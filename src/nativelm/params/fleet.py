@@ -2,6 +2,7 @@
 
 import posixpath
 import re
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -47,10 +48,32 @@ class SimParams(StrictModel):
         return self
 
 
+class PullParams(StrictModel):
+    """Pull mode (docs/fleet-at-scale.md): the object store boards poll, and how often.
+
+    The controller's store credentials come from the environment (AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY, as for MLflow and DVC), never from here; boards read anonymously.
+    """
+
+    endpoint: str = Field("http://localhost:9000", pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
+    bucket: str = Field("fleet", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    channel: str = Field("stable", pattern=NAME_PATTERN)
+    region: str = Field("us-east-1", pattern=NAME_PATTERN)
+    poll_s: float = Field(900.0, ge=10, le=7 * 86400)
+    jitter_s: float = Field(600.0, ge=0, le=7 * 86400)
+    heartbeat_s: float = Field(3600.0, ge=0, le=30 * 86400)
+
+    @property
+    def silent_after_s(self) -> float:
+        """The longest a working board goes without a report: a heartbeat, a poll period and its jitter."""
+        return self.heartbeat_s + self.poll_s + self.jitter_s
+
+
 class FleetParams(StrictModel):
     """Inventory location, SSH limits, rollout shape and the board runtime's packages."""
 
     inventory: str = Field(".nativelm/fleet-sim/fleet.yaml", min_length=1)
+    mode: Literal["push", "pull"] = "push"
     remote_root: str = Field("nativelm", min_length=1)
     keep_releases: int = Field(3, ge=1, le=100)
     connect_timeout_s: float = Field(10.0, gt=0, le=600)
@@ -76,6 +99,7 @@ class FleetParams(StrictModel):
     bench_new_tokens: int = Field(32, ge=1, le=8192)
     bench_repeats: int = Field(3, ge=1, le=100)
     sim: SimParams = SimParams()
+    pull: PullParams = PullParams()
 
     @field_validator("remote_root")
     @classmethod

@@ -6,7 +6,7 @@ Shipped to each board as one zipapp, ``<root>/bin/nativelm-agent.pyz`` (built by
 controller pipes the agent to ``python3 -``). Every command prints one JSON object on stdout and
 exits 0; a failure prints one line ``error: ...`` on stderr and exits 1. Every argument is validated
 here as well as on the controller, by what its command's usage line calls it (RELEASE, NAME,
-SHA256, OWNER, STALE_S, KEEP, HOLDER, EVERY_S, MODE, PREVIOUS).
+SHA256, OWNER, STALE_S, KEEP, HOLDER, EVERY_S, MODE, PREVIOUS, START).
 
 Layout under <root>::
 
@@ -20,6 +20,8 @@ Layout under <root>::
     keys/allowed_signers     the public keys a release's signature must verify against (provisioned)
     lock/owner.json          present while a rollout holds the board: its owner and controller
     bench/<release>.json     the last on-board benchmark of each release
+    pull/                    pull mode (docs/fleet-at-scale.md): config.json (store, channel, this board's
+                             name), credentials.json (optional, 0600), state.json, the last verified channel
 
 This package imports only relatively (it runs on the board under its own name).
 """
@@ -38,10 +40,13 @@ OWNER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 HOLDER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}:[0-9]{1,10}:[0-9]{1,12}(\.[0-9]{1,6})?")
 MODE_PATTERN = re.compile(r"quick|full")
+START_PATTERN = re.compile(r"now|jittered")
 RELEASE_MANIFEST = "release.json"
 SIGNATURE = "release.json.sig"  # the controller's `ssh-keygen -Y sign` of release.json (docs/fleet.md)
 SIGNING_NAMESPACE = "nativelm-release"  # fixed: a signature made for anything else never verifies
 SIGNER = "nativelm-release"  # the identity every allowed_signers line names
+CHANNEL_NAMESPACE = "nativelm-channel"  # a pull channel's signature (docs/fleet-at-scale.md)
+RUNTIME = "nativelm-runtime.pyz"  # the release's own runtime (nativelm.formats.release.RUNTIME_FILE)
 PACKAGES_FILE = "nativelm-packages.json"
 PART = ".part"
 
@@ -82,6 +87,7 @@ ARGUMENTS: dict[str, Callable[[str], Any]] = {  # what a usage line calls an arg
     "EVERY_S": lambda value: number(value, "EVERY_S", 0),
     "MODE": lambda value: _check(MODE_PATTERN, value, "check mode"),
     "PREVIOUS": release_name,
+    "START": lambda value: _check(START_PATTERN, value, "start (now: no random delay)"),
 }
 COMMANDS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {}  # name -> (usage, function)
 

@@ -6,13 +6,23 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 # lock and releases are imported for their commands, which register themselves in COMMANDS
-from . import AGENT_NAME, COMMANDS, AgentError, checked_args, lock, releases  # noqa: F401
+from . import AGENT_NAME, COMMANDS, AgentError, checked_args, command, lock, releases  # noqa: F401
 from .files import Layout
 
 # piped in (`python3 - --root DIR ...`, see agent_pack.inline_source): the modules have no file then
 FROM_STDIN = "__file__" not in globals()
+
+
+@command("pull [START]")
+def cmd_pull(lay: Layout, start: str = "jittered") -> dict[str, Any]:
+    """One poll of the store in pull mode (pull.py, imported only here: every other command, each an SSH
+    round trip of a push rollout, starts without the HTTP client)."""
+    from .pull import pull_once
+
+    return pull_once(lay, start)
 
 
 def default_root() -> Path | None:

@@ -40,6 +40,7 @@ class Layout:
         self.venv = root / "venv"
         self.verified = root / "verified"
         self.allowed_signers = root / "keys" / "allowed_signers"
+        self.pull = root / "pull"
 
     def release(self, name: str) -> Path:
         return self.releases / release_name(name)
