@@ -36,9 +36,10 @@ import numpy as np
 
 from nativelm.jsonfile import JsonFileError, read_json_file
 
-from . import custom_ops
+from . import custom_ops, kvcache
 from .threads import check_threads, default_threads
-from .errors import IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line
+from .errors import (IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line,
+                     ort_reason)
 
 MANIFEST = "manifest.json"
 GENAI_CONFIG = "genai_config.json"
@@ -185,7 +186,8 @@ def _positive_int(value: Any) -> int | None:
 class Model:
     """An export folder, verified and loaded: tokenizer, ONNX Runtime session and their metadata.
 
-    `forward` runs one step of the decoder; generation lives in `generate.py`.
+    `forward` runs one step of the decoder (the copying KV cache), `shared_cache` gives the cache kept
+    in place; generation lives in `generate.py`.
     """
 
     def __init__(self, folder: Path, session: Any, tokenizer: Any, manifest: dict[str, Any],
@@ -234,6 +236,8 @@ class Model:
         self.context_length = _positive_int(_first(model_cfg.get("context_length"), manifest.get("context_length"),
                                                    _section(manifest, "model").get("context_length")))
         self.eos_ids = _eos_ids(manifest, genai_config, tokenizer)
+        # shared (the cache bound in place, `kvcache`) or copied (`forward`), and why not shared
+        self.kv_cache, self.kv_cache_reason = kvcache.choose(genai_config, self.context_length, self.n_layers)
         logits_shape = list(outputs["logits"].shape)
         self.vocab_size = (_positive_int(logits_shape[-1]) if logits_shape else None) \
             or _positive_int(model_cfg.get("vocab_size")) or self._probe_vocab()
@@ -251,6 +255,15 @@ class Model:
         """A KV cache with no positions yet (past_len 0)."""
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
         return [(empty, empty) for _ in range(self.n_layers)]
+
+    def shared_cache(self, batch: int = 1) -> kvcache.SharedCache:
+        """A KV cache of `context_length` positions bound in place across steps (only where
+        `kv_cache` is ``shared``: `kvcache`)."""
+        if self.kv_cache != kvcache.SHARED:
+            raise RuntimeFailure(f"{self.model_file}: its KV cache cannot be shared ({self.kv_cache_reason})")
+        return kvcache.SharedCache(self.session, self.n_layers, self.kv_heads, self.head_dim,
+                                   int(self.context_length or 0), batch, self.kv_dtype, self.has_position_ids,
+                                   str(self.model_file))
 
     def forward(self, input_ids: np.ndarray, past: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
         """Run the decoder on `input_ids` [B, S] after `past` (None: an empty cache).
@@ -303,18 +316,6 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({str(self.folder)!r}, layers={self.n_layers}, kv_heads={self.kv_heads}, "
                 f"head_dim={self.head_dim}, vocab={self.vocab_size}, context={self.context_length})")
-
-
-def ort_reason(exc: BaseException) -> str:
-    """ORT's message without its boilerplate: '[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model
-    from PATH failed:Protobuf parsing failed.' -> 'INVALID_PROTOBUF: Protobuf parsing failed.'"""
-    text = first_line(exc)
-    match = re.match(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*(\w+)\s*:\s*(.*)$", text)
-    if match:
-        code, text = match.groups()
-        text = re.sub(r"^Load model from .* failed:\s*", "", text)
-        text = f"{code}: {text}"
-    return text
 
 
 def load_tokenizer(path: Path) -> Any:
