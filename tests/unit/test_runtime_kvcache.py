@@ -109,3 +109,17 @@ def test_forcing_sharing_on_a_graph_that_reads_past_s_shape_fails_in_one_line(
     with pytest.raises(ModelLoadError, match="shared KV cache") as info:
         generate(model, "The king", 4)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("variant", ["ternary", "ternary-ops", "int4", "fp32"])
+def test_every_export_variant_reads_past_only_through_group_query_attention(variant: str) -> None:
+    """What lets genai_config.json claim a shared buffer: past feeds GroupQueryAttention's past inputs and
+    nothing else (no Shape of it), so a past of max_len positions means what a past of `length` does."""
+    model = build_model(ModelParams(**{**TINY, "quantize": variant != "fp32"}), 300, seed=1).eval()
+    graph = build_graph(model, ExportParams(variant=variant)).model
+    past = {i.name for i in graph.graph.input if i.name.startswith("past_key_values.")}
+    uses = [(node.op_type, list(node.input).index(name)) for node in graph.graph.node
+            for name in node.input if name in past]
+    assert len(past) == 2 * TINY["n_layers"] and len(uses) == len(past)
+    assert set(uses) == {("GroupQueryAttention", 3), ("GroupQueryAttention", 4)}
+    assert genai_config(model)["search"]["past_present_share_buffer"] is True
