@@ -20,6 +20,7 @@ from nativelm.export.stage import genai_config
 from nativelm.model import ModelParams, build_model
 from nativelm.params.export import ExportParams
 from nativelm.runtime import benchmark, generate, load_model
+from nativelm.runtime.__main__ import main as runtime_main
 from nativelm.runtime.errors import BadArgument, ModelLoadError, RuntimeFailure
 from nativelm.runtime.generate import Decoder
 from nativelm.runtime.kvcache import COPIED, KV_ENV, SHARED
@@ -123,3 +124,17 @@ def test_every_export_variant_reads_past_only_through_group_query_attention(vari
     assert len(past) == 2 * TINY["n_layers"] and len(uses) == len(past)
     assert set(uses) == {("GroupQueryAttention", 3), ("GroupQueryAttention", 4)}
     assert genai_config(model)["search"]["past_present_share_buffer"] is True
+
+
+def test_health_check_runs_on_the_shared_cache_and_says_so(exported: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Golden continuations recorded on the copying path pass on the shared one; `health --json` names it."""
+    copied = load(exported, COPIED, monkeypatch)
+    golden = [{"prompt_ids": PROMPT, "tokens": generate(copied, PROMPT, 12, stop_at_eos=False).token_ids}]
+    update_manifest(exported, golden=golden)
+    try:
+        assert runtime_main(["health", "--model", str(exported), "--threads", "1", "--json"]) == 0
+        reply = json.loads(capsys.readouterr().out)
+        assert (reply["ok"], reply["prompts"], reply["kv_cache"]) == (True, 1, SHARED)
+    finally:
+        update_manifest(exported, golden=None)

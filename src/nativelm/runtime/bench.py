@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadArgument, RuntimeFailure
+from .errors import BadArgument
 from .generate import Decoder, Sampler
 from .session import Model, load_model
 

@@ -10,7 +10,8 @@ the model, or where the tokenizer's vocabulary is not the model's.
 The model follows the usual decoder convention (onnxruntime-genai's): inputs `input_ids` int64
 [B, S], `attention_mask` int64 [B, total_len], `past_key_values.{i}.key/.value` [B, kv_heads,
 past_len, head_dim]; outputs `logits` [B, S, V] and `present.{i}.key/.value` holding the full cache
-[B, kv_heads, total_len, head_dim]. An optional `position_ids` input is fed too.
+[B, kv_heads, total_len, head_dim]. An optional `position_ids` input is fed too. Decoding keeps the
+cache in place where the export allows it (`kvcache`; `Model.kv_cache`: shared or copied).
 
 A folder may hold two decoders (export variant ``ternary-ops``, `nativelm.export.custom_graph`):
 manifest.json's ``graphs.nativelm`` names the graph on nativelm's own operators and
