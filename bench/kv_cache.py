@@ -12,6 +12,9 @@ as past and present). The step time of a mode is its minimum over the steps (a b
 load only ever adds time) and its median; the ratio copied / shared of the minima is the step's
 speed-up, its range over the rounds printed beside it. What the buffers hold does not change the
 kernels' time, so they hold random values (copied) and zeros (shared) rather than a prompt's cache.
+The copying path here feeds the same past at every step, still warm in the caches, so it reads
+cheaper than in a real decode, where each step's past is the previous step's fresh output:
+``bench/inference.py --kv-cache both`` measures that.
 """
 
 from __future__ import annotations
