@@ -1,7 +1,7 @@
 """CPU inference speed of the four ONNX exports against PyTorch eager, with a memory-bandwidth roofline.
 
     python bench/inference.py [--sizes tiny,bench] [--threads N] [--prompt-len 128] [--new-tokens 64] [--rounds 3]
-                              [--profile-steps 64]
+                              [--profile-steps 64] [--kv-cache shared|copied|both]
                               [--repeats 3] [--bench-layers 4] [--bw-mb 2048] [--workdir DIR] [--json OUT]
 
 For each model size a random-weight NativeLM (vocab 4096, seed 0) is built and exported four ways
@@ -16,7 +16,11 @@ with the runtime's I/O convention (input_ids, attention_mask, past_key_values.{i
 the graph takes it, num_logits_to_keep 1 -> the last position's logits, present.{i}.*):
 
 - prefill: one run over a ``prompt-len`` prompt of fixed pseudo-random ids, tokens/s;
-- decode: ``new-tokens`` greedy steps of one token each with the KV cache, tokens/s;
+- decode: ``new-tokens`` greedy steps of one token each with the KV cache, tokens/s; the cache kept in
+  place (``--kv-cache shared``, the default: the board runtime's ``nativelm.runtime.kvcache.SharedCache``,
+  one buffer of ``max_seq_len`` positions per layer bound as past and present), copied every step
+  (``copied``: fed as arrays, returned as new ones), or ``both`` side by side (``<variant>:copied``,
+  with the ratio);
 - PyTorch eager has no KV cache (``NativeLM.forward`` attends the sequence to itself), so its decode
   RECOMPUTES the whole sequence for every new token (and re-quantizes the weights on each forward,
   as the training forward does). Its decode speed is therefore not comparable per byte read. It is
@@ -62,6 +66,8 @@ VOCAB = 4096
 VARIANTS = ("ternary-ops", "ternary", "int4", "fp32")
 CUSTOM = "ternary-ops"  # the export on nativelm's operators: its session registers the library
 RUNNERS = VARIANTS + ("torch-eager",)
+KV_MODES = ("shared", "copied", "both")
+COPIED = ":copied"  # suffix of a runner measured with the copying KV cache beside the shared one (--kv-cache both)
 
 
 # ---- model shapes ---------------------------------------------------------------------------------
@@ -102,7 +108,8 @@ def child_export(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = build_model(params, VOCAB, seed=0).eval()
     out: dict[str, Any] = {"params": param_counts(params, VOCAB), "shape": params.model_dump(
-        include={"d_model", "n_layers", "n_heads", "n_kv_heads", "n_experts", "expert_ffn", "top_k", "window"}),
+        include={"d_model", "n_layers", "n_heads", "n_kv_heads", "n_experts", "expert_ffn", "top_k", "window",
+                 "max_seq_len"}),
         "build_s": time.perf_counter() - t0, "variants": {}}
     for variant in VARIANTS:
         t0 = time.perf_counter()
@@ -140,13 +147,20 @@ def _session(spec: dict[str, Any], profile: bool = False) -> Any:
     return ort.InferenceSession(spec["path"], options, providers=["CPUExecutionProvider"])
 
 
-def decode_profile(spec: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-    """ORT's profiler over `profile_steps` one-token decode steps after the prompt: kernel time per operator
+def decode_profile(spec: dict[str, Any], feeds: dict[str, np.ndarray], token: np.ndarray) -> dict[str, Any]:
+    """ORT's profiler over `profile_steps` one-token decode steps after the prompt (the same step again:
+    `feeds`, or with the cache shared, `token` after prompt-len cached positions): kernel time per operator
     type (share of all kernel time) and nodes per step."""
     from nativelm.export.kernels import profile_kernels
 
-    steps = spec["profile_steps"]
-    runs = profile_kernels(_session(spec, profile=True), feeds, runs=steps)
+    steps, session = spec["profile_steps"], _session(spec, profile=True)
+    cache = _shared_cache(spec, session) if spec["kv_cache"] == "shared" else None
+
+    def shared_step(_: Any) -> None:
+        assert cache is not None
+        cache.length = spec["prompt_len"]  # what the buffer holds does not change the kernels' time
+        cache.run(token)
+    runs = profile_kernels(session, feeds if cache is None else shared_step, runs=steps)
     by_op: dict[str, int] = {}
     for r in runs:
         by_op[r.op_type] = by_op.get(r.op_type, 0) + r.duration_us
@@ -155,17 +169,30 @@ def decode_profile(spec: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[s
             "share": {op: us / total for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])}}
 
 
+def _cache_shape(session: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head size) of a decoder session's past_key_values inputs."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    return n_layers, inputs["past_key_values.0.key"].shape[1], inputs["past_key_values.0.key"].shape[3]
+
+
+def _shared_cache(spec: dict[str, Any], session: Any, logits_to_keep: bool) -> Any:
+    """The board runtime's KV cache kept in place, `max_seq_len` positions (nativelm.runtime.kvcache)."""
+    from nativelm.runtime.kvcache import SharedCache
+
+    return SharedCache(session, *_cache_shape(session), spec["max_len"], logits_to_keep=logits_to_keep)
+
+
 def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
     from nativelm.formats.export_folder import LOGITS_TO_KEEP
 
     t0 = time.perf_counter()
     session = _session(spec)
     load_s = time.perf_counter() - t0
-    inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
-    n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-    kv_heads, head_dim = inputs["past_key_values.0.key"].shape[1], inputs["past_key_values.0.key"].shape[3]
+    n_layers, kv_heads, head_dim = _cache_shape(session)
     keep_input = LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}  # an input with a default
+    shared = _shared_cache(spec, session, keep_input) if spec["kv_cache"] == "shared" else None
 
     def feeds(ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
         total = past[0].shape[2] + ids.shape[1]
@@ -176,7 +203,11 @@ def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
             feed[LOGITS_TO_KEEP] = np.ones(1, dtype=np.int64)
         return feed
 
-    def run(ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def run(ids: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
+        if shared is not None:  # the cache stays in its buffers; `past` is only "empty" (a new prompt) or not
+            if past is empty:
+                shared.reset()
+            return shared.run(ids, last_only=True), None
         res = session.run(outputs, feeds(ids, past))
         return res[0], res[1:]
 
@@ -195,9 +226,11 @@ def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
         return prefill, time.perf_counter() - start
 
     result = _timed(once, spec, load_s)
+    result["kv_cache"] = spec["kv_cache"]
     if spec.get("profile_steps"):
-        logits, past = run(prompt, empty)
-        result["profile"] = decode_profile(spec, feeds(np.array([[int(logits[0, -1].argmax())]]), past))
+        res = session.run(outputs, feeds(prompt, empty))
+        token = np.array([[int(res[0][0, -1].argmax())]])
+        result["profile"] = decode_profile(spec, feeds(token, res[1:]), token)
     return result
 
 
@@ -390,6 +423,8 @@ def report(size: str, info: dict[str, Any], results: dict[str, dict[str, Any]], 
               ("ternary prefill / fp32 prefill", ratio("ternary", "fp32", "prefill_tokens_per_s"), "", None, True),
               ("ternary decode / torch-eager decode", ratio("ternary", "torch-eager", "decode_tokens_per_s"), "",
                None, True)]
+    checks += [(f"{name} decode, cache shared / copied", ratio(name, name + COPIED, "decode_tokens_per_s"), "", None,
+                True) for name in RUNNERS if name + COPIED in results]
     for label, value, target, bound, higher in checks:
         if value is None:
             continue
@@ -435,6 +470,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where exports go (default: a temporary folder, removed)")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="also profile this many decode steps of each export with ORT's profiler (kernel time by op)")
+    ap.add_argument("--kv-cache", choices=KV_MODES, default="shared",
+                    help="ONNX decode with the KV cache kept in place (shared, as the board runtime does where the "
+                         "graph allows it), copied every step, or both side by side (name:copied)")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -466,6 +504,7 @@ def main() -> None:
                     "workdir": workdir, "profile_steps": args.profile_steps}
             t0 = time.perf_counter()
             info = spawn("export", base)
+            base["max_len"] = info["shape"]["max_seq_len"]
             print(f"[{size}] built + exported in {time.perf_counter() - t0:.1f}s", flush=True)
             rounds: list[dict[str, dict[str, Any]]] = []
             for round_no in range(args.rounds):
@@ -475,15 +514,21 @@ def main() -> None:
                     if name == "torch-eager":
                         results[name] = spawn("eager", {**base, "new_tokens": args.eager_new_tokens,
                                                         "repeats": args.eager_repeats})
-                    else:
-                        results[name] = spawn("onnx", {**base, "path": info["variants"][name]["path"],
-                                                       "library": library.path if name == CUSTOM else None,
-                                                       "profile_steps": args.profile_steps if round_no == 0 else 0})
+                        print(f"[{size}] round {round_no + 1}: {name}: decode "
+                              f"{results[name]['decode_tokens_per_s']:.1f} tok/s ({time.perf_counter() - t0:.1f}s)",
+                              flush=True)
+                        continue
+                    modes = ["shared", "copied"][::1 if round_no % 2 == 0 else -1]  # alternate who runs first
+                    for mode in modes if args.kv_cache == "both" else [args.kv_cache]:
+                        key = name + (COPIED if args.kv_cache == "both" and mode == "copied" else "")
+                        results[key] = spawn("onnx", {**base, "path": info["variants"][name]["path"],
+                                                      "library": library.path if name == CUSTOM else None,
+                                                      "kv_cache": mode,
+                                                      "profile_steps": args.profile_steps if round_no == 0 else 0})
                         if name == CUSTOM:
-                            results[name]["ops"] = f"nativelm:{library.kernel}"
-                    print(f"[{size}] round {round_no + 1}: {name}: decode "
-                          f"{results[name]['decode_tokens_per_s']:.1f} tok/s ({time.perf_counter() - t0:.1f}s)",
-                          flush=True)
+                            results[key]["ops"] = f"nativelm:{library.kernel}"
+                        print(f"[{size}] round {round_no + 1}: {key}: decode {results[key]['decode_tokens_per_s']:.1f}"
+                              f" tok/s, KV cache {mode} ({time.perf_counter() - t0:.1f}s)", flush=True)
                 rounds.append(results)
             results = median_round(rounds)
             for name, profiled in rounds[0].items():

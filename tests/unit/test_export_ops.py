@@ -222,6 +222,14 @@ def test_profile_kernels_reads_a_path_a_session_and_refuses_one_without_profilin
     assert [r.node for r in runs] == ["proj", "proj"] and all(r.duration_us >= 0 for r in runs)
     with pytest.raises(ValueError, match="enable_profiling"):
         kernels.profile_kernels(session(model), feeds)
+    # a function of the session runs instead of feeds (an I/O-bound step), as often as asked
+    calls: list[object] = []
+
+    def step(profiled: ort.InferenceSession) -> None:
+        calls.append(profiled)
+        profiled.run(None, feeds)
+    runs = kernels.profile_kernels(model, step, runs=3)
+    assert [r.node for r in runs] == ["proj"] * 3 and len(calls) == 3
 
 
 # --------------------------------------------------------------------------- QMoE

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -65,8 +65,11 @@ class KernelRun(NamedTuple):
     inputs: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of the inputs the kernel still received
 
 
-def profile_kernels(session_or_model: object, feeds: Mapping[str, np.ndarray], runs: int = 1) -> list[KernelRun]:
+def profile_kernels(session_or_model: object, feeds: Mapping[str, np.ndarray] | Callable[[Any], object],
+                    runs: int = 1) -> list[KernelRun]:
     """Run `feeds` through a model with ORT profiling on; one KernelRun per node execution.
+
+    `feeds` may instead be a function of the session that runs it once (e.g. with an I/O binding).
 
     Accepts a model path, serialized bytes, a ModelProto (a CPU session is made with profiling on),
     or an InferenceSession created with `enable_profiling` (its profile is ended). A weight the
@@ -89,7 +92,10 @@ def profile_kernels(session_or_model: object, feeds: Mapping[str, np.ndarray], r
             options.log_severity_level = 3  # errors only (the optional num_logits_to_keep input is a warning)
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         for _ in range(runs):
-            session.run(None, dict(feeds))
+            if callable(feeds):
+                feeds(session)
+            else:
+                session.run(None, dict(feeds))
         profile = Path(session.end_profiling())
         try:
             events = json.loads(profile.read_text())

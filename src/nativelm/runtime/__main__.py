@@ -4,7 +4,8 @@
              [--top-p P] [--seed S] [--stream] [--json]
     bench    --model DIR [--prompt-len N] [--new-tokens N] [--repeats N] [--json]
     health   --model DIR [--json] prints `ok` (exit 0) only when every golden prompt matches
-                                  (--json: {"ok", "prompts", "ops", "ops_reason"}: which graph ran)
+                                  (--json: {"ok", "prompts", "ops", "ops_reason", "kv_cache"}: which graph
+                                  ran, and whether its KV cache stayed in place: shared | copied)
 
 Every command takes --threads N (ONNX Runtime intra-op threads; default: all usable CPUs) and
 verifies the sha256 of every file in the folder's manifest.json first (--no-verify skips that).
@@ -66,7 +67,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     model = _model(args)
     prompts = check_health(model)
     if args.json:
-        print(json.dumps({"ok": True, "prompts": prompts, "ops": model.ops, "ops_reason": model.ops_reason}))
+        print(json.dumps({"ok": True, "prompts": prompts, "ops": model.ops, "ops_reason": model.ops_reason,
+                          "kv_cache": model.kv_cache}))
     else:
         print("ok")
     return 0

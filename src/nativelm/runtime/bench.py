@@ -8,6 +8,7 @@ ignored so every run does the same work. Reported (JSON with `--json`):
 - time_to_first_token_ms: prefill plus choosing the first token (median)
 - inter_token_latency_p50_ms / _p95_ms: over every decode step of every repeat
 - peak_rss_mb (getrusage ru_maxrss), rss_mb (VmRSS of /proc/self/status, now)
+- ops (which graph ran), kv_cache (``shared``: kept in place, or ``copied`` every step: `kvcache`)
 - model_file_bytes, bits_per_weight (from the manifest, else computed from what it records)
 - onnxruntime_version, threads, cpu_model, machine, python_version
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadArgument, RuntimeFailure
+from .errors import BadArgument
 from .generate import Decoder, Sampler
 from .session import Model, load_model
 
@@ -174,6 +175,7 @@ def benchmark(model: Model | str | os.PathLike[str], prompt_len: int = 64, new_t
         "model_version": manifest.get("version") or manifest.get("model_version"),
         "variant": manifest.get("variant"),
         "ops": model.ops,
+        "kv_cache": model.kv_cache,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "repeats": repeats,

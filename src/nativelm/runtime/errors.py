@@ -7,6 +7,8 @@ line naming what is wrong and where; the CLI prints it as-is and exits with `exi
 
 from __future__ import annotations
 
+import re
+
 
 class RuntimeFailure(RuntimeError):
     """A failure of the model folder, its files or the arguments; the message is one clear line."""
@@ -66,3 +68,15 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
         if line.strip():
             return one_line(line, limit)
     return type(exc).__name__
+
+
+def ort_reason(exc: BaseException) -> str:
+    """ORT's message without its boilerplate: '[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model
+    from PATH failed:Protobuf parsing failed.' -> 'INVALID_PROTOBUF: Protobuf parsing failed.'"""
+    text = first_line(exc)
+    match = re.match(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*(\w+)\s*:\s*(.*)$", text)
+    if match:
+        code, text = match.groups()
+        text = re.sub(r"^Load model from .* failed:\s*", "", text)
+        text = f"{code}: {text}"
+    return text

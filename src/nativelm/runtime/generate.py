@@ -6,6 +6,8 @@
 - `stream`: a Python generator of text pieces, decoded incrementally; a byte-level BPE token can
   end in the middle of a UTF-8 character, so a piece is held back until its character is complete.
   `"".join(stream(...))` equals `generate(...).text`.
+- The KV cache stays in place across steps where the model allows it (`kvcache`), else it is
+  copied every step (`Model.forward`); both give the same logits.
 - `full_recompute=True` runs the whole sequence through the model at every step instead of using
   the cache: slow, only for checking that the cache gives the same result.
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BadArgument, RuntimeFailure, check_text
+from .kvcache import SHARED
 from .session import KVCache, Model
 
 
@@ -80,20 +83,26 @@ class Sampler:
 
 
 class Decoder:
-    """One sequence's decoding state: the tokens so far and their KV cache."""
+    """One sequence's decoding state: the tokens so far and their KV cache, kept in place where the
+    model allows it (`Model.kv_cache` ``shared``: `kvcache.SharedCache`), else copied every step."""
 
     def __init__(self, model: Model, full_recompute: bool = False) -> None:
         self.model = model
         self.full_recompute = full_recompute
         self.tokens: list[int] = []
         self.cache: KVCache | None = None
+        self.shared = model.shared_cache() if model.kv_cache == SHARED and not full_recompute else None
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Run the prompt; the logits [V] of its last position."""
         if not ids:
             raise RuntimeFailure("the prompt has no tokens")
         self.tokens = [int(i) for i in ids]
-        logits, self.cache = self.model.forward(np.array([self.tokens], dtype=np.int64), last_only=True)
+        prompt = np.array([self.tokens], dtype=np.int64)
+        if self.shared is not None:
+            self.shared.reset()
+            return self.shared.run(prompt, last_only=True)[0, -1]
+        logits, self.cache = self.model.forward(prompt, last_only=True)
         return logits[0, -1]
 
     def step(self, token: int) -> np.ndarray:
@@ -101,6 +110,8 @@ class Decoder:
         self.tokens.append(int(token))
         if self.full_recompute:
             logits, self.cache = self.model.forward(np.array([self.tokens], dtype=np.int64), last_only=True)
+        elif self.shared is not None:
+            logits = self.shared.run(np.array([[int(token)]], dtype=np.int64), last_only=True)
         else:
             logits, self.cache = self.model.forward(np.array([[int(token)]], dtype=np.int64), self.cache,
                                                     last_only=True)

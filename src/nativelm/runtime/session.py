@@ -12,7 +12,8 @@ past_len, head_dim]; outputs `logits` [B, S, V] and `present.{i}.key/.value` hol
 [B, kv_heads, total_len, head_dim]. An optional `position_ids` input is fed too, and an optional
 `num_logits_to_keep` int64 [1] (nativelm's exports since it was added; default 0: every position) is
 fed 1 when the caller wants the last position's logits only (generation), so that the LM head runs
-on one row per sequence.
+on one row per sequence. Decoding keeps the cache in place where the export allows it (`kvcache`;
+`Model.kv_cache`: shared or copied).
 
 A folder may hold two decoders (export variant ``ternary-ops``, `nativelm.export.custom_graph`):
 manifest.json's ``graphs.nativelm`` names the graph on nativelm's own operators and
@@ -35,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from . import custom_ops
-from .errors import IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line
+from . import custom_ops, kvcache
+from .errors import (IntegrityError, MissingFile, ModelLoadError, RuntimeFailure, TokenizerMismatch, first_line,
+                     ort_reason)
 from .folder import MANIFEST, MODEL, TOKENIZER, manifest_hashes, read_json, read_manifest, verify_folder
 from .threads import check_threads, default_threads
 
@@ -99,7 +101,8 @@ def _positive_int(value: Any) -> int | None:
 class Model:
     """An export folder, verified and loaded: tokenizer, ONNX Runtime session and their metadata.
 
-    `forward` runs one step of the decoder; generation lives in `generate.py`.
+    `forward` runs one step of the decoder (the copying KV cache), `shared_cache` gives the cache kept
+    in place; generation lives in `generate.py`.
     """
 
     def __init__(self, folder: Path, session: Any, tokenizer: Any, manifest: dict[str, Any],
@@ -150,6 +153,8 @@ class Model:
         self.context_length = _positive_int(_first(model_cfg.get("context_length"), manifest.get("context_length"),
                                                    _section(manifest, "model").get("context_length")))
         self.eos_ids = _eos_ids(manifest, genai_config, tokenizer)
+        # shared (the cache bound in place, `kvcache`) or copied (`forward`), and why not shared
+        self.kv_cache, self.kv_cache_reason = kvcache.choose(genai_config, self.context_length, self.n_layers)
         logits_shape = list(outputs["logits"].shape)
         self.vocab_size = (_positive_int(logits_shape[-1]) if logits_shape else None) \
             or _positive_int(model_cfg.get("vocab_size")) or self._probe_vocab()
@@ -167,6 +172,15 @@ class Model:
         """A KV cache with no positions yet (past_len 0)."""
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
         return [(empty, empty) for _ in range(self.n_layers)]
+
+    def shared_cache(self, batch: int = 1) -> kvcache.SharedCache:
+        """A KV cache of `context_length` positions bound in place across steps (only where
+        `kv_cache` is ``shared``: `kvcache`)."""
+        if self.kv_cache != kvcache.SHARED:
+            raise RuntimeFailure(f"{self.model_file}: its KV cache cannot be shared ({self.kv_cache_reason})")
+        return kvcache.SharedCache(self.session, self.n_layers, self.kv_heads, self.head_dim,
+                                   int(self.context_length or 0), batch, self.kv_dtype, self.has_position_ids,
+                                   str(self.model_file), self.has_logits_to_keep)
 
     def forward(self, input_ids: np.ndarray, past: KVCache | None = None,
                 last_only: bool = False) -> tuple[np.ndarray, KVCache]:
@@ -224,17 +238,6 @@ class Model:
         return (f"Model({str(self.folder)!r}, layers={self.n_layers}, kv_heads={self.kv_heads}, "
                 f"head_dim={self.head_dim}, vocab={self.vocab_size}, context={self.context_length})")
 
-
-def ort_reason(exc: BaseException) -> str:
-    """ORT's message without its boilerplate: '[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model
-    from PATH failed:Protobuf parsing failed.' -> 'INVALID_PROTOBUF: Protobuf parsing failed.'"""
-    text = first_line(exc)
-    match = re.match(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*(\w+)\s*:\s*(.*)$", text)
-    if match:
-        code, text = match.groups()
-        text = re.sub(r"^Load model from .* failed:\s*", "", text)
-        text = f"{code}: {text}"
-    return text
 
 
 def load_tokenizer(path: Path) -> Any:
