@@ -113,7 +113,7 @@ class TrainParams(StrictModel):
     device: Device = Field("auto", description="auto (CUDA when available) | cpu | cuda")
     compile: Compile = Field(
         "auto", description="torch.compile the model: auto (on CUDA, where a compiled step is ~1.8x faster at the gpu "
-                            "preset; off on CPU, which stays bit-exact) | true | false")
+                            "preset, except a full-precision MoE; off on CPU, which stays bit-exact) | true | false")
     threads: int = Field(
         0, ge=0, le=1024, description="CPU threads for torch (0: torch's default); fixed for bit-exact CPU runs")
 

@@ -63,7 +63,9 @@ class SharedCache:
 
         self.session, self.max_len, self.batch = session, int(max_len), int(batch)
         self.position_ids, self.where = position_ids, where
-        self.logits_to_keep = logits_to_keep  # the graph takes num_logits_to_keep (session.py's docstring)
+        # num_logits_to_keep (session.py's docstring) can be bound only where it is a graph input: I/O
+        # binding knows no overridable initializer (the exports' form), so there prefill gets every position
+        self.logits_to_keep = logits_to_keep and "num_logits_to_keep" in {i.name for i in session.get_inputs()}
         self.length = 0
         shape = (self.batch, kv_heads, self.max_len, head_dim)
         # numpy owns the memory (zeroed, so nothing undefined is ever in it); the OrtValues wrap it

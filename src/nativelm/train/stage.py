@@ -113,9 +113,14 @@ def fingerprint(cfg: ResolvedTrain, model_params: ModelParams, seed: int, world_
     return params_hash(tree)
 
 
-def compiles(setting: bool | str, device: torch.device) -> bool:
-    """Whether `train.compile` wraps the model in torch.compile on `device` (auto: on CUDA only)."""
-    return setting is True or (setting == "auto" and device.type == "cuda")
+def compiles(setting: bool | str, device: torch.device, model: ModelParams) -> bool:
+    """Whether `train.compile` wraps the model in torch.compile on `device`. auto: on CUDA, except a
+    full-precision MoE (`quantize: false`, `ffn: moe`), whose compiled gradients upstream of the experts
+    were seen to differ from eager on an H200 (docs/training.md, "Compiled training on a GPU"): that one stays eager
+    unless `train.compile: true` asks for it."""
+    if setting == "auto":
+        return device.type == "cuda" and not (model.ffn == "moe" and not model.quantize)
+    return setting is True
 
 
 def _seed_everything(seed: int) -> None:
@@ -166,7 +171,7 @@ def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_di
             model = build_model(model_params, data.vocab_size, seed=seed).to(device)
             optimizer = build_optimizer(model, cfg, fused=True if device.type == "cuda" else None)
             wrapped = dist.wrap_ddp(model, ctx, device)
-            if compiles(cfg.compile, device):
+            if compiles(cfg.compile, device, model_params):
                 wrapped = torch.compile(wrapped)
             sampler = BatchSampler(data.train, cfg.batch_size, cfg.seq_len, seed=seed, rank=ctx.rank,
                                    world_size=ctx.world_size)
@@ -179,8 +184,11 @@ def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_di
                       f"{model_params.n_experts if model_params.ffn == 'moe' else 0} experts (top "
                       f"{model_params.top_k}); {counts['total_params']:,} parameters, {counts['active_params']:,} "
                       f"active non-embedding; {data.train_tokens:,} train tokens; device {device}, "
-                      f"{precision.name}{', compiled' if compiles(cfg.compile, device) else ''}, {ctx.world_size} process(es), {cfg.max_steps} steps of "
+                      f"{precision.name}{', compiled' if compiles(cfg.compile, device, model_params) else ''}, {ctx.world_size} process(es), {cfg.max_steps} steps of "
                       f"{cfg.batch_size * cfg.grad_accum * ctx.world_size} x {cfg.seq_len} tokens")
+                if cfg.compile == "auto" and device.type == "cuda" and not compiles(cfg.compile, device, model_params):
+                    _note("train.compile auto: a full-precision MoE trains eagerly on CUDA (its compiled gradients "
+                          "are wrong there: docs/training.md, \"Compiled training on a GPU\")")
                 if logger is not None:
                     logger.log_params({"resolved": {"train": cfg.model_dump(mode="json"),
                                                     "model": model_params.model_dump(mode="json")},
