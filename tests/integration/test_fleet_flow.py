@@ -93,7 +93,7 @@ def test_the_flow_fails_a_board_silent_past_its_deadline(flows: ModuleType, tmp_
         return BoardResult(b.name, "updated", release="v3", live="v3")
 
     plan = plan_rollout(None, boards, release, FleetParams(max_parallel=2, max_failed_boards=1,
-                                                           board_deadline_s=2.0), tmp_path, deploy=deploy)
+                                                           board_deadline_s=5.0), tmp_path, deploy=deploy)
 
     @flow(name="rollout-deadline")
     def waves() -> object:
@@ -107,7 +107,7 @@ def test_the_flow_fails_a_board_silent_past_its_deadline(flows: ModuleType, tmp_
     log = json.loads(result.log_path.read_text())
     outcomes = {b["board"]: (b["outcome"], b.get("phase")) for b in log["boards"]}
     assert outcomes["b1"] == ("failed", "deadline") and outcomes["b2"][0] == "updated", outcomes
-    assert "board_deadline_s = 2 s" in next(b["reason"] for b in log["boards"] if b["board"] == "b1")
+    assert "board_deadline_s = 5 s" in next(b["reason"] for b in log["boards"] if b["board"] == "b1")
     assert log["finished"]
 
 

@@ -79,11 +79,11 @@ def test_a_board_silent_past_its_deadline_is_failed_and_keeps_its_lock(fleet: Si
                 proc.send_signal(signal.SIGSTOP)
 
     try:
-        result = deploy(fleet, releases.new, DeployHooks(after_upload=freeze), board_deadline_s=3.0,
+        result = deploy(fleet, releases.new, DeployHooks(after_upload=freeze), board_deadline_s=15.0,
                         max_failed_boards=1)
         assert frozen and outcomes(result)[-1] == ("board-4", "failed", "deadline"), "\n".join(render_rollout(result))
         assert [r.outcome for r in result.boards[:3]] == ["unchanged", "unchanged", "updated"]  # board-2 serves it since the gate
-        assert result.boards[-1].reason.startswith("deadline: no result within fleet.board_deadline_s = 3 s")
+        assert result.boards[-1].reason.startswith("deadline: no result within fleet.board_deadline_s = 15 s")
         log = json.loads(result.log_path.read_text())
         assert log["finished"] and [b["phase"] for b in log["boards"] if b["board"] == "board-4"] == ["deadline"]
         lock = json.loads((board_root(fleet, "board-4") / "lock" / "owner.json").read_text())
