@@ -55,9 +55,11 @@ def fleet_release(root: Path, seed: int, note: str, wrong_golden: bool = False) 
     return load_release(build_release(root / f"release-{note}", export.folder, note))
 
 
-def build_releases(root: Path) -> Releases:
-    return Releases(fleet_release(root, 0, "old"), fleet_release(root, 1, "new"),
-                    fleet_release(root, 2, "bad", wrong_golden=True))
+def build_releases(root: Path, seeds: tuple[int, int, int] = (0, 1, 2)) -> Releases:
+    """Old, new and bad releases; other `seeds` give releases no other test module has put on the
+    session's shared boards (release names are content hashes)."""
+    return Releases(fleet_release(root, seeds[0], "old"), fleet_release(root, seeds[1], "new"),
+                    fleet_release(root, seeds[2], "bad", wrong_golden=True))
 
 
 def serving(inventory: Inventory, fleet: FleetParams, boards: list[str] | None = None) -> dict[str, str]:
