@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from nativelm.errors import NativelmError, ParamsError
 from nativelm.export.stage import run_export
-from nativelm.export import custom_graph, parity, ternary_ops
+from nativelm.export import custom_graph, ops_choice, parity, ternary_ops
 from nativelm.export.graph import ExportGraph, build_graph
 from nativelm.formats.release import RUNTIME_FILE, build_release
 from nativelm.formats.ternary_pack import packed_row_bytes, unpack_ternary
@@ -286,4 +286,4 @@ def test_a_library_that_will_not_load_leaves_the_fallback_running(folder: Path, 
     assert model.ops == FALLBACK_GRAPH and str(broken) in model.ops_reason
     assert check_health(model) == 3
     with pytest.raises(NativelmError, match="export ternary-ops: .*not a loadable nativelm operator library"):
-        custom_graph.controller_library()
+        ops_choice.controller_library()

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from nativelm.export import custom_graph, parity
+from nativelm.export import custom_graph, ops_choice, parity
 from nativelm.export.graph import build_graph
 from nativelm.export.stage import run_export
 from nativelm.formats import trained_model
@@ -125,7 +125,7 @@ def test_each_family_exports_with_parity(family: str, variant: str, prepared: Pa
 @pytest.mark.parametrize("family", ["bitnet", "openelm"])
 def test_swiglu_and_layer_scaling_match_pytorch_in_every_variant(family: str, variant: str) -> None:
     model = build_model(family_params(family), 200, seed=5).eval()
-    library = str(custom_graph.controller_library().path) if variant == custom_graph.VARIANT else None
+    library = str(ops_choice.controller_library().path) if variant == custom_graph.VARIANT else None
     dec = parity.OnnxDecoder(build_graph(model, ExportParams(variant=variant)).model.SerializeToString(), threads=1,
                              library=library)
     ids = np.random.default_rng(6).integers(0, 200, (1, 24)).astype(np.int64)

@@ -18,38 +18,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from nativelm.errors import NativelmError
 from nativelm.export import ternary_ops
 from nativelm.formats.export_folder import MODEL_FILE as FALLBACK_FILE
 from nativelm.params.export import ExportParams
-from nativelm.runtime.errors import RuntimeFailure
-from nativelm.runtime.custom_ops import OpsLibrary, find_ops_library
+from nativelm.export.ops_choice import FALLBACK_VARIANT, VARIANT
 from nativelm.runtime.session import CUSTOM_GRAPH, FALLBACK_GRAPH
 
 if TYPE_CHECKING:
     from nativelm.export.graph import ExportGraph
 
-VARIANT = "ternary-ops"
-FALLBACK_VARIANT = "ternary"
 MODEL_FILE = "model.nativelm.onnx"
 
 
 def fallback_params(params: ExportParams) -> ExportParams:
     """The export parameters of the fallback graph: the same, as variant ``ternary``."""
     return params.model_copy(update={"variant": FALLBACK_VARIANT})
-
-
-def controller_library() -> OpsLibrary:
-    """nativelm's operator library on this machine; its absence is one clear line (the graph could not be checked)."""
-    try:
-        library = find_ops_library()
-    except RuntimeFailure as exc:
-        raise NativelmError(f"export {VARIANT}: {exc}") from None
-    if library is None:
-        raise NativelmError(f"export {VARIANT}: nativelm's operator library is not built on this machine (the set-up "
-                            "builds it from native/), so the custom-operator graph cannot be checked against PyTorch; "
-                            f"build it, or export variant {FALLBACK_VARIANT}")
-    return library
 
 
 def manifest_graphs(custom: ExportGraph, figures: dict[str, Any], golden: list[dict[str, Any]], kernel: str,

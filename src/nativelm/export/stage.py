@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 
 from nativelm import __version__
 from nativelm.errors import NativelmError
-from nativelm.export import custom_graph, parity
+from nativelm.export import custom_graph, ops_choice, parity
 from nativelm.export.graph import ExportGraph, build_graph, check_model
 from nativelm.export.ptq import ExportPlan
 from nativelm.formats import prepared
@@ -255,7 +255,7 @@ def run_export(model_file: Path, data_dir: Path, ep: ExportParams, logger: RunLo
     graph = build_graph(plan.model, plan.params)
     custom, library = None, None
     if variant == custom_graph.VARIANT:  # the custom-operator graph, and the contrib graph as model.onnx
-        library = custom_graph.controller_library()
+        library = ops_choice.controller_library()
         custom, graph = graph, build_graph(plan.model, custom_graph.fallback_params(plan.params))
     for line in graph.notes + (custom.notes if custom else []):
         _note(line)

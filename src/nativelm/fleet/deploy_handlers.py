@@ -11,7 +11,8 @@ import sys
 
 from nativelm.cliargs import params_of
 from nativelm.fleet import deploy_service, service
-from nativelm.fleet.handlers import UsageError, chosen, progress_of
+from nativelm.fleet.handlers import UsageError, progress_of
+from nativelm.fleet.service import chosen
 from nativelm.fleet.stopping import stopped_cleanly
 
 

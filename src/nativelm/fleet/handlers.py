@@ -16,21 +16,15 @@ from nativelm.errors import NativelmError
 from nativelm.fleet import service, sim
 from nativelm.fleet.progress import Progress
 from nativelm.fleet.provision import provision, render_provision
-from nativelm.fleet.service import FleetChoice
+from nativelm.fleet.service import FleetChoice, chosen
 from nativelm.fleet.status import render_status
 from nativelm.fleet.unlock import unlock
-from nativelm.params.root import Params
 
 
 class UsageError(NativelmError):
     """The command line asks for something it cannot mean."""
 
     exit_code = 2
-
-
-def chosen(args: argparse.Namespace, params: Params) -> FleetChoice:
-    """The inventory (--inventory or fleet.inventory) and the boards --boards / --groups select (default all)."""
-    return service.choose_boards(params, args.boards or (), args.groups or (), args.inventory)
 
 
 def progress_of(choice: FleetChoice) -> Progress:
@@ -63,7 +57,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     what the boards reported to the store; exit 1 when one failed or is silent)."""
     params = params_of(args)
     if params.fleet.mode == "pull":
-        from nativelm.fleet.pull_handlers import pulled_fleet_status  # here: it imports this module
+        from nativelm.fleet.pull_handlers import pulled_fleet_status  # here: it loads MLflow (deploy_service)
 
         return pulled_fleet_status(args, params)
     rows = service.health(params, chosen(args, params), args.verify)

@@ -9,10 +9,10 @@ import argparse
 
 from nativelm.cliargs import params_of
 from nativelm.fleet import deploy_service
-from nativelm.fleet.handlers import chosen
 from nativelm.fleet.publish import StoreError, publish, read_channel, set_paused, store_client
 from nativelm.fleet.pull_gate import widening_refusal
 from nativelm.fleet.pull_status import BAD, channel_line, pulled_status, render_pulled
+from nativelm.fleet.service import chosen
 from nativelm.params.root import Params
 
 

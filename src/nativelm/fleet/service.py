@@ -5,6 +5,7 @@ which record, are nativelm.fleet.deploy_service.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,12 @@ def choose_boards(params: Params, boards: Sequence[str] = (), groups: Sequence[s
     """Load the inventory (`inventory`, default fleet.inventory) and select boards by name and group (none: all)."""
     inv = load_inventory(Path(inventory or params.fleet.inventory))
     return FleetChoice(inv, tuple(select_boards(inv, list(boards), list(groups))))
+
+
+def chosen(args: argparse.Namespace, params: Params) -> FleetChoice:
+    """The inventory (--inventory or fleet.inventory) and the boards --boards / --groups select (default all):
+    what every fleet command's board options mean."""
+    return choose_boards(params, args.boards or (), args.groups or (), args.inventory)
 
 
 def run_plan(plan: RolloutPlan, console: Console, run_wave: RunWave | None = None) -> RolloutResult:

@@ -171,7 +171,8 @@ def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_di
             model = build_model(model_params, data.vocab_size, seed=seed).to(device)
             optimizer = build_optimizer(model, cfg, fused=True if device.type == "cuda" else None)
             wrapped = dist.wrap_ddp(model, ctx, device)
-            if compiles(cfg.compile, device, model_params):
+            compiled = compiles(cfg.compile, device, model_params)
+            if compiled:
                 wrapped = torch.compile(wrapped)
             sampler = BatchSampler(data.train, cfg.batch_size, cfg.seq_len, seed=seed, rank=ctx.rank,
                                    world_size=ctx.world_size)
@@ -184,9 +185,9 @@ def run_train(model_section: ModelParams, train: TrainParams, seed: int, data_di
                       f"{model_params.n_experts if model_params.ffn == 'moe' else 0} experts (top "
                       f"{model_params.top_k}); {counts['total_params']:,} parameters, {counts['active_params']:,} "
                       f"active non-embedding; {data.train_tokens:,} train tokens; device {device}, "
-                      f"{precision.name}{', compiled' if compiles(cfg.compile, device, model_params) else ''}, {ctx.world_size} process(es), {cfg.max_steps} steps of "
+                      f"{precision.name}{', compiled' if compiled else ''}, {ctx.world_size} process(es), {cfg.max_steps} steps of "
                       f"{cfg.batch_size * cfg.grad_accum * ctx.world_size} x {cfg.seq_len} tokens")
-                if cfg.compile == "auto" and device.type == "cuda" and not compiles(cfg.compile, device, model_params):
+                if cfg.compile == "auto" and device.type == "cuda" and not compiled:
                     _note("train.compile auto: a full-precision MoE trains eagerly on CUDA (its compiled gradients "
                           "are wrong there: docs/training.md, \"Compiled training on a GPU\")")
                 if logger is not None:
