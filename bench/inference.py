@@ -153,8 +153,11 @@ def decode_profile(spec: dict[str, Any], feeds: dict[str, np.ndarray], token: np
     type (share of all kernel time) and nodes per step."""
     from nativelm.export.kernels import profile_kernels
 
+    from nativelm.formats.export_folder import LOGITS_TO_KEEP
+
     steps, session = spec["profile_steps"], _session(spec, profile=True)
-    cache = _shared_cache(spec, session) if spec["kv_cache"] == "shared" else None
+    keep_input = LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
+    cache = _shared_cache(spec, session, keep_input) if spec["kv_cache"] == "shared" else None
 
     def shared_step(_: Any) -> None:
         assert cache is not None

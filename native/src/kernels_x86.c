@@ -9,21 +9,28 @@
 #define KNAME "avx2"
 #define KSUFFIX avx2
 #define KTARGET "avx2,fma"
-__attribute__((target("avx2"))) static inline __m256i dot_avx2(__m256i acc, __m256i u, __m256i s) {
-  /* u8 digits (<= 2) x s8: pair sums fit int16 without saturation */
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-}
-#define KDOT dot_avx2
+/* u8 digits (<= 2) x s8 activations: each pair sum is within +-512, so 63 of them add up in int16
+ * exactly (63 * 512 < 32768); the int16 sums are widened to int32 every KSPAN steps */
+#define KSTEP(a, u, s) _mm256_add_epi16(a, _mm256_maddubs_epi16(u, s))
+#define KWIDEN(a32, a) _mm256_add_epi32(a32, _mm256_madd_epi16(a, _mm256_set1_epi16(1)))
+#define KSUM _mm256_add_epi16
+#define KSPAN 63
 #include "kernels_x86_body.h"
 #undef KNAME
 #undef KSUFFIX
 #undef KTARGET
-#undef KDOT
+#undef KSTEP
+#undef KWIDEN
+#undef KSPAN
+#undef KSUM
 
 #define KNAME "avxvnni"
 #define KSUFFIX avxvnni
 #define KTARGET "avx2,fma,avxvnni"
-#define KDOT _mm256_dpbusd_avx_epi32
+#define KSTEP _mm256_dpbusd_avx_epi32 /* int32 lanes already: never widened */
+#define KWIDEN(a32, a) _mm256_add_epi32(a32, a)
+#define KSUM _mm256_add_epi32
+#define KSPAN 0x7fffffff
 #include "kernels_x86_body.h"
 #endif
 
