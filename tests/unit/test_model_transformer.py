@@ -26,7 +26,7 @@ def _batch(b: int = 4, t: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", [{}, {"quantize": False}, {"ffn": "dense"}, {"ffn": "dense", "quantize": False},
-                                     {"expert_quant": "qmoe"}, {"tie_embeddings": False, "router_z_weight": 0.001},
+                                     {"expert_quant": "qmoe"}, {"expert_quant": "int8"}, {"tie_embeddings": False, "router_z_weight": 0.001},
                                      {"bitlinear_norm": False, "pre_attention_routing": False}])
 def test_variants_build_run_and_count(variant: dict) -> None:
     params = ModelParams(**{**SMALL, **variant})

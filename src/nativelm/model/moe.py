@@ -9,6 +9,8 @@ The experts of a layer are stacked (:class:`~nativelm.model.bitlinear.ExpertLine
 in one fused call per forward) and applied to all tokens at once through `dispatch`: gate and up
 are one grouped matmul over the expert groups, ReGLU and the routing weight one fused elementwise
 pass (down is linear, so weighting its input is weighting its output), down a second grouped matmul.
+Experts with quantized activations (``expert_quant: int8``, ``act_bits``) quantize x once per row for gate and up
+(one matmul for both) and h per row for down, whose output then takes the routing weight.
 """
 
 from __future__ import annotations
@@ -149,21 +151,27 @@ class Experts(nn.Module):
         """True when the experts quantize only their weights (qmoe) or nothing (fp): no norm, fp activations."""
         return self.gate.norm_weights is None and self.gate.act_bits is None
 
+    @property
+    def shared_input(self) -> bool:
+        """True when gate and up read the same input (no per-expert norm gain: qmoe, int8, fp), so one
+        (quantized) input and one matmul serve both; False for BitLinear experts (a gain each)."""
+        return self.gate.norm_weights is None
+
     def quant_groups(self) -> list[list[Tensor]]:
-        """Latent weights to quantize together: weight-only experts (gate, up concatenated), down;
+        """Latent weights to quantize together: shared-input experts (gate, up concatenated), down;
         BitLinear experts gate, up, down; empty when not quantized."""
         if not self.gate.quantize:
             return []
-        if self.weight_only:
+        if self.shared_input:
             return [[self.gate.weight, self.up.weight], [self.down.weight]]
         return [[self.gate.weight], [self.up.weight], [self.down.weight]]
 
     def quantized_weights(self, dtype: torch.dtype) -> list[Tensor]:
         """What `forward` multiplies by, in `dtype`, in the layout of `quant_groups` (fp: the same
-        layout, plain casts): weight-only (gate|up (E, 2·hidden, d_model), down); else (gate, up, down)."""
+        layout, plain casts): shared input (gate|up (E, 2·hidden, d_model), down); else (gate, up, down)."""
         if not self.gate.quantize:
             g, u, d = (lin.weight.to(dtype) for lin in (self.gate, self.up, self.down))
-            return [torch.cat((g, u), dim=1), d] if self.weight_only else [g, u, d]
+            return [torch.cat((g, u), dim=1), d] if self.shared_input else [g, u, d]
         return quantize_weight_groups(self.quant_groups(), self.gate.q_levels, self.gate.eps, dtype)
 
     def forward(self, x: Tensor, d: Dispatch, row_weights: Tensor,
@@ -183,12 +191,19 @@ class Experts(nn.Module):
                 gu = grouped_linear(x.to(dtype), w_gu, d)
                 h, zeros = fused_call(_reglu_weighted, gu.is_cuda, gu, row_weights, self.hidden)
                 return grouped_linear(h, w_down, d), zeros
-            w_gate, w_up, w_down = weights
-            g = grouped_linear(self.gate.prepare_input(x, d.row_experts).to(dtype), w_gate, d)
-            u = grouped_linear(self.up.prepare_input(x, d.row_experts).to(dtype), w_up, d)
+            if self.shared_input:
+                # int8: x quantized once per row for gate and up (one matmul for both), h per row for down
+                w_gu, w_down = weights
+                gu = grouped_linear(self.gate.prepare_input(x, d.row_experts).to(dtype), w_gu, d)
+                g, u = gu[:, :self.hidden], gu[:, self.hidden:]
+            else:
+                w_gate, w_up, w_down = weights
+                g = grouped_linear(self.gate.prepare_input(x, d.row_experts).to(dtype), w_gate, d)
+                u = grouped_linear(self.up.prepare_input(x, d.row_experts).to(dtype), w_up, d)
             h = F.relu(g) * u
             zeros = (h.detach() == 0).sum()
-            # a BitLinear down normalises its input per row, which would cancel a weight applied before it
+            # down quantizes (BitLinear: also normalises) its input per row, which would undo a routing
+            # weight applied before it: the weight goes on its output
             y = grouped_linear(self.down.prepare_input(h, d.row_experts).to(dtype), w_down, d)
             return y * row_weights.to(dtype)[:, None], zeros
 
@@ -245,7 +260,8 @@ class MoE(nn.Module):
         d = Dispatch.from_experts(routing.experts, self.n_experts)
 
         # every token repeated k times and sorted by expert; weight-only experts read it in the matmul
-        # dtype (cast once, before the copy), BitLinear experts normalise it first, in its own precision
+        # dtype (cast once, before the copy), BitLinear and int8 experts normalise / quantize it first,
+        # in its own precision
         dtype = compute_dtype(flat) if self.experts.weight_only else flat.dtype
         rows = GatherRows.apply(flat, d.tokens, d.inverse, k, dtype)
         y, zeros = self.experts(rows, d, routing.weights.reshape(-1).index_select(0, d.order), weights)

@@ -77,6 +77,8 @@ class Block(nn.Module):
             expert_kw = dict(linear_kw)
             if p.expert_quant == "qmoe":
                 expert_kw.update(norm=False, act_bits=None)
+            elif p.expert_quant == "int8":
+                expert_kw.update(norm=False, act_bits=p.act_bits)
             self.ffn: MoE | DenseFFN = MoE(p.d_model, p.n_experts, p.expert_ffn, p.top_k, expert_kw)
         else:
             self.ffn = DenseFFN(p.d_model, p.layer_ffn(index), linear_kw, p.ffn_act)

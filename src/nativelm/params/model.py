@@ -87,9 +87,13 @@ class ModelParams(StrictModel):
     bitlinear_norm: bool = Field(True, description="RMSNorm inside each BitLinear, before the quantizer")
     # experts' linears: "bitlinear" = full BitLinear (own RMSNorm + 8-bit activations + ternary
     # weights); "qmoe" = ternary weights only, fp activations, no inner norm: exactly what ORT
-    # QMoE (expert_weight_bits=2) computes, so the export of the MoE is exact
-    expert_quant: Literal["bitlinear", "qmoe"] = Field(
-        "qmoe", description="expert linears: full BitLinear, or weight-only ternary (ORT QMoE-exact)"
+    # QMoE (expert_weight_bits=2) computes, so the export of the MoE is exact; "int8" = ternary
+    # weights, expert inputs (x for gate and up, the ReGLU hidden h for down) quantized per row to
+    # act_bits as BitLinear does, no inner norm: exactly nativelm's TernaryMoE at act_bits 8 (its
+    # integer path), approximated by the contrib graph's QMoE (docs/kernels.md)
+    expert_quant: Literal["bitlinear", "qmoe", "int8"] = Field(
+        "qmoe", description="expert linears: full BitLinear, weight-only ternary (ORT QMoE-exact), or ternary "
+                            "with per-row act_bits activations and no norm (TernaryMoE act_bits 8)"
     )
     # progressive precision: [[fraction_of_training, bits], ...], first at 0.0, fractions increasing;
     # bits are 1.58 (ternary) or whole numbers 2..16, e.g. [[0, 8], [0.25, 4], [0.5, 3], [0.75, 1.58]]
