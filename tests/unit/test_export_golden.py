@@ -69,11 +69,14 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ternary_ops_dense": (DENSE, {"variant": "ternary-ops"}),
     "ternary_ops_dense_no_bitlinear_norm": ({**DENSE, "bitlinear_norm": False}, {"variant": "ternary-ops"}),
     "ternary_ops_ptq_unquantized": ({"quantize": False}, {"variant": "ternary-ops", **PTQ}),
+    "ternary_ops_int8_experts": ({"expert_quant": "int8"}, {"variant": "ternary-ops"}),
+    "ternary_moe_int8_experts": ({"expert_quant": "int8"}, {}),
     "int4_moe": ({}, {"variant": "int4"}),
     "int4_moe_latent": ({}, {"variant": "int4", **LATENT}),
     "int4_moe_3bit": ({"bit_schedule": [[0.0, 3.0]]}, {"variant": "int4"}),
     "int4_moe_8bit": ({"bit_schedule": [[0.0, 8.0]]}, {"variant": "int4"}),
     "int4_moe_unquantized": ({"quantize": False}, {"variant": "int4"}),
+    "int4_moe_int8_experts": ({"expert_quant": "int8"}, {"variant": "int4"}),
     "int4_moe_bits_16": ({}, {"variant": "int4", "embed_bits": 16, "lm_head_bits": 16}),
     "int4_dense": (DENSE, {"variant": "int4"}),
     "int4_dense_latent": (DENSE, {"variant": "int4", **LATENT}),
@@ -85,6 +88,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "fp32_moe_bits_ignored": ({}, {"variant": "fp32", "embed_bits": 4, "lm_head_bits": 8}),
     "fp32_moe_bitlinear_experts": ({**SMALL, "expert_quant": "bitlinear"}, {"variant": "fp32"}),
     "fp32_moe_bitlinear_experts_latent": ({**SMALL, "expert_quant": "bitlinear"}, {"variant": "fp32", **LATENT}),
+    "fp32_moe_int8_experts": ({"expert_quant": "int8"}, {"variant": "fp32"}),
     "fp32_dense": (DENSE, {"variant": "fp32"}),
     "fp32_dense_unquantized": ({**DENSE, "quantize": False}, {"variant": "fp32"}),
     # model families (params/families.py); smallthinker is the default model, so ternary_moe's hashes
@@ -109,6 +113,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "native_moe_4bit": ({"bit_schedule": [[0.0, 4.0]]}, NATIVE),
     "native_moe_8bit": ({"bit_schedule": [[0.0, 8.0]]}, NATIVE),
     "native_moe_unquantized": ({"quantize": False}, NATIVE),
+    "native_moe_int8_experts": ({"expert_quant": "int8"}, NATIVE),
 }
 
 # name: (model overrides, export overrides, the message the NativelmError matches)
@@ -179,7 +184,8 @@ def test_the_default_family_exports_todays_graph() -> None:
 @pytest.mark.parametrize(("name", "same_as"), [("native_moe", "ternary_ops_moe"),
                                                ("native_moe_act_bits_4", "ternary_moe_act_bits_4"),
                                                ("native_moe_ptq_unquantized", "ternary_ops_ptq_unquantized"),
-                                               ("native_moe_unquantized", "fp32_moe_unquantized")])
+                                               ("native_moe_unquantized", "fp32_moe_unquantized"),
+                                               ("native_moe_int8_experts", "ternary_ops_int8_experts")])
 def test_native_is_the_graph_of_the_variant_it_resolves_to(name: str, same_as: str) -> None:
     assert hashes(export(*CASES[name])) == hashes(export(*CASES[same_as]))
 

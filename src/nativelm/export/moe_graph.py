@@ -5,7 +5,7 @@ block, the other fast blocks are tried, then the ternary codes are stored as 4-b
 twice the memory), then row-wise scales (exact, slow). Every choice lands in `ExportGraph.choices`
 / `notes`. The dense form runs every expert on every token, weighted by the routing weights (zero
 for the experts a token does not use), with BitLinear experts' own norm gains and activation
-quantizer: exact, E / k times the FLOPs.
+quantizer, or int8 experts' quantizer (x once for gate and up, h for down): exact, E / k times the FLOPs.
 """
 
 from __future__ import annotations
@@ -86,24 +86,31 @@ def dense_moe(b: GraphBuilder, prefix: str, moe: Any, h: str, router: str, outpu
     flat = b.node("Reshape", [h, b.const([-1, hidden])], f"{name}.input")  # (tokens, d)
     source = b.node("Unsqueeze", [flat, b.const([0])], f"{name}.input_e")  # (1, tokens, d)
 
-    def project(which: str, x: str) -> str:
+    def prepare(which: str, x: str) -> str:
+        """The input of expert matrix `which`: each expert's norm gain (BitLinear experts), the per-row
+        activation quantizer (BitLinear and int8 experts, forward weights)."""
         lin = getattr(experts, which)
-        weight = weights[which][0]  # (E, out, in)
         gains = lin.norm_weights
         if gains is not None:  # BitLinear experts: RMSNorm (no gain) then each expert's own gain
-            width = weight.shape[2]
+            width = lin.in_features
             normed = b.rms(f"{name}.{which}.norm", x, np.ones(width, np.float32), lin.norm_eps, "ffn")
             gain = np.stack([as_numpy(g) for g in gains])[:, None, :]  # (E, 1, in)
             b.count("ffn", gain.size)
             x = b.node("Mul", [normed, b.init(f"{name}.{which}.norm_gains", gain, "ffn")], f"{name}.{which}.normed")
         if lin.act_bits is not None and forward(lin):
             x = b.fake_quant(f"{name}.{which}.act", x, lin.act_bits, lin.eps)
-        w = b.init(f"{name}.{which}.weight", np.transpose(weight, (0, 2, 1)), "ffn")  # (E, in, out)
+        return x
+
+    def project(which: str, x: str) -> str:
+        w = b.init(f"{name}.{which}.weight", np.transpose(weights[which][0], (0, 2, 1)), "ffn")  # (E, in, out)
         return b.node("MatMul", [x, w], f"{name}.{which}")  # (E, tokens, out)
 
-    g, u = project("gate", source), project("up", source)
+    # without norm gains (qmoe, int8) gate and up read one input, quantized once
+    gate_in = prepare("gate", source)
+    g = project("gate", gate_in)
+    u = project("up", gate_in if experts.shared_input else prepare("up", source))
     hidden_act = b.node("Mul", [b.node("Relu", [g], f"{name}.relu"), u], f"{name}.hidden")
-    y = project("down", hidden_act)  # (E, tokens, d)
+    y = project("down", prepare("down", hidden_act))  # (E, tokens, d): the routing weight after down
     mixed = b.node("ReduceSum", [b.node("Mul", [y, scale], f"{name}.weighted"), b.const([0])], f"{name}.sum",
                    keepdims=0)
     b.node("Reshape", [mixed, b.node("Shape", [h], f"{name}.shape")], output)

@@ -6,8 +6,8 @@ builder returns `(nodes, initializers)` with constants named `<name>.<role>`.
 
 Both compute what the PyTorch model computes: TernaryMatMul is a BitLinear (optional RMSNorm gain,
 per-token absmax int8 activations, integer accumulation, one weight scale per matrix), TernaryMoE
-is the MoE layer of weight-only ternary experts (softmax over all experts, top k renormalised,
-ReGLU experts). Weights are five trits per byte (`nativelm.formats.ternary_pack`).
+is the MoE layer of ternary experts, weight-only or with per-row int8 inputs (softmax over all
+experts, top k renormalised, ReGLU experts). Weights are five trits per byte (`nativelm.formats.ternary_pack`).
 """
 
 from __future__ import annotations
@@ -60,8 +60,11 @@ def ternary_moe(name: str, x: str, router_logits: str, codes: dict[str, np.ndarr
     """One MoE layer: x (M, d) rows, router logits (M, E), ReGLU experts of ternary codes.
 
     codes: gate, up (E, W, d) and down (E, d, W), rows = output features; scales: one per expert
-    and matrix, (E,) each.
+    and matrix, (E,) each. act_bits 0: float expert inputs (qmoe experts); 8: x and the hidden
+    activation quantized per row as BitLinear without a gain (int8 experts).
     """
+    if act_bits not in (0, 8):
+        raise ValueError(f"{name}: TernaryMoE takes act_bits 8 or 0, got {act_bits}")
     gate, up, down = (_ternary_codes(codes[m], f"{name} {m} experts") for m in ("gate", "up", "down"))
     n_experts, width, hidden = gate.shape
     if up.shape != gate.shape or down.shape != (n_experts, hidden, width):

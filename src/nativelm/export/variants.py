@@ -16,7 +16,10 @@
 ``expert_quant: bitlinear`` (each expert with its own RMSNorm gain and 8-bit activations): QMoE has
 no per-expert input norm or activation quantizer, so ternary / int4 exports refuse it (a
 ParamsError: the variant does not fit the model, exit code 2); the fp32 variant represents it
-exactly (per-expert norm and quantizer in the dense MoE).
+exactly (per-expert norm and quantizer in the dense MoE). ``expert_quant: int8`` (no norm, each
+expert input quantized per row): exact on ``ternary-ops`` (TernaryMoE ``act_bits`` 8) and fp32; the
+ternary / int4 graphs quantize x per row with standard ops in front of QMoE and leave the hidden
+activation float, an approximation they note (parity decides).
 """
 
 from __future__ import annotations
@@ -134,22 +137,32 @@ class _QuantizedVariant(ExportVariant):
         weights = self.experts(moe)
         if self._plan is None:
             self._plan = moe_graph.moe_plan(b, self.bits, self.params.moe_block_size, hidden, inter)
+        gate = moe.experts.gate
+        if gate.act_bits is not None and self.forward_weights(gate):  # int8 experts: x per row (see model_notes)
+            h = b.fake_quant(f"{prefix}.moe.act", h, gate.act_bits, gate.eps)
         moe_graph.qmoe(b, prefix, moe, h, router, output, weights, self._plan)
 
     def model_notes(self, p: ModelParams) -> list[str]:
-        if not p.quantize or p.act_bits == 8:
+        if not p.quantize:
             return []
-        note = (f"the model quantizes BitLinear activations to {p.act_bits} bits; MatMulNBits (accuracy_level "
-                f"{self.params.accuracy_level}) uses int8 or float activations, so the export only approximates "
-                "it (parity decides)")
-        return [note]
+        notes = []
+        if p.act_bits != 8:
+            notes.append(f"the model quantizes BitLinear activations to {p.act_bits} bits; MatMulNBits (accuracy_level "
+                         f"{self.params.accuracy_level}) uses int8 or float activations, so the export only "
+                         "approximates it (parity decides)")
+        if p.ffn == "moe" and p.expert_quant == "int8":
+            notes.append(f"the experts quantize their inputs per row to {p.act_bits} bits (model.expert_quant: int8); "
+                         "QMoE has no activation quantizer, so the export quantizes the expert input with standard ops "
+                         "in front of QMoE and leaves the ReGLU hidden activation float: it only approximates the "
+                         "experts (parity decides; variant ternary-ops computes them exactly)")
+        return notes
 
     def refuse(self, model: NativeLM) -> None:
-        if model.params.ffn == "moe" and not model.blocks[0].ffn.experts.weight_only:
+        if model.params.ffn == "moe" and not model.blocks[0].ffn.experts.shared_input:
             raise ParamsError(
                 f"export {self.name}: model.expert_quant is 'bitlinear' (each expert has its own RMSNorm gain and "
                 "8-bit activations); ORT QMoE has no per-expert norm or activation quantizer, so it cannot represent "
-                "these experts exactly. Retrain with expert_quant: qmoe, or export variant fp32 (exact, standard ONNX)")
+                "these experts exactly. Retrain with expert_quant: qmoe (or int8), or export variant fp32 (exact, standard ONNX)")
 
 
 class Ternary(_QuantizedVariant):
@@ -181,7 +194,8 @@ class Ternary(_QuantizedVariant):
 class TernaryOps(Ternary):
     """The native model on nativelm's own operators: TernaryMatMul per BitLinear (its RMSNorm gain
     fused), one TernaryMoE per MoE layer; attention, norms and tables as `Ternary`. Exact: the
-    operators compute BitLinear's per-token int8 activations and the weight-only experts as PyTorch."""
+    operators compute BitLinear's per-token int8 activations, the weight-only experts (TernaryMoE
+    act_bits 0) and the int8 experts (act_bits 8) as PyTorch."""
 
     name = "ternary-ops"
 
@@ -207,13 +221,16 @@ class TernaryOps(Ternary):
         rows = b.node("Reshape", [h, b.const([-1, hidden])], f"{name}.rows")  # TernaryMoE takes (tokens, d)
         codes = {which: w[1] for which, w in weights.items()}
         scales = {which: w[2] for which, w in weights.items()}
+        gate = moe.experts.gate
+        act_bits = gate.act_bits or 0  # 8 for int8 experts (custom_refusal: model.act_bits is 8), 0 for qmoe
         b.add(b.guard(name, lambda: ternary_ops.ternary_moe(name, rows, router, codes, scales, top_k=moe.top_k,
+                                                            act_bits=act_bits, act_eps=gate.eps,
                                                             output=f"{name}.out")), "ffn")
         if self._hidden_shape is None:  # (batch, sequence, d_model): the same before every MoE layer
             self._hidden_shape = b.node("Shape", [h], f"{name}.shape")
         b.node("Reshape", [f"{name}.out", self._hidden_shape], output)
-        b.choices.setdefault("moe", {"op": f"{ternary_ops.DOMAIN}:TernaryMoE", "top_k": moe.top_k, "act_bits": 0,
-                                     "activation": "reglu"})
+        b.choices.setdefault("moe", {"op": f"{ternary_ops.DOMAIN}:TernaryMoE", "top_k": moe.top_k,
+                                     "act_bits": act_bits, "activation": "reglu"})
 
     def model_notes(self, p: ModelParams) -> list[str]:
         return []
