@@ -7,7 +7,9 @@ Decode shapes (one token, M=1), each a chain of nodes with distinct weights so o
   gemv-4096x11008   4 GEMVs alternating 4096->11008 and 11008->4096 (the issue's GEMV, 36 MB ternary)
   gpu-dense-768     24 GEMVs 768->768 (the gpu preset's d_model)
   gpu-moe           8 MoE layers of the gpu preset: 32 experts, top-4, expert width 384 (router MatMul
-                    in front of each TernaryMoE; bytes counted: the router and the 4 active experts)
+                    in front of each TernaryMoE; bytes counted: the router and the 4 active experts),
+                    float expert inputs (act_bits 0: expert_quant qmoe)
+  gpu-moe-int8      the same with int8 expert inputs (act_bits 8: expert_quant int8, the integer path)
 and one prefill shape (gemv-4096x11008 at M=512, time per token). `--dram` adds gemv-dram: one
 TernaryMatMul 4096 -> 704512 (577 MB of packed weights, far above the last-level cache; ternary only:
 the MatMulNBits models of that size pass protobuf's 2 GB limit or the machine's memory). For each: TernaryMatMul / TernaryMoE
@@ -91,8 +93,10 @@ def linear_chain(kind: str, dims: list[int], m: int, rng: np.random.Generator) -
     return _model(nodes, inits, {"x": (m, dims[0])}, opsets), _nbytes(inits), feeds
 
 
-def moe_chain(layers: int, d: int, experts: int, top_k: int, width: int, rng: np.random.Generator) -> Model:
-    """`layers` gpu-preset MoE layers (router MatMul + TernaryMoE); bytes: router + the active experts."""
+def moe_chain(layers: int, d: int, experts: int, top_k: int, width: int, rng: np.random.Generator,
+              act_bits: int = 0) -> Model:
+    """`layers` gpu-preset MoE layers (router MatMul + TernaryMoE at `act_bits`); bytes: router + the
+    active experts."""
     nodes, inits, x, active = [], [], "x", 0
     for i in range(layers):
         out = "y" if i == layers - 1 else f"h{i}"
@@ -108,7 +112,8 @@ def moe_chain(layers: int, d: int, experts: int, top_k: int, width: int, rng: np
             active += packed[0].nbytes * top_k
         active += router.nbytes
         nodes += [helper.make_node("MatMul", [x, f"r{i}"], [f"l{i}"]),
-                  helper.make_node("TernaryMoE", names, [out], domain="nativelm", top_k=top_k, act_bits=0)]
+                  helper.make_node("TernaryMoE", names, [out], domain="nativelm", top_k=top_k,
+                                   act_bits=act_bits)]
         x = out
     opsets = ops.opset_imports() + [helper.make_opsetid("nativelm", 1)]
     feeds = {"x": rng.standard_normal((1, d)).astype(np.float32)}
@@ -183,6 +188,7 @@ def main() -> None:
         "gemv-4096x11008": {k: linear_chain(k, big, 1, rng) for k in ("ternary", "2bit", "4bit")},
         "gpu-dense-768": {k: linear_chain(k, dense, 1, rng) for k in ("ternary", "2bit", "4bit")},
         "gpu-moe": {"ternary": moe_chain(8, 768, 32, 4, 384, rng)},
+        "gpu-moe-int8": {"ternary": moe_chain(8, 768, 32, 4, 384, rng, act_bits=8)},
         "prefill-512x4096x11008": {k: linear_chain(k, big[:3], 512, rng) for k in ("ternary", "4bit")},
     }
     if args.dram:
