@@ -5,6 +5,7 @@ and fp32, an approximation noted on the contrib graph (ternary, int4)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,18 @@ import torch
 from nativelm.errors import ParamsError
 from nativelm.export import parity, ternary_ops
 from nativelm.export.graph import build_graph
+from nativelm.export.stage import run_export
+from nativelm.formats import trained_model
+from nativelm.formats.export_folder import MANIFEST, TOKENIZER_FILE
 from nativelm.formats.ternary_pack import pack_ternary
 from nativelm.formats.ternary_reference import ternary_moe
 from nativelm.model import ModelParams, build_model, param_counts
 from nativelm.model.bitlinear import ExpertLinear
 from nativelm.params.export import ExportParams
-from tests.unit.test_export_graph import TINY, attrs, nodes_by_op
+from nativelm.runtime.session import CUSTOM_GRAPH
+from nativelm.train.loop import torch_threads
+from tests.unit.test_export_custom import stage_params
+from tests.unit.test_export_graph import TINY, attrs, nodes_by_op, prepared, shard, train_briefly  # noqa: F401
 from tests.unit.test_ternary_ops import library  # noqa: F401  (the fixture: the library built from native/)
 
 VOCAB = 320
@@ -159,3 +166,21 @@ def test_ternary_ops_refuses_int8_experts_at_other_activation_bits() -> None:
     with pytest.raises(ParamsError, match=r"^export ternary-ops: .*model\.act_bits") as caught:
         build_graph(model, ExportParams(variant="ternary-ops"))
     assert "\n" not in str(caught.value)
+
+
+def test_the_export_stage_of_a_trained_int8_model_passes_parity_on_both_graphs(
+        prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    manifest = json.loads((prepared / MANIFEST).read_text())
+    params = ModelParams(**{**TINY, "expert_quant": "int8"})
+    with torch_threads(1):
+        trained = train_briefly(build_model(params, manifest["vocab_size"]), shard(prepared, "train"))
+    model_file = trained_model.write(tmp_path / "model.pt", trained.state_dict(), params, trained.vocab_size,
+                                     {"step": 60, "weight_bits": 1.58,
+                                      "tokenizer_sha256": manifest["sha256"][TOKENIZER_FILE]})
+    result = run_export(model_file, prepared, stage_params(tmp_path))
+    custom = result.manifest["graphs"][CUSTOM_GRAPH]
+    assert custom["choices"]["moe"]["act_bits"] == 8 and custom["parity"]["passed"]
+    assert custom["parity"]["held_out"]["top1_agreement"] >= 0.999
+    fallback = result.manifest["parity"]  # the contrib graph beside it: QMoE on the quantized input
+    assert fallback["passed"] and fallback["held_out"]["top1_agreement"] >= 0.95
+    assert any("expert_quant: int8" in note for note in result.manifest["graph"]["notes"])
