@@ -2,7 +2,7 @@
 
     python bench/inference.py [--sizes tiny,bench] [--threads N] [--prompt-len 128] [--new-tokens 64] [--rounds 3]
                               [--profile-steps 64] [--kv-cache shared|copied|both]
-                              [--repeats 3] [--bench-layers 4] [--bw-mb 2048] [--workdir DIR] [--json OUT]
+                              [--repeats 3] [--bench-layers 4] [--expert-quant int8] [--bw-mb 2048] [--workdir DIR] [--json OUT]
 
 For each model size a random-weight NativeLM (vocab 4096, seed 0) is built and exported four ways
 with ``build_graph`` directly (no parity checks: the weights are random): ``ternary-ops`` (nativelm's
@@ -71,13 +71,15 @@ COPIED = ":copied"  # suffix of a runner measured with the copying KV cache besi
 
 
 # ---- model shapes ---------------------------------------------------------------------------------
-def model_params(size: str, bench_layers: int) -> Any:
+def model_params(size: str, bench_layers: int, expert_quant: str | None = None) -> Any:
+    """The model of a size; `expert_quant` (qmoe, int8) replaces the preset's experts when given."""
     from nativelm.model import preset_params
 
+    experts = {"expert_quant": expert_quant} if expert_quant else {}
     if size == "tiny":
-        return preset_params("tiny")
+        return preset_params("tiny", **experts)
     if size == "bench":
-        return preset_params("gpu", n_layers=bench_layers)
+        return preset_params("gpu", n_layers=bench_layers, **experts)
     raise SystemExit(f"unknown size {size!r} (tiny, bench)")
 
 
@@ -104,7 +106,7 @@ def child_export(spec: dict[str, Any]) -> dict[str, Any]:
     from nativelm.params.export import ExportParams
 
     torch.set_num_threads(spec["threads"])
-    params = model_params(spec["size"], spec["bench_layers"])
+    params = model_params(spec["size"], spec["bench_layers"], spec["expert_quant"])
     t0 = time.perf_counter()
     model = build_model(params, VOCAB, seed=0).eval()
     out: dict[str, Any] = {"params": param_counts(params, VOCAB), "shape": params.model_dump(
@@ -244,7 +246,7 @@ def child_eager(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
-    model = build_model(model_params(spec["size"], spec["bench_layers"]), VOCAB, seed=0).eval()
+    model = build_model(model_params(spec["size"], spec["bench_layers"], spec["expert_quant"]), VOCAB, seed=0).eval()
     load_s = time.perf_counter() - t0
     prompt = torch.from_numpy(_prompt(spec["prompt_len"]))
 
@@ -468,6 +470,9 @@ def main() -> None:
     ap.add_argument("--eager-new-tokens", type=int, default=16, help="decode steps of torch eager (recompute)")
     ap.add_argument("--eager-repeats", type=int, default=1, help="timed runs of torch eager")
     ap.add_argument("--bench-layers", type=int, default=12, help="layers of the bench model (gpu preset shape)")
+    ap.add_argument("--expert-quant", choices=("qmoe", "int8"), default=None,
+                    help="the models' experts (model.expert_quant; default: each preset's): int8 runs TernaryMoE's "
+                         "integer path, qmoe its float path; the QMoE exports are the same size either way")
     ap.add_argument("--bw-mb", type=int, default=2048, help="array size of the bandwidth test, MiB")
     ap.add_argument("--only", default=",".join(RUNNERS), help="subset of " + ",".join(RUNNERS))
     ap.add_argument("--workdir", default=None, help="where exports go (default: a temporary folder, removed)")
@@ -502,7 +507,8 @@ def main() -> None:
     lines_all: list[str] = []
     try:
         for size in [s for s in args.sizes.split(",") if s]:
-            base = {"size": size, "bench_layers": args.bench_layers, "threads": args.threads,
+            base = {"size": size, "bench_layers": args.bench_layers, "expert_quant": args.expert_quant,
+                    "threads": args.threads,
                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                     "workdir": workdir, "profile_steps": args.profile_steps}
             t0 = time.perf_counter()

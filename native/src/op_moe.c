@@ -160,16 +160,18 @@ static OrtStatus *moe_compute(void *kernel, OrtKernelContext *ctx) {
                                ORT_TENSOR_UINT8, ORT_TENSOR_FLOAT, ORT_TENSOR_UINT8, ORT_TENSOR_FLOAT};
   for (size_t i = 0; i < 8; i++)
     if ((st = op_input(ctx, name, i, types[i], &t[i], &present))) return st;
-  if (t[0].nd != 2 || t[1].nd != 2 || t[1].dims[0] != t[0].dims[0])
-    return op_error("%s: X must be [M, d] and logits [M, E]", name);
-  size_t M = (size_t)t[0].dims[0], d = (size_t)t[0].dims[1], E = (size_t)t[1].dims[1];
+  /* X [..., d] and logits [..., E]: the same M rows (tokens) whatever the leading dimensions */
+  if (t[0].nd < 1 || t[1].nd < 1 || t[0].dims[t[0].nd - 1] < 1 || t[1].dims[t[1].nd - 1] < 1 ||
+      t[0].count / (size_t)t[0].dims[t[0].nd - 1] != t[1].count / (size_t)t[1].dims[t[1].nd - 1])
+    return op_error("%s: X must be [..., d] and logits [..., E] with as many rows", name);
+  size_t d = (size_t)t[0].dims[t[0].nd - 1], E = (size_t)t[1].dims[t[1].nd - 1], M = t[0].count / d;
   size_t W = t[2].nd == 3 ? (size_t)t[2].dims[1] : 0, k = (size_t)op->top_k;
   if (k > E) return op_error("%s: top_k=%zu is more than the %zu experts", name, k, E);
   if ((st = check3(name, &t[2], E, W, d, &t[3], "gate")) || (st = check3(name, &t[4], E, W, d, &t[5], "up")) ||
       (st = check3(name, &t[6], E, d, W, &t[7], "down")))
     return st;
   float *y;
-  if ((st = op_output(ctx, t[0].dims, 2, &y))) return st;
+  if ((st = op_output(ctx, t[0].dims, t[0].nd, &y))) return st;
   if (M == 0) return NULL;
 
   size_t A = M * k;

@@ -133,7 +133,9 @@ def test_ternary_moe_reference_reproduces_the_moe_layer(moe_model: torch.nn.Modu
     n = node(custom.model, "layers.0.moe")
     a = attrs(n)
     assert (a["top_k"], a["act_bits"]) == (moe.top_k, 0)
-    assert list(n.input[:2]) == ["layers.0.moe.rows", "layers.0.router"]
+    # the normed hidden state and the router logits as they are: no Reshape around the operator
+    assert list(n.input[:2]) == ["layers.0.ffn_norm", "layers.0.router.logits"]
+    assert not any(m.op_type == "Reshape" and "moe" in m.name for m in custom.model.graph.node)
     h = torch.randn(1, 7, TINY["d_model"], generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = moe.router(h)

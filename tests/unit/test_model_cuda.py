@@ -52,10 +52,11 @@ def _reference(moe: MoE, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", ["auto", "bmm"])
-@pytest.mark.parametrize("kind", ["qmoe", "bitlinear", "fp"])
+@pytest.mark.parametrize("kind", ["qmoe", "int8", "bitlinear", "fp"])
 def test_moe_bf16_on_cuda_matches_fp32_cpu_reference(kind: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatch_module, "backend", backend)
-    kw = {"qmoe": {"norm": False, "act_bits": None}, "bitlinear": {}, "fp": {"quantize": False}}[kind]
+    kw = {"qmoe": {"norm": False, "act_bits": None}, "int8": {"norm": False}, "bitlinear": {},
+          "fp": {"quantize": False}}[kind]
     moe = _moe(0, kw)
     x = torch.randn(300, 64)
     logits = torch.randn(300, 8)
@@ -175,10 +176,13 @@ def test_training_step_has_no_host_sync() -> None:
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("family", ["ternary-moe", "fp-moe", "ternary-dense", "fp-dense", "ternary-openelm"])
+@pytest.mark.parametrize("family", ["ternary-moe", "ternary-moe-int8", "fp-moe", "ternary-dense", "fp-dense",
+                                    "ternary-openelm"])
 def test_compiled_training_gradients_match_eager_parameter_by_parameter(family: str) -> None:
     quantize, ffn = family.startswith("ternary"), family.split("-")[1]
     extra = {"ffn": "dense", "family": "openelm", "window": 0, "nope_every": 0} if ffn == "openelm" else {"ffn": ffn}
+    if family.endswith("-int8"):
+        extra["expert_quant"] = "int8"
     params = ModelParams(**{"d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "max_seq_len": 256,
                             "window": 64, "n_experts": 16, "expert_ffn": 128, "top_k": 2, "dense_ffn": 256,
                             "quantize": quantize, **extra})

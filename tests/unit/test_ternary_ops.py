@@ -160,6 +160,20 @@ def test_moe_one_task_per_expert_equals_the_two_phase_path(library: Path, act_bi
     _assert_float_close(whole, _moe_reference(t, 3, act_bits))
 
 
+@pytest.mark.parametrize("act_bits", [0, 8])
+def test_moe_takes_rows_with_any_leading_dimensions(library: Path, act_bits: int) -> None:
+    """The exported graph feeds TernaryMoE (batch, sequence, d) and (batch, sequence, E) as they are:
+    the same rows as the flat (tokens, d) call, bit for bit, and the output keeps X's shape."""
+    rng = np.random.default_rng(23 + act_bits)
+    t = _moe_inputs(rng, 12, 96, 5, 48)
+    flat = _moe(library, t, 2, act_bits)
+    shaped = _moe(library, dict(t, X=t["X"].reshape(2, 6, 96), logits=t["logits"].reshape(2, 6, 5)), 2, act_bits)
+    assert shaped.shape == (2, 6, 96)
+    np.testing.assert_array_equal(shaped.reshape(12, 96), flat)
+    with pytest.raises(Exception, match="X must be \\[..., d\\] and logits \\[..., E\\] with as many rows"):
+        _moe(library, dict(t, logits=t["logits"][:11]), 2, act_bits)
+
+
 def test_moe_routing_ties_take_the_lower_expert(library: Path) -> None:
     rng = np.random.default_rng(11)
     t = _moe_inputs(rng, 3, 64, 4, 32)

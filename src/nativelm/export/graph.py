@@ -206,11 +206,13 @@ class _Decoder:
         return self.b.node("Mul", [g, self.b.node("Sigmoid", [g], f"{prefix}.ffn.sigmoid")], f"{prefix}.ffn.silu")
 
     def router(self, prefix: str, moe: Any, h: str) -> str:
-        """fp32 router logits, flattened to (tokens, n_experts) as QMoE wants them."""
+        """fp32 router logits, flattened to (tokens, n_experts) where the variant's MoE wants them so."""
         b, weight = self.b, as_numpy(moe.router.weight)
         b.count("router", weight.size)
         logits = b.node("MatMul", [h, b.init(f"{prefix}.router.weight", weight.T, "router")],
                         f"{prefix}.router.logits")
+        if not self.variant.flat_router:
+            return logits
         return b.node("Reshape", [logits, b.const([-1, weight.shape[0]])], f"{prefix}.router")
 
 

@@ -57,7 +57,8 @@ def ternary_matmul(name: str, x: str, codes: np.ndarray, scale: float, *, act_bi
 
 def ternary_moe(name: str, x: str, router_logits: str, codes: dict[str, np.ndarray], scales: dict[str, np.ndarray],
                 *, top_k: int, act_bits: int = 0, act_eps: float = 1e-5, output: str | None = None) -> Parts:
-    """One MoE layer: x (M, d) rows, router logits (M, E), ReGLU experts of ternary codes.
+    """One MoE layer: x (..., d) rows, router logits (..., E) (as many rows), ReGLU experts of ternary codes;
+    the output has x's shape.
 
     codes: gate, up (E, W, d) and down (E, d, W), rows = output features; scales: one per expert
     and matrix, (E,) each. act_bits 0: float expert inputs (qmoe experts); 8: x and the hidden

@@ -52,6 +52,7 @@ class ExportVariant:
     """What one variant decides: weights it reads, operators it emits, bits of its tables, its refusals."""
 
     name: Variant
+    flat_router = True  # router logits flattened to (tokens, n_experts), as ORT's QMoE takes them
 
     def __init__(self, params: ExportParams) -> None:
         self.params = params
@@ -198,10 +199,7 @@ class TernaryOps(Ternary):
     act_bits 0) and the int8 experts (act_bits 8) as PyTorch."""
 
     name = "ternary-ops"
-
-    def __init__(self, params: ExportParams) -> None:
-        super().__init__(params)
-        self._hidden_shape: str | None = None  # one Shape node for every layer's output Reshape
+    flat_router = False  # TernaryMoE takes (batch, sequence, d) and (batch, sequence, E) as they are
 
     def emit_linear(self, b: GraphBuilder, lin: Linear, x: str, part: str, output: str | None = None) -> str:
         output = output or lin.name
@@ -218,17 +216,13 @@ class TernaryOps(Ternary):
         b.count("ffn", 3 * n_experts * inter * hidden)
         weights = self.experts(moe)
         name = f"{prefix}.moe"
-        rows = b.node("Reshape", [h, b.const([-1, hidden])], f"{name}.rows")  # TernaryMoE takes (tokens, d)
         codes = {which: w[1] for which, w in weights.items()}
         scales = {which: w[2] for which, w in weights.items()}
         gate = moe.experts.gate
         act_bits = gate.act_bits or 0  # 8 for int8 experts (custom_refusal: model.act_bits is 8), 0 for qmoe
-        b.add(b.guard(name, lambda: ternary_ops.ternary_moe(name, rows, router, codes, scales, top_k=moe.top_k,
+        b.add(b.guard(name, lambda: ternary_ops.ternary_moe(name, h, router, codes, scales, top_k=moe.top_k,
                                                             act_bits=act_bits, act_eps=gate.eps,
-                                                            output=f"{name}.out")), "ffn")
-        if self._hidden_shape is None:  # (batch, sequence, d_model): the same before every MoE layer
-            self._hidden_shape = b.node("Shape", [h], f"{name}.shape")
-        b.node("Reshape", [f"{name}.out", self._hidden_shape], output)
+                                                            output=output)), "ffn")
         b.choices.setdefault("moe", {"op": f"{ternary_ops.DOMAIN}:TernaryMoE", "top_k": moe.top_k,
                                      "act_bits": act_bits, "activation": "reglu"})
 
