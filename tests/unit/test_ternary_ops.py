@@ -82,6 +82,21 @@ def test_matmul_matches_reference(library: Path, K: int, act_bits: int) -> None:
         _assert_float_close(y, ref)
 
 
+@pytest.mark.parametrize("K", [160, 333, 768])
+def test_activation_quantizer_rounds_halves_to_even_and_clamps(library: Path, K: int) -> None:
+    """x / s_x landing exactly on .5 (s_x = 1: max |x| is 127) and the extremes, in the full blocks (the
+    vectorised quantizer's part) and in the tail: codes as BitLinear rounds them, so the integer sums
+    equal the reference's bit for bit; a one-unit rounding slip of any activation changes them."""
+    rng = np.random.default_rng(K)
+    halves = (rng.integers(-127, 127, size=(4, K)) + 0.5).astype(np.float32)
+    halves[:, 0], halves[1, 1], halves[2, 1] = 127.0, -127.0, -126.5
+    codes = np.eye(K, dtype=np.int8)[: min(K, 64)]  # each output reads one activation's code
+    y = _matmul(library, halves, codes, 1.0, 8)
+    ref = ternary_matmul(halves, pack_ternary(codes), 1.0, K, 8)
+    np.testing.assert_array_equal(y, ref)
+    np.testing.assert_array_equal(y[:, 2:], np.round(halves[:, 2: codes.shape[0]]))  # numpy: half to even
+
+
 @pytest.mark.parametrize("act_bits", [8, 0])
 def test_matmul_with_gain(library: Path, act_bits: int) -> None:
     rng = np.random.default_rng(3)
