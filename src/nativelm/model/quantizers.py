@@ -165,8 +165,9 @@ def quantize_weight_at(w: Tensor, q: int | Tensor, eps: float, dtype: torch.dtyp
 
 
 def quantize_activation(x: Tensor, bits: int = 8, eps: float = 1e-5) -> Tensor:
-    """Per-token (last dim) symmetric absmax quantization, straight-through gradient."""
-    return _QuantizeActivation.apply(x, bits, eps)
+    """Per-token (last dim) symmetric absmax quantization, straight-through gradient (under torch.compile
+    in plain ops: see `_ste_weight`; the autograd.Function form gave the int8 experts' inputs no gradient)."""
+    return _ste_activation(x, bits, eps)
 
 
 def norm_quantize(x: Tensor, gain: Tensor | None, norm_eps: float, bits: int | None, eps: float,

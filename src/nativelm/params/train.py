@@ -112,8 +112,8 @@ class TrainParams(StrictModel):
         "auto", description="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast) | fp16 (CUDA, loss scaling)")
     device: Device = Field("auto", description="auto (CUDA when available) | cpu | cuda")
     compile: Compile = Field(
-        "auto", description="torch.compile the model: auto (on CUDA, where a compiled step is ~1.8x faster at the gpu "
-                            "preset, except a full-precision MoE; off on CPU, which stays bit-exact) | true | false")
+        "auto", description="torch.compile the model: auto (on CUDA for dense models; a MoE stays eager: its compiled "
+                            "gradients were seen wrong, docs/training.md; off on CPU, which stays bit-exact) | true | false")
     threads: int = Field(
         0, ge=0, le=1024, description="CPU threads for torch (0: torch's default); fixed for bit-exact CPU runs")
 
