@@ -155,11 +155,8 @@ def decode_profile(spec: dict[str, Any], feeds: dict[str, np.ndarray], token: np
     type (share of all kernel time) and nodes per step."""
     from nativelm.export.kernels import profile_kernels
 
-    from nativelm.formats.export_folder import LOGITS_TO_KEEP
-
     steps, session = spec["profile_steps"], _session(spec, profile=True)
-    keep_input = LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
-    cache = _shared_cache(spec, session, keep_input) if spec["kv_cache"] == "shared" else None
+    cache = _shared_cache(spec, session) if spec["kv_cache"] == "shared" else None
 
     def shared_step(_: Any) -> None:
         assert cache is not None
@@ -181,11 +178,18 @@ def _cache_shape(session: Any) -> tuple[int, int, int]:
     return n_layers, inputs["past_key_values.0.key"].shape[1], inputs["past_key_values.0.key"].shape[3]
 
 
-def _shared_cache(spec: dict[str, Any], session: Any, logits_to_keep: bool) -> Any:
+def _keeps_logits(session: Any) -> bool:
+    """Whether the graph takes `num_logits_to_keep` (an input with a default: an overridable initializer)."""
+    from nativelm.formats.export_folder import LOGITS_TO_KEEP
+
+    return LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
+
+
+def _shared_cache(spec: dict[str, Any], session: Any) -> Any:
     """The board runtime's KV cache kept in place, `max_seq_len` positions (nativelm.runtime.kvcache)."""
     from nativelm.runtime.kvcache import SharedCache
 
-    return SharedCache(session, *_cache_shape(session), spec["max_len"], logits_to_keep=logits_to_keep)
+    return SharedCache(session, *_cache_shape(session), spec["max_len"], logits_to_keep=_keeps_logits(session))
 
 
 def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
@@ -196,8 +200,8 @@ def child_onnx(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     outputs = [o.name for o in session.get_outputs()]
     n_layers, kv_heads, head_dim = _cache_shape(session)
-    keep_input = LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}  # an input with a default
-    shared = _shared_cache(spec, session, keep_input) if spec["kv_cache"] == "shared" else None
+    keep_input = _keeps_logits(session)
+    shared = _shared_cache(spec, session) if spec["kv_cache"] == "shared" else None
 
     def feeds(ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
         total = past[0].shape[2] + ids.shape[1]
