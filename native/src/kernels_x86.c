@@ -15,6 +15,7 @@
 #define KWIDEN(a32, a) _mm256_add_epi32(a32, _mm256_madd_epi16(a, _mm256_set1_epi16(1)))
 #define KSUM _mm256_add_epi16
 #define KSPAN 63
+#define KNARROW 1 /* int16 lanes: the decode sums a block in a tree and widens every KSPAN / 5 blocks */
 #include "kernels_x86_body.h"
 #undef KNAME
 #undef KSUFFIX
@@ -23,6 +24,7 @@
 #undef KWIDEN
 #undef KSPAN
 #undef KSUM
+#undef KNARROW
 
 #define KNAME "avxvnni"
 #define KSUFFIX avxvnni
@@ -31,6 +33,7 @@
 #define KWIDEN(a32, a) _mm256_add_epi32(a32, a)
 #define KSUM _mm256_add_epi32
 #define KSPAN 0x7fffffff
+#define KNARROW 0
 #include "kernels_x86_body.h"
 #endif
 

@@ -1,8 +1,8 @@
 /* The x86-64 kernel body, included once per instruction set by kernels_x86.c with
  *   KNAME (kernel name), KSUFFIX (function suffix), KTARGET (gcc target string) and
  *   KSTEP(acc, u8, s8) (acc += u8 x s8 dot products in narrow lanes), KWIDEN(acc32, acc) (acc32 += acc
- *   in int32 lanes), KSUM(a, b) (a + b in the narrow lanes) and KSPAN (KSTEPs an accumulator takes
- *   before it must be widened). */
+ *   in int32 lanes), KSUM(a, b) (a + b in the narrow lanes), KSPAN (KSTEPs an accumulator takes
+ *   before it must be widened) and KNARROW (1: the lanes are narrower than int32). */
 #define KCAT2(a, b) a##b
 #define KCAT(a, b) KCAT2(a, b)
 #define KFN(name) KCAT(name, KSUFFIX)
@@ -105,7 +105,7 @@ __attribute__((target(KTARGET))) static void KFN(dot_i8)(const uint8_t *w, size_
   if (m == 1) { /* decode: stream each weight byte once, digits straight into the dot products */
     const KFN(Rows) rows = KFN(rows)(w, n, K);
     for (size_t row = 0; row < n; row++) {
-#if KSPAN < 0x7fffffff
+#if KNARROW
       /* narrow lanes: a block's five digits summed in a tree, then into one accumulator, widened
        * every KSPAN / 5 blocks */
       __m256i a = _mm256_setzero_si256(), a32 = a, d[5];
@@ -118,7 +118,7 @@ __attribute__((target(KTARGET))) static void KFN(dot_i8)(const uint8_t *w, size_
       for (int b = 0; b < nblk; b++) {
         KFN(decode5)(KFN(row_block)(&rows, row, b), d);
         const int8_t *xb = x + (size_t)b * TB_CODES;
-#if KSPAN < 0x7fffffff
+#if KNARROW
         __m256i z = _mm256_setzero_si256(), p[5];
         for (int i = 0; i < 5; i++) p[i] = KSTEP(z, d[i], _mm256_loadu_si256((const __m256i *)(xb + 32 * i)));
         a = KSUM(a, KSUM(KSUM(p[0], p[1]), KSUM(KSUM(p[2], p[3]), p[4])));
@@ -131,7 +131,7 @@ __attribute__((target(KTARGET))) static void KFN(dot_i8)(const uint8_t *w, size_
         for (int i = 0; i < 5; i++) a[i] = KSTEP(a[i], d[i], _mm256_loadu_si256((const __m256i *)(xb + 32 * i)));
 #endif
       }
-#if KSPAN < 0x7fffffff
+#if KNARROW
       acc[row] = KFN(hsum_i32)(KWIDEN(a32, a)) - xsum[0];
 #else
       acc[row] = KFN(hsum_i32)(_mm256_add_epi32(_mm256_add_epi32(a[0], a[1]),
