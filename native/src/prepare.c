@@ -4,26 +4,30 @@
 
 #include "ternary.h"
 
-/* The tail block of K (its r = K mod 160 codes in nb = ceil(r / 5) bytes): lane 32 i + j (i = 0..4,
- * j = 0..31) holds position full + nb i + j of x where j < nb and nb i + j < r, padding (-1) elsewhere.
- * Fills src[0..160) with those positions; returns 0 when K has no tail block. */
-static int tail_sources(int K, long src[TB_CODES]) {
-  int full = K / TB_CODES * TB_CODES, r = K - full, nb = (int)t_row_bytes(r);
-  if (!r) return 0;
-  for (int i = 0; i < 5; i++)
-    for (int j = 0; j < TB_BYTES; j++) {
-      int k = nb * i + j;
-      src[TB_BYTES * i + j] = (j < nb && k < r) ? (long)full + k : -1;
-    }
-  return 1;
+/* The tail block of K: its r = K mod 160 codes in nb = ceil(r / 5) bytes, after `full` positions. */
+typedef struct Tail { long full; int r, nb; } Tail;
+
+static inline Tail tail_of(int K) {
+  int full = K / TB_CODES * TB_CODES, r = K - full;
+  Tail t = {full, r, (int)t_row_bytes(r)};
+  return t;
+}
+
+/* Lane l = 32 i + j (i = 0..4, j = 0..31) of the tail block holds position full + nb i + j of x where
+ * j < nb and nb i + j < r; -1: a padding lane. */
+static inline long tail_source(const Tail *t, int l) {
+  int i = l / TB_BYTES, j = l % TB_BYTES, k = t->nb * i + j;
+  return (j < t->nb && k < t->r) ? t->full + k : -1;
 }
 
 void t_block_f32(const float *x, int K, float *xb) {
-  size_t full = (size_t)(K / TB_CODES) * TB_CODES;
-  long src[TB_CODES];
-  memcpy(xb, x, full * sizeof(float));
-  if (tail_sources(K, src))
-    for (int l = 0; l < TB_CODES; l++) xb[full + (size_t)l] = src[l] < 0 ? 0.0f : x[src[l]];
+  Tail t = tail_of(K);
+  memcpy(xb, x, (size_t)t.full * sizeof(float));
+  if (t.r)
+    for (int l = 0; l < TB_CODES; l++) {
+      long src = tail_source(&t, l);
+      xb[t.full + l] = src < 0 ? 0.0f : x[src];
+    }
 }
 
 static inline int8_t quantize(float v, float s) {
@@ -89,9 +93,12 @@ float t_quantize_i8(const float *x, int K, float act_eps, int8_t *xb, int32_t *x
   if (avx2) p = quantize_avx2(x, full, s, xb, &sum);
 #endif
   for (; p < full; p++) sum += xb[p] = quantize(x[p], s); /* full blocks: positions as they are */
-  long src[TB_CODES];
-  if (tail_sources(K, src))
-    for (int l = 0; l < TB_CODES; l++) sum += xb[full + (size_t)l] = src[l] < 0 ? 0 : quantize(x[src[l]], s);
+  Tail t = tail_of(K);
+  if (t.r)
+    for (int l = 0; l < TB_CODES; l++) {
+      long src = tail_source(&t, l);
+      sum += xb[t.full + l] = src < 0 ? 0 : quantize(x[src], s);
+    }
   *xsum = sum;
   return s;
 }
